@@ -66,11 +66,6 @@ class ModelInfo:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def rope_cos_sin(info: ModelInfo, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin ``[tokens, head_dim]`` (float32) for absolute ``positions``, computed as transformers does."""
     inv_freq = torch.tensor(info.inv_freq, dtype=torch.float32)
@@ -79,14 +74,27 @@ def rope_cos_sin(info: ModelInfo, positions: torch.Tensor) -> tuple[torch.Tensor
     return emb.cos() * info.attention_scaling, emb.sin() * info.attention_scaling
 
 
+def _rotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    # Same arithmetic as ``keys * cos + sign * rotate_half(keys) * sin`` on the two halves, one pass each.
+    half = keys.shape[-1] // 2
+    x1, x2 = keys[..., :half], keys[..., half:]
+    c, s = cos[..., :half], sin[..., :half] * sign
+    if keys.requires_grad:  # differentiable form (the profile builder back-propagates through RoPE)
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    out = torch.empty_like(keys)
+    torch.sub(x1 * c, x2 * s, out=out[..., :half])
+    torch.add(x2 * c, x1 * s, out=out[..., half:])
+    return out
+
+
 def apply_rope(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pre-RoPE keys ``[..., tokens, head_dim]`` to their positions."""
-    return keys * cos + _rotate_half(keys) * sin
+    """Rotate pre-RoPE keys ``[..., tokens, head_dim]`` to their positions (cos/sin ``[tokens, head_dim]``)."""
+    return _rotate(keys, cos, sin, 1.0)
 
 
 def invert_rope(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Undo :func:`apply_rope` (exact to float rounding when ``attention_scaling == 1``)."""
-    return keys * cos - _rotate_half(keys) * sin
+    return _rotate(keys, cos, sin, -1.0)
 
 
 def _file_lock(path: Path):

@@ -45,7 +45,17 @@ from .format import (
     header_bytes_needed,
     parse_header,
 )
-from .profile import ESC, MAX_Q, NUM_CLASSES, SINK_TOKENS, ZERO_SYMBOL, Profile, check_profile, profile_for
+from .profile import (
+    ESC,
+    MAX_Q,
+    NUM_CLASSES,
+    SINK_TOKENS,
+    ZERO_SYMBOL,
+    Profile,
+    check_profile,
+    profile_for,
+    quantize,
+)
 
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -137,7 +147,7 @@ class Codec:
             if s.name in self._specs:
                 raise ValueError(f"duplicate level name {s.name!r}")
             self._specs[s.name] = s
-        self._classes: dict[tuple[str, int], np.ndarray] = {}
+        self._level_tables: dict[str, _LevelTables] = {}
 
     @classmethod
     def for_model(cls, model, *, profile: Profile | bytes | None = None, cache_dir=None,
@@ -208,7 +218,7 @@ class Codec:
             raise ModelMismatchError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} differ")
         if start < 0:
             raise CodecError(f"start must be >= 0, got {start}")
-        if not (torch.isfinite(keys).all() and torch.isfinite(values).all()):
+        if not (torch.isfinite(keys.sum()) and torch.isfinite(values.sum())):  # NaN/inf propagate
             raise CodecError("keys/values contain NaN or infinity")
 
     def _encode_layer(self, spec: LevelSpec, layer: int, k: torch.Tensor, v: torch.Tensor, start: int, rope) -> bytes:
@@ -224,39 +234,66 @@ class Codec:
             return b"".join(out)
         return self._tc_encode_layer(spec, layer, k, v, start, rope)
 
-    def _tc_classes(self, spec: LevelSpec, kv: int) -> np.ndarray:
-        key = (spec.name, kv)
-        if key not in self._classes:
-            self._classes[key] = self.profile.classes(kv, spec.step) + kv * NUM_CLASSES  # table ids [L,H,D]
-        return self._classes[key]
+    def _tables(self, spec: LevelSpec) -> "_LevelTables":
+        if spec.name not in self._level_tables:
+            self._level_tables[spec.name] = _LevelTables(self.profile, spec)
+        return self._level_tables[spec.name]
 
     def _tc_encode_layer(self, spec, layer, k, v, start, rope) -> bytes:
-        p = self.profile
+        lt = self._tables(spec)
         cos, sin = rope
         H, T, D = k.shape
         n_sink = max(0, min(T, SINK_TOKENS - start))
         blocks = -(-T // spec.block)
-        freqs = p.tables.freqs
         head, streams, tail = [], [], []
         for kv, x in ((0, invert_rope(k, cos, sin)), (1, v)):
-            coef = (x - torch.from_numpy(p.mean[kv, layer])[:, None, :]) @ torch.from_numpy(p.analysis[kv, layer])
-            q = torch.round(coef / spec.step).to(torch.int64).numpy()  # [H, T, D]
+            coef = (x - lt.mean[kv, layer]) @ lt.analysis[kv, layer]  # [H, T, D]
+            q = quantize(coef.mul_(1.0 / spec.step), lt.deadzone)
             if n_sink:
                 q[:, :n_sink] = 0
-            tables = self._tc_classes(spec, kv)[layer]  # [H, D]
-            sym = np.clip(q + ZERO_SYMBOL, 0, 255)
-            escape = (np.abs(q) > MAX_Q) | (freqs[tables[:, None, :], sym] == 0)
-            sym = np.where(escape, ESC, sym).astype(np.uint8)
-            esc_q = q[escape].astype(np.int32)
-            padded = np.full((H, blocks * spec.block, D), ZERO_SYMBOL, np.uint8)
-            padded[:, :T] = sym
-            table_idx = np.repeat(tables, blocks, axis=0).astype(np.uint16)  # [H*blocks, D]
-            states, sizes, words = rans.encode(padded.reshape(H * blocks, spec.block * D), table_idx, p.tables)
+            escape = (q < lt.qlo[kv, layer]) | (q > lt.qhi[kv, layer])
+            esc_q = q[escape].to(torch.int32).numpy()
+            sym = q.add_(ZERO_SYMBOL).clamp_(0, 255).masked_fill_(escape, ESC).to(torch.uint8).numpy()
+            if blocks * spec.block != T:
+                padded = np.full((H, blocks * spec.block, D), ZERO_SYMBOL, np.uint8)
+                padded[:, :T] = sym
+                sym = padded
+            states, sizes, words = rans.encode(sym.reshape(H * blocks, spec.block * D),
+                                               lt.stream_tables(kv, layer, blocks), self.profile.tables)
             head.append(struct.pack("<II", len(words), len(esc_q)))
             streams += [_le(states, np.uint32), _le(sizes, np.uint32), _le(esc_q, np.int32), _le(words, np.uint16)]
         if n_sink:
             tail.append(_le(torch.stack([k[:, :n_sink], v[:, :n_sink]]).numpy(), np.float16))
         return b"".join(head + streams + tail)
+
+    def max_abs_error(self, level: str, keys: torch.Tensor, values: torch.Tensor, start: int = 0
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stated per-element bound on ``|decode(encode(x)) - x|`` for ``keys``/``values`` at ``level``.
+
+        fp16: half-precision rounding. quant8: half a per-token step. Transform levels: each
+        coefficient is reconstructed inside its quantisation bin (error <= step, escapes included),
+        so channel ``j`` errs by at most ``step * sum_i |synthesis[i, j]|``; RoPE rotates key pairs
+        (j, j + D/2), whose bounds combine as a Euclidean norm. Plus the output dtype's rounding.
+        """
+        spec = self.spec(level)
+        k, v = keys.detach().float().cpu(), values.detach().float().cpu()
+        rel = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-23}[keys.dtype]
+        if spec.kind == "fp16":
+            bounds = [x.abs() * 2.0**-11 + 2.0**-24 for x in (k, v)]
+        elif spec.kind == "quant8":
+            bounds = [(x.abs().amax(-1, keepdim=True) / 127.0) * 0.5 * (1 + 2.0**-9) + x.abs() * 2.0**-10
+                      for x in (k, v)]
+        else:
+            D = self.info.head_dim
+            chan = spec.step * np.abs(self.profile.synthesis).sum(-2)  # [2, L, H, D]
+            kb = torch.from_numpy(np.sqrt(chan[0] ** 2 + np.roll(chan[0], D // 2, axis=-1) ** 2)).float()
+            vb = torch.from_numpy(chan[1]).float()
+            bounds = [kb[:, :, None, :].expand_as(k).clone(), vb[:, :, None, :].expand_as(v).clone()]
+            n_sink = max(0, min(k.shape[2], SINK_TOKENS - start))
+            for b, x in zip(bounds, (k, v)):
+                b[:, :, :n_sink] = x[:, :, :n_sink].abs() * 2.0**-11 + 2.0**-24
+                b += 1e-5 * (x.abs() + 1)
+        return tuple(b + (x.abs() + b) * rel for b, x in zip(bounds, (k, v)))
 
     # ------------------------------------------------------------------------------- decode
     def header(self, blob: bytes | memoryview) -> ChunkHeader:
@@ -291,7 +328,7 @@ class Codec:
                 raise VersionError(f"level {h.level} parameters {h.params} differ from this codec's")
         return spec
 
-    def _decode_layer(self, spec: LevelSpec, hdr: ChunkHeader, layer: int, body: memoryview) -> LayerKV:
+    def _decode_layer(self, spec: LevelSpec, hdr: ChunkHeader, layer: int, body: bytes, rope=None) -> LayerKV:
         _, H, T, D = hdr.shape
         r = _Reader(body, layer)
         if spec.kind == "fp16":
@@ -305,13 +342,12 @@ class Codec:
                 out.append(q * scale)
             k, v = out
         else:
-            k, v = self._tc_decode_layer(spec, hdr, layer, r)
+            k, v = self._tc_decode_layer(spec, hdr, layer, r, rope)
         r.done()
-        dt = _TORCH_DTYPES[hdr.dtype]
-        return LayerKV(layer, k.to(dt), v.to(dt))
+        return LayerKV(layer, k, v)  # float32; the caller stores it in the chunk's dtype
 
-    def _tc_decode_layer(self, spec, hdr, layer, r: _Reader):
-        p = self.profile
+    def _tc_decode_layer(self, spec, hdr, layer, r: _Reader, rope):
+        lt = self._tables(spec)
         _, H, T, D = hdr.shape
         blocks = -(-T // spec.block)
         n = H * blocks
@@ -322,35 +358,59 @@ class Codec:
             n_esc.append(e)
         if max(n_esc) > H * T * D or max(n_words) > 16 * H * blocks * spec.block * D:
             raise MalformedError(f"layer {layer}: implausible stream sizes")
-        coefs = []
+        out = []
         for kv in range(2):
             states = r.array("<u4", n)
             sizes = r.array("<u4", n)
             esc_q = r.array("<i4", n_esc[kv])
             words = r.array("<u2", n_words[kv])
-            tables = self._tc_classes(spec, kv)[layer]
-            table_idx = np.repeat(tables, blocks, axis=0).astype(np.uint16)
+            table_idx = lt.stream_tables(kv, layer, blocks)
             try:
-                sym = rans.decode(words, sizes, states, table_idx, p.tables, spec.block * D)
+                sym = rans.decode(words, sizes, states, table_idx, self.profile.tables, spec.block * D)
             except rans.RansError as exc:
                 raise MalformedError(f"layer {layer}: {exc}") from exc
-            sym = sym.reshape(H, blocks * spec.block, D)[:, :T]
-            recon = p.recon.reshape(-1)  # [(kv*classes + class) * 256 + symbol]
-            coef = recon[tables[:, None, :].astype(np.int64) * 256 + sym]
-            escape = sym == ESC
-            if int(escape.sum()) != n_esc[kv]:
-                raise MalformedError(f"layer {layer}: {int(escape.sum())} escapes in the streams, {n_esc[kv]} stored")
-            coef[escape] = esc_q
-            coefs.append(torch.from_numpy(coef) * spec.step)
+            coef, escapes = rans.dequantize(sym, table_idx, lt.rtab)
+            if escapes != n_esc[kv]:
+                raise MalformedError(f"layer {layer}: {escapes} escapes in the streams, {n_esc[kv]} stored")
+            if escapes:
+                coef.reshape(-1)[np.flatnonzero(sym.reshape(-1) == ESC)] = esc_q * np.float32(spec.step)
+            coef = torch.from_numpy(coef).view(H, blocks * spec.block, D)[:, :T]
+            out.append(torch.baddbmm(lt.mean[kv, layer].expand(H, T, D), coef, lt.synthesis[kv, layer]))
+        k, v = out
+        k = apply_rope(k, *rope)
         n_sink = max(0, min(T, SINK_TOKENS - hdr.start))
-        cos, sin = rope_cos_sin(self.info, torch.arange(hdr.start, hdr.start + T))
-        kpre = coefs[0] @ torch.from_numpy(p.synthesis[0, layer]) + torch.from_numpy(p.mean[0, layer])[:, None, :]
-        k = apply_rope(kpre, cos, sin)
-        v = coefs[1] @ torch.from_numpy(p.synthesis[1, layer]) + torch.from_numpy(p.mean[1, layer])[:, None, :]
         if n_sink:
             sink = torch.from_numpy(r.array("<f2", 2 * H * n_sink * D).astype(np.float32)).view(2, H, n_sink, D)
             k[:, :n_sink], v[:, :n_sink] = sink[0], sink[1]
         return k, v
+
+
+class _LevelTables:
+    """What one transform-coded level needs at run time, derived once from the profile."""
+
+    def __init__(self, profile: Profile, spec: LevelSpec):
+        self.deadzone = profile.deadzone
+        self.mean = torch.from_numpy(profile.mean)[:, :, :, None, :]  # [2, L, H, 1, D]
+        self.analysis = torch.from_numpy(profile.analysis)  # [2, L, H, D, D]
+        self.synthesis = torch.from_numpy(profile.synthesis)
+        self.table_ids = np.stack([profile.classes(kv, spec.step) + kv * NUM_CLASSES for kv in range(2)])
+        # Codable q per table: the symbols with non-zero frequency (a contiguous range by construction).
+        freqs = profile.tables.freqs
+        nz = freqs[:, 1:] > 0  # symbol 0 is the escape
+        lo = nz.argmax(1) + 1 - ZERO_SYMBOL
+        hi = 255 - nz[:, ::-1].argmax(1) - ZERO_SYMBOL
+        lo, hi = np.maximum(lo, -MAX_Q), np.minimum(hi, MAX_Q)
+        self.qlo = torch.from_numpy(lo[self.table_ids].astype(np.float32))[:, :, :, None, :]
+        self.qhi = torch.from_numpy(hi[self.table_ids].astype(np.float32))[:, :, :, None, :]
+        gaps = [t for t in range(len(freqs)) if not nz[t, lo[t] + ZERO_SYMBOL - 1 : hi[t] + ZERO_SYMBOL].all()]
+        if gaps:
+            raise MalformedError(f"profile tables {gaps} have holes in their codable range")
+        self.rtab = (profile.recon.reshape(-1, 256) * np.float32(spec.step)).astype(np.float32)
+        self.rtab[:, ESC] = 0.0
+
+    def stream_tables(self, kv: int, layer: int, blocks: int) -> np.ndarray:
+        """Table index of every stream (head-major, then token block) and channel: ``[H*blocks, D]``."""
+        return np.repeat(self.table_ids[kv, layer], blocks, axis=0)
 
 
 class IncrementalDecoder:
@@ -367,6 +427,8 @@ class IncrementalDecoder:
         self._spec: LevelSpec | None = None
         self._offsets: list[int] = []
         self._layers: list[LayerKV] = []
+        self._rope = None
+        self._keys = self._values = None  # [layers, kv_heads, tokens, head_dim], filled layer by layer
 
     @property
     def header(self) -> ChunkHeader | None:
@@ -392,17 +454,25 @@ class IncrementalDecoder:
             self._info = parse_header(self._buf, limits)
             self._spec = self.codec._check_header(self._info)
             self._offsets = self._info.section_offsets()
+            h = self._info.header
+            if self._spec.kind == "tc":
+                self._rope = rope_cos_sin(self.codec.info, torch.arange(h.start, h.start + h.tokens))
         if len(self._buf) > self._info.total_bytes:
             raise MalformedError(f"chunk has {len(self._buf) - self._info.total_bytes} bytes after its end")
         new = []
         hdr = self._info.header
+        if self._keys is None:
+            dt = _TORCH_DTYPES[hdr.dtype]
+            self._keys, self._values = torch.empty(hdr.shape, dtype=dt), torch.empty(hdr.shape, dtype=dt)
         while len(self._layers) < hdr.layers:
             layer = len(self._layers)
             off, length = self._offsets[layer], hdr.sections[layer]
             if len(self._buf) < off + length + 8:
                 break
             body = check_section(self._buf, off, length, layer)
-            lkv = self.codec._decode_layer(self._spec, hdr, layer, body)
+            lkv = self.codec._decode_layer(self._spec, hdr, layer, body, self._rope)
+            self._keys[layer], self._values[layer] = lkv.keys, lkv.values
+            lkv = LayerKV(layer, self._keys[layer], self._values[layer])
             self._layers.append(lkv)
             new.append(lkv)
         return new
@@ -412,5 +482,4 @@ class IncrementalDecoder:
             have = len(self._buf)
             need = self._info.total_bytes if self._info else "more"
             raise TruncatedError(f"chunk incomplete: {have} of {need} bytes")
-        return DecodedChunk(self._info.header, torch.stack([l.keys for l in self._layers]),
-                            torch.stack([l.values for l in self._layers]))
+        return DecodedChunk(self._info.header, self._keys, self._values)

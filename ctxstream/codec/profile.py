@@ -80,6 +80,10 @@ class Profile:
                 self.freqs.reshape(-1, 256)))
         return self._tables
 
+    @property
+    def deadzone(self) -> float:
+        return float(self.calibration.get("deadzone", 0.0))
+
     def classes(self, kv: int, step: float) -> np.ndarray:
         """Table class of every coefficient ``[L, H, D]`` (uint16) for quantisation ``step``."""
         return class_of(self.coef_std[kv] / step)
@@ -136,6 +140,17 @@ class Profile:
         return prof
 
 
+def quantize(y: np.ndarray | torch.Tensor, deadzone: float):
+    """Round ``y`` (in steps) to integers with a dead zone: |q| = floor(|y| + 0.5 - deadzone)."""
+    if isinstance(y, torch.Tensor):
+        if deadzone == 0:
+            return torch.round(y)
+        return torch.sign(y) * torch.floor(y.abs() + (0.5 - deadzone))
+    if deadzone == 0:
+        return np.rint(y)
+    return np.sign(y) * np.floor(np.abs(y) + (0.5 - deadzone))
+
+
 def class_of(ratio: np.ndarray) -> np.ndarray:
     k = np.rint(2.0 * (np.log2(np.maximum(ratio, 1e-30)) - CLASS_MIN_LOG2))
     return np.clip(k, 0, NUM_CLASSES - 1).astype(np.uint16)
@@ -154,7 +169,8 @@ def calibration_text() -> str:
 
 # ----------------------------------------------------------------------------------- building
 def build_profile(adapter: ModelAdapter, *, context_tokens: int = 1024, continuation_tokens: int = 256,
-                  segments: int = 3, ridge: float = 1e-2, text: str | None = None) -> Profile:
+                  segments: int = 3, ridge: float = 0.3, deadzone: float = 0.0,
+                  text: str | None = None) -> Profile:
     """Measure a model's KV statistics and loss sensitivity on calibration text (one pass per segment)."""
     info = adapter.info
     L, H, D = info.num_layers, info.num_kv_heads, info.head_dim
@@ -212,18 +228,18 @@ def build_profile(adapter: ModelAdapter, *, context_tokens: int = 1024, continua
     # Normalise so that a step of 1.0 is a sensible middle: unit = global RMS coefficient std.
     unit = float(coef_std.pow(2).mean().sqrt())
     analysis, synthesis, coef_std = analysis / unit, synthesis * unit, coef_std / unit
-    freqs, recon = _class_tables(torch.cat(samples, 3), mean, analysis, coef_std)
+    freqs, recon = _class_tables(torch.cat(samples, 3), mean, analysis, coef_std, deadzone)
     return Profile(
         fingerprint=info.fingerprint,
         mean=mean.float().numpy(), analysis=analysis.float().numpy(), synthesis=synthesis.float().numpy(),
         coef_std=coef_std.float().numpy(), freqs=freqs, recon=recon,
         calibration={"text": "pydoc_data.topics" if text is None else "custom", "segments": segments,
                      "context_tokens": context_tokens, "continuation_tokens": continuation_tokens,
-                     "ridge": ridge, "classes": NUM_CLASSES, "class_min_log2": CLASS_MIN_LOG2},
+                     "ridge": ridge, "deadzone": deadzone, "classes": NUM_CLASSES, "class_min_log2": CLASS_MIN_LOG2},
     )
 
 
-def _class_tables(x: torch.Tensor, mean, analysis, coef_std) -> tuple[np.ndarray, np.ndarray]:
+def _class_tables(x: torch.Tensor, mean, analysis, coef_std, deadzone: float) -> tuple[np.ndarray, np.ndarray]:
     """Entropy tables and centroids per class, from the pooled normalised coefficients of the model."""
     coef = torch.einsum("klhtd,klhde->klhte", x.double() - mean[:, :, :, None], analysis)
     z = (coef / coef_std.clamp_min(1e-12)[:, :, :, None]).float()  # unit-variance coefficients
@@ -235,7 +251,7 @@ def _class_tables(x: torch.Tensor, mean, analysis, coef_std) -> tuple[np.ndarray
         zz = zz.double().numpy()
         for k in range(NUM_CLASSES):
             y = zz * class_ratio(k)
-            q = np.rint(y)
+            q = quantize(y, deadzone)
             inside = np.abs(q) <= MAX_Q
             sym = (q[inside] + ZERO_SYMBOL).astype(np.int64)
             counts = np.bincount(sym, minlength=256).astype(np.float64)

@@ -250,8 +250,8 @@ def normalize_counts(counts: np.ndarray, min_freq_for_nonzero: int = 1) -> np.nd
 def _as_uint(obj, dtype, name: str, err=ValueError) -> np.ndarray:
     """Any array-like or buffer-protocol object -> C-contiguous array of ``dtype``.
 
-    Raw byte buffers (bytes, bytearray, memoryview of bytes, uint8 arrays when ``dtype`` is
-    wider) are reinterpreted as little-endian ``dtype``; integer arrays are range-checked.
+    Raw byte buffers (bytes, bytearray, byte memoryviews) are reinterpreted as little-endian
+    ``dtype``; arrays (numpy, typed memoryviews, lists) are taken by value, range-checked.
     """
     dt = np.dtype(dtype).newbyteorder("<")
     if isinstance(obj, (bytes, bytearray, memoryview)) and not (
@@ -469,9 +469,33 @@ def c_decode(words, sizes, states, table_idx, tables: RansTables, stream_len, *,
     return out
 
 
+def reference_dequantize(symbols, table_idx, rtab) -> tuple[np.ndarray, int]:
+    """``out[j, p] = rtab[table_idx[j, p % period], symbols[j, p]]`` (float32) and the count of 0 symbols."""
+    sym = np.asarray(symbols, np.uint8)
+    ti = np.asarray(table_idx, np.uint16)
+    n, length = sym.shape
+    reps = length // ti.shape[1]
+    idx = np.tile(ti.astype(np.int64), (1, reps)) * 256 + sym
+    return np.asarray(rtab, np.float32).reshape(-1)[idx], int(np.count_nonzero(sym == 0))
+
+
+def c_dequantize(symbols, table_idx, rtab) -> tuple[np.ndarray, int]:
+    sym = np.ascontiguousarray(symbols, np.uint8)
+    ti = np.ascontiguousarray(table_idx, np.uint16)
+    rt = np.ascontiguousarray(rtab, np.float32)
+    n, length = sym.shape
+    if ti.ndim != 2 or ti.shape[0] != n or length % max(ti.shape[1], 1):
+        raise ValueError("table_idx must be [n_streams, period] with stream_len % period == 0")
+    out = np.empty((n, length), np.float32)
+    esc = _ransc.dequant(sym, ti, rt, rt.shape[0], n, length, ti.shape[1], out)
+    return out, int(esc)
+
+
 IMPLEMENTATIONS = {"reference": (reference_encode, reference_decode)}
 if HAVE_C:
     IMPLEMENTATIONS["c"] = (c_encode, c_decode)
     encode, decode = c_encode, c_decode
+    dequantize = c_dequantize if hasattr(_ransc, "dequant") else reference_dequantize
 else:  # pragma: no cover
     encode, decode = reference_encode, reference_decode
+    dequantize = reference_dequantize
