@@ -327,6 +327,52 @@ class ModelAdapter:
         self.extend(cache, token_ids)
         return self.cache_to_tensors(cache, before)
 
+    @torch.no_grad()
+    def compute_kv_with_importance(
+        self, token_ids: Sequence[int] | torch.Tensor, *, query_stride: int = 16, window: int = 32
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """KV of ``token_ids`` (from position 0) plus each token's *importance* ``[tokens]``.
+
+        Importance = attention the token receives from a sample of the context's own queries (every
+        ``query_stride``-th position and the last ``window`` ones), summed over layers and heads,
+        causal. Tokens that many queries attend to (heavy hitters) get finer quantisation in the codec.
+        """
+        ids = list(int(t) for t in token_ids)
+        T = len(ids)
+        pos = sorted(set(range(query_stride - 1, T, query_stride)) | set(range(max(0, T - window), T)))
+        sel = torch.tensor(pos, dtype=torch.long)
+        captured: dict[int, torch.Tensor] = {}
+        layers = self._decoder_layers()
+        hooks = []
+        for i, layer in enumerate(layers):
+            attn = layer.self_attn
+
+            def hook(mod, inp, out, i=i, attn=attn):
+                q = out[0, sel].view(len(pos), -1, self.info.head_dim)  # [Q, heads, D]
+                norm = getattr(attn, "q_norm", None)
+                captured[i] = (norm(q) if norm is not None else q).transpose(0, 1).float()
+
+            hooks.append(attn.q_proj.register_forward_hook(hook))
+        try:
+            keys, values = self.compute_kv(ids)
+        finally:
+            for h in hooks:
+                h.remove()
+        cos, sin = rope_cos_sin(self.info, sel)
+        group = self.info.num_attention_heads // self.info.num_kv_heads
+        causal = torch.arange(T)[None, None, :] > sel[None, :, None]
+        importance = torch.zeros(T)
+        for i in range(self.info.num_layers):
+            q = apply_rope(captured[i], cos, sin)  # [heads, Q, D]
+            k = keys[i].float().repeat_interleave(group, 0)  # [heads, T, D]
+            scores = (q @ k.transpose(1, 2)) * self.info.head_dim**-0.5
+            importance += torch.softmax(scores.masked_fill(causal, float("-inf")), -1).sum((0, 1))
+        return keys, values, importance
+
+    def _decoder_layers(self):
+        base = getattr(self.model, "model", self.model)
+        return base.layers
+
 
 class ByteTokenizer:
     """A toy tokenizer for the tiny test model: UTF-8 bytes (+3 offset), ids folded into the vocab."""

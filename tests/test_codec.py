@@ -248,3 +248,46 @@ def test_c_and_reference_coder_give_same_chunk(codec, kv, monkeypatch):
     monkeypatch.undo()
     k_c, v_c = codec.decode(blob)
     assert torch.equal(k_ref, k_c) and torch.equal(v_ref, v_c)
+
+
+def test_important_tokens_are_coded_finer(tiny, tmp_path):
+    from ctxstream.codec import LevelSpec
+
+    ids = tiny.tokenize("Streaming context caches over a network, chunk by chunk. " * 4)
+    keys, values, importance = tiny.compute_kv_with_importance(ids)
+    assert importance.shape == (len(ids),) and torch.all(importance >= 0)
+    base = Codec.for_model(tiny, cache_dir=tmp_path)
+    plain = LevelSpec("plain", 1, "tc", step=1.0, block=16)
+    fine = LevelSpec("fine", 1, "tc", step=1.0, block=16, fine_frac=0.25, fine_shift=4)
+    codec = Codec(base.info, base.profile, levels=[plain, fine])
+    for start in (0, 5):
+        blob_p = codec.encode(keys, values, "plain", start=start, importance=importance)
+        blob_f = codec.encode(keys, values, "fine", start=start, importance=importance)
+        chosen = codec.header(blob_f).params["fine"]
+        assert len(chosen) == int(np.ceil(0.25 * len(ids)))
+        kp, vp = codec.decode(blob_p)
+        kf, vf = codec.decode(blob_f)
+        sel = torch.tensor(chosen)
+        err_p = (vp - values)[:, :, sel].abs().mean()
+        err_f = (vf - values)[:, :, sel].abs().mean()
+        assert err_f < err_p / 2, "fine tokens must be reconstructed more accurately"
+        others = torch.tensor([t for t in range(len(ids)) if t not in chosen])
+        assert torch.equal(kp[:, :, others], kf[:, :, others]) and len(blob_f) > len(blob_p)
+        kb, vb = codec.max_abs_error("fine", keys, values, start=start)
+        assert torch.all((kf - keys).abs() <= kb) and torch.all((vf - values).abs() <= vb)
+        # incremental decoding gives the same tensors
+        dec = codec.decoder()
+        for i in range(0, len(blob_f), 333):
+            dec.feed(blob_f[i : i + 333])
+        assert torch.equal(dec.result().keys, kf)
+    with pytest.raises(MalformedError):
+        codec.decode(_forge_params(codec, blob_f, fine=[3, 2]))
+
+
+def _forge_params(codec, blob, **params) -> bytes:
+    hlen = struct.unpack_from("<I", blob, 4)[0]
+    head = msgpack.unpackb(blob[8 : 8 + hlen])
+    head["params"].update(params)
+    new = msgpack.packb(head)
+    prefix = MAGIC + struct.pack("<I", len(new))
+    return prefix + new + struct.pack("<Q", checksum(prefix + new)) + blob[8 + hlen + 8 :]

@@ -19,6 +19,7 @@ Formats (each a named, versioned :class:`LevelSpec`):
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -68,8 +69,14 @@ class LevelSpec:
     version: int
     kind: str  # "fp16" | "quant8" | "tc"
     step: float = 0.0  # tc: quantisation step in profile units (1.0 = RMS coefficient std)
-    block: int = 32  # tc: tokens per rANS stream
+    block: int = 64  # tc: tokens per rANS stream
+    fine_frac: float = 0.0  # tc: share of a chunk's tokens (the most attended) quantised finer
+    fine_shift: int = 4  # tc: how much finer, in half-octaves (4: step / 4)
     description: str = ""
+
+    @property
+    def fine_factor(self) -> float:
+        return 2.0 ** (self.fine_shift / 2.0)
 
 
 REFERENCE_FORMATS: tuple[LevelSpec, ...] = (
@@ -182,8 +189,13 @@ class Codec:
             raise UnknownLevelError(f"unknown level {level!r}; known: {', '.join(self._specs)}") from None
 
     # ------------------------------------------------------------------------------- encode
-    def encode(self, keys: torch.Tensor, values: torch.Tensor, level: str, start: int = 0) -> bytes:
-        """Encode one chunk: ``keys``/``values`` ``[layers, kv_heads, tokens, head_dim]`` -> bytes."""
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, level: str, start: int = 0, *,
+               importance: torch.Tensor | None = None) -> bytes:
+        """Encode one chunk: ``keys``/``values`` ``[layers, kv_heads, tokens, head_dim]`` -> bytes.
+
+        ``importance`` ``[tokens]`` (optional; see ``ModelAdapter.compute_kv_with_importance``): the
+        levels with ``fine_frac > 0`` quantise that share of the chunk's most important tokens finer.
+        """
         spec = self.spec(level)
         self._check_input(keys, values, start)
         dtype = str(keys.dtype).removeprefix("torch.")
@@ -191,14 +203,15 @@ class Codec:
             raise CodecError(f"unsupported dtype {keys.dtype}")
         k32, v32 = keys.detach().to("cpu", torch.float32), values.detach().to("cpu", torch.float32)
         T = keys.shape[2]
-        rope = rope_cos_sin(self.info, torch.arange(start, start + T)) if spec.kind == "tc" else None
-        bodies = [self._encode_layer(spec, layer, k32[layer], v32[layer], start, rope)
+        fine = self._fine_tokens(spec, importance, start, T)
+        ctx = _ChunkContext.make(self.info, spec, start, T, fine) if spec.kind == "tc" else None
+        bodies = [self._encode_layer(spec, layer, k32[layer], v32[layer], start, ctx)
                   for layer in range(self.info.num_layers)]
         header = ChunkHeader(
             fingerprint=self.info.fingerprint, level=spec.name, level_version=spec.version, start=int(start),
             shape=tuple(keys.shape), dtype=dtype, profile=self.profile.id if spec.kind == "tc" else "",
             sections=tuple(len(b) for b in bodies),
-            params={"step": spec.step, "block": spec.block} if spec.kind == "tc" else {},
+            params={"step": spec.step, "block": spec.block, "fine": fine} if spec.kind == "tc" else {},
         )
         return header.pack() + b"".join(frame_section(b) for b in bodies)
 
@@ -221,7 +234,22 @@ class Codec:
         if not (torch.isfinite(keys.sum()) and torch.isfinite(values.sum())):  # NaN/inf propagate
             raise CodecError("keys/values contain NaN or infinity")
 
-    def _encode_layer(self, spec: LevelSpec, layer: int, k: torch.Tensor, v: torch.Tensor, start: int, rope) -> bytes:
+    @staticmethod
+    def _fine_tokens(spec: LevelSpec, importance, start: int, T: int) -> list[int]:
+        if spec.kind != "tc" or spec.fine_frac <= 0 or importance is None:
+            return []
+        imp = torch.as_tensor(importance, dtype=torch.float32).flatten()
+        if imp.numel() != T:
+            raise ModelMismatchError(f"importance has {imp.numel()} entries for {T} tokens")
+        imp = imp.clone()
+        imp[: max(0, SINK_TOKENS - start)] = float("-inf")  # the sink is stored exactly anyway
+        n = min(T - max(0, SINK_TOKENS - start), int(math.ceil(spec.fine_frac * T)))
+        if n <= 0:
+            return []
+        order = torch.sort(-imp, stable=True).indices[:n]
+        return sorted(int(i) for i in order)
+
+    def _encode_layer(self, spec: LevelSpec, layer: int, k: torch.Tensor, v: torch.Tensor, start: int, ctx) -> bytes:
         if spec.kind == "fp16":
             return _le(k.numpy(), np.float16) + _le(v.numpy(), np.float16)
         if spec.kind == "quant8":
@@ -232,39 +260,39 @@ class Codec:
                 q = q.round().clamp(-127, 127).to(torch.int8)
                 out += [_le(scale.numpy(), np.float16), _le(q.numpy(), np.int8)]
             return b"".join(out)
-        return self._tc_encode_layer(spec, layer, k, v, start, rope)
+        return self._tc_encode_layer(spec, layer, k, v, start, ctx)
 
     def _tables(self, spec: LevelSpec) -> "_LevelTables":
         if spec.name not in self._level_tables:
             self._level_tables[spec.name] = _LevelTables(self.profile, spec)
         return self._level_tables[spec.name]
 
-    def _tc_encode_layer(self, spec, layer, k, v, start, rope) -> bytes:
+    def _tc_encode_layer(self, spec, layer, k, v, start, ctx: "_ChunkContext") -> bytes:
+        """Section body: u32 n_words, u32 n_esc_k, u32 n_esc_v; u32 states[2*H*blocks];
+        u32 sizes[2*H*blocks]; i32 escapes (K then V); u16 words; fp16 sink [2, H, n_sink, D].
+        Streams are K heads then V heads, each head's token blocks in order: one rANS call per layer."""
         lt = self._tables(spec)
-        cos, sin = rope
         H, T, D = k.shape
         n_sink = max(0, min(T, SINK_TOKENS - start))
         blocks = -(-T // spec.block)
-        head, streams, tail = [], [], []
-        for kv, x in ((0, invert_rope(k, cos, sin)), (1, v)):
+        sym = np.full((2, H, blocks * spec.block, D), ZERO_SYMBOL, np.uint8)
+        escapes = []
+        for kv, x in ((0, invert_rope(k, ctx.cos, ctx.sin)), (1, v)):
             coef = (x - lt.mean[kv, layer]) @ lt.analysis[kv, layer]  # [H, T, D]
-            q = quantize(coef.mul_(1.0 / spec.step), lt.deadzone)
+            q = quantize(coef.mul_(ctx.inv_step), lt.deadzone)
             if n_sink:
                 q[:, :n_sink] = 0
-            escape = (q < lt.qlo[kv, layer]) | (q > lt.qhi[kv, layer])
-            esc_q = q[escape].to(torch.int32).numpy()
-            sym = q.add_(ZERO_SYMBOL).clamp_(0, 255).masked_fill_(escape, ESC).to(torch.uint8).numpy()
-            if blocks * spec.block != T:
-                padded = np.full((H, blocks * spec.block, D), ZERO_SYMBOL, np.uint8)
-                padded[:, :T] = sym
-                sym = padded
-            states, sizes, words = rans.encode(sym.reshape(H * blocks, spec.block * D),
-                                               lt.stream_tables(kv, layer, blocks), self.profile.tables)
-            head.append(struct.pack("<II", len(words), len(esc_q)))
-            streams += [_le(states, np.uint32), _le(sizes, np.uint32), _le(esc_q, np.int32), _le(words, np.uint16)]
+            qlo, qhi = lt.qrange(kv, layer, ctx.fine_mask)
+            escape = (q < qlo) | (q > qhi)
+            escapes.append(q[escape].to(torch.int32).numpy())
+            sym[kv, :, :T] = q.add_(ZERO_SYMBOL).clamp_(0, 255).masked_fill_(escape, ESC).to(torch.uint8).numpy()
+        states, sizes, words = rans.encode(sym.reshape(2 * H * blocks, spec.block * D),
+                                           lt.stream_tables(layer, blocks, ctx.fine_padded), self.profile.tables)
+        parts = [struct.pack("<III", len(words), len(escapes[0]), len(escapes[1])), _le(states, np.uint32),
+                 _le(sizes, np.uint32), _le(escapes[0], np.int32), _le(escapes[1], np.int32), _le(words, np.uint16)]
         if n_sink:
-            tail.append(_le(torch.stack([k[:, :n_sink], v[:, :n_sink]]).numpy(), np.float16))
-        return b"".join(head + streams + tail)
+            parts.append(_le(torch.stack([k[:, :n_sink], v[:, :n_sink]]).numpy(), np.float16))
+        return b"".join(parts)
 
     def max_abs_error(self, level: str, keys: torch.Tensor, values: torch.Tensor, start: int = 0
                       ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,9 +354,14 @@ class Codec:
                 raise ModelMismatchError(f"chunk needs profile {h.profile}, this codec has {self.profile.id}")
             if h.params.get("step") != spec.step or h.params.get("block") != spec.block:
                 raise VersionError(f"level {h.level} parameters {h.params} differ from this codec's")
+            fine = h.params.get("fine", [])
+            if (not isinstance(fine, list) or len(fine) > h.tokens
+                    or any(not isinstance(t, int) for t in fine)
+                    or any(not 0 <= t < h.tokens for t in fine) or fine != sorted(set(fine))):
+                raise MalformedError("bad list of finely quantised tokens")
         return spec
 
-    def _decode_layer(self, spec: LevelSpec, hdr: ChunkHeader, layer: int, body: bytes, rope=None) -> LayerKV:
+    def _decode_layer(self, spec: LevelSpec, hdr: ChunkHeader, layer: int, body: bytes, ctx=None) -> LayerKV:
         _, H, T, D = hdr.shape
         r = _Reader(body, layer)
         if spec.kind == "fp16":
@@ -342,42 +375,45 @@ class Codec:
                 out.append(q * scale)
             k, v = out
         else:
-            k, v = self._tc_decode_layer(spec, hdr, layer, r, rope)
+            k, v = self._tc_decode_layer(spec, hdr, layer, r, ctx)
         r.done()
         return LayerKV(layer, k, v)  # float32; the caller stores it in the chunk's dtype
 
-    def _tc_decode_layer(self, spec, hdr, layer, r: _Reader, rope):
+    def _tc_decode_layer(self, spec, hdr, layer, r: _Reader, ctx: "_ChunkContext"):
         lt = self._tables(spec)
         _, H, T, D = hdr.shape
         blocks = -(-T // spec.block)
-        n = H * blocks
-        n_words, n_esc = [], []
-        for _ in range(2):
-            w, e = r.u32s(2)
-            n_words.append(w)
-            n_esc.append(e)
-        if max(n_esc) > H * T * D or max(n_words) > 16 * H * blocks * spec.block * D:
+        n = 2 * H * blocks
+        n_words, esc_k, esc_v = r.u32s(3)
+        if esc_k + esc_v > 2 * H * T * D or n_words > 16 * n * spec.block * D:
             raise MalformedError(f"layer {layer}: implausible stream sizes")
-        out = []
-        for kv in range(2):
-            states = r.array("<u4", n)
-            sizes = r.array("<u4", n)
-            esc_q = r.array("<i4", n_esc[kv])
-            words = r.array("<u2", n_words[kv])
-            table_idx = lt.stream_tables(kv, layer, blocks)
-            try:
-                sym = rans.decode(words, sizes, states, table_idx, self.profile.tables, spec.block * D)
-            except rans.RansError as exc:
-                raise MalformedError(f"layer {layer}: {exc}") from exc
-            coef, escapes = rans.dequantize(sym, table_idx, lt.rtab)
-            if escapes != n_esc[kv]:
-                raise MalformedError(f"layer {layer}: {escapes} escapes in the streams, {n_esc[kv]} stored")
-            if escapes:
-                coef.reshape(-1)[np.flatnonzero(sym.reshape(-1) == ESC)] = esc_q * np.float32(spec.step)
-            coef = torch.from_numpy(coef).view(H, blocks * spec.block, D)[:, :T]
-            out.append(torch.baddbmm(lt.mean[kv, layer].expand(H, T, D), coef, lt.synthesis[kv, layer]))
-        k, v = out
-        k = apply_rope(k, *rope)
+        states, sizes = r.array("<u4", n), r.array("<u4", n)
+        esc_q = r.array("<i4", esc_k + esc_v)
+        words = r.array("<u2", n_words)
+        table_idx = lt.stream_tables(layer, blocks, ctx.fine_padded)
+        try:
+            sym = rans.decode(words, sizes, states, table_idx, self.profile.tables, spec.block * D)
+        except rans.RansError as exc:
+            raise MalformedError(f"layer {layer}: {exc}") from exc
+        coef, escapes = rans.dequantize(sym, table_idx, lt.rtab)
+        if escapes != esc_k + esc_v:
+            raise MalformedError(f"layer {layer}: {escapes} escapes in the streams, {esc_k + esc_v} stored")
+        if escapes:
+            where = np.flatnonzero(sym.reshape(-1) == ESC)
+            if int((where < H * blocks * spec.block * D).sum()) != esc_k:
+                raise MalformedError(f"layer {layer}: escapes split between K and V inconsistently")
+            coef.reshape(-1)[where] = esc_q * ctx.step_padded[(where // D) % (blocks * spec.block)]
+        coef = torch.from_numpy(coef).view(2, H, blocks * spec.block, D)
+        if ctx.fine:
+            coef[:, :, ctx.fine] *= 1.0 / spec.fine_factor  # rtab holds recon * step; fine tokens: step / factor
+            if escapes:  # escapes were already written with their own step
+                flat = coef.view(-1)
+                fine_esc = torch.from_numpy(where[ctx.fine_padded[(where // D) % (blocks * spec.block)]])
+                flat[fine_esc] *= spec.fine_factor
+        coef = coef[:, :, :T]
+        k = apply_rope(torch.baddbmm(lt.mean[0, layer].expand(H, T, D), coef[0], lt.synthesis[0, layer]),
+                       ctx.cos, ctx.sin)
+        v = torch.baddbmm(lt.mean[1, layer].expand(H, T, D), coef[1], lt.synthesis[1, layer])
         n_sink = max(0, min(T, SINK_TOKENS - hdr.start))
         if n_sink:
             sink = torch.from_numpy(r.array("<f2", 2 * H * n_sink * D).astype(np.float32)).view(2, H, n_sink, D)
@@ -400,17 +436,64 @@ class _LevelTables:
         lo = nz.argmax(1) + 1 - ZERO_SYMBOL
         hi = 255 - nz[:, ::-1].argmax(1) - ZERO_SYMBOL
         lo, hi = np.maximum(lo, -MAX_Q), np.minimum(hi, MAX_Q)
-        self.qlo = torch.from_numpy(lo[self.table_ids].astype(np.float32))[:, :, :, None, :]
-        self.qhi = torch.from_numpy(hi[self.table_ids].astype(np.float32))[:, :, :, None, :]
+        self.fine_ids = np.stack([np.minimum(profile.classes(kv, spec.step) + spec.fine_shift, NUM_CLASSES - 1)
+                                  + kv * NUM_CLASSES for kv in range(2)]).astype(np.uint16)
+        def per_coef(bound, ids):  # [2, L, H, 1, D]
+            return torch.from_numpy(bound[ids].astype(np.float32))[:, :, :, None, :]
+
+        self.qlo, self.qhi = per_coef(lo, self.table_ids), per_coef(hi, self.table_ids)
+        self.qlo_fine, self.qhi_fine = per_coef(lo, self.fine_ids), per_coef(hi, self.fine_ids)
         gaps = [t for t in range(len(freqs)) if not nz[t, lo[t] + ZERO_SYMBOL - 1 : hi[t] + ZERO_SYMBOL].all()]
         if gaps:
             raise MalformedError(f"profile tables {gaps} have holes in their codable range")
         self.rtab = (profile.recon.reshape(-1, 256) * np.float32(spec.step)).astype(np.float32)
         self.rtab[:, ESC] = 0.0
 
-    def stream_tables(self, kv: int, layer: int, blocks: int) -> np.ndarray:
-        """Table index of every stream (head-major, then token block) and channel: ``[H*blocks, D]``."""
-        return np.repeat(self.table_ids[kv, layer], blocks, axis=0)
+    def qrange(self, kv: int, layer: int, fine_mask: torch.Tensor | None):
+        """Codable q range ``[H, T or 1, D]`` of each coefficient (finer tokens use other tables)."""
+        if fine_mask is None:
+            return self.qlo[kv, layer], self.qhi[kv, layer]
+        m = fine_mask[None, :, None]
+        return (torch.where(m, self.qlo_fine[kv, layer], self.qlo[kv, layer]),
+                torch.where(m, self.qhi_fine[kv, layer], self.qhi[kv, layer]))
+
+    def stream_tables(self, layer: int, blocks: int, fine_padded: np.ndarray | None = None) -> np.ndarray:
+        """Table index of every stream (K heads then V heads, each head's blocks) and position.
+
+        ``[2*H*blocks, D]`` (period D) when no token is fine, else ``[2*H*blocks, block*D]``."""
+        D = self.table_ids.shape[-1]
+        base = self.table_ids[:, layer].reshape(-1, D)  # [2H, D]
+        if fine_padded is None:
+            return np.repeat(base, blocks, axis=0)
+        fine = self.fine_ids[:, layer].reshape(-1, D)
+        per_token = np.where(fine_padded[None, :, None], fine[:, None, :], base[:, None, :])  # [2H, Tp, D]
+        return np.ascontiguousarray(per_token.reshape(base.shape[0] * blocks, -1))
+
+
+@dataclass
+class _ChunkContext:
+    """Per-chunk values every layer of a transform-coded chunk shares (computed once per chunk)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    fine: list[int]  # token offsets quantised finer
+    fine_mask: torch.Tensor | None  # [T] bool
+    fine_padded: np.ndarray | None  # [blocks*block] bool
+    step_padded: np.ndarray  # [blocks*block] float32: each token's step
+    inv_step: torch.Tensor | float  # multiply coefficients by this to get them in steps
+
+    @classmethod
+    def make(cls, info: ModelInfo, spec: LevelSpec, start: int, T: int, fine: list[int]) -> "_ChunkContext":
+        cos, sin = rope_cos_sin(info, torch.arange(start, start + T))
+        padded_len = -(-T // spec.block) * spec.block
+        step_padded = np.full(padded_len, spec.step, np.float32)
+        if not fine:
+            return cls(cos, sin, [], None, None, step_padded, 1.0 / spec.step)
+        fine_padded = np.zeros(padded_len, bool)
+        fine_padded[fine] = True
+        step_padded[fine_padded] = spec.step / spec.fine_factor
+        inv = torch.from_numpy(1.0 / step_padded[:T])[None, :, None]
+        return cls(cos, sin, fine, torch.from_numpy(fine_padded[:T]), fine_padded, step_padded, inv)
 
 
 class IncrementalDecoder:
@@ -427,7 +510,7 @@ class IncrementalDecoder:
         self._spec: LevelSpec | None = None
         self._offsets: list[int] = []
         self._layers: list[LayerKV] = []
-        self._rope = None
+        self._ctx = None
         self._keys = self._values = None  # [layers, kv_heads, tokens, head_dim], filled layer by layer
 
     @property
@@ -456,7 +539,7 @@ class IncrementalDecoder:
             self._offsets = self._info.section_offsets()
             h = self._info.header
             if self._spec.kind == "tc":
-                self._rope = rope_cos_sin(self.codec.info, torch.arange(h.start, h.start + h.tokens))
+                self._ctx = _ChunkContext.make(self.codec.info, self._spec, h.start, h.tokens, h.params.get("fine", []))
         if len(self._buf) > self._info.total_bytes:
             raise MalformedError(f"chunk has {len(self._buf) - self._info.total_bytes} bytes after its end")
         new = []
@@ -470,7 +553,7 @@ class IncrementalDecoder:
             if len(self._buf) < off + length + 8:
                 break
             body = check_section(self._buf, off, length, layer)
-            lkv = self.codec._decode_layer(self._spec, hdr, layer, body, self._rope)
+            lkv = self.codec._decode_layer(self._spec, hdr, layer, body, self._ctx)
             self._keys[layer], self._values[layer] = lkv.keys, lkv.values
             lkv = LayerKV(layer, self._keys[layer], self._values[layer])
             self._layers.append(lkv)

@@ -51,6 +51,9 @@ ZERO_SYMBOL = 128
 SINK_TOKENS = 1  # absolute positions kept in fp16 (the attention sink)
 
 _ARRAYS = ("mean", "analysis", "synthesis", "coef_std", "freqs", "recon")
+# How default profiles are built (chosen on the dev split; see README "Codec design"). Part of the
+# cache key, so changing them rebuilds cached profiles.
+DEFAULT_BUILD = {"context_tokens": 1024, "continuation_tokens": 256, "segments": 8, "ridge": 0.5, "deadzone": 0.0}
 
 
 @dataclass(frozen=True, eq=False)
@@ -168,9 +171,10 @@ def calibration_text() -> str:
 
 
 # ----------------------------------------------------------------------------------- building
-def build_profile(adapter: ModelAdapter, *, context_tokens: int = 1024, continuation_tokens: int = 256,
-                  segments: int = 3, ridge: float = 0.3, deadzone: float = 0.0,
-                  text: str | None = None) -> Profile:
+def build_profile(adapter: ModelAdapter, *, context_tokens: int = DEFAULT_BUILD["context_tokens"],
+                  continuation_tokens: int = DEFAULT_BUILD["continuation_tokens"],
+                  segments: int = DEFAULT_BUILD["segments"], ridge: float = DEFAULT_BUILD["ridge"],
+                  deadzone: float = DEFAULT_BUILD["deadzone"], text: str | None = None) -> Profile:
     """Measure a model's KV statistics and loss sensitivity on calibration text (one pass per segment)."""
     info = adapter.info
     L, H, D = info.num_layers, info.num_kv_heads, info.head_dim
@@ -273,7 +277,8 @@ def _class_tables(x: torch.Tensor, mean, analysis, coef_std, deadzone: float) ->
 def profile_for(adapter: ModelAdapter, cache_dir: Path | None = None) -> Profile:
     """The model's profile from ``cache_dir/profiles/<fingerprint>.ctxp``, built and saved if missing."""
     folder = (Path(cache_dir) if cache_dir else default_cache_dir()) / "profiles"
-    path = folder / f"{adapter.info.fingerprint}.ctxp"
+    build = xxhash.xxh3_64_hexdigest(f"{PROFILE_VERSION}{sorted(DEFAULT_BUILD.items())}".encode())[:8]
+    path = folder / f"{adapter.info.fingerprint}-{build}.ctxp"
     if path.is_file():
         try:
             prof = Profile.from_bytes(path.read_bytes())

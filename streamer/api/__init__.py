@@ -1,0 +1,1 @@
+"""HTTP API of the streamer: routers in ``routes/``, shared dependencies in ``deps``."""

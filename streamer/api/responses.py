@@ -1,0 +1,65 @@
+"""A bytes response sent in pieces (with back-pressure), with single-range support (RFC 9110)."""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from fastapi import HTTPException
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+_RANGE_RE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """``(start, end_exclusive)`` of a ``Range`` header, None for no header; 416 when unsatisfiable.
+
+    Accepts one range: ``bytes=a-b``, ``bytes=a-``, ``bytes=-n``. Several ranges, other units or a
+    malformed header are answered with 416 and a reason.
+    """
+    if header is None:
+        return None
+    m = _RANGE_RE.match(header)
+    if not m or (m.group(1) == "" and m.group(2) == ""):
+        raise range_error(size, f"unsupported Range {header!r}: one 'bytes=start-end' range only")
+    a, b = m.group(1), m.group(2)
+    if a == "":  # suffix: the last n bytes
+        n = int(b)
+        if n == 0 or size == 0:
+            raise range_error(size, f"empty suffix range {header!r}")
+        return max(0, size - n), size
+    start = int(a)
+    end = size - 1 if b == "" else min(int(b), size - 1)
+    if start >= size or (b != "" and int(b) < start):
+        raise range_error(size, f"range {header!r} not satisfiable for {size} bytes")
+    return start, end + 1
+
+
+def range_error(size: int, reason: str) -> HTTPException:
+    return HTTPException(416, reason, headers={"Content-Range": f"bytes */{size}"})
+
+
+class PiecewiseResponse(Response):
+    """Sends ``data[start:end]`` in ``piece``-byte messages; calls ``on_sent(nbytes)`` when done."""
+
+    def __init__(self, data: bytes, *, start: int, end: int, status_code: int, headers: dict[str, str],
+                 piece: int = 1 << 20, media_type: str = "application/octet-stream",
+                 on_sent: Callable[[int], None] | None = None):
+        self.data, self.start, self.end, self.piece, self.on_sent = data, start, end, piece, on_sent
+        super().__init__(content=None, status_code=status_code, headers=headers, media_type=media_type)
+        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+        self.raw_headers.append((b"content-length", str(end - start).encode()))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        sent = 0
+        if scope.get("method") != "HEAD":
+            view = memoryview(self.data)[self.start : self.end]
+            for off in range(0, len(view), self.piece):
+                part = view[off : off + self.piece]
+                await send({"type": "http.response.body", "body": part, "more_body": True})
+                sent += len(part)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if self.on_sent is not None:
+            self.on_sent(sent)

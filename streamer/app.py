@@ -1,0 +1,95 @@
+"""FastAPI app factory: ``create_app(settings)``; the lifespan loads the model, codec and store.
+
+Tests and embedders may pass a ready ``adapter``, ``codec`` and/or ``store``; what the lifespan
+creates it also closes (the store, the encode thread pool).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from ctxstream.codec import Codec
+from ctxstream.model import ModelAdapter
+
+from .api.routes import ROUTERS
+from .ingest import ContextService, load_adapter
+from .metrics import Metrics
+from .settings import Settings
+from .state import StreamerState
+from .storage import Store, make_store
+
+log = logging.getLogger(__name__)
+
+
+class RequestMetrics:
+    """Pure ASGI middleware counting requests by route template, method and status."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 500}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            self.metrics.inc("requests_total", route=path, method=scope.get("method", ""), status=str(status["code"]))
+
+
+def build_store(settings: Settings) -> Store:
+    return make_store(settings.store, data_dir=settings.data_dir, redis_url=settings.redis_url,
+                      redis_prefix=settings.redis_prefix, memory_bytes=settings.memory_bytes, fsync=settings.fsync)
+
+
+def create_app(settings: Settings | None = None, *, adapter: ModelAdapter | None = None, codec: Codec | None = None,
+               store: Store | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        t0 = time.perf_counter()
+        ad = adapter or load_adapter(settings.model, settings.cache_dir)
+        cd = codec or Codec.for_model(ad, cache_dir=settings.cache_dir)
+        if cd.info.fingerprint != ad.info.fingerprint:
+            raise ValueError("codec and model adapter are for different models")
+        st_store = store or build_store(settings)
+        await st_store.ping()
+        executor = ThreadPoolExecutor(settings.encode_workers, thread_name_prefix="ctxstream-encode")
+        service = ContextService(ad, cd, st_store, chunk_tokens=settings.chunk_tokens, executor=executor,
+                                 metrics=metrics)
+        app.state.streamer = StreamerState(settings=settings, adapter=ad, codec=cd, store=st_store, service=service,
+                                           executor=executor, metrics=metrics, started=time.time())
+        if not settings.tokens:
+            log.warning("no bearer tokens configured: uploads are impossible (give --token TENANT:TOKEN)")
+        log.info("streamer ready in %.2f s: model %s (%s), profile %s, store %s", time.perf_counter() - t0,
+                 ad.info.name, ad.info.fingerprint, cd.profile.id if cd.profile else None, st_store.name)
+        try:
+            yield
+        finally:
+            executor.shutdown(wait=True, cancel_futures=True)
+            if store is None:
+                await st_store.close()
+
+    app = FastAPI(title="ctxstream streamer", version="0.1.0", lifespan=lifespan,
+                  description="Uploads contexts, encodes their KV at every codec level, streams the chunks.")
+    for router in ROUTERS:
+        app.include_router(router)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    return app

@@ -1,0 +1,102 @@
+"""The streamer's settings: one typed object built from CLI arguments or keyword arguments.
+
+Environment variables and dotenv files are deliberately *not* read (``settings_customise_sources``
+keeps only the init arguments): what a server runs with is exactly what was passed to it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ctxstream.model import DEFAULT_MODEL
+
+from .storage import parse_store_spec
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    # storage: tiers fastest first, joined by "+": memory | disk | redis | memory+disk | memory+redis ...
+    store: str = "disk"
+    data_dir: Path = Path("./ctxstream-data")
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "ctxstream:"
+    memory_bytes: int = Field(512 << 20, gt=0)
+    fsync: bool = True
+    # model and codec
+    model: str = DEFAULT_MODEL  # a model name/path, "tiny-random" or "tiny-random-LxHxD" (tests, benches)
+    cache_dir: Path | None = None  # converted models and codec profiles (default ~/.cache/ctxstream)
+    chunk_tokens: int = Field(256, ge=1, le=65536)
+    encode_workers: int = Field(1, ge=1, le=64)
+    # auth: bearer token -> tenant. Writes always need a token; reads only when read_auth.
+    tokens: dict[str, str] = Field(default_factory=dict)
+    read_auth: bool = True
+    # limits
+    max_upload_bytes: int = Field(256 << 20, gt=0)
+    max_tokens: int = Field(16384, gt=0)
+    max_concurrent_uploads: int = Field(2, ge=1)
+    stream_piece_bytes: int = Field(256 << 10, ge=4096)  # response body piece size (256 KiB: fastest here)
+    log_level: str = "warning"
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        return (init_settings,)
+
+    @field_validator("store")
+    @classmethod
+    def _check_store(cls, v: str) -> str:
+        return "+".join(parse_store_spec(v))
+
+    @field_validator("tokens")
+    @classmethod
+    def _check_tokens(cls, v: dict[str, str]) -> dict[str, str]:
+        for token, tenant in v.items():
+            if len(token) < 8:
+                raise ValueError("bearer tokens must be at least 8 characters")
+            if not tenant or any(c in tenant for c in "/\n\r\t "):
+                raise ValueError(f"bad tenant name {tenant!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if "redis" in self.store and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("redis_url must be a redis://, rediss:// or unix:// URL")
+        return self
+
+    @property
+    def tenants(self) -> set[str]:
+        return set(self.tokens.values())
+
+    @classmethod
+    def from_args(cls, args: Any, **overrides: Any) -> "Settings":
+        """Settings from an ``argparse`` namespace of ``ctxstream serve`` (``None`` = default)."""
+        fields = {}
+        for name in cls.model_fields:
+            value = getattr(args, name, None)
+            if value is not None:
+                fields[name] = value
+        tokens = getattr(args, "token", None)
+        if tokens:
+            fields["tokens"] = parse_token_args(tokens)
+        fields.update(overrides)
+        return cls(**fields)
+
+
+def parse_token_args(values: list[str]) -> dict[str, str]:
+    """``["TENANT:TOKEN", ...]`` -> ``{token: tenant}``."""
+    out: dict[str, str] = {}
+    for item in values:
+        tenant, sep, token = item.partition(":")
+        if not sep or not tenant or not token:
+            raise ValueError(f"--token wants TENANT:TOKEN, got {item!r}")
+        if token in out and out[token] != tenant:
+            raise ValueError("the same token is given to two tenants")
+        out[token] = tenant
+    return out

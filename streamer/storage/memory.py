@@ -1,0 +1,78 @@
+"""In-memory tier: an LRU bounded by payload bytes."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from .base import Store, checksum64, validate_key
+
+
+class MemoryStore(Store):
+    """LRU cache of ``(payload, xxh3-64)``; objects larger than ``max_bytes`` are not kept.
+
+    Every entry keeps its checksum (computed on ``put``); ``verify=True`` re-checks it on ``get``.
+    """
+
+    name = "memory"
+
+    def __init__(self, max_bytes: int = 512 << 20, *, verify: bool = False):
+        if max_bytes <= 0:
+            raise ValueError("max_bytes must be > 0")
+        self.max_bytes = int(max_bytes)
+        self.verify = verify
+        self._items: OrderedDict[str, tuple[bytes, int]] = OrderedDict()
+        self._bytes = 0
+        self.evictions = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def get(self, key: str) -> bytes | None:
+        validate_key(key)
+        item = self._items.get(key)
+        if item is None:
+            return None
+        self._items.move_to_end(key)
+        if self.verify and checksum64(item[0]) != item[1]:
+            self._drop(key)
+            return None
+        return item[0]
+
+    async def put(self, key: str, value: bytes) -> None:
+        validate_key(key)
+        value = bytes(value)
+        self._drop(key)
+        if len(value) > self.max_bytes:
+            return
+        self._items[key] = (value, checksum64(value))
+        self._bytes += len(value)
+        while self._bytes > self.max_bytes:
+            _, (old, _c) = self._items.popitem(last=False)
+            self._bytes -= len(old)
+            self.evictions += 1
+
+    async def contains(self, key: str) -> bool:
+        validate_key(key)
+        return key in self._items
+
+    async def delete(self, key: str) -> bool:
+        validate_key(key)
+        return self._drop(key)
+
+    def _drop(self, key: str) -> bool:
+        item = self._items.pop(key, None)
+        if item is None:
+            return False
+        self._bytes -= len(item[0])
+        return True
+
+    async def close(self) -> None:
+        self._items.clear()
+        self._bytes = 0
+
+    async def stats(self) -> dict[str, dict[str, int]]:
+        return {self.name: {"objects": len(self._items), "bytes": self._bytes}}

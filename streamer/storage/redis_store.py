@@ -1,0 +1,70 @@
+"""Redis tier (``redis.asyncio``): the same checksummed framing as the disk tier.
+
+Several stateless streamers can share one Redis: every value is a self-verifying framed object
+under ``prefix + key``; a value that fails verification is deleted and treated as missing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .base import CorruptObjectError, Store, StoreError, frame, unframe, validate_key
+
+log = logging.getLogger(__name__)
+
+
+class RedisStore(Store):
+    name = "redis"
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str = "ctxstream:", client=None):
+        import redis.asyncio as aioredis
+
+        self.url = url
+        self.prefix = prefix
+        self._redis = client or aioredis.Redis.from_url(url, decode_responses=False)
+        self.corrupted = 0
+
+    def _k(self, key: str) -> str:
+        return self.prefix + validate_key(key)
+
+    async def get(self, key: str) -> bytes | None:
+        k = self._k(key)
+        blob = await self._call(self._redis.get, k)
+        if blob is None:
+            return None
+        try:
+            return unframe(blob, key)
+        except CorruptObjectError as exc:
+            self.corrupted += 1
+            log.warning("redis store: %s failed verification (%s); deleted", k, exc)
+            await self._call(self._redis.delete, k)
+            return None
+
+    async def put(self, key: str, value: bytes) -> None:
+        await self._call(self._redis.set, self._k(key), frame(key, value))
+
+    async def contains(self, key: str) -> bool:
+        return bool(await self._call(self._redis.exists, self._k(key)))
+
+    async def delete(self, key: str) -> bool:
+        return bool(await self._call(self._redis.delete, self._k(key)))
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def ping(self) -> None:
+        await self._call(self._redis.ping)
+
+    async def stats(self) -> dict[str, dict[str, int]]:
+        n = 0
+        async for _ in self._redis.scan_iter(match=self.prefix + "*", count=1000):
+            n += 1
+        return {self.name: {"objects": n}}
+
+    async def _call(self, fn, *args):
+        import redis.exceptions
+
+        try:
+            return await fn(*args)
+        except redis.exceptions.RedisError as exc:
+            raise StoreError(f"redis store ({self.url}): {exc}") from exc
