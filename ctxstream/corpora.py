@@ -11,7 +11,8 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+from .paths import DEFAULT_DATA_DIR
+
 
 _ARTICLE = re.compile(r"^ = [^=].* = $", re.M)
 

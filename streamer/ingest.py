@@ -105,15 +105,17 @@ class ContextService:
                 missing.append(i)
         return records, missing
 
-    def _encode_chunk(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> tuple[dict[str, bytes], float]:
+    def _encode_chunk(self, keys: torch.Tensor, values: torch.Tensor, start: int,
+                      importance: torch.Tensor | None) -> tuple[dict[str, bytes], float]:
         t0 = time.perf_counter()
-        out = {lv: self.codec.encode(keys, values, lv, start=start) for lv in self.levels}
+        out = {lv: self.codec.encode(keys, values, lv, start=start, importance=importance) for lv in self.levels}
         return out, time.perf_counter() - t0
 
-    def _compute_kv(self, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def _compute_kv(self, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """KV of the tokens and each token's importance (attention it receives), for the codec."""
         t0 = time.perf_counter()
-        keys, values = self.adapter.compute_kv(token_ids)
-        return keys, values, time.perf_counter() - t0
+        keys, values, importance = self.adapter.compute_kv_with_importance(token_ids)
+        return keys, values, importance, time.perf_counter() - t0
 
     async def _ingest(self, tenant: str, token_ids: list[int], kv) -> IngestResult:
         t0 = time.perf_counter()
@@ -125,13 +127,15 @@ class ContextService:
         if missing:
             if kv is None:
                 end = min(len(token_ids), (missing[-1] + 1) * ct)
-                keys, values, secs = await self._run(self._compute_kv, token_ids[:end])
+                keys, values, importance, secs = await self._run(self._compute_kv, token_ids[:end])
                 self.metrics.observe("model_seconds", secs)
-            else:
+            else:  # uploaded KV: no queries to measure importance with, every token is coded alike
                 keys, values = kv
+                importance = None
             for i in missing:
                 s, e = i * ct, min(len(token_ids), (i + 1) * ct)
-                blobs, secs = await self._run(self._encode_chunk, keys[:, :, s:e], values[:, :, s:e], s)
+                imp = importance[s:e] if importance is not None else None
+                blobs, secs = await self._run(self._encode_chunk, keys[:, :, s:e], values[:, :, s:e], s, imp)
                 self.metrics.observe("encode_seconds", secs)
                 for lv, blob in blobs.items():
                     await self.store.put(chunk_key(ids[i], lv), blob)

@@ -26,7 +26,7 @@ except FileNotFoundError:
     TRACES_DIR = None
 needs_data = pytest.mark.skipif(
     TRACES_DIR is None or not (TRACES_DIR / "STATS.txt").is_file(),
-    reason=f"real traces (with STATS.txt) not found: looked in $CTXSTREAM_DATA_DIR, else {DEFAULT_DATA_DIR}",
+    reason=f"real traces (with STATS.txt) not found in {DEFAULT_DATA_DIR}",
 )
 
 # STATS.txt uses the upstream file names; the data folder renamed some (see each SOURCE.txt).
@@ -300,14 +300,13 @@ def test_dev_eval_split() -> None:
     assert [s.name for s in dev_trace_specs(TRACES_DIR.parent)] == [s.name for s in dev_trace_specs(TRACES_DIR)]
 
 
-def test_data_dir_configurable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_data_dir_configurable(tmp_path: Path) -> None:
     assert DEFAULT_DATA_DIR == Path(__file__).resolve().parent.parent.parent / "shared" / "data"
     with pytest.raises(FileNotFoundError):
         resolve_traces_dir(tmp_path)
     (tmp_path / "traces" / "mahimahi").mkdir(parents=True)
     (tmp_path / "traces" / "mahimahi" / "ATT-x.down").write_text("1\n2\n")
     (tmp_path / "traces" / "mahimahi" / "Verizon-y.down").write_text("1\n")
-    monkeypatch.setenv("CTXSTREAM_DATA_DIR", str(tmp_path))
-    assert [s.name for s in dev_trace_specs()] == ["mahimahi/ATT-x.down"]
-    assert [s.name for s in eval_trace_specs()] == ["mahimahi/Verizon-y.down"]
+    assert [s.name for s in dev_trace_specs(tmp_path)] == ["mahimahi/ATT-x.down"]
+    assert [s.name for s in eval_trace_specs(tmp_path)] == ["mahimahi/Verizon-y.down"]
     assert eval_trace_specs(tmp_path)[0].load().mean_bps == pytest.approx(12e6)

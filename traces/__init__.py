@@ -5,7 +5,7 @@
 * :mod:`traces.readers` -- Mahimahi, cooked (Pensieve/Puffer), NYU-METS and 5Gophers readers;
   :func:`load_trace` sniffs the format.
 * :mod:`traces.synthetic` -- traces ctxstream generates itself (constant, step, sine, on/off, Markov walk).
-* :mod:`traces.splits` -- data location (:data:`DEFAULT_DATA_DIR`, ``$CTXSTREAM_DATA_DIR``) and the
+* :mod:`traces.splits` -- data location (:data:`DEFAULT_DATA_DIR`, or a ``data_dir`` argument) and the
   dev/eval split of ``shared/data/README.md``.
 * :mod:`traces.shaping` -- in-process shaping (``RateShaper``, ``TraceShaper``, ``shaped``).
 

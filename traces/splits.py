@@ -12,6 +12,8 @@ from __future__ import annotations
 import fnmatch
 import os
 from dataclasses import dataclass
+
+from ctxstream.paths import DEFAULT_DATA_DIR
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +34,6 @@ __all__ = [
     "is_dev",
 ]
 
-#: ``../shared/data`` next to the repository root (the package lives at ``<repo>/traces``).
-DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-#: Environment variable that overrides :data:`DEFAULT_DATA_DIR`.
-DATA_DIR_ENV = "CTXSTREAM_DATA_DIR"
 DEV_PATTERNS = ("mahimahi/ATT-*", "mahimahi/TMobile-LTE-*", "pensieve/norway_*")
 
 _FOLDERS = {"mahimahi": "*.down", "pensieve": "*", "puffer": "*", "nyu_mets": "*.csv", "5gophers": "*.csv"}
@@ -44,8 +42,8 @@ _NOT_TRACES = {"README", "README.md", "SOURCE.txt", "LICENSE", "STATS.txt"}
 
 def resolve_traces_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     """The ``traces`` folder: ``data_dir`` (the data root or its ``traces/``), else
-    ``$CTXSTREAM_DATA_DIR``, else :data:`DEFAULT_DATA_DIR`. Raises ``FileNotFoundError``."""
-    base = Path(data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
+    :data:`DEFAULT_DATA_DIR`. Raises ``FileNotFoundError``."""
+    base = Path(data_dir if data_dir is not None else DEFAULT_DATA_DIR)
     for cand in (base / "traces", base):
         if cand.is_dir() and any((cand / f).is_dir() for f in _FOLDERS):
             return cand

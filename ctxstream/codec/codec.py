@@ -85,11 +85,11 @@ REFERENCE_FORMATS: tuple[LevelSpec, ...] = (
 )
 # Steps chosen on the dev split (tinyshakespeare + first half of WikiText-2), see README.
 DEFAULT_LEVELS: tuple[LevelSpec, ...] = (
-    LevelSpec("q0", 1, "tc", step=0.06, description="near-lossless"),
-    LevelSpec("q1", 1, "tc", step=0.18, description="high quality"),
-    LevelSpec("q2", 1, "tc", step=0.35, description="balanced"),
-    LevelSpec("q3", 1, "tc", step=0.7, description="compact"),
-    LevelSpec("q4", 1, "tc", step=1.4, description="aggressive"),
+    LevelSpec("q0", 1, "tc", step=0.05, fine_frac=0.05, description="near-lossless"),
+    LevelSpec("q1", 1, "tc", step=0.15, fine_frac=0.05, description="high quality"),
+    LevelSpec("q2", 1, "tc", step=0.32, fine_frac=0.05, description="balanced: ~4x smaller than quant8"),
+    LevelSpec("q3", 1, "tc", step=0.6, fine_frac=0.05, description="compact"),
+    LevelSpec("q4", 1, "tc", step=1.0, fine_frac=0.05, description="aggressive: ~10x smaller than quant8"),
 )
 
 
