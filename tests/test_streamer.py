@@ -50,13 +50,14 @@ def test_upload_manifest_fetch_every_chunk_every_level(streamer, tiny_adapter, t
     assert [c.id for c in m.chunks] == ids and m.token_ids == tokens and m.chunk_tokens == ct
     assert m.levels == tiny_codec.all_levels and m.profile == tiny_codec.profile.id
     assert m.fingerprint == tiny_adapter.info.fingerprint
-    keys, values = tiny_adapter.compute_kv(tokens)
+    keys, values, importance = tiny_adapter.compute_kv_with_importance(tokens)
     for c in m.chunks:
         k, v = keys[:, :, c.start : c.start + c.tokens], values[:, :, c.start : c.start + c.tokens]
+        imp = importance[c.start : c.start + c.tokens]
         for lv in m.levels:
             resp = fetch(streamer, m.id, c.index, lv)
             assert resp.status_code == 200
-            direct = tiny_codec.encode(k, v, lv, start=c.start)
+            direct = tiny_codec.encode(k, v, lv, start=c.start, importance=imp)
             assert resp.content == direct, (c.index, lv)
             assert resp.headers["x-checksum-xxh3"] == c.checksums[lv] == checksum_hex(resp.content)
             assert int(resp.headers["content-length"]) == c.sizes[lv] == len(direct)
@@ -445,11 +446,11 @@ def test_real_default_model_end_to_end(make_streamer):
     m = Manifest.from_dict(r.json()["manifest"])
     tokens = adapter.tokenize(text)
     assert m.token_ids == tokens and len(m.chunks) == -(-len(tokens) // 256) >= 2
-    keys, values = adapter.compute_kv(tokens)
+    keys, values, importance = adapter.compute_kv_with_importance(tokens)
     for c in m.chunks:
         k, v = keys[:, :, c.start : c.start + c.tokens], values[:, :, c.start : c.start + c.tokens]
         for lv in ("fp16", "q2", "quant8"):
             blob = fetch(srv, m.id, c.index, lv).content
-            assert blob == codec.encode(k, v, lv, start=c.start)
+            assert blob == codec.encode(k, v, lv, start=c.start, importance=importance[c.start : c.start + c.tokens])
             dk, _ = codec.decode(blob)
             assert dk.shape == k.shape
