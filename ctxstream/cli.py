@@ -16,6 +16,7 @@ _COMMAND_MODULES = (
     "ctxstream.codec.cli",  # codec-demo, profile
     "streamer.cli",  # serve, upload
     "loader.cli",  # ask
+    "traces.cli",  # replay, report
     "ctxstream.demo",  # demo (the README's main job)
 )
 

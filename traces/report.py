@@ -1,0 +1,298 @@
+"""``ctxstream report DIR``: a Markdown table and PNG plots from a replay's ``runs.jsonl``.
+
+* ``report.md``: per policy (and per SLO) SLO attainment, mean and p95 TTFT, mean quality
+  (perplexity increase vs exact KV, absolute and relative; top-1 agreement), bytes;
+* ``ttft_cdf.png``: TTFT CDF per policy;
+* ``slo_attainment.png``: SLO attainment vs SLO (per SLO label, x = mean SLO seconds);
+* ``quality_vs_ttft.png``: mean quality vs mean TTFT, one point per policy;
+* ``timeline.png``: one run per chunk: link bandwidth, chosen level, cumulative time vs the SLO.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .replay import ADAPTIVE, read_rows
+
+LEVEL_ORDER = ["text", "fp16", "quant8", "q0", "q1", "q2", "q3", "q4"]
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return float(np.mean(xs)) if xs else None
+
+
+def _p95(xs):
+    xs = [x for x in xs if x is not None]
+    return float(np.percentile(xs, 95)) if xs else None
+
+
+def _fmt(x, spec=".2f", none="-"):
+    return none if x is None else format(x, spec)
+
+
+def policy_order(rows) -> list[str]:
+    seen = []
+    for r in rows:
+        if r["policy"] not in seen:
+            seen.append(r["policy"])
+    return seen
+
+
+def summarize(rows: list[dict], by_slo: bool = False) -> list[dict]:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["policy"], r["slo"] if by_slo else "")].append(r)
+    out = []
+    slo_order = []
+    for r in rows:
+        if r["slo"] not in slo_order:
+            slo_order.append(r["slo"])
+    for pol in policy_order(rows):
+        for slo in (slo_order if by_slo else [""]):
+            g = groups.get((pol, slo))
+            if not g:
+                continue
+            # TTFT of an aborted run counts as the cap (never below the truth)
+            tt = [r["ttft_s"] if r.get("ttft_s") is not None else float("nan") for r in g]
+            ok = [t for t in tt if not math.isnan(t)]
+            out.append({
+                "policy": pol, "slo": slo, "runs": len(g), "aborted": sum(1 for r in g if r.get("ttft_s") is None),
+                "attainment": sum(1 for r in g if r.get("slo_met")) / len(g),
+                "ttft_mean": _mean(ok), "ttft_p95": _p95(ok),
+                "dppl": _mean([r.get("dppl") for r in g]), "dppl_rel": _mean([r.get("dppl_rel") for r in g]),
+                "top1": _mean([r.get("top1") for r in g]), "mb": _mean([(r.get("bytes") or 0) / 1e6 for r in g]),
+            })
+    return out
+
+
+def table_md(summary: list[dict], by_slo: bool = False) -> str:
+    head = "| policy |" + (" SLO |" if by_slo else "") + " runs | SLO met | mean TTFT s | p95 TTFT s | dppl | dppl % | top-1 | MB |"
+    sep = "|" + "---|" * (head.count("|") - 1)
+    lines = [head, sep]
+    for s in summary:
+        lines.append(
+            f"| {s['policy']} |" + (f" {s['slo']} |" if by_slo else "") +
+            f" {s['runs']}{' (' + str(s['aborted']) + ' aborted)' if s['aborted'] else ''} | {s['attainment'] * 100:.0f}% |"
+            f" {_fmt(s['ttft_mean'])} | {_fmt(s['ttft_p95'])} | {_fmt(s['dppl'], '+.3f')} |"
+            f" {_fmt(None if s['dppl_rel'] is None else s['dppl_rel'] * 100, '+.2f')} | {_fmt(s['top1'], '.3f')} |"
+            f" {_fmt(s['mb'], '.1f')} |")
+    return "\n".join(lines)
+
+
+def targets(rows: list[dict], summary: list[dict]) -> list[str]:
+    """The issue's targets, checked on these rows (per SLO: the SLO-aware policies differ per SLO)."""
+    out = []
+    slos = []
+    for r in rows:
+        if r["slo"] not in slos:
+            slos.append(r["slo"])
+    per = summarize(rows, by_slo=True)
+    for slo in slos:
+        by = {s["policy"]: s for s in per if s["slo"] == slo}
+        if "text" not in by or "quant8" not in by:
+            continue
+        cands = [s for s in by.values() if s["policy"] not in ("text", "quant8", "fp16") and s["ttft_mean"]
+                 and s["dppl_rel"] is not None and s["dppl_rel"] <= 0.01]
+        if not cands:
+            out.append(f"- SLO {slo}: no policy other than text/quant8/fp16 stayed within 1% perplexity of exact")
+            continue
+        best = min(cands, key=lambda s: s["ttft_mean"])
+        rt = by["text"]["ttft_mean"] / best["ttft_mean"]
+        rq = by["quant8"]["ttft_mean"] / best["ttft_mean"]
+        out.append(f"- SLO {slo}: fastest policy within 1% perplexity: `{best['policy']}` (mean TTFT "
+                   f"{best['ttft_mean']:.2f} s, dppl {best['dppl_rel'] * 100:+.2f}%): {rt:.2f}x lower than text "
+                   f"(target >= 3x: {'met' if rt >= 3 else 'NOT met'}), {rq:.2f}x lower than quant8 (target >= 2x: "
+                   f"{'met' if rq >= 2 else 'NOT met'})")
+    for pol in ADAPTIVE:
+        g = [r for r in rows if r["policy"] == pol and r["slo"] == "2x"]
+        if g:
+            att = sum(1 for r in g if r.get("slo_met")) / len(g)
+            q = _mean([r.get("dppl_rel") for r in g])
+            out.append(f"- `{pol}` at SLO 2x (twice the lossless transfer time at the trace median): attainment "
+                       f"{att * 100:.0f}% (target >= 95%: {'met' if att >= 0.95 else 'NOT met'}), mean dppl "
+                       f"{_fmt(None if q is None else q * 100, '+.2f')}% (target within 1%: "
+                       f"{'met' if q is not None and abs(q) <= 0.01 else 'NOT met'})")
+    for pol in ADAPTIVE:
+        ch = [c["final"] for r in rows if r["policy"] == pol and "reused_from" not in r for c in r.get("chunks") or []]
+        if ch:
+            out.append(f"- `{pol}` recomputed {sum(1 for c in ch if c == 'text') / len(ch) * 100:.0f}% of its chunks "
+                       f"from text (all SLOs)")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_cdf(rows, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for pol in policy_order(rows):
+        tt = sorted(r["ttft_s"] for r in rows if r["policy"] == pol and r.get("ttft_s") is not None)
+        if tt:
+            ax.step(tt, np.arange(1, len(tt) + 1) / len(tt), where="post", label=pol)
+    ax.set_xscale("log")
+    ax.set_xlabel("TTFT (s)")
+    ax.set_ylabel("fraction of runs")
+    ax.set_title("TTFT CDF per policy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_attainment(rows, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    slos = []
+    for r in rows:
+        if r["slo"] not in slos:
+            slos.append(r["slo"])
+    xs = {s: _mean([r["slo_s"] for r in rows if r["slo"] == s]) for s in slos}
+    slos.sort(key=lambda s: xs[s])
+    for pol in policy_order(rows):
+        ys = []
+        for s in slos:
+            g = [r for r in rows if r["policy"] == pol and r["slo"] == s]
+            ys.append(sum(1 for r in g if r.get("slo_met")) / len(g) if g else np.nan)
+        ax.plot([xs[s] for s in slos], ys, marker="o", label=pol)
+    ax.set_xticks([xs[s] for s in slos])
+    ax.set_xticklabels([f"{s}\n({xs[s]:.2g}s)" for s in slos], fontsize=8)
+    ax.set_xlabel("SLO (label, mean seconds)")
+    ax.set_ylabel("SLO attainment")
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("SLO attainment vs SLO")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_quality(summary, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for s in summary:
+        if s["ttft_mean"] is None or s["dppl_rel"] is None:
+            continue
+        ax.scatter(s["ttft_mean"], s["dppl_rel"] * 100, s=40)
+        ax.annotate(s["policy"], (s["ttft_mean"], s["dppl_rel"] * 100), fontsize=8, xytext=(4, 4),
+                    textcoords="offset points")
+    ax.axhline(1.0, color="grey", ls="--", lw=0.8)
+    ax.axhline(0.0, color="grey", lw=0.5)
+    ax.set_xlabel("mean TTFT (s)")
+    ax.set_ylabel("perplexity increase vs exact KV (%)")
+    ax.set_title("quality vs TTFT (one point per policy)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def pick_timeline_run(rows) -> dict | None:
+    """An adaptive run with mixed choices if any, else the first adaptive run, else the first run."""
+    ok = [r for r in rows if r.get("chunks") and "reused_from" not in r]
+    for r in ok:
+        if r["policy"] in ADAPTIVE and len({c["final"] for c in r["chunks"]}) > 1:
+            return r
+    for r in ok:
+        if r["policy"] in ADAPTIVE:
+            return r
+    return ok[0] if ok else None
+
+
+def plot_timeline(run: dict, path: Path) -> None:
+    plt = _plt()
+    fig, (a1, a2, a3) = plt.subplots(3, 1, figsize=(7, 6.5), sharex=True)
+    bw = np.asarray(run.get("bw_series") or [[0, 0]])
+    a1.step(bw[:, 0], bw[:, 1], where="post", color="tab:blue")
+    a1.set_ylabel("link Mbit/s")
+    chunks = run["chunks"]
+    for c in chunks:
+        if c.get("throughput_bps"):
+            t1 = c.get("queued_s") or 0
+            a1.plot([max(0, t1 - c["fetch_s"]), t1], [c["throughput_bps"] / 1e6] * 2, color="tab:orange", lw=2)
+    a1.set_title(f"{run['policy']} on {run['trace']} from {run['start_s']:.1f} s, SLO {run['slo']} "
+                 f"({run['slo_s']:.2f} s): TTFT {_fmt(run.get('ttft_s'))} s", fontsize=9)
+    levels = [lv for lv in LEVEL_ORDER if any(c["final"] == lv for c in chunks)] or LEVEL_ORDER
+    lvl_y = {lv: i for i, lv in enumerate(levels)}
+    for c in chunks:
+        y = lvl_y.get(c["final"], 0)
+        t_end = c.get("done_s") or 0
+        work = (c.get("recompute_s") or 0) if c["final"] == "text" else (c.get("decode_s") or 0)
+        if c["final"] != "text" and c.get("fetch_s"):  # transfer (lower bar), then decode (upper bar)
+            q = c.get("queued_s") or t_end
+            a2.barh(y - 0.18, max(1e-3, c["fetch_s"]), left=q - c["fetch_s"], height=0.3, color="tab:blue", alpha=0.6)
+        a2.barh(y + 0.18, max(1e-3, work), left=t_end - work, height=0.3,
+                color="tab:red" if c["final"] == "text" else "tab:green", alpha=0.8)
+        a2.text(t_end, y + 0.18, f" {c['i']}", fontsize=7, va="center")
+    a2.set_yticks(range(len(levels)))
+    a2.set_yticklabels(levels, fontsize=8)
+    a2.set_ylabel("chosen level\n(blue: transfer,\ngreen: decode, red: recompute)", fontsize=7)
+    done = [c.get("done_s") or 0 for c in chunks]
+    a3.step([0] + done, np.arange(len(done) + 1), where="post", label="chunks in the cache")
+    a3.axvline(run["slo_s"], color="red", ls="--", label=f"SLO {run['slo_s']:.2f} s")
+    if run.get("ttft_s") is not None:
+        a3.axvline(run["ttft_s"], color="black", lw=0.8, label="TTFT")
+    a3.set_ylabel("chunks done")
+    a3.set_xlabel("time since load start (s)")
+    a3.legend(fontsize=7)
+    for a in (a1, a2, a3):
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def make_report(out_dir, *, plots: bool = True) -> str:
+    out = Path(out_dir)
+    rows = read_rows(out)
+    if not rows:
+        raise SystemExit(f"no runs in {out / 'runs.jsonl'}")
+    meta = {}
+    if (out / "experiment.json").is_file():
+        meta = json.loads((out / "experiment.json").read_text())
+    summary = summarize(rows)
+    per_slo = summarize(rows, by_slo=True)
+    md = [f"# Replay report: {meta.get('experiment', {}).get('name', out.name)}", ""]
+    if meta:
+        exp = meta.get("experiment", {})
+        md += [f"Model `{meta.get('model')}`, {len(rows)} runs, link `{exp.get('link')}`, time scale "
+               f"{exp.get('time_scale')}, bandwidth: " + (f"median rescaled to {exp['median_mbps']} Mbit/s"
+                                                          if exp.get("median_mbps") else f"x{exp.get('bandwidth_scale') or 1}") +
+               f", contexts {exp.get('ctx_count')} x {exp.get('ctx_tokens')} tokens ({exp.get('ctx_source')} "
+               f"{exp.get('ctx_split')}), SLOs {exp.get('slos')} (`kx` = k x the lossless ({exp.get('lossless')}) "
+               f"transfer time at the trace's median bandwidth), prior `{exp.get('prior')}`.", ""]
+        md += ["Traces: " + ", ".join(f"`{t['name']}` (x{t['scale']:.3g}, median {t['median_mbps']:.1f} Mbit/s)"
+                                      for t in meta.get("traces", [])), ""]
+    md += ["## All SLOs", "", table_md(summary), "", "## Per SLO", "", table_md(per_slo, by_slo=True), "",
+           "dppl: perplexity of the next 32 tokens with the loaded cache minus with the exact KV (mean over runs); "
+           "dppl %: relative to the exact perplexity; top-1: agreement of the argmax with exact. Fixed policies "
+           "(not SLO-aware) are run once per (context, trace, start) and their rows reused for each SLO.", "",
+           "## Targets", ""] + targets(rows, summary)
+    if plots:
+        plot_cdf(rows, out / "ttft_cdf.png")
+        plot_attainment(rows, out / "slo_attainment.png")
+        plot_quality(summary, out / "quality_vs_ttft.png")
+        run = pick_timeline_run(rows)
+        if run is not None:
+            plot_timeline(run, out / "timeline.png")
+        md += ["", "## Plots", "", "![TTFT CDF](ttft_cdf.png)", "![SLO attainment](slo_attainment.png)",
+               "![quality vs TTFT](quality_vs_ttft.png)"] + (
+            [f"![timeline](timeline.png) (run `{run['run_id']}`)"] if run is not None else [])
+    text = "\n".join(md) + "\n"
+    (out / "report.md").write_text(text)
+    return text
