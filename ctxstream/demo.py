@@ -68,7 +68,7 @@ def run_demo(args: argparse.Namespace) -> int:
     import torch
 
     from loader import ContextLoader, chat_prompt_ids
-    from loader.cli import _printer as progress_printer  # the same progress lines as `ctxstream ask`
+    from loader.cli import progress_printer  # the same progress lines as `ctxstream ask`
     from streamer.server import serve_in_background
     from streamer.settings import Settings
     from traces.shaping import TraceShaper

@@ -1,0 +1,35 @@
+"""Client side of ctxstream: load a context's KV from a streamer into a transformers cache.
+
+    from loader import ContextLoader
+    async with ContextLoader(url, model=adapter, policy="slo", slo_s=1.0) as cl:
+        result = await cl.load(context_id)      # result.cache: a DynamicCache; result.report
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Sequence
+
+from .calibration import Calibration, DecodeModel, RecomputeModel, calibrate_decode, calibrate_recompute
+from .core import DEFAULT_PRIOR_BPS, ContextLoader, LoaderError, LoadResult
+from .prompt import chat_prompt_ids
+from .report import ChunkRow, LoadReport
+from .throughput import ThroughputEstimator
+
+
+def load_context(server_url: str, context_id: str, *, model, prompt_ids: Sequence[int] | None = None,
+                 **kwargs) -> LoadResult:
+    """Synchronous :meth:`ContextLoader.load` (runs its own event loop; not from async code)."""
+
+    async def run() -> LoadResult:
+        async with ContextLoader(server_url, model=model, **kwargs) as cl:
+            return await cl.load(context_id, prompt_ids=prompt_ids)
+
+    return asyncio.run(run())
+
+
+__all__ = [
+    "ContextLoader", "LoadResult", "LoadReport", "ChunkRow", "LoaderError", "load_context", "chat_prompt_ids",
+    "Calibration", "RecomputeModel", "DecodeModel", "calibrate_recompute", "calibrate_decode",
+    "ThroughputEstimator", "DEFAULT_PRIOR_BPS",
+]

@@ -1,0 +1,425 @@
+"""The loader end to end on loopback against the real streamer (tiny model; real model where marked slow)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import random
+import urllib.request
+from contextlib import redirect_stderr, redirect_stdout
+
+import pytest
+import torch
+
+pytest.importorskip("streamer.server")
+
+from aiohttp import ClientSession, web  # noqa: E402
+
+from ctxstream.codec import Codec  # noqa: E402
+from ctxstream.model import ModelAdapter  # noqa: E402
+from loader import ContextLoader, LoaderError, load_context  # noqa: E402
+from loader.calibration import run_model  # noqa: E402
+from policies import TEXT, quality_of  # noqa: E402
+from streamer.server import serve_in_background  # noqa: E402
+from streamer.settings import Settings  # noqa: E402
+from traces.shaping import RateShaper  # noqa: E402
+
+TOKEN = "test-token-123"
+N_TOKENS = 1000  # 4 chunks of 256 (the last 232)
+
+
+def upload(url: str, ids: list[int]) -> dict:
+    req = urllib.request.Request(url + "/v1/contexts", data=json.dumps({"token_ids": ids}).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    adapter = ModelAdapter.tiny_random()
+    return adapter, Codec.for_model(adapter)
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    adapter, codec = tiny
+    settings = Settings(model="tiny-random", store="memory", tokens={TOKEN: "acme"})
+    with serve_in_background(settings, adapter=adapter, codec=codec) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def context(server, tiny):
+    rng = random.Random(7)
+    ids = [rng.randrange(3, 500) for _ in range(N_TOKENS)]
+    body = upload(server.url, ids)
+    assert body["manifest"]["tokens"] == N_TOKENS
+    return body["id"], ids
+
+
+def loader(server, tiny, **kw) -> ContextLoader:
+    adapter, codec = tiny
+    kw.setdefault("token", TOKEN)
+    kw.setdefault("codec", codec)
+    kw.setdefault("calibration_prefix", 256)
+    kw.setdefault("calibration_cache", False)
+    return ContextLoader(server.url, model=adapter, **kw)
+
+
+def kv_close(a, b, atol):
+    return all(torch.allclose(x, y, atol=atol, rtol=0) for x, y in zip(a, b))
+
+
+def local_greedy(adapter, ids, n):
+    cache = adapter.make_cache()
+    tok = int(run_model(adapter, cache, ids).argmax())
+    out = [tok]
+    while len(out) < n:
+        tok = int(run_model(adapter, cache, [tok]).argmax())
+        out.append(tok)
+    return out
+
+
+# --------------------------------------------------------------------------------- correctness
+async def test_fp16_stream_equals_local_prefill(server, tiny, context):
+    adapter, _ = tiny
+    ctx, ids = context
+    prompt = [10, 11, 12, 13]
+    async with loader(server, tiny, policy="fp16", slo_s=None) as cl:
+        res = await cl.load(ctx, prompt_ids=prompt)
+    rep = res.report
+    assert [r.final for r in rep.chunks] == ["fp16"] * 4 and rep.failures == [] and rep.retries == 0
+    assert rep.bytes == sum(r.bytes for r in rep.chunks) > 0
+    k, v = adapter.cache_to_tensors(res.cache, 0, N_TOKENS)
+    k_ref, v_ref = adapter.compute_kv(ids)
+    assert k.shape == k_ref.shape
+    assert kv_close((k, v), (k_ref, v_ref), atol=2e-3)  # fp16 rounding
+    # greedy generation on the streamed cache == generation after a full local prefill
+    streamed = res.generate(12)
+    assert streamed == local_greedy(adapter, ids + prompt, 12)
+    # the HF API on a streamed cache (no prompt run by the loader) gives the same tokens
+    async with loader(server, tiny, policy="fp16", slo_s=None) as cl:
+        res2 = await cl.load(ctx)
+    assert res2.first_token is None and res2.cache.get_seq_length() == N_TOKENS
+    full = torch.tensor([ids + prompt])
+    out = adapter.model.generate(input_ids=full, past_key_values=res2.cache, max_new_tokens=12, do_sample=False,
+                                 pad_token_id=0)
+    assert out[0, full.shape[1]:].tolist() == streamed
+
+
+async def test_recompute_gives_the_senders_kv(server, tiny, context):
+    adapter, _ = tiny
+    ctx, ids = context
+    async with loader(server, tiny, policy="text", slo_s=None) as cl:
+        res = await cl.load(ctx)
+    rep = res.report
+    assert [r.final for r in rep.chunks] == [TEXT] * 4 and rep.bytes == 0
+    assert all(r.recompute_s > 0 for r in rep.chunks)
+    k_ref, v_ref = adapter.compute_kv(ids)  # what the streamer computed and encoded
+    assert kv_close(adapter.cache_to_tensors(res.cache), (k_ref, v_ref), atol=1e-4)
+    assert rep.quality == 1.0
+
+
+async def test_lossy_levels_decode_and_report(server, tiny, context):
+    adapter, _ = tiny
+    ctx, ids = context
+    k_ref, v_ref = adapter.compute_kv(ids)
+    errs = {}
+    for lv in ("q0", "q4", "quant8"):
+        async with loader(server, tiny, policy=f"fixed:{lv}", slo_s=None) as cl:
+            res = await cl.load(ctx)
+        assert [r.final for r in res.report.chunks] == [lv] * 4
+        k, v = adapter.cache_to_tensors(res.cache)
+        errs[lv] = float((k - k_ref).abs().mean() + (v - v_ref).abs().mean())
+        d = res.report.to_dict()
+        json.dumps(d)
+        assert d["choices"] == {lv: 4} and len(d["chunks"]) == 4 and d["quality"] == pytest.approx(quality_of(lv))
+    assert errs["q0"] < errs["q4"] and errs["quant8"] < errs["q4"]
+
+
+async def test_profile_is_fetched_from_the_server(server, tiny, context, tmp_path, monkeypatch):
+    adapter, codec = tiny
+    ctx, ids = context
+    import loader.core as core
+
+    monkeypatch.setattr(core, "default_cache_dir", lambda: tmp_path)  # no local profile
+    monkeypatch.setattr(ContextLoader, "_codecs", {})
+    async with ContextLoader(server.url, model=adapter, policy="fixed:q2", slo_s=None, token=TOKEN,
+                             calibration_prefix=256, calibration_cache=False) as cl:
+        res = await cl.load(ctx)
+    assert [r.final for r in res.report.chunks] == ["q2"] * 4
+    got = ContextLoader._codecs[(adapter.info.fingerprint, codec.profile.id)]
+    assert got.profile.id == codec.profile.id
+
+
+async def test_auth_and_unknown_context_fail_clearly(server, tiny, context):
+    ctx, _ = context
+    async with loader(server, tiny, policy="fp16", token=None) as cl:
+        with pytest.raises(LoaderError, match="401"):
+            await cl.load(ctx)
+    async with loader(server, tiny, policy="fp16") as cl:
+        with pytest.raises(LoaderError, match="404"):
+            await cl.load("0" * 32)
+
+
+# --------------------------------------------------------------------------------- adaptation
+async def test_slo_choices_move_with_rate(server, tiny, context):
+    """Under each fixed (in-process shaped) rate the slo policy's quality rises with the rate and
+    the SLO is met (text recompute of the tiny model is always fast enough, so it is feasible)."""
+    ctx, _ = context
+    slo = 0.6
+    quality = {}
+    for rate in (0.3e6, 3e6, 30e6, 1e9):
+        async with loader(server, tiny, policy="slo", slo_s=slo, shaper=RateShaper(rate), prior_bps=rate) as cl:
+            # the prior is the configured rate; each later chunk uses the measured throughput
+            res = await cl.load(ctx, prompt_ids=[5, 6])
+        rep = res.report
+        quality[rate] = rep.quality
+        assert rep.slo_met, (rate, rep.ttft_s, [r.final for r in rep.chunks])
+        if rate <= 30e6:  # the shaper, not loopback, limits the forecast
+            assert all(r.predicted_bps < rate * 2 for r in rep.chunks)
+            assert rep.final_bps is None or rep.final_bps < rate * 2
+    rates = sorted(quality)
+    assert [quality[r] for r in rates] == sorted(quality[r] for r in rates), quality
+    assert quality[rates[-1]] >= quality_of("fp16") and quality[rates[0]] < quality_of("fp16")
+
+
+async def test_mpc_meets_slo_on_a_slow_link(server, tiny, context):
+    ctx, _ = context
+    async with loader(server, tiny, policy="mpc", slo_s=0.6, shaper=RateShaper(1e6), prior_bps=1e6) as cl:
+        res = await cl.load(ctx, prompt_ids=[5])
+    assert res.report.slo_met and res.cache.get_seq_length() == N_TOKENS + 1
+
+
+async def test_throughput_prior_is_remembered_per_server(server, tiny, context):
+    ctx, _ = context
+    ContextLoader._server_bps.pop(server.url, None)
+    async with loader(server, tiny, policy="fp16", slo_s=None, shaper=RateShaper(5e6)) as cl:
+        first = await cl.load(ctx)
+        second = await cl.load(ctx)
+    assert first.report.prior_bps == 10e6  # the conservative default
+    assert second.report.prior_bps == first.report.final_bps  # learned from the first load
+    assert 2.5e6 < second.report.prior_bps < 10e6
+
+
+# --------------------------------------------------------------------------------- faults
+class CuttingProxy:
+    """Loopback proxy to the streamer that cuts chosen chunk responses mid-body or corrupts them."""
+
+    def __init__(self, upstream: str, cut: dict[int, int] | None = None, corrupt: dict[int, int] | None = None,
+                 stall: dict[int, int] | None = None):
+        self.upstream, self.cut, self.corrupt = upstream, dict(cut or {}), dict(corrupt or {})
+        self.stall = dict(stall or {})
+        self.log: list[tuple[int | None, str | None, int]] = []  # (chunk, range header, status)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        fwd = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "range", "if-range")}
+        async with ClientSession() as s:
+            async with s.get(self.upstream + request.path_qs, headers=fwd) as up:
+                body = await up.read()
+                status, headers = up.status, {k: v for k, v in up.headers.items()
+                                              if k.lower() not in ("content-length", "transfer-encoding", "server", "date")}
+        chunk = int(request.match_info["i"]) if "i" in request.match_info else None
+        self.log.append((chunk, request.headers.get("Range"), status))
+        resp = web.StreamResponse(status=status, headers=headers)
+        resp.content_length = len(body)
+        if chunk is not None and self.corrupt.get(chunk, 0) > 0:
+            self.corrupt[chunk] -= 1
+            body = bytearray(body)
+            body[len(body) // 2] ^= 0xFF
+            body = bytes(body)
+        await resp.prepare(request)
+        if chunk is not None and self.cut.get(chunk, 0) > 0:
+            self.cut[chunk] -= 1
+            await resp.write(body[: len(body) // 2])
+            await asyncio.sleep(0.01)
+            request.transport.close()  # connection reset mid-body
+            return resp
+        if chunk is not None and self.stall.get(chunk, 0) > 0:
+            self.stall[chunk] -= 1
+            await resp.write(body[: len(body) // 3])
+            await asyncio.sleep(3.0)  # the link goes silent mid-body
+            request.transport.close()
+            return resp
+        await resp.write(body)
+        await resp.write_eof()
+        return resp
+
+    async def __aenter__(self):
+        app = web.Application()
+        app.router.add_get("/v1/contexts/{cid}/chunks/{i}", self.handle)
+        app.router.add_get("/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.runner.cleanup()
+
+
+async def test_chunk_cut_mid_transfer_resumes_with_range(server, tiny, context):
+    adapter, codec = tiny
+    ctx, ids = context
+    async with CuttingProxy(server.url, cut={1: 1, 3: 2}) as proxy:
+        async with ContextLoader(proxy.url, model=adapter, policy="fp16", slo_s=None, token=TOKEN, codec=codec,
+                                 calibration_prefix=256, calibration_cache=False) as cl:
+            res = await cl.load(ctx)
+    rep = res.report
+    assert [r.final for r in rep.chunks] == ["fp16"] * 4
+    assert rep.chunks[1].retries == 1 and rep.chunks[3].retries == 2 and rep.retries == 3
+    assert rep.chunks[1].recovered == "range-resume" and rep.failures and rep.failures[0]["chunk"] == 1
+    ranged = [(c, r, s) for c, r, s in proxy.log if r]
+    assert ranged and all(s == 206 for _, _, s in ranged) and {c for c, _, _ in ranged} == {1, 3}
+    k_ref, v_ref = adapter.compute_kv(ids)
+    assert kv_close(adapter.cache_to_tensors(res.cache), (k_ref, v_ref), atol=2e-3)
+
+
+async def test_unfetchable_chunk_is_recomputed_and_corruption_refetched(server, tiny, context):
+    adapter, codec = tiny
+    ctx, ids = context
+    async with CuttingProxy(server.url, cut={2: 100}, corrupt={0: 1}) as proxy:
+        async with ContextLoader(proxy.url, model=adapter, policy="fp16", slo_s=None, token=TOKEN, codec=codec,
+                                 calibration_prefix=256, max_retries=2, calibration_cache=False) as cl:
+            res = await cl.load(ctx)
+    rep = res.report
+    assert [r.final for r in rep.chunks] == ["fp16", "fp16", TEXT, "fp16"]
+    assert rep.chunks[2].recovered == "recomputed" and rep.chunks[2].choice == "fp16"
+    assert rep.chunks[0].recovered == "refetch" and "checksum" in rep.chunks[0].error
+    assert {f["chunk"] for f in rep.failures} == {0, 2}
+    k_ref, v_ref = adapter.compute_kv(ids)
+    assert kv_close(adapter.cache_to_tensors(res.cache), (k_ref, v_ref), atol=2e-3)
+
+
+async def test_stalled_transfer_times_out_and_resumes(server, tiny, context):
+    adapter, codec = tiny
+    ctx, _ = context
+    async with CuttingProxy(server.url, stall={2: 1}) as proxy:
+        async with ContextLoader(proxy.url, model=adapter, policy="quant8", slo_s=None, token=TOKEN, codec=codec,
+                                 calibration_prefix=256, stall_timeout_s=0.3, calibration_cache=False) as cl:
+            res = await cl.load(ctx)
+    row = res.report.chunks[2]
+    assert row.final == "quant8" and row.retries == 1 and row.recovered == "range-resume"
+    assert "Timeout" in row.error and row.fetch_s < 2.5
+    assert res.cache.get_seq_length() == N_TOKENS
+
+
+async def test_level_the_client_cannot_decode_is_dropped(server, tiny, context):
+    """A level whose parameters differ from the client's codec (e.g. after a codec upgrade) fails to
+    decode: that chunk is recomputed and the policy is no longer offered the level."""
+    from ctxstream.codec import LevelSpec
+    from ctxstream.codec.codec import DEFAULT_LEVELS
+
+    adapter, codec = tiny
+    ctx, ids = context
+    other = [LevelSpec(s.name, s.version, s.kind, step=s.step * (1.5 if s.name == "q2" else 1.0), block=s.block)
+             for s in DEFAULT_LEVELS]
+    client_codec = Codec(adapter.info, codec.profile, levels=other)
+    async with loader(server, tiny, policy="slo", slo_s=None, codec=client_codec, levels=("q2", "q3"),
+                      shaper=RateShaper(1e6)) as cl:
+        res = await cl.load(ctx)
+    rep = res.report
+    finals = [r.final for r in rep.chunks]
+    assert "q2" not in finals and finals[-1] == "q3" and finals[0] == TEXT, finals
+    assert rep.chunks[0].choice == "q2" and "differ" in rep.chunks[0].error
+    k_ref, v_ref = adapter.compute_kv(ids)
+    k, v = adapter.cache_to_tensors(res.cache)
+    assert k.shape == k_ref.shape and torch.allclose(k[:, :, :256], k_ref[:, :, :256], atol=1e-4)
+
+
+# --------------------------------------------------------------------------------- sync + CLI
+def test_sync_wrapper_and_cli_ask_json(server, tiny, context):
+    adapter, codec = tiny
+    ctx, _ = context
+    res = load_context(server.url, ctx, model=adapter, policy="slo", slo_s=5.0, token=TOKEN, codec=codec,
+                       calibration_prefix=256, calibration_cache=False)
+    assert res.report.slo_met and res.cache.get_seq_length() == N_TOKENS
+
+    from ctxstream.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        rc = main(["ask", "--server", server.url, "--context", ctx, "--model", "tiny-random", "--token", TOKEN,
+                   "--policy", "slo", "--slo", "5", "--rate", "100mbit", "--max-new-tokens", "5", "--json",
+                   "what is it?"])
+    assert rc == 0, err.getvalue()
+    rep = json.loads(out.getvalue())
+    assert rep["slo_met"] is True and rep["ttft_s"] > 0 and len(rep["chunks"]) == 4
+    assert {"index", "final", "bytes", "fetch_s", "decode_s", "recompute_s", "throughput_bps"} <= set(rep["chunks"][0])
+    assert isinstance(rep["answer"], str)
+    assert "chunk 1/4" in err.getvalue() and "first token" in err.getvalue()
+
+
+# --------------------------------------------------------------------------------- parts
+def test_calibration_is_measured_and_persisted(tiny, tmp_path):
+    from loader.calibration import calibrate_decode, calibrate_recompute, load_calibration, save_calibration
+
+    adapter, codec = tiny
+    rec = calibrate_recompute(adapter, prefixes=(128, 512), repeats=1)
+    assert len(rec.samples) == 6 and all(s > 0 for *_, s in rec.samples)
+    assert rec.step_s(512) >= rec.step_s(0) > 0 and rec.prompt_s(3, 100) > 0
+    assert [k[0] for k in rec.knots] == [128, 256, 640] and rec.knots[2][1] >= rec.knots[1][1] >= rec.knots[0][1]
+    assert rec.seconds(256, 0) > rec.seconds(64, 0) > 0 and rec.seconds(64, 4096) >= rec.seconds(64, 0)
+    dec = calibrate_decode(adapter, codec, ["fp16", "q2"], tokens=16)
+    assert set(dec.s_per_token) == {"fp16", "q2"} and dec.seconds("q2", 256) > 0
+    assert dec.bytes_per_token["fp16"] > dec.bytes_per_token["q2"] and dec.apply_s_per_token > 0
+    path = tmp_path / "cal.json"
+    save_calibration(path, rec, dec)
+    rec2, dec2 = load_calibration(path)
+    assert rec2.seconds(100, 100) == pytest.approx(rec.seconds(100, 100)) and dec2.s_per_token == dec.s_per_token
+    assert load_calibration(path, max_age_s=-1) == (None, None)
+    assert load_calibration(tmp_path / "missing.json") == (None, None)
+
+
+def test_throughput_estimator():
+    from loader import ThroughputEstimator
+
+    est = ThroughputEstimator(10e6, window=3, min_sample_bytes=1000)
+    assert est.estimate() == 10e6 and est.error() == 0.0
+    est.add(500, 1e-6)  # too small to say anything: pooled
+    assert est.samples == 0 and est.estimate() == 10e6
+    est.add(500, 0.001)  # pooled: 1000 bytes in ~1 ms = 8 Mbit/s
+    assert est.samples == 1 and est.estimate() == pytest.approx(8e6, rel=1e-3)
+    assert est.error() == pytest.approx(0.25, rel=1e-2)  # forecast 10 vs actual 8
+    for _ in range(3):
+        est.add(10_000, 0.01)  # 8 Mbit/s
+    est.add(10_000, 0.001)  # one fast outlier: 80 Mbit/s
+    assert est.estimate() == pytest.approx(3 / (2 / 8e6 + 1 / 80e6), rel=1e-6)  # harmonic mean: not fooled
+    assert est.error() == pytest.approx(0.9, rel=1e-3)
+
+
+# --------------------------------------------------------------------------------- real model
+@pytest.fixture(scope="module")
+def real_server():
+    adapter = ModelAdapter.load()
+    codec = Codec.for_model(adapter)
+    settings = Settings(store="memory", tokens={TOKEN: "acme"})
+    with serve_in_background(settings, adapter=adapter, codec=codec) as srv:
+        yield srv, adapter, codec
+
+
+@pytest.mark.slow
+async def test_real_model_fp16_generation_matches_local_prefill(real_server):
+    srv, adapter, codec = real_server
+    from ctxstream.codec.profile import calibration_text
+    from loader import chat_prompt_ids
+
+    ids = adapter.tokenize(calibration_text()[20000:23000])[:600]
+    ctx = upload(srv.url, ids)["id"]
+    prompt = chat_prompt_ids(adapter, "Summarise the text above in one sentence.", ids)
+    async with ContextLoader(srv.url, model=adapter, policy="fp16", slo_s=None, token=TOKEN, codec=codec,
+                             calibration_prefix=256, calibration_cache=False) as cl:
+        res = await cl.load(ctx, prompt_ids=prompt)
+    async with ContextLoader(srv.url, model=adapter, policy="text", slo_s=None, token=TOKEN, codec=codec) as cl:
+        text_res = await cl.load(ctx)  # calibration is cached per model: no second measurement
+    assert [r.final for r in res.report.chunks] == ["fp16"] * 3
+    streamed = res.generate(16)
+    assert streamed == local_greedy(adapter, ids + prompt, 16)
+    k_ref, v_ref = adapter.compute_kv(ids)
+    assert kv_close(adapter.cache_to_tensors(text_res.cache), (k_ref, v_ref), atol=1e-3)
+    assert kv_close(adapter.cache_to_tensors(res.cache, 0, len(ids)), (k_ref, v_ref), atol=0.05)
+
