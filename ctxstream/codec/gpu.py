@@ -1,0 +1,1661 @@
+"""GPU decoder of the codec's bitstream (CUDA; the CPU path in ``codec.py`` stays the reference).
+
+Three layers, each usable alone:
+
+* :func:`gpu_decode` — the rANS format of ``rans.py`` decoded on the GPU, one lane per stream,
+  bit-exact with :func:`rans.reference_decode` on the same bytes, with the same integrity checks
+  (each lane sets an error flag; the host raises :class:`rans.RansError`).
+* :func:`gpu_decode_dequant` — the same decode fused with ``rtab[table, symbol]`` dequantisation,
+  writing float32 or bfloat16 coefficients directly (the symbols never reach memory).
+* :class:`GpuDecoder` (alias ``GpuLayerDecoder``) — a whole transform-coded chunk (or a set of its
+  layers): every layer's streams in **one** kernel launch (one layer has too few streams to fill a
+  GPU), escapes and finely quantised tokens as in ``Codec._tc_decode_layer``, then
+  ``coef @ synthesis + mean``, RoPE and the output dtype: one fused Triton kernel for bf16
+  (``compute="bf16"``, default) or cuBLAS bmm + a CUDA epilogue (``compute="fp32"``, or when
+  Triton is missing). Same symbols as the CPU decoder exactly; float32 coefficients equal the CPU's
+  bit for bit; K/V match ``Codec.decode`` to float (fp32) or bf16 rounding. ``submit()`` queues a
+  chunk without waiting (its ``result()`` does the one device sync and the integrity check), so the
+  host's parsing of chunk i+1 overlaps the GPU's work on chunk i.
+
+The kernels are CUDA C++ compiled once per machine with ``nvcc`` (found next to PyTorch's CUDA or
+on ``PATH``) into ``~/.cache/ctxstream/cuda`` (``CTXSTREAM_CUDA_CACHE`` overrides) and called
+through ``ctypes`` on PyTorch's current stream; nothing here is imported by the CPU path.
+
+Kernel design (``rans_decode_kernel``): lane ``g`` decodes stream ``g`` start to end, so the time
+is ``stream_len`` steps of one dependent chain (slot -> symbol -> state) and the number of streams
+(2 x layers x heads x blocks: 32768 for a Llama-3-8B 4K chunk, ~8 warps an SM) bounds the
+parallelism. Each CTA holds the streams of one K or V half of a layer and copies the window of
+tables they use into shared memory (``lut: u8[4096] | freq | cum << 16: u32[256] | rtab:
+f32[256]``, 6 KiB a table; K's or V's 28 classes fit); otherwise lanes read ``rans.py``'s packed
+``u32[4096]`` tables from global memory. Since the scoreboard is per warp, a lane must never wait
+on a global load another lane issued a step earlier: words reach a per-lane ring in shared memory
+through ``cp.async`` 2-4 blocks ahead, table ids are loaded one 16-position group ahead, and each
+step is branch-free. Corrupt input never reads out of bounds and every loop has a fixed trip
+count. Outputs leave in 16-byte vectors; escapes are appended (flat index) with an atomic
+counter, sorted and filled from the stored int32 values, checked per (layer, K|V).
+
+Measured (bench/gpu.py, H100, Llama-3-8B-shaped 4K chunk at q2, 512 MiB of bf16 K+V): rANS +
+dequant kernel ~0.85-0.9 ms, fused synthesis ~0.5 ms, ~1.5 ms of GPU time a chunk; see
+``bench/results/gpu-*.json``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import rans
+from .errors import ChecksumError, MalformedError, TruncatedError
+from .format import checksum, parse_header
+from ..model import rope_cos_sin
+from .profile import SINK_TOKENS
+
+__all__ = [
+    "available",
+    "unavailable_reason",
+    "gpu_decode",
+    "gpu_decode_dequant",
+    "GpuDecoder",
+    "GpuLayerDecoder",
+    "GpuTables",
+    "PendingDecode",
+]
+
+_CUDA_SRC = r"""
+#include <stdint.h>
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#define PROB_BITS 12
+#define PMASK 4095u
+#define RANS_L 65536u
+#define G 16
+
+struct DecArgs {
+    const uint16_t *words;     // all streams' words, stream 0 first
+    const int64_t *woff;       // [n] first word of each stream
+    const uint32_t *sizes;     // [n] words of each stream
+    const uint32_t *states;    // [n] final encoder states
+    const uint32_t *dec;       // [n_tables * 4096] packed sym | (f-1) << 8 | (slot-cum) << 20
+    const uint8_t *lut;        // [n_tables * 4096] slot -> symbol
+    const uint32_t *fc;        // [n_tables * 256] freq | cum << 16
+    const float *rtab;         // [n_tables * 256] dequantisation (modes 1, 2)
+    const uint16_t *tidx;      // [rows * period] table of each row and phase
+    const uint16_t *tidx_fine; // [rows * period] tables of fine tokens (FINE)
+    const uint8_t *fine_pad;   // [blocks * block_tokens] 1 where a token is fine (FINE)
+    const int32_t *cta_base;   // [n_ctas] first table of each CTA's shared-memory window (SMEM)
+    const int64_t *cta_first;  // [n_ctas] first stream of each CTA
+    const int32_t *cta_count;  // [n_ctas] streams of each CTA (<= blockDim.x)
+    void *out;                 // [n, len] u8 symbols | f32 | bf16 coefficients
+    int64_t *esc_idx;          // escape list: flat index g * len + p (modes 1, 2)
+    unsigned long long *esc_n; // escapes seen (may exceed esc_cap)
+    uint8_t *err;              // [n] 0 ok, 1 read past its words, 2 words left, 3 bad final state, 4 table window
+    unsigned long long *flags; // flags[0] |= 1 << err of any failing stream (may be null)
+    int64_t n_streams;
+    int64_t len;
+    int64_t esc_cap;
+    int32_t period;
+    int32_t rows_div;          // stream g uses row g / rows_div
+    int32_t blocks;            // FINE: stream g covers tokens (g % blocks) * block_tokens ...
+    int32_t block_tokens;      // FINE: tokens per stream (period == positions per token)
+    int32_t n_tables;
+    int32_t ntw;               // SMEM: tables per window
+    float fine_mul;            // FINE: factor of fine tokens' values (escapes excluded)
+    int32_t fast;              // period % 16 == 0, 16-byte aligned rows and table rows: 16 positions a group
+};
+
+#define RING_STRIDE 144 /* bytes of one lane's word ring (64 words + 16 B of padding) */
+
+
+__device__ __forceinline__ void cp_async16(void *smem_dst, const void *gsrc)
+{
+    const unsigned sa = (unsigned)__cvta_generic_to_shared(smem_dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(gsrc));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+/* Lane g decodes stream g. Per step (branch-free, so that steps overlap in the schedule):
+ *   slot = x & 4095; s = lut[t][slot]; x = f[s] * (x >> 12) + slot - cum[s]
+ *   need = x < L; x = need ? x << 16 | w : x; used += need; w = ring[used]   (peek of the next word)
+ * Words come from a per-lane ring of 64 words in shared memory, filled with cp.async 16-byte
+ * blocks 2-4 blocks ahead at the start of every group of 16 positions (a lane consumes at most
+ * one word per position), so no lane ever waits on global memory inside a group: a register
+ * loaded from global memory and read by another lane one step later would stall the whole warp
+ * (the scoreboard is per warp). Table ids of the next group are loaded one group ahead likewise.
+ * Shared memory: the CTA's window of tables, each [lut u8 4096 | freq|cum<<16 u32 256 | rtab f32
+ * 256], then the lanes' rings. */
+template <int MODE, bool FINE, bool SMEM>
+__global__ void __launch_bounds__(512) rans_decode_kernel(const DecArgs a)
+{
+    extern __shared__ __align__(16) unsigned char smem[];
+    constexpr uint32_t TB = MODE != 0 ? 6144u : 5120u; /* bytes of one table in shared memory */
+    const int ntw = SMEM ? a.ntw : 0;
+    unsigned char *ringb = smem + (size_t)ntw * TB + (size_t)threadIdx.x * RING_STRIDE;
+    uint32_t tb2 = 0;
+    if (SMEM) {
+        const int tb = a.cta_base[blockIdx.x];
+        int nt = a.n_tables - tb;
+        nt = nt > ntw ? ntw : (nt < 0 ? 0 : nt);
+        for (int i = threadIdx.x; i < nt * 256; i += blockDim.x) {
+            const int k = i >> 8, j = i & 255;
+            reinterpret_cast<uint4 *>(smem + k * TB)[j] = __ldg(reinterpret_cast<const uint4 *>(a.lut + (size_t)tb * 4096) + i);
+            reinterpret_cast<uint32_t *>(smem + k * TB + 4096)[j] = __ldg(a.fc + (size_t)tb * 256 + i);
+            if (MODE != 0)
+                reinterpret_cast<float *>(smem + k * TB + 5120)[j] = __ldg(a.rtab + (size_t)tb * 256 + i);
+        }
+        tb2 = (uint32_t)tb | ((uint32_t)tb << 16);
+        __syncthreads();
+    }
+    if ((int)threadIdx.x >= a.cta_count[blockIdx.x])
+        return;
+    const int64_t g = a.cta_first[blockIdx.x] + threadIdx.x;
+    const int64_t len = a.len;
+    const int period = a.period;
+    const int64_t row = g / a.rows_div;
+    const uint16_t *trow = a.tidx + row * period;
+    const uint16_t *frow = FINE ? a.tidx_fine + row * period : trow;
+    const uint8_t *fpad = FINE ? a.fine_pad + (g % a.blocks) * (int64_t)a.block_tokens : nullptr;
+    const uint32_t size = a.sizes[g];
+    uint32_t x = a.states[g];
+    const int64_t w0 = a.woff[g];
+    const int64_t wend = w0 + size; /* words of this stream: [w0, wend) */
+    const uint4 *wblk = reinterpret_cast<const uint4 *>(a.words);
+    const uint32_t ub0 = (uint32_t)(w0 & 63) * 2; /* ring byte offset of the stream's first word */
+    uint32_t ub = ub0;              /* ub0 + 2 * words consumed; the next word is at ring[ub & 127] */
+    int64_t F = w0 >> 3;            /* next 8-word block to copy into the ring */
+    auto refill = [&]() {           /* ring holds blocks up to (next word >> 3) + 4 */
+        const int64_t want = ((w0 + ((ub - ub0) >> 1)) >> 3) + 5;
+        for (; F < want; ++F)
+            if ((F << 3) < wend)
+                cp_async16(ringb + ((F & 7) << 4), wblk + F);
+        cp_async_commit();
+    };
+    refill();
+    cp_async_wait<0>();
+    uint32_t w = *reinterpret_cast<const uint16_t *>(ringb + ub);
+    int tok = 0;
+    bool fine = false;
+    if (FINE && len > 0)
+        fine = fpad[0] != 0;
+    const int64_t obase = g * len;
+
+    /* one symbol; tl: the table (SMEM: its index in the window, else global); mul: value factor */
+    auto core = [&](uint32_t tl, float mul, float &val) -> uint32_t {
+        const uint32_t slot = x & PMASK;
+        uint32_t s;
+        float r = 0.f;
+        if (SMEM) {
+            const unsigned char *tab = smem + tl * TB;
+            s = tab[slot];
+            const unsigned char *ent = tab + 4 * s;
+            const uint32_t e = *reinterpret_cast<const uint32_t *>(ent + 4096);
+            x = (e & 0xFFFFu) * (x >> PROB_BITS) + slot - (e >> 16);
+            if (MODE != 0)
+                r = *reinterpret_cast<const float *>(ent + 5120);
+        } else {
+            const uint32_t e = __ldg(a.dec + ((size_t)tl << 12) + slot);
+            s = e & 0xFFu;
+            x = (((e >> 8) & PMASK) + 1u) * (x >> PROB_BITS) + (e >> 20);
+            if (MODE != 0)
+                r = __ldg(a.rtab + ((size_t)tl << 8) + s);
+        }
+        if (MODE != 0 && FINE)
+            r = __fmul_rn(r, mul); /* mul is 1 or f32(1 / fine_factor): exact as the CPU's */
+        const bool need = x < RANS_L;
+        x = need ? __byte_perm(w, x, 0x5410) : x; /* x << 16 | w (x < 2^16 here) */
+        ub += need ? 2u : 0u;
+        w = *reinterpret_cast<const uint16_t *>(ringb + (ub & 127u));
+        val = r;
+        return s;
+    };
+    /* escapes (symbol 0) of a group: packed symbols sp[4] (16 bytes) */
+    auto escapes = [&](const uint32_t *sp, int64_t p0) {
+#pragma unroll
+        for (int k = 0; k < G / 4; k++) {
+            uint32_t m = __vcmpeq4(sp[k], 0u);
+            while (m) {
+                const int byte = (__ffs(m) - 1) >> 3;
+                m &= ~(0xFFu << (8 * byte));
+                const unsigned long long n = atomicAdd(a.esc_n, 1ull);
+                if (n < (unsigned long long)a.esc_cap)
+                    a.esc_idx[n] = obase + p0 + 4 * k + byte;
+            }
+        }
+    };
+
+    if (a.fast) {
+        /* period % G == 0, 16-byte aligned rows: a group of G positions never crosses a period
+         * (token) boundary; its G table ids are two vector loads issued one group ahead */
+        int ph0 = 0;
+        bool fine_next = FINE && a.block_tokens > 1 && len > period ? fpad[1] != 0 : false;
+        const uint4 *ids = reinterpret_cast<const uint4 *>((FINE && fine) ? frow : trow);
+        uint4 n0 = __ldg(ids), n1 = __ldg(ids + 1);
+        for (int64_t p = 0; p < len; p += G) {
+            const uint4 i0 = n0, i1 = n1;
+            const float mul = (FINE && fine) ? a.fine_mul : 1.0f;
+            int ph1 = ph0 + G;
+            bool f1 = fine;
+            if (ph1 == period) {
+                ph1 = 0;
+                f1 = fine_next;
+            }
+            if (p + G < len) {
+                const uint4 *nid = reinterpret_cast<const uint4 *>(((FINE && f1) ? frow : trow) + ph1);
+                n0 = __ldg(nid);
+                n1 = __ldg(nid + 1);
+            }
+            refill();
+            cp_async_wait<1>();
+            /* window-relative ids (no borrow between the halves: every id >= the window base) */
+            const uint32_t idw[8] = {i0.x - tb2, i0.y - tb2, i0.z - tb2, i0.w - tb2,
+                                     i1.x - tb2, i1.y - tb2, i1.z - tb2, i1.w - tb2};
+#define TID(i) (((i) & 1) ? (idw[(i) >> 1] >> 16) : (idw[(i) >> 1] & 0xFFFFu))
+            uint32_t sp[G / 4];
+            if (MODE == 0) {
+#pragma unroll
+                for (int i = 0; i < G; i++) {
+                    float v;
+                    const uint32_t s = core(TID(i), mul, v);
+                    sp[i / 4] = (i % 4 == 0) ? s : (sp[i / 4] | (s << (8 * (i % 4))));
+                }
+                uint4 *o = reinterpret_cast<uint4 *>(static_cast<uint8_t *>(a.out) + obase + p);
+                o[0] = make_uint4(sp[0], sp[1], sp[2], sp[3]);
+            } else if (MODE == 1) {
+                float pk[G];
+#pragma unroll
+                for (int i = 0; i < G; i++) {
+                    const uint32_t s = core(TID(i), mul, pk[i]);
+                    sp[i / 4] = (i % 4 == 0) ? s : (sp[i / 4] | (s << (8 * (i % 4))));
+                }
+                float4 *o = reinterpret_cast<float4 *>(static_cast<float *>(a.out) + obase + p);
+#pragma unroll
+                for (int q = 0; q < G / 4; q++)
+                    o[q] = make_float4(pk[4 * q], pk[4 * q + 1], pk[4 * q + 2], pk[4 * q + 3]);
+            } else {
+                uint32_t pk[G / 2];
+                float prev = 0.f;
+#pragma unroll
+                for (int i = 0; i < G; i++) {
+                    float v;
+                    const uint32_t s = core(TID(i), mul, v);
+                    sp[i / 4] = (i % 4 == 0) ? s : (sp[i / 4] | (s << (8 * (i % 4))));
+                    if (i % 2 == 0) {
+                        prev = v;
+                    } else {
+                        const __nv_bfloat162 h = __floats2bfloat162_rn(prev, v);
+                        pk[i / 2] = *reinterpret_cast<const uint32_t *>(&h);
+                    }
+                }
+                uint4 *o = reinterpret_cast<uint4 *>(static_cast<__nv_bfloat16 *>(a.out) + obase + p);
+                o[0] = make_uint4(pk[0], pk[1], pk[2], pk[3]);
+                o[1] = make_uint4(pk[4], pk[5], pk[6], pk[7]);
+            }
+#undef TID
+            if (MODE != 0 && (__vcmpeq4(sp[0], 0u) | __vcmpeq4(sp[1], 0u) | __vcmpeq4(sp[2], 0u) | __vcmpeq4(sp[3], 0u)))
+                escapes(sp, p);
+            ph0 = ph1;
+            if (FINE && ph0 == 0) {
+                ++tok;
+                fine = fine_next;
+                fine_next = tok + 1 < a.block_tokens ? fpad[tok + 1] != 0 : false;
+            }
+        }
+    } else {
+        /* any period / alignment: one table id load and one store per position */
+        int ph = 0;
+        for (int64_t p = 0; p < len; p++) {
+            if ((p & (G - 1)) == 0) {
+                refill();
+                cp_async_wait<1>();
+            }
+            const uint32_t t = (FINE && fine) ? (uint32_t)__ldg(frow + ph) : (uint32_t)__ldg(trow + ph);
+            float v;
+            const uint32_t s = core(t - (tb2 & 0xFFFFu), (FINE && fine) ? a.fine_mul : 1.0f, v);
+            if (MODE == 0) {
+                static_cast<uint8_t *>(a.out)[obase + p] = (uint8_t)s;
+            } else {
+                if (s == 0) {
+                    const uint32_t sp1[G / 4] = {0xFFFFFF00u, 0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu};
+                    escapes(sp1, p);
+                }
+                if (MODE == 1)
+                    static_cast<float *>(a.out)[obase + p] = v;
+                else
+                    static_cast<__nv_bfloat16 *>(a.out)[obase + p] = __float2bfloat16_rn(v);
+            }
+            if (++ph == period) {
+                ph = 0;
+                if (FINE) {
+                    ++tok;
+                    fine = tok < a.block_tokens ? fpad[tok] != 0 : false;
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+    const uint32_t used = (ub - ub0) >> 1;
+    uint8_t e = 0;
+    if (used > size)
+        e = 1;
+    else if (used < size)
+        e = 2;
+    else if (x != RANS_L)
+        e = 3;
+    a.err[g] = e;
+    if (e && a.flags)
+        atomicOr(a.flags, 1ull << e);
+}
+
+/* escapes: out[idx[i]] = q[i] * step(token), as the CPU computes it (float64 product, then
+ * float32; fine tokens: * f32(1/ff) then * f32(ff)). idx holds sorted flat indices, INT64_MAX
+ * for unused slots. */
+template <int MODE>
+__global__ void esc_fix_kernel(const int64_t *idx, const int32_t *q, int64_t n, void *out,
+                               const float *step_tok, const uint8_t *fine_pad, float inv_ff, float ff,
+                               int64_t D, int64_t Tp, int64_t total, const int64_t *cum, int n_seg,
+                               int64_t seg_elems, unsigned long long *bad)
+{
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n)
+        return;
+    const int64_t k = idx[i];
+    /* the i-th escape (in stream order) must lie in the segment (layer, K|V) whose stored
+     * escapes include the i-th value: cum[s] <= i < cum[s + 1] */
+    int lo = 0, hi = n_seg;
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) >> 1;
+        if (cum[mid] <= i)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    if (k < 0 || k >= total || k / seg_elems != lo) {
+        atomicAdd(bad, 1ull);
+        return;
+    }
+    const int64_t tok = (k / D) % Tp;
+    float v = __double2float_rn((double)q[i] * (double)step_tok[tok]);
+    if (fine_pad != nullptr && fine_pad[tok])
+        v = __fmul_rn(__fmul_rn(v, inv_ff), ff);
+    if (MODE == 1)
+        static_cast<float *>(out)[k] = v;
+    else
+        static_cast<__nv_bfloat16 *>(out)[k] = __float2bfloat16_rn(v);
+}
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+
+/* y [rows = L*2*H, Tp, D] (coef @ synthesis) -> keys/values [L, H, T, D]: + mean, RoPE on keys
+ * (x1*c - x2*s, x2*c + x1*s on the two halves, as model.apply_rope), output dtype. Two
+ * neighbouring channels of each half per thread. */
+template <typename InT, typename OutT>
+__global__ void finish_kernel(const InT *__restrict__ y, const float *__restrict__ mean,
+                              const float *__restrict__ cosb, const float *__restrict__ sinb,
+                              OutT *ok, OutT *ov, int H, int T, int Tp, int D, int row0)
+{
+    const int half = D >> 1, hp = half >> 1;
+    const int r = blockIdx.y + row0;
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= T * hp)
+        return;
+    const int t = idx / hp, i = 2 * (idx - t * hp);
+    const int h = r % H, lk = r / H, kv = lk & 1, l = lk >> 1;
+    const InT *yr = y + ((int64_t)r * Tp + t) * D;
+    const float *m = mean + (int64_t)r * D;
+    float a1[2], a2[2];
+#pragma unroll
+    for (int u = 0; u < 2; u++) {
+        a1[u] = __fadd_rn(to_f(yr[i + u]), m[i + u]);
+        a2[u] = __fadd_rn(to_f(yr[i + u + half]), m[i + u + half]);
+    }
+    OutT *o = (kv ? ov : ok) + (((int64_t)l * H + h) * T + t) * D;
+    if (kv == 0) {
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            const float c = cosb[(int64_t)t * D + i + u], s = sinb[(int64_t)t * D + i + u];
+            const float o1 = __fsub_rn(__fmul_rn(a1[u], c), __fmul_rn(a2[u], s));
+            const float o2 = __fadd_rn(__fmul_rn(a2[u], c), __fmul_rn(a1[u], s));
+            a1[u] = o1;
+            a2[u] = o2;
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < 2; u++) {
+        o[i + u] = from_f<OutT>(a1[u]);
+        o[i + u + half] = from_f<OutT>(a2[u]);
+    }
+}
+
+__device__ __forceinline__ void load8(const float *p, float *o)
+{
+    const float4 a = *reinterpret_cast<const float4 *>(p), b = *reinterpret_cast<const float4 *>(p + 4);
+    o[0] = a.x, o[1] = a.y, o[2] = a.z, o[3] = a.w, o[4] = b.x, o[5] = b.y, o[6] = b.z, o[7] = b.w;
+}
+__device__ __forceinline__ void load8(const __nv_bfloat16 *p, float *o)
+{
+    const uint4 v = *reinterpret_cast<const uint4 *>(p);
+    const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&v);
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const float2 f = __bfloat1622float2(h[k]);
+        o[2 * k] = f.x, o[2 * k + 1] = f.y;
+    }
+}
+__device__ __forceinline__ void store8(float *p, const float *o)
+{
+    *reinterpret_cast<float4 *>(p) = make_float4(o[0], o[1], o[2], o[3]);
+    *reinterpret_cast<float4 *>(p + 4) = make_float4(o[4], o[5], o[6], o[7]);
+}
+__device__ __forceinline__ void store8(__nv_bfloat16 *p, const float *o)
+{
+    uint4 v;
+    __nv_bfloat162 *h = reinterpret_cast<__nv_bfloat162 *>(&v);
+#pragma unroll
+    for (int k = 0; k < 4; k++)
+        h[k] = __floats2bfloat162_rn(o[2 * k], o[2 * k + 1]);
+    *reinterpret_cast<uint4 *>(p) = v;
+}
+__device__ __forceinline__ void store8(__half *p, const float *o)
+{
+    uint4 v;
+    __half2 *h = reinterpret_cast<__half2 *>(&v);
+#pragma unroll
+    for (int k = 0; k < 4; k++)
+        h[k] = __floats2half2_rn(o[2 * k], o[2 * k + 1]);
+    *reinterpret_cast<uint4 *>(p) = v;
+}
+
+/* finish_kernel with 8 neighbouring channels of each half per thread (16-byte accesses); D % 16 == 0 */
+template <typename InT, typename OutT>
+__global__ void finish8_kernel(const InT *__restrict__ y, const float *__restrict__ mean,
+                               const float *__restrict__ cosb, const float *__restrict__ sinb,
+                               OutT *ok, OutT *ov, int H, int T, int Tp, int D, int row0)
+{
+    const int half = D >> 1, hv = half >> 3;
+    const int r = blockIdx.y + row0;
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= T * hv)
+        return;
+    const int t = idx / hv, i = (idx - t * hv) * 8;
+    const int h = r % H, lk = r / H, kv = lk & 1, l = lk >> 1;
+    const InT *yr = y + ((int64_t)r * Tp + t) * D;
+    const float *m = mean + (int64_t)r * D;
+    float a1[8], a2[8], m1[8], m2[8];
+    load8(yr + i, a1);
+    load8(yr + i + half, a2);
+    load8(m + i, m1);
+    load8(m + i + half, m2);
+#pragma unroll
+    for (int u = 0; u < 8; u++) {
+        a1[u] = __fadd_rn(a1[u], m1[u]);
+        a2[u] = __fadd_rn(a2[u], m2[u]);
+    }
+    OutT *o = (kv ? ov : ok) + (((int64_t)l * H + h) * T + t) * D;
+    if (kv == 0) {
+        float c[8], s[8];
+        load8(cosb + (int64_t)t * D + i, c);
+        load8(sinb + (int64_t)t * D + i, s);
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            const float o1 = __fsub_rn(__fmul_rn(a1[u], c[u]), __fmul_rn(a2[u], s[u]));
+            const float o2 = __fadd_rn(__fmul_rn(a2[u], c[u]), __fmul_rn(a1[u], s[u]));
+            a1[u] = o1;
+            a2[u] = o2;
+        }
+    }
+    store8(o + i, a1);
+    store8(o + i + half, a2);
+}
+
+/* words of segment s: dst[dst_off[s] + i] = little-endian u16 at src + src_off[s] + 2i */
+__global__ void realign_kernel(const uint8_t *src, const int64_t *src_off, const int64_t *dst_off,
+                               const int64_t *n_words, uint16_t *dst)
+{
+    const int seg = blockIdx.y;
+    const int64_t n = n_words[seg], so = src_off[seg];
+    uint16_t *d = dst + dst_off[seg];
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    if ((so & 1) == 0) {
+        const uint16_t *s = reinterpret_cast<const uint16_t *>(src + so);
+        for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+            d[i] = s[i];
+    } else {
+        const uint8_t *s = src + so;
+        for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+            d[i] = (uint16_t)s[2 * i] | (uint16_t)((uint16_t)s[2 * i + 1] << 8);
+    }
+}
+
+typedef void (*dec_fn)(const DecArgs);
+
+#define DECODE_KERNEL rans_decode_kernel
+static dec_fn pick_decode(int mode, int fine, int sm)
+{
+#define PICK(M, F, S) if (mode == M && fine == F && sm == S) return DECODE_KERNEL<M, (bool)F, (bool)S>;
+    PICK(0, 0, 0) PICK(0, 0, 1) PICK(0, 1, 0) PICK(0, 1, 1)
+    PICK(1, 0, 0) PICK(1, 0, 1) PICK(1, 1, 0) PICK(1, 1, 1)
+    PICK(2, 0, 0) PICK(2, 0, 1) PICK(2, 1, 0) PICK(2, 1, 1)
+#undef PICK
+    return nullptr;
+}
+
+extern "C" {
+
+const char *ctx_error_string(int code) { return cudaGetErrorString((cudaError_t)code); }
+
+int ctx_args_size(void) { return (int)sizeof(DecArgs); }
+
+int ctx_decode(const DecArgs *a, int mode, int fine, int sm, int tpb, long long n_ctas, int smem_bytes,
+               int device, void *stream)
+{
+    cudaError_t err = cudaSetDevice(device);
+    if (err != cudaSuccess)
+        return (int)err;
+    dec_fn k = pick_decode(mode, fine, sm);
+    if (k == nullptr)
+        return (int)cudaErrorInvalidValue;
+    if (smem_bytes > 48 * 1024) {
+        err = cudaFuncSetAttribute((const void *)k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+        if (err != cudaSuccess)
+            return (int)err;
+    }
+    if (n_ctas > 0)
+        k<<<(unsigned)n_ctas, tpb, smem_bytes, (cudaStream_t)stream>>>(*a);
+    return (int)cudaGetLastError();
+}
+
+int ctx_esc_fix(const int64_t *idx, const int32_t *q, long long n, void *out, int mode, const float *step_tok,
+                const uint8_t *fine_pad, float inv_ff, float ff, long long D, long long Tp, long long total,
+                const int64_t *cum, int n_seg, long long seg_elems, unsigned long long *bad, int device, void *stream)
+{
+    cudaError_t err = cudaSetDevice(device);
+    if (err != cudaSuccess)
+        return (int)err;
+    if (n <= 0)
+        return 0;
+    const unsigned blocks = (unsigned)((n + 255) / 256);
+    if (mode == 1)
+        esc_fix_kernel<1><<<blocks, 256, 0, (cudaStream_t)stream>>>(idx, q, n, out, step_tok, fine_pad, inv_ff, ff, D, Tp,
+                                                                   total, cum, n_seg, seg_elems, bad);
+    else
+        esc_fix_kernel<2><<<blocks, 256, 0, (cudaStream_t)stream>>>(idx, q, n, out, step_tok, fine_pad, inv_ff, ff, D, Tp,
+                                                                   total, cum, n_seg, seg_elems, bad);
+    return (int)cudaGetLastError();
+}
+
+/* in_kind: 0 f32, 1 bf16; out_kind: 0 f32, 1 bf16, 2 f16 */
+int ctx_finish(const void *y, int in_kind, const float *mean, const float *cosb, const float *sinb, void *ok,
+               void *ov, int out_kind, int rows, int H, int T, int Tp, int D, int device, void *stream)
+{
+    cudaError_t err = cudaSetDevice(device);
+    if (err != cudaSuccess)
+        return (int)err;
+    const int tpb = 256;
+    const bool v8 = D % 16 == 0;
+    const int per_row = T * (v8 ? D / 16 : D / 4);
+    for (int r0 = 0; r0 < rows; r0 += 65535) {
+        dim3 grid((per_row + tpb - 1) / tpb, rows - r0 < 65535 ? rows - r0 : 65535);
+        cudaStream_t st = (cudaStream_t)stream;
+#define FIN(IT, OT)                                                                                                  \
+    do {                                                                                                             \
+        if (v8)                                                                                                      \
+            finish8_kernel<IT, OT><<<grid, tpb, 0, st>>>((const IT *)y, mean, cosb, sinb, (OT *)ok, (OT *)ov, H, T, \
+                                                         Tp, D, r0);                                                 \
+        else                                                                                                         \
+            finish_kernel<IT, OT><<<grid, tpb, 0, st>>>((const IT *)y, mean, cosb, sinb, (OT *)ok, (OT *)ov, H, T,  \
+                                                        Tp, D, r0);                                                  \
+    } while (0)
+        if (in_kind == 0 && out_kind == 0) FIN(float, float);
+        else if (in_kind == 0 && out_kind == 1) FIN(float, __nv_bfloat16);
+        else if (in_kind == 0 && out_kind == 2) FIN(float, __half);
+        else if (in_kind == 1 && out_kind == 0) FIN(__nv_bfloat16, float);
+        else if (in_kind == 1 && out_kind == 1) FIN(__nv_bfloat16, __nv_bfloat16);
+        else if (in_kind == 1 && out_kind == 2) FIN(__nv_bfloat16, __half);
+        else return (int)cudaErrorInvalidValue;
+#undef FIN
+        err = cudaGetLastError();
+        if (err != cudaSuccess)
+            return (int)err;
+    }
+    return 0;
+}
+
+int ctx_realign(const uint8_t *src, const int64_t *src_off, const int64_t *dst_off, const int64_t *n_words,
+                uint16_t *dst, int n_seg, long long max_words, int device, void *stream)
+{
+    cudaError_t err = cudaSetDevice(device);
+    if (err != cudaSuccess)
+        return (int)err;
+    if (n_seg <= 0 || max_words <= 0)
+        return 0;
+    long long bx = (max_words + 255) / 256;
+    if (bx > 1024)
+        bx = 1024;
+    realign_kernel<<<dim3((unsigned)bx, n_seg), 256, 0, (cudaStream_t)stream>>>(src, src_off, dst_off, n_words, dst);
+    return (int)cudaGetLastError();
+}
+
+} // extern "C"
+"""
+
+
+# --------------------------------------------------------------------------------------------
+# build and load
+# --------------------------------------------------------------------------------------------
+
+class _DecArgs(ctypes.Structure):
+    _fields_ = [
+        ("words", ctypes.c_void_p), ("woff", ctypes.c_void_p), ("sizes", ctypes.c_void_p),
+        ("states", ctypes.c_void_p), ("dec", ctypes.c_void_p), ("lut", ctypes.c_void_p),
+        ("fc", ctypes.c_void_p), ("rtab", ctypes.c_void_p), ("tidx", ctypes.c_void_p),
+        ("tidx_fine", ctypes.c_void_p), ("fine_pad", ctypes.c_void_p), ("cta_base", ctypes.c_void_p),
+        ("cta_first", ctypes.c_void_p), ("cta_count", ctypes.c_void_p),
+        ("out", ctypes.c_void_p), ("esc_idx", ctypes.c_void_p), ("esc_n", ctypes.c_void_p),
+        ("err", ctypes.c_void_p), ("flags", ctypes.c_void_p),
+        ("n_streams", ctypes.c_int64), ("len", ctypes.c_int64), ("esc_cap", ctypes.c_int64),
+        ("period", ctypes.c_int32), ("rows_div", ctypes.c_int32), ("blocks", ctypes.c_int32),
+        ("block_tokens", ctypes.c_int32), ("n_tables", ctypes.c_int32), ("ntw", ctypes.c_int32),
+        ("fine_mul", ctypes.c_float), ("fast", ctypes.c_int32),
+    ]
+
+
+_lock = threading.Lock()
+_libs: dict[str, ctypes.CDLL] = {}
+_MODES = {"symbols": 0, torch.float32: 1, torch.bfloat16: 2}
+
+
+def _nvcc() -> str | None:
+    cands = []
+    if os.environ.get("CTXSTREAM_NVCC"):
+        cands.append(os.environ["CTXSTREAM_NVCC"])
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        if CUDA_HOME:
+            cands.append(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    except Exception:  # pragma: no cover - depends on the install
+        pass
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            cands.append(os.path.join(home, "bin", "nvcc"))
+    found = shutil.which("nvcc")
+    if found:
+        cands.append(found)
+    for c in cands:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """Why the GPU decoder cannot run here (``None`` when it can)."""
+    if not torch.cuda.is_available():
+        return "torch.cuda.is_available() is False (no CUDA GPU)"
+    if _nvcc() is None:
+        return "nvcc not found (set CTXSTREAM_NVCC or CUDA_HOME)"
+    return None
+
+
+def available() -> bool:
+    return unavailable_reason() is None
+
+
+def _arch(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("CTXSTREAM_CUDA_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "ctxstream" / "cuda"
+
+
+_archs: dict[int, str] = {}
+
+
+def _library(device: torch.device) -> ctypes.CDLL:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    arch = _archs.get(idx)
+    if arch is None:
+        arch = _archs[idx] = _arch(torch.device("cuda", idx))
+    key = arch + os.environ.get("CTXSTREAM_NVCC_FLAGS", "")
+    lib = _libs.get(key)
+    if lib is not None:
+        return lib
+    with _lock:
+        lib = _libs.get(key)
+        if lib is not None:
+            return lib
+        nvcc = _nvcc()
+        if nvcc is None:
+            raise RuntimeError("the GPU decoder needs nvcc (set CTXSTREAM_NVCC or CUDA_HOME)")
+        flags = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", f"-arch={arch}",
+                 *os.environ.get("CTXSTREAM_NVCC_FLAGS", "").split()]
+        digest = hashlib.sha256((_CUDA_SRC + " ".join(flags) + nvcc).encode()).hexdigest()[:16]
+        folder = _cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        so = folder / f"ctxgpu-{digest}-{arch}.so"
+        if not so.is_file():
+            with tempfile.TemporaryDirectory(dir=folder) as tmp:
+                src = Path(tmp) / "ctxgpu.cu"
+                src.write_text(_CUDA_SRC)
+                out = Path(tmp) / "ctxgpu.so"
+                proc = subprocess.run([nvcc, *flags, "-o", str(out), str(src)], capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"nvcc failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+                os.replace(out, so)
+        lib = ctypes.CDLL(str(so))
+        P, I, LL, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_float
+        lib.ctx_error_string.argtypes, lib.ctx_error_string.restype = [I], ctypes.c_char_p
+        lib.ctx_decode.argtypes = [ctypes.POINTER(_DecArgs), I, I, I, I, LL, I, I, P]
+        lib.ctx_esc_fix.argtypes = [P, P, LL, P, I, P, P, F, F, LL, LL, LL, P, I, LL, P, I, P]
+        lib.ctx_finish.argtypes = [P, I, P, P, P, P, P, I, I, I, I, I, I, I, P]
+        lib.ctx_realign.argtypes = [P, P, P, P, P, I, LL, I, P]
+        for fn in (lib.ctx_decode, lib.ctx_esc_fix, lib.ctx_finish, lib.ctx_realign, lib.ctx_args_size):
+            fn.restype = I
+        if lib.ctx_args_size() != ctypes.sizeof(_DecArgs):
+            raise RuntimeError(f"DecArgs layout mismatch: C {lib.ctx_args_size()}, ctypes {ctypes.sizeof(_DecArgs)}")
+        _libs[key] = lib
+        return lib
+
+
+def _check(lib, code: int, what: str) -> None:
+    if code:
+        raise RuntimeError(f"{what}: CUDA error {code}: {lib.ctx_error_string(code).decode()}")
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+# --------------------------------------------------------------------------------------------
+# device tables
+# --------------------------------------------------------------------------------------------
+
+class GpuTables:
+    """A :class:`rans.RansTables` on one GPU: packed ``dec`` (global variant), ``lut`` + ``fc``
+    (shared-memory variant). Build once per tables and device (``GpuTables.of`` caches)."""
+
+    _cache: dict[tuple[int, str], "GpuTables"] = {}
+
+    def __init__(self, tables: rans.RansTables, device: torch.device):
+        self.tables = tables
+        self.device = device
+        self.n_tables = tables.n_tables
+        self.dec = torch.from_numpy(tables._dec.view(np.int32).copy()).to(device)
+        self.lut = torch.from_numpy(tables.lut.copy()).to(device)
+        fc = tables.freqs.astype(np.uint32) | (tables.cum[:, :256].astype(np.uint32) << np.uint32(16))
+        self.fc = torch.from_numpy(fc.view(np.int32)).to(device)
+        # per-table min/max symbol index is not needed: a window is a range of table ids
+
+    @classmethod
+    def of(cls, tables: rans.RansTables, device) -> "GpuTables":
+        device = torch.device(device)
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        key = (id(tables), str(device))
+        hit = cls._cache.get(key)
+        if hit is None or hit.tables is not tables:
+            hit = cls._cache[key] = cls(tables, device)
+        return hit
+
+
+_RING_STRIDE = 144  # bytes of shared memory per lane for its word ring (RING_STRIDE in the kernel)
+
+
+def _smem_optin(device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    v = getattr(props, "shared_memory_per_block_optin", 0)
+    if v:
+        return int(v)
+    return 227 * 1024 if props.major >= 9 else 99 * 1024 if props.major >= 8 else 48 * 1024
+
+
+@dataclass
+class _Geometry:
+    tpb: int
+    n_ctas: int
+    smem: bool
+    ntw: int
+    smem_bytes: int
+    cta_base: torch.Tensor | None
+    cta_first: torch.Tensor
+    cta_count: torch.Tensor
+
+
+def _geometry(n_streams: int, rows_div: int, row_min: np.ndarray, row_max: np.ndarray, n_tables: int,
+              mode: int, variant: str, device: torch.device, seg_len: int | None = None) -> _Geometry:
+    """CTAs over streams and each CTA's table window.
+
+    Threads per CTA: enough for one wave of CTAs over the SMs (a lane is a stream; the decode is
+    one long dependent chain per lane, so waves cost whole chain lengths). With ``seg_len`` no CTA
+    straddles a segment of ``seg_len`` streams (the codec: one K or V half of a layer, whose
+    streams use that half's tables only), so that every window fits in shared memory.
+    """
+    if variant not in ("auto", "smem", "global"):
+        raise ValueError(f"variant must be 'auto', 'smem' or 'global', got {variant!r}")
+    n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+    seg = seg_len if seg_len and n_streams % seg_len == 0 else max(n_streams, 1)
+    tpb = min(512, max(32, 32 * math.ceil(n_streams / max(n_sm, 1) / 32)), 32 * math.ceil(seg / 32))
+    per_seg = math.ceil(seg / tpb)
+    n_seg = math.ceil(n_streams / seg) if n_streams else 0
+    c = np.arange(per_seg, dtype=np.int64)
+    first = (np.arange(n_seg, dtype=np.int64)[:, None] * seg + c[None, :] * tpb).reshape(-1)
+    count = np.minimum(tpb, np.minimum(seg - np.tile(c * tpb, n_seg), n_streams - first)).astype(np.int32)
+    keep = count > 0
+    first, count = first[keep], count[keep]
+    n_ctas = len(first)
+    to_dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+    cta_first, cta_count = to_dev(first), to_dev(count)
+    ring = tpb * _RING_STRIDE  # each lane's word ring
+    if variant != "global" and n_ctas:
+        per_table = 4096 + 1024 + (1024 if mode else 0)
+        lanes = first[:, None] + np.minimum(np.arange(tpb)[None, :], count[:, None] - 1)  # [n_ctas, tpb]
+        rows = lanes // rows_div
+        lo = row_min[rows].min(1)
+        hi = row_max[rows].max(1)
+        ntw = int((hi - lo).max()) + 1
+        if ntw * per_table + ring <= _smem_optin(device):
+            return _Geometry(tpb, n_ctas, True, ntw, ntw * per_table + ring, to_dev(lo.astype(np.int32)),
+                             cta_first, cta_count)
+        if variant == "smem":
+            raise ValueError(f"a table window of {ntw} tables does not fit in shared memory")
+    return _Geometry(tpb, n_ctas, False, 0, ring, None, cta_first, cta_count)
+
+
+def _launch_decode(*, words, woff, sizes, states, gt: GpuTables, rtab, tidx, rows_div: int, n_streams: int,
+                   stream_len: int, mode: int, out, err, geom: _Geometry, esc_idx=None, esc_n=None,
+                   esc_cap: int = 0, fine=None, flags=None):
+    """``fine``: (tidx_fine, fine_pad, blocks, block_tokens, fine_mul) or None."""
+    dev = out.device
+    lib = _library(dev)
+    elem = out.element_size()
+    a = _DecArgs()
+    a.words, a.woff, a.sizes, a.states = _ptr(words), _ptr(woff), _ptr(sizes), _ptr(states)
+    a.dec, a.lut, a.fc, a.rtab = _ptr(gt.dec), _ptr(gt.lut), _ptr(gt.fc), _ptr(rtab)
+    a.tidx = _ptr(tidx)
+    a.cta_base, a.cta_first, a.cta_count = _ptr(geom.cta_base), _ptr(geom.cta_first), _ptr(geom.cta_count)
+    a.out, a.err, a.flags = _ptr(out), _ptr(err), _ptr(flags)
+    a.esc_idx, a.esc_n, a.esc_cap = _ptr(esc_idx), _ptr(esc_n), int(esc_cap)
+    a.n_streams, a.len, a.period, a.rows_div = n_streams, stream_len, tidx.shape[-1], rows_div
+    a.n_tables, a.ntw = gt.n_tables, geom.ntw
+    a.fast = int((stream_len * elem) % 16 == 0 and out.data_ptr() % 16 == 0 and tidx.shape[-1] % 16 == 0
+                 and tidx.data_ptr() % 16 == 0 and (fine is None or fine[0].data_ptr() % 16 == 0))
+    if words.data_ptr() % 16 or words.numel() < 16:
+        raise AssertionError("internal: the words buffer must be 16-byte aligned and padded by 16 words")
+    if fine is not None:
+        tf, fpad, blocks, block_tokens, mul = fine
+        a.tidx_fine, a.fine_pad, a.blocks, a.block_tokens, a.fine_mul = _ptr(tf), _ptr(fpad), blocks, block_tokens, mul
+    else:
+        a.blocks, a.block_tokens, a.fine_mul = 1, 1, 1.0
+    code = lib.ctx_decode(ctypes.byref(a), mode, int(fine is not None), int(geom.smem), geom.tpb, geom.n_ctas,
+                          geom.smem_bytes, dev.index, _stream(dev))
+    _check(lib, code, "rANS decode kernel")
+
+
+_ERRORS = {1: "reads past its {size} words", 2: "left some of its {size} words unread",
+           3: "does not end in state 0x10000: corrupt data", 4: "uses a table outside its CTA's window (internal)"}
+
+
+def _stream_error(err_host: np.ndarray, sizes_host, first: int | None = None) -> str:
+    j = int(np.flatnonzero(err_host)[0]) if first is None else first
+    size = int(sizes_host[j]) if sizes_host is not None else "its"
+    return f"stream {j} " + _ERRORS.get(int(err_host[j]), "is corrupt").format(size=size)
+
+
+# --------------------------------------------------------------------------------------------
+# rANS on the GPU: the format of rans.py
+# --------------------------------------------------------------------------------------------
+
+def _as_cuda(x, dtype, device, name):
+    """Array-like / tensor -> contiguous CUDA tensor holding the same bits as ``dtype`` (int16 for
+    u16, int32 for u32)."""
+    bits = {torch.int16: np.uint16, torch.int32: np.uint32}[dtype]
+    if isinstance(x, torch.Tensor):
+        t = x
+        if t.dtype in (torch.int16, torch.uint16) and dtype == torch.int16:
+            t = t.view(torch.int16)
+        elif t.dtype in (torch.int32, torch.uint32) and dtype == torch.int32:
+            t = t.view(torch.int32)
+        elif t.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8, torch.bool):
+            lim = 1 << (16 if dtype == torch.int16 else 32)
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= lim):
+                raise rans.RansError(f"{name} has values outside the range of {np.dtype(bits).name}")
+            t = t.to(torch.int64)
+            t = torch.where(t >= lim // 2, t - lim, t).to(dtype)
+        else:
+            raise rans.RansError(f"{name} must be an integer tensor, got {t.dtype}")
+        return t.to(device).contiguous()
+    a = rans._as_uint(x, bits, name, rans.RansError)
+    return torch.from_numpy(a.view(np.int16 if bits is np.uint16 else np.int32).copy()).to(device)
+
+
+def _prep_generic(words, sizes, states, table_idx, tables, stream_len, device):
+    if not isinstance(tables, rans.RansTables):
+        raise TypeError("tables must be a RansTables")
+    if device is None:
+        device = next((t.device for t in (words, sizes, states) if isinstance(t, torch.Tensor) and t.is_cuda),
+                      torch.device("cuda", torch.cuda.current_device()))
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    stream_len = int(stream_len)
+    if stream_len < 0:
+        raise rans.RansError("stream_len must be >= 0")
+    w = _as_cuda(words, torch.int16, device, "words").reshape(-1)
+    sz = _as_cuda(sizes, torch.int32, device, "sizes").reshape(-1)
+    st = _as_cuda(states, torch.int32, device, "states").reshape(-1)
+    n = sz.shape[0]
+    if st.shape[0] != n:
+        raise rans.RansError(f"{st.shape[0]} states for {n} streams")
+    ti = _as_cuda(table_idx, torch.int16, device, "table_idx")
+    if ti.dim() == 1 and ti.shape[0] == n:
+        ti = ti[:, None]
+    if ti.dim() != 2 or ti.shape[0] != n or ti.shape[1] < 1:
+        raise rans.RansError(f"table_idx must have shape [n_streams={n}, period], got {tuple(ti.shape)}")
+    period = ti.shape[1]
+    if stream_len % period:
+        raise rans.RansError(f"stream_len {stream_len} is not a multiple of the period {period}")
+    sz64 = sz.to(torch.int64) & 0xFFFFFFFF
+    woff = torch.cumsum(sz64, 0) - sz64
+    padded = torch.zeros(w.shape[0] + 16, dtype=torch.int16, device=device)  # aligned, + 16 words (reader)
+    padded[: w.shape[0]] = w
+    ti32 = ti.to(torch.int32) & 0xFFFF
+    if n:
+        row_min, row_max = ti32.amin(1), ti32.amax(1)
+        total = sz64.sum()
+        summary = torch.cat([total[None], row_max.max()[None].to(torch.int64)]).cpu().numpy()
+        row_min, row_max = row_min.cpu().numpy(), row_max.cpu().numpy()
+        if int(summary[0]) != w.shape[0]:
+            raise rans.RansError(f"stream sizes sum to {int(summary[0])}, have {w.shape[0]} words")
+        if int(summary[1]) >= tables.n_tables:
+            raise rans.RansError(f"table index {int(summary[1])} out of range (n_tables={tables.n_tables})")
+    else:
+        row_min = row_max = np.zeros(1, np.int32)
+        if w.shape[0]:
+            raise rans.RansError(f"stream sizes sum to 0, have {w.shape[0]} words")
+    return device, padded, sz, st, ti, woff, n, stream_len, row_min, row_max
+
+
+def gpu_decode(words, sizes, states, table_idx, tables: rans.RansTables, stream_len, *, device=None,
+               variant: str = "auto") -> torch.Tensor:
+    """Decode on the GPU -> ``uint8 [n_streams, stream_len]`` (CUDA); same as :func:`rans.decode`.
+
+    Arguments as in :func:`rans.decode` (CUDA tensors, or arrays that are copied over; u16/u32
+    may come as int16/int32 tensors holding the same bits). Raises :class:`rans.RansError` on
+    corrupt or inconsistent input (one device sync). ``variant``: ``auto`` | ``smem`` | ``global``.
+    """
+    device, w, sz, st, ti, woff, n, length, rmin, rmax = _prep_generic(
+        words, sizes, states, table_idx, tables, stream_len, device)
+    out = torch.empty((n, length), dtype=torch.uint8, device=device)
+    if n == 0:
+        return out
+    gt = GpuTables.of(tables, device)
+    err = torch.zeros(n, dtype=torch.uint8, device=device)
+    geom = _geometry(n, 1, rmin, rmax, gt.n_tables, 0, variant, device)
+    _launch_decode(words=w, woff=woff, sizes=sz, states=st, gt=gt, rtab=None, tidx=ti, rows_div=1, n_streams=n,
+                   stream_len=length, mode=0, out=out, err=err, geom=geom)
+    e = err.cpu().numpy()
+    if e.any():
+        raise rans.RansError(_stream_error(e, sz.cpu().numpy().view(np.uint32)))
+    return out
+
+
+def gpu_decode_dequant(words, sizes, states, table_idx, tables: rans.RansTables, stream_len, rtab, *,
+                       dtype: torch.dtype = torch.float32, device=None, variant: str = "auto"
+                       ) -> tuple[torch.Tensor, int]:
+    """Fused decode + ``rtab[table_idx[j, p % period], symbol]`` -> ``(coef [n, stream_len], n_zero)``.
+
+    ``coef`` is float32 or bfloat16 (``dtype``); ``n_zero`` counts symbol 0 (the codec's escape)
+    like :func:`rans.dequantize`. Bit-exact with ``rans.reference_dequantize`` for float32.
+    """
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError("dtype must be torch.float32 or torch.bfloat16")
+    device, w, sz, st, ti, woff, n, length, rmin, rmax = _prep_generic(
+        words, sizes, states, table_idx, tables, stream_len, device)
+    rt = torch.as_tensor(np.ascontiguousarray(rtab, np.float32) if not isinstance(rtab, torch.Tensor) else rtab)
+    rt = rt.to(device=device, dtype=torch.float32).contiguous()
+    if rt.dim() != 2 or rt.shape[1] != 256 or rt.shape[0] < tables.n_tables:
+        raise ValueError(f"rtab must have shape [n_tables={tables.n_tables}, 256], got {tuple(rt.shape)}")
+    out = torch.empty((n, length), dtype=dtype, device=device)
+    if n == 0:
+        return out, 0
+    gt = GpuTables.of(tables, device)
+    err = torch.zeros(n, dtype=torch.uint8, device=device)
+    esc_n = torch.zeros(1, dtype=torch.int64, device=device)
+    geom = _geometry(n, 1, rmin, rmax, gt.n_tables, _MODES[dtype], variant, device)
+    _launch_decode(words=w, woff=woff, sizes=sz, states=st, gt=gt, rtab=rt, tidx=ti, rows_div=1, n_streams=n,
+                   stream_len=length, mode=_MODES[dtype], out=out, err=err, geom=geom, esc_n=esc_n, esc_cap=0)
+    e = err.cpu().numpy()
+    if e.any():
+        raise rans.RansError(_stream_error(e, sz.cpu().numpy().view(np.uint32)))
+    return out, int(esc_n.item())
+
+
+# --------------------------------------------------------------------------------------------
+# whole chunks
+# --------------------------------------------------------------------------------------------
+
+def _check_header(codec, hi):
+    """``codec._check_header`` with the list of fine tokens checked in numpy (the same rules: a
+    strictly increasing list of ints in [0, tokens)); the per-element Python checks cost ~0.3 ms
+    a chunk."""
+    import dataclasses
+
+    fine = hi.header.params.get("fine", [])
+    if not fine or not isinstance(fine, list):
+        return codec._check_header(hi)
+    a = np.asarray(fine) if all(type(t) is int for t in fine[:1]) else None
+    if (a is None or a.ndim != 1 or a.dtype.kind not in "iu" or len(fine) > hi.header.tokens
+            or int(a.min()) < 0 or int(a.max()) >= hi.header.tokens or (a.size > 1 and not np.all(np.diff(a) > 0))):
+        return codec._check_header(hi)  # let the codec word the error (or accept what it accepts)
+    rest = dataclasses.replace(hi.header, params={**hi.header.params, "fine": []})
+    return codec._check_header(dataclasses.replace(hi, header=rest))
+
+
+_POOL = None
+
+
+def _checksum_pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 2) - 1)),
+                                   thread_name_prefix="ctxstream-xxh3")
+    return _POOL
+
+
+@dataclass
+class _FineContext:
+    """The finely quantised tokens of a chunk, as ``codec._ChunkContext`` derives them (without its
+    RoPE tables, which the decoder caches on the device per (start, tokens))."""
+
+    fine: list[int]
+    fine_padded: np.ndarray | None  # [blocks*block] bool
+    step_padded: np.ndarray  # [blocks*block] float32: each token's step
+
+    @classmethod
+    def make(cls, spec, T: int, fine: list[int]) -> "_FineContext":
+        padded_len = -(-T // spec.block) * spec.block
+        step_padded = np.full(padded_len, spec.step, np.float32)
+        if not fine:
+            return cls([], None, step_padded)
+        fine_padded = np.zeros(padded_len, bool)
+        fine_padded[fine] = True
+        step_padded[fine_padded] = spec.step / spec.fine_factor
+        return cls(list(fine), fine_padded, step_padded)
+
+
+@dataclass
+class _Plan:
+    """Host-side parse of a chunk's sections (small arrays; the words stay in the blob)."""
+
+    header: object
+    spec: object
+    ctx: object
+    layers: list[int]
+    H: int
+    T: int
+    D: int
+    blocks: int
+    block: int
+    n_sink: int
+    states: np.ndarray  # u32 [nl * n]
+    sizes: np.ndarray  # u32 [nl * n]
+    woff: np.ndarray  # i64 [nl * n], into the realigned words
+    seg_src: np.ndarray  # i64 [nl] byte offset of each layer's words in the blob
+    seg_dst: np.ndarray  # i64 [nl] word offset in the realigned words
+    seg_n: np.ndarray  # i64 [nl]
+    esc_q: np.ndarray  # i32 [sum of escapes], layer by layer, K then V
+    esc_counts: np.ndarray  # i64 [nl, 2]
+    sink: np.ndarray | None  # f16 [nl, 2, H, n_sink, D]
+
+    @property
+    def Tp(self) -> int:
+        return self.blocks * self.block
+
+
+class GpuDecoder:
+    """Decodes transform-coded chunks of one :class:`~ctxstream.codec.Codec` on a CUDA device.
+
+    ``compute="bf16"`` (default, fast): coefficients in bfloat16, ``coef @ synthesis`` on tensor
+    cores with float32 accumulation and a bfloat16 result (``fp32_matmul_out=True``: a float32
+    result, one rounding less, 0.5 ms more per 512 MiB); ``compute="fp32"``: float32 throughout (follows
+    ``torch.backends.cuda.matmul.allow_tf32``). fp16/quant8 chunks are decoded by the CPU codec
+    and moved over. Output dtype: the chunk's (as ``Codec.decode``) unless ``out_dtype`` is given.
+    """
+
+    def __init__(self, codec, device=None, *, compute: str = "bf16", variant: str = "auto",
+                 verify_checksums: bool = True, fp32_matmul_out: bool = False, fused: bool = True):
+        if compute not in ("bf16", "fp32"):
+            raise ValueError("compute must be 'bf16' or 'fp32'")
+        reason = unavailable_reason()
+        if reason:
+            raise RuntimeError(f"GPU decoder unavailable: {reason}")
+        self.codec = codec
+        dev = torch.device(device if device is not None else "cuda")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        self.device = dev
+        self.compute = compute
+        self.variant = variant
+        self.verify_checksums = verify_checksums
+        self.coef_dtype = torch.bfloat16 if compute == "bf16" else torch.float32
+        self.fp32_matmul_out = fp32_matmul_out
+        self.fused = fused
+        self.last_escapes = 0
+        self._levels: dict[str, dict] = {}
+        self._rope: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._geoms: dict[tuple, _Geometry] = {}
+        self.timings: dict[str, float] = {}
+        self.record_timings = False
+        _library(dev)
+
+    # ---------------------------------------------------------------------------- per level
+    def _level(self, spec) -> dict:
+        got = self._levels.get(spec.name)
+        if got is not None:
+            return got
+        lt = self.codec._tables(spec)
+        prof = self.codec.profile
+        dev = self.device
+        info = self.codec.info
+        L, H, D = info.num_layers, info.num_kv_heads, info.head_dim
+        base = np.ascontiguousarray(lt.table_ids.transpose(1, 0, 2, 3).reshape(L * 2 * H, D)).astype(np.uint16)
+        fine = np.ascontiguousarray(lt.fine_ids.transpose(1, 0, 2, 3).reshape(L * 2 * H, D)).astype(np.uint16)
+        synth = torch.from_numpy(np.ascontiguousarray(prof.synthesis.transpose(1, 0, 2, 3, 4)))  # [L, 2, H, D, D]
+        mean = torch.from_numpy(np.ascontiguousarray(prof.mean.transpose(1, 0, 2, 3)))  # [L, 2, H, D]
+        got = {
+            "lt": lt,
+            "gt": GpuTables.of(prof.tables, dev),
+            "rtab": torch.from_numpy(np.ascontiguousarray(lt.rtab, np.float32)).to(dev),
+            "tidx": torch.from_numpy(base.view(np.int16)).to(dev),
+            "tidx_fine": torch.from_numpy(fine.view(np.int16)).to(dev),
+            "row_min": base.astype(np.int32), "row_max": base.astype(np.int32),
+            "row_min_f": np.minimum(base, fine).astype(np.int32), "row_max_f": np.maximum(base, fine).astype(np.int32),
+            "synth": synth.to(dev, self.coef_dtype).reshape(L * 2 * H, D, D).contiguous(),
+            "mean": mean.to(dev, torch.float32).reshape(L * 2 * H, D).contiguous(),
+        }
+        self._levels[spec.name] = got
+        return got
+
+    def _rope_tables(self, ctx, start: int, T: int):
+        """cos/sin ``[T, head_dim]`` on the device, computed on the CPU as the CPU decoder does."""
+        key = (start, T)
+        got = self._rope.get(key)
+        if got is None:
+            if len(self._rope) > 16:
+                self._rope.clear()
+            cos, sin = rope_cos_sin(self.codec.info, torch.arange(start, start + T))
+            got = self._rope[key] = (cos.to(self.device).contiguous(), sin.to(self.device).contiguous())
+        return got
+
+    # ------------------------------------------------------------------------------ parse
+    def _plan(self, blob, layers) -> _Plan:
+        codec = self.codec
+        blob = _host_bytes(blob)
+        mv = memoryview(blob).cast("B") if not isinstance(blob, memoryview) else blob.cast("B")
+        hi = parse_header(mv, codec.limits)
+        spec = _check_header(codec, hi)
+        hdr = hi.header
+        if len(mv) < hi.total_bytes:
+            raise TruncatedError(f"chunk incomplete: {len(mv)} of {hi.total_bytes} bytes")
+        if len(mv) > hi.total_bytes:
+            raise MalformedError(f"chunk has {len(mv) - hi.total_bytes} bytes after its end")
+        _, H, T, D = hdr.shape
+        layers = list(range(hdr.layers)) if layers is None else [int(x) for x in layers]
+        if any(not 0 <= x < hdr.layers for x in layers):
+            raise ValueError(f"layers must lie in [0, {hdr.layers})")
+        if spec.kind != "tc":
+            return _Plan(hdr, spec, None, layers, H, T, D, 0, 0, 0, *([None] * 9))
+        ctx = _FineContext.make(spec, T, hdr.params.get("fine", []))
+        block = spec.block
+        blocks = -(-T // block)
+        n = 2 * H * blocks
+        n_sink = max(0, min(T, SINK_TOKENS - hdr.start))
+        offsets = hi.section_offsets()
+        nl = len(layers)
+        esc_counts = np.zeros((nl, 2), np.int64)
+        n_words = np.zeros(nl, np.int64)
+        seg_src = np.zeros(nl, np.int64)
+        st_parts, esc_parts, sinks = [], [], []
+        sink_bytes = 2 * 2 * H * n_sink * D
+        if self.verify_checksums:
+            spans = [(offsets[x], offsets[x] + hdr.sections[x]) for x in layers]
+            if sum(e - o for o, e in spans) > 1 << 20:  # xxhash releases the GIL: sections in parallel
+                got = list(_checksum_pool().map(lambda oe: checksum(mv[oe[0] : oe[1]]), spans))
+            else:
+                got = [checksum(mv[o:e]) for o, e in spans]
+            for layer, (o, e), h in zip(layers, spans, got):
+                if h != struct.unpack_from("<Q", mv, e)[0]:
+                    raise ChecksumError(f"layer {layer} section checksum mismatch")
+        for i, layer in enumerate(layers):
+            off, length = offsets[layer], hdr.sections[layer]
+            end = off + length
+            if length < 12:
+                raise MalformedError(f"layer {layer} section too short for its contents")
+            nw, esc_k, esc_v = struct.unpack_from("<III", mv, off)
+            if esc_k + esc_v > 2 * H * T * D or nw > 16 * n * block * D:
+                raise MalformedError(f"layer {layer}: implausible stream sizes")
+            n_esc = esc_k + esc_v
+            need = 12 + 8 * n + 4 * n_esc + 2 * nw + sink_bytes
+            if length < need:
+                raise MalformedError(f"layer {layer} section too short for its contents")
+            if length > need:
+                raise MalformedError(f"layer {layer} section has {length - need} trailing bytes")
+            st_parts.append(mv[off + 12 : off + 12 + 8 * n])  # states then sizes
+            if n_esc:
+                esc_parts.append(mv[off + 12 + 8 * n : off + 12 + 8 * n + 4 * n_esc])
+            esc_counts[i] = (esc_k, esc_v)
+            n_words[i] = nw
+            seg_src[i] = off + 12 + 8 * n + 4 * n_esc
+            if n_sink:
+                sinks.append(mv[end - sink_bytes : end])
+        st = np.frombuffer(b"".join(st_parts), "<u4").reshape(nl, 2, n)
+        states, sizes = np.ascontiguousarray(st[:, 0]).reshape(-1), np.ascontiguousarray(st[:, 1]).reshape(-1)
+        totals = sizes.reshape(nl, n).sum(1, dtype=np.uint64)
+        bad = np.flatnonzero(totals != n_words.astype(np.uint64))
+        if bad.size:
+            i = int(bad[0])
+            raise MalformedError(f"layer {layers[i]}: stream sizes sum to {int(totals[i])}, have {int(n_words[i])} words")
+        seg_dst = np.concatenate(([0], np.cumsum(n_words)[:-1])).astype(np.int64)
+        woff = np.cumsum(sizes, dtype=np.int64) - sizes  # exclusive cumsum over all layers = realigned offsets
+        esc_q = np.frombuffer(b"".join(esc_parts), "<i4").astype(np.int32) if esc_parts else np.zeros(0, np.int32)
+        sink = (np.frombuffer(b"".join(sinks), "<f2").reshape(nl, 2, H, n_sink, D).astype(np.float16)
+                if n_sink else None)
+        return _Plan(hdr, spec, ctx, layers, H, T, D, blocks, block, n_sink, states.astype(np.uint32),
+                     sizes.astype(np.uint32), woff, seg_src, seg_dst, n_words, esc_q, esc_counts, sink)
+
+    # ----------------------------------------------------------------------------- decode
+    def decode(self, blob, *, out_dtype: torch.dtype | None = None, layers=None,
+               device_blob: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode a whole chunk (or ``layers`` of it) -> ``(keys, values)`` ``[layers, kv_heads, tokens,
+        head_dim]`` on the GPU; raises like ``Codec.decode`` (one device sync, at the end)."""
+        return self.submit(blob, out_dtype=out_dtype, layers=layers, device_blob=device_blob).result()
+
+    def submit(self, blob, *, out_dtype: torch.dtype | None = None, layers=None,
+               device_blob: torch.Tensor | None = None) -> "PendingDecode":
+        """Parse ``blob`` and queue its decode on the current stream without waiting for the GPU;
+        ``.result()`` waits, checks the integrity flags and returns ``(keys, values)``. Submitting
+        chunk ``i + 1`` before taking chunk ``i``'s result overlaps the host's parsing with the GPU.
+
+        ``blob``: bytes-like, or a CPU uint8 tensor (pinned memory: the copy to the GPU is
+        asynchronous). ``device_blob``: the same bytes already on this device (uint8), to skip it."""
+        plan = self._plan(blob, layers)
+        dtype = out_dtype or _torch_dtype(plan.header.dtype)
+        if plan.spec.kind != "tc":
+            k, v = self.codec.decode(_host_bytes(blob))
+            sel = plan.layers
+            return PendingDecode(result=(k[sel].to(self.device, dtype), v[sel].to(self.device, dtype)))
+        return self._launch(plan, self._upload(blob, device_blob), dtype, what="kv")
+
+    def decode_coefficients(self, blob, *, layers=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dequantised coefficients ``[layers, 2, kv_heads, padded tokens, head_dim]`` (escapes and fine
+        tokens applied, before ``@ synthesis``): float32 ones equal the CPU decoder's bit for bit."""
+        plan = self._plan(blob, layers)
+        if plan.spec.kind != "tc":
+            raise ValueError("only transform-coded chunks have coefficients")
+        return self._launch(plan, self._upload(blob, None), None, what="coef", coef_dtype=dtype).result()
+
+    def decode_symbols(self, blob, *, layers=None) -> torch.Tensor:
+        """The rANS symbols ``[layers, 2*kv_heads*blocks, block*head_dim]`` (uint8, CUDA)."""
+        plan = self._plan(blob, layers)
+        if plan.spec.kind != "tc":
+            raise ValueError("only transform-coded chunks have symbols")
+        return self._launch(plan, self._upload(blob, None), None, what="symbols").result()
+
+    def _upload(self, blob, device_blob):
+        if device_blob is not None:
+            if device_blob.device != self.device or device_blob.dtype != torch.uint8:
+                raise ValueError("device_blob must be a uint8 tensor on the decoder's device")
+            if device_blob.numel() < len(_host_bytes(blob)):
+                raise ValueError("device_blob is shorter than the chunk")
+            return device_blob
+        if isinstance(blob, torch.Tensor):
+            return blob.to(self.device, non_blocking=blob.is_pinned())
+        return torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(self.device)
+
+    def _launch(self, plan: _Plan, blob_dev: torch.Tensor, out_dtype, *, what: str, coef_dtype=None) -> "PendingDecode":
+        dev = self.device
+        lib = _library(dev)
+        stream = _stream(dev)
+        lv = self._level(plan.spec)
+        H, T, D, block, blocks, Tp = plan.H, plan.T, plan.D, plan.block, plan.blocks, plan.Tp
+        nl = len(plan.layers)
+        n_per = 2 * H * blocks
+        S = nl * n_per
+        L2H = 2 * H
+        ev: list | None = [] if self.record_timings else None
+
+        def mark(name):
+            if ev is not None:
+                ev.append((name, torch.cuda.Event(enable_timing=True)))
+                ev[-1][1].record()
+
+        mark("start")
+        ctx = plan.ctx
+        fine = ctx.fine_padded is not None
+        mode = 0 if what == "symbols" else _MODES[coef_dtype or self.coef_dtype]
+        n_esc = int(plan.esc_counts.sum())
+        self.last_escapes = n_esc
+        # every small per-chunk array in one (pinned, asynchronous) host-to-device copy
+        packed = _pack_upload(dev, {
+            "states": plan.states.view(np.int32), "sizes": plan.sizes.view(np.int32), "woff": plan.woff,
+            "seg": np.stack([plan.seg_src, plan.seg_dst, plan.seg_n]).reshape(-1),
+            "esc_q": plan.esc_q,
+            "esc_cum": np.concatenate(([0], np.cumsum(plan.esc_counts.reshape(-1)))).astype(np.int64),
+            "step": ctx.step_padded.astype(np.float32),
+            "fpad": (ctx.fine_padded if fine else np.zeros(1, bool)).astype(np.uint8),
+            "sink": (np.ascontiguousarray(plan.sink) if plan.n_sink else np.zeros(1, np.float16)),
+        })
+        states, sizes, woff, seg = packed["states"], packed["sizes"], packed["woff"], packed["seg"]
+        if plan.layers == list(range(plan.layers[0], plan.layers[0] + nl)):
+            r0 = plan.layers[0] * L2H
+            rows = slice(r0, r0 + nl * L2H)
+            tidx, tidx_f = lv["tidx"][rows], lv["tidx_fine"][rows]
+            synth, mean = lv["synth"][rows], lv["mean"][rows]
+        else:
+            rsel = (np.asarray(plan.layers)[:, None] * L2H + np.arange(L2H)[None]).reshape(-1)
+            idx = torch.from_numpy(rsel).to(dev)
+            tidx, tidx_f = lv["tidx"][idx], lv["tidx_fine"][idx]
+            synth, mean = lv["synth"][idx], lv["mean"][idx]
+        # words: realigned into one u16 array (the blob's sections are not 2-byte aligned)
+        n_words = int(plan.seg_n.sum())
+        words = torch.empty(n_words + 16, dtype=torch.int16, device=dev)  # + 16: the kernel's word reader
+        _check(lib, lib.ctx_realign(blob_dev.data_ptr(), seg.data_ptr(), seg[nl:].data_ptr(),
+                                    seg[2 * nl:].data_ptr(), words.data_ptr(), nl, int(plan.seg_n.max(initial=0)),
+                                    dev.index, stream), "realign kernel")
+        mark("upload+realign")
+        length = block * D
+        out = torch.empty((S, length), dtype=torch.uint8 if mode == 0 else (torch.float32 if mode == 1 else torch.bfloat16),
+                          device=dev)
+        err = torch.empty(S, dtype=torch.uint8, device=dev)
+        esc_idx = torch.full((max(n_esc, 1),), torch.iinfo(torch.int64).max, dtype=torch.int64, device=dev)
+        flags = torch.zeros(4, dtype=torch.int64, device=dev)  # [error bits, escapes seen, misplaced escapes]
+        gkey = (plan.spec.name, tuple(plan.layers), fine, mode, blocks)
+        geom = self._geoms.get(gkey)
+        if geom is None:  # depends on the level's table rows only, not on the chunk's contents
+            rsel = (np.asarray(plan.layers)[:, None] * L2H + np.arange(L2H)[None]).reshape(-1)
+            row_min = (lv["row_min_f"] if fine else lv["row_min"])[rsel].min(1)
+            row_max = (lv["row_max_f"] if fine else lv["row_max"])[rsel].max(1)
+            geom = _geometry(S, blocks, row_min, row_max, lv["gt"].n_tables, mode, self.variant, dev, seg_len=H * blocks)
+            if len(self._geoms) > 64:
+                self._geoms.clear()
+            self._geoms[gkey] = geom
+        fine_args = None
+        if fine:
+            fine_args = (tidx_f, packed["fpad"], blocks, block, float(np.float32(1.0 / plan.spec.fine_factor)))
+        mark("alloc")
+        _launch_decode(words=words, woff=woff, sizes=sizes, states=states, gt=lv["gt"], rtab=lv["rtab"], tidx=tidx,
+                       rows_div=blocks, n_streams=S, stream_len=length, mode=mode, out=out, err=err, geom=geom,
+                       esc_idx=esc_idx, esc_n=flags[1:2], esc_cap=n_esc, fine=fine_args, flags=flags)
+        self.last_geometry = geom
+        mark("decode")
+        if mode != 0 and n_esc:
+            sidx = torch.sort(esc_idx).values
+            ff = np.float32(plan.spec.fine_factor)
+            # values in stream order; each (layer, K|V) must hold exactly the escapes its section stores
+            _check(lib, lib.ctx_esc_fix(sidx.data_ptr(), packed["esc_q"].data_ptr(), n_esc, out.data_ptr(), mode,
+                                        packed["step"].data_ptr(), _ptr(packed["fpad"]) if fine else None,
+                                        float(np.float32(1.0 / plan.spec.fine_factor)), float(ff), D, Tp, out.numel(),
+                                        packed["esc_cum"].data_ptr(), 2 * nl, H * Tp * D, flags[2:3].data_ptr(),
+                                        dev.index, stream), "escape kernel")
+            mark("escapes")
+        if what == "symbols":
+            res = out.view(nl, n_per, length)
+        elif what == "coef":
+            res = out.view(nl, 2, H, Tp, D)
+        else:
+            keys = torch.empty((nl, H, T, D), dtype=out_dtype, device=dev)
+            values = torch.empty((nl, H, T, D), dtype=out_dtype, device=dev)
+            cos, sin = self._rope_tables(ctx, plan.header.start, T)
+            if self._use_fused(out.dtype, D):
+                _fused_synthesis(out.view(nl * L2H, Tp, D), synth, mean, cos, sin, keys, values, H, T)
+                mark("matmul+finish")
+            else:
+                y = _bmm(out.view(nl * L2H, Tp, D), synth, self.fp32_matmul_out)
+                mark("matmul")
+                in_kind = 0 if y.dtype == torch.float32 else 1
+                out_kind = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[out_dtype]
+                if D % 4:
+                    raise ValueError("head_dim must be a multiple of 4")
+                _check(lib, lib.ctx_finish(y.data_ptr(), in_kind, mean.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                           keys.data_ptr(), values.data_ptr(), out_kind, nl * L2H, H, T, Tp, D,
+                                           dev.index, stream), "finish kernel")
+            if plan.n_sink:
+                sink = packed["sink"].view(nl, 2, H, plan.n_sink, D)
+                keys[:, :, : plan.n_sink] = sink[:, 0].to(out_dtype)
+                values[:, :, : plan.n_sink] = sink[:, 1].to(out_dtype)
+            mark("finish")
+            res = (keys, values)
+        flags_host = torch.empty(4, dtype=torch.int64, pin_memory=True)
+        flags_host.copy_(flags, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        mark("end")
+        return PendingDecode(decoder=self, plan=plan, flags=flags_host, done=done, err=err, n_esc=n_esc, mode=mode,
+                             n_per=n_per, result=res, events=ev)
+
+    def _use_fused(self, coef_dtype: torch.dtype, D: int) -> bool:
+        """The fused Triton synthesis (bf16 coefficients; off with ``fused=False`` or when Triton fails)."""
+        if not self.fused or coef_dtype != torch.bfloat16 or D % 32 or D > 256:
+            return False
+        if _FUSED_OK.get(self.device.index) is None:
+            try:  # compile and check once per device against the two-kernel path
+                _FUSED_OK[self.device.index] = _fused_selftest(self.device)
+            except Exception as exc:  # noqa: BLE001 - any Triton failure: use the other path
+                import logging
+
+                logging.getLogger(__name__).warning("fused Triton synthesis unavailable: %s", exc)
+                _FUSED_OK[self.device.index] = False
+        return _FUSED_OK[self.device.index]
+
+    def _raise_on(self, plan: _Plan, flags: np.ndarray, err: torch.Tensor, n_esc: int, mode: int, n_per: int):
+        if flags[0]:
+            e = err.cpu().numpy()
+            g = int(np.flatnonzero(e)[0])
+            layer = plan.layers[g // n_per]
+            msg = _stream_error(e, plan.sizes, g).replace(f"stream {g} ", f"stream {g % n_per} ", 1)
+            raise MalformedError(f"layer {layer}: {msg}") from rans.RansError(msg)
+        if mode != 0:
+            seen = int(flags[1])
+            if seen != n_esc or int(flags[2]):
+                raise MalformedError(f"layers {plan.layers[0]}..{plan.layers[-1]}: {seen} escapes in the streams, "
+                                     f"{n_esc} stored (or split between layers / K and V inconsistently)")
+
+
+class PendingDecode:
+    """A queued GPU decode; :meth:`result` waits for it, checks its integrity flags, returns it."""
+
+    def __init__(self, decoder=None, plan=None, flags=None, done=None, err=None, n_esc=0, mode=0, n_per=1,
+                 result=None, events=None):
+        self._decoder, self._plan, self._flags, self._done = decoder, plan, flags, done
+        self._err, self._n_esc, self._mode, self._n_per = err, n_esc, mode, n_per
+        self._result, self._events = result, events
+
+    def ready(self) -> bool:
+        return self._done is None or self._done.query()
+
+    def result(self):
+        if self._done is not None:
+            self._done.synchronize()
+            if self._events:
+                ev = self._events
+                self._decoder.timings = {name: ev[i - 1][1].elapsed_time(e) for i, (name, e) in enumerate(ev) if i}
+            self._decoder._raise_on(self._plan, self._flags.numpy(), self._err, self._n_esc, self._mode, self._n_per)
+            self._done = None
+        return self._result
+
+
+def _host_bytes(blob):
+    """A bytes-like view of ``blob`` (bytes, bytearray, memoryview, or a CPU uint8 tensor)."""
+    if isinstance(blob, torch.Tensor):
+        if blob.device.type != "cpu" or blob.dtype != torch.uint8:
+            raise ValueError("a tensor blob must be a CPU uint8 tensor (use device_blob for GPU copies)")
+        return memoryview(blob.contiguous().numpy()).cast("B")
+    return blob
+
+
+GpuLayerDecoder = GpuDecoder
+
+# ------------------------------------------------------------------------- fused synthesis (Triton)
+_FUSED_OK: dict[int, bool] = {}
+_FUSED_KERNEL = None
+
+
+def _fused_kernel():
+    """``keys|values[l, h, t] = rope?(coef[r, t] @ synthesis[r] + mean[r])`` in one Triton kernel: the
+    two halves of the output channels are two dots, so RoPE (which pairs channel i with i + D/2)
+    happens in registers and ``coef @ synthesis`` never goes to memory."""
+    global _FUSED_KERNEL
+    if _FUSED_KERNEL is not None:
+        return _FUSED_KERNEL
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def synth_rope(coef_ptr, synth_ptr, mean_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, H, T, Tp,
+                   D: tl.constexpr, HALF: tl.constexpr, BM: tl.constexpr):
+        pid_m = tl.program_id(0)
+        r = tl.program_id(1).to(tl.int64)  # (layer * 2 + kv) * H + head
+        h = r % H
+        lk = r // H
+        kv = lk % 2
+        layer = lk // 2
+        t = pid_m * BM + tl.arange(0, BM)
+        dk = tl.arange(0, D)
+        dh = tl.arange(0, HALF)
+        a = tl.load(coef_ptr + (r * Tp + t)[:, None] * D + dk[None, :], mask=(t < Tp)[:, None], other=0.0)
+        sb = synth_ptr + r * D * D + dk[:, None] * D + dh[None, :]
+        y1 = tl.dot(a, tl.load(sb))
+        y2 = tl.dot(a, tl.load(sb + HALF))
+        y1 += tl.load(mean_ptr + r * D + dh)[None, :]
+        y2 += tl.load(mean_ptr + r * D + HALF + dh)[None, :]
+        tm = (t < T)[:, None]
+        out = ((layer * H + h) * T + t)[:, None] * D + dh[None, :]
+        if kv == 0:
+            c = tl.load(cos_ptr + t[:, None] * D + dh[None, :], mask=tm, other=0.0)
+            s = tl.load(sin_ptr + t[:, None] * D + dh[None, :], mask=tm, other=0.0)
+            o1 = y1 * c - y2 * s
+            o2 = y2 * c + y1 * s
+            tl.store(k_ptr + out, o1.to(k_ptr.dtype.element_ty), mask=tm)
+            tl.store(k_ptr + out + HALF, o2.to(k_ptr.dtype.element_ty), mask=tm)
+        else:
+            tl.store(v_ptr + out, y1.to(v_ptr.dtype.element_ty), mask=tm)
+            tl.store(v_ptr + out + HALF, y2.to(v_ptr.dtype.element_ty), mask=tm)
+
+    _FUSED_KERNEL = synth_rope
+    return synth_rope
+
+
+_FUSED_CFG = (64, 4, 2)  # BM, num_warps, num_stages: best of bench/gpu.py --study's sweep on an H100
+
+
+def _fused_synthesis(coef, synth, mean, cos, sin, keys, values, H: int, T: int, cfg=None) -> None:
+    """coef ``[rows, Tp, D]`` bf16, synth ``[rows, D, D]`` bf16, mean ``[rows, D]`` f32 -> keys/values."""
+    rows, Tp, D = coef.shape
+    if cfg is None:
+        env = os.environ.get("CTXSTREAM_FUSED_CFG")
+        cfg = tuple(int(v) for v in env.split(",")) if env else _FUSED_CFG
+    BM, nw, ns = cfg
+    if D > 128:
+        BM = min(BM, 64)
+    kern = _fused_kernel()
+    step = (65535 // (2 * H)) * 2 * H  # grid dimension 1 is limited to 65535; whole layers per launch
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        n_layers0 = r0 // (2 * H)
+        kern[(-(-Tp // BM), r1 - r0)](
+            coef[r0:r1], synth[r0:r1], mean[r0:r1], cos, sin, keys[n_layers0:], values[n_layers0:], H, T, Tp,
+            D=D, HALF=D // 2, BM=BM, num_warps=nw, num_stages=ns)
+
+
+def _fused_selftest(device: torch.device) -> bool:
+    """Run the fused kernel once on random data and compare with bmm + the finish kernel."""
+    g = torch.Generator(device=device).manual_seed(0)
+    H, T, Tp, D = 2, 70, 128, 64
+    rows = 2 * 2 * H  # two layers
+    coef = torch.randn((rows, Tp, D), generator=g, device=device).to(torch.bfloat16)
+    synth = (torch.randn((rows, D, D), generator=g, device=device) / 8).to(torch.bfloat16)
+    mean = torch.randn((rows, D), generator=g, device=device)
+    ang = torch.rand((T, D // 2), generator=g, device=device) * 6.3
+    cos, sin = torch.cat([ang.cos()] * 2, -1).contiguous(), torch.cat([ang.sin()] * 2, -1).contiguous()
+    keys = torch.empty((2, H, T, D), dtype=torch.float32, device=device)
+    values = torch.empty_like(keys)
+    _fused_synthesis(coef, synth, mean, cos, sin, keys, values, H, T)
+    y = (torch.bmm(coef.float(), synth.float()) + mean[:, None, :]).view(2, 2, H, Tp, D)[:, :, :, :T]
+    x1, x2 = y[:, 0, ..., : D // 2], y[:, 0, ..., D // 2 :]
+    c, s = cos[:, : D // 2], sin[:, : D // 2]
+    k_ref = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), -1)
+    ok = torch.allclose(keys, k_ref, rtol=1e-3, atol=1e-3) and torch.allclose(values, y[:, 1], rtol=1e-3, atol=1e-3)
+    if not ok:
+        raise RuntimeError("fused synthesis self-test mismatch "
+                           f"{(keys - k_ref).abs().max().item():.3g} / {(values - y[:, 1]).abs().max().item():.3g}")
+    return True
+
+_TORCH_OF_NP = {np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64, np.dtype(np.float32): torch.float32,
+                np.dtype(np.uint8): torch.uint8, np.dtype(np.float16): torch.float16}
+
+
+def _pack_upload(device: torch.device, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Copy several small host arrays to ``device`` in one transfer; returns typed device views."""
+    offs, pos = {}, 0
+    for k, a in arrays.items():
+        offs[k] = pos
+        pos += -(-a.nbytes // 16) * 16
+    host = torch.empty(max(pos, 16), dtype=torch.uint8, pin_memory=True)  # caching host allocator
+    buf = host.numpy()
+    for k, a in arrays.items():
+        buf[offs[k] : offs[k] + a.nbytes] = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
+    dev = host.to(device, non_blocking=True)
+    out = {}
+    for k, a in arrays.items():
+        dt = _TORCH_OF_NP[np.dtype(a.dtype).newbyteorder("=")]
+        out[k] = dev[offs[k] : offs[k] + a.nbytes].view(dt)
+    return out
+
+_BMM_OUT_DTYPE: bool | None = None
+
+
+def _bmm(coef: torch.Tensor, synth: torch.Tensor, fp32_out: bool = False) -> torch.Tensor:
+    """``coef @ synth``; with ``fp32_out`` bf16 inputs give a float32 result (where torch supports
+    ``out_dtype``), else the inputs' dtype."""
+    global _BMM_OUT_DTYPE
+    if coef.dtype == torch.bfloat16 and fp32_out:
+        if _BMM_OUT_DTYPE is None:
+            try:
+                a = torch.zeros((1, 16, 16), dtype=torch.bfloat16, device=coef.device)
+                _BMM_OUT_DTYPE = torch.bmm(a, a, out_dtype=torch.float32).dtype == torch.float32
+            except (TypeError, RuntimeError):
+                _BMM_OUT_DTYPE = False
+        if _BMM_OUT_DTYPE:
+            return torch.bmm(coef, synth, out_dtype=torch.float32)
+    return torch.bmm(coef, synth)
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
