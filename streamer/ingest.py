@@ -97,7 +97,7 @@ class ContextService:
             complete = rec is not None and set(rec.sizes) >= set(self.levels)
             if complete:
                 for lv in self.levels:
-                    if not await self.store.contains(chunk_key(cid, lv)):
+                    if not await self.store.contains(chunk_key(cid, lv, self.codec.level_id(lv))):
                         complete = False
                         break
             records.append(rec if complete else None)
@@ -138,7 +138,7 @@ class ContextService:
                 blobs, secs = await self._run(self._encode_chunk, keys[:, :, s:e], values[:, :, s:e], s, imp)
                 self.metrics.observe("encode_seconds", secs)
                 for lv, blob in blobs.items():
-                    await self.store.put(chunk_key(ids[i], lv), blob)
+                    await self.store.put(chunk_key(ids[i], lv, self.codec.level_id(lv)), blob)
                 records[i] = ChunkRecord(start=s, tokens=e - s, sizes={lv: len(b) for lv, b in blobs.items()},
                                          checksums={lv: checksum_hex(b) for lv, b in blobs.items()})
                 self.metrics.inc("chunks_encoded_total")
@@ -194,7 +194,7 @@ class ContextService:
                     await self.store.put(chunkrec_key(entry.chunk_id), crec.to_bytes())
                 else:
                     for lv in set(crec.sizes) | set(self.levels):
-                        await self.store.delete(chunk_key(entry.chunk_id, lv))
+                        await self.store.delete(chunk_key(entry.chunk_id, lv, self.codec.level_id(lv)))
                     await self.store.delete(chunkrec_key(entry.chunk_id))
             await self.store.delete(ctx_key(ctx_id))
             return True

@@ -28,10 +28,11 @@ def valid_id(value: str) -> bool:
     return isinstance(value, str) and bool(ID_RE.match(value))
 
 
-def chunk_key(chunk_id: str, level: str) -> str:
-    if not valid_id(chunk_id) or not LEVEL_RE.match(level):
+def chunk_key(chunk_id: str, level: str, level_id: str) -> str:
+    """Store key of one encoded chunk; ``level_id`` (``Codec.level_id``) ties it to the codec that wrote it."""
+    if not valid_id(chunk_id) or not LEVEL_RE.match(level) or not LEVEL_RE.match(level_id):
         raise ValueError(f"bad chunk id {chunk_id!r} or level {level!r}")
-    return f"chunk.{chunk_id}.{level}"
+    return f"chunk.{chunk_id}.{level}.{level_id}"
 
 
 def chunkrec_key(chunk_id: str) -> str:

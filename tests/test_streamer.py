@@ -328,7 +328,9 @@ def test_corrupted_or_truncated_file_on_disk_is_never_served(make_streamer, tmp_
     body = upload_text(srv).json()
     store = srv.app.state.streamer.store
     c0, c1 = (c["id"] for c in body["manifest"]["chunks"][:2])
-    flipped, cut = store._path(chunk_key(c0, "q2")), store._path(chunk_key(c1, "fp16"))
+    codec = srv.app.state.streamer.codec
+    flipped = store._path(chunk_key(c0, "q2", codec.level_id("q2")))
+    cut = store._path(chunk_key(c1, "fp16", codec.level_id("fp16")))
     raw = bytearray(flipped.read_bytes())
     raw[len(raw) // 2] ^= 0x40
     flipped.write_bytes(raw)
@@ -454,3 +456,22 @@ def test_real_default_model_end_to_end(make_streamer):
             assert blob == codec.encode(k, v, lv, start=c.start, importance=importance[c.start : c.start + c.tokens])
             dk, _ = codec.decode(blob)
             assert dk.shape == k.shape
+
+
+def test_codec_change_reencodes_instead_of_serving_stale_chunks(make_streamer, tmp_path, tiny_adapter, tiny_codec):
+    """Chunks are stored under their codec level's identity: a streamer restarted with other level
+    parameters on the same disk store re-encodes them, and what it serves decodes with its codec."""
+    from ctxstream.codec import Codec, LevelSpec
+
+    data = tmp_path / "d"
+    first = make_streamer(store="disk", data_dir=data)
+    assert upload_text(first).json()["new_chunks"] == 5
+    first.stop()
+    changed = Codec(tiny_codec.info, tiny_codec.profile,
+                    levels=[LevelSpec(f"q{i}", 1, "tc", step=0.07 * (i + 1)) for i in range(5)])
+    assert changed.level_id("q2") != tiny_codec.level_id("q2") and changed.level_id("fp16") == tiny_codec.level_id("fp16")
+    second = make_streamer(store="disk", data_dir=data, codec=changed)
+    body = upload_text(second).json()
+    assert body["new_chunks"] == 5, "chunks written by another codec must not count as stored"
+    blob = fetch(second, body["id"], 0, "q2").content
+    changed.decode(blob)  # raises if the bytes were written with the old level parameters

@@ -26,6 +26,7 @@ from typing import Iterable
 
 import numpy as np
 import torch
+import xxhash
 
 from ..model import ModelAdapter, ModelInfo, apply_rope, invert_rope, rope_cos_sin
 from . import rans
@@ -181,6 +182,14 @@ class Codec:
     def all_levels(self) -> tuple[str, ...]:
         """Every format this codec writes: ``fp16``, the levels, ``quant8``."""
         return ("fp16", *self.levels, "quant8")
+
+    def level_id(self, level: str) -> str:
+        """Identity of the bytes ``level`` produces (model, profile, level parameters): 12 hex chars.
+
+        Stores key encoded chunks by it, so a codec change never serves chunks written by another."""
+        spec = self.spec(level)
+        prof = self.profile.id if spec.kind == "tc" else ""
+        return xxhash.xxh3_64_hexdigest(repr((self.info.fingerprint, prof, spec)).encode())[:12]
 
     def spec(self, level: str) -> LevelSpec:
         try:

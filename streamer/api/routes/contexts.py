@@ -14,6 +14,7 @@ from ctxstream.codec import CodecError
 from ...ingest import ConcurrentChangeError
 from ...kvformat import CONTENT_TYPE as KV_CONTENT_TYPE
 from ...kvformat import KVFormatError, unpack_kv
+from ...records import chunk_key
 from ..deps import check_level, state, tenant_of, visible_record
 from ..responses import PiecewiseResponse, parse_range
 
@@ -153,7 +154,7 @@ async def get_chunk(ctx_id: str, index: int, request: Request,
         raise HTTPException(404, f"context {ctx_id} has chunks 0..{len(rec.route) - 1}, not {index}")
     entry = rec.route[index]
     size, checksum = entry.levels[level]
-    data, tier = await st.store.get_with_tier(f"chunk.{entry.chunk_id}.{level}")
+    data, tier = await st.store.get_with_tier(chunk_key(entry.chunk_id, level, st.codec.level_id(level)))
     if data is None or len(data) != size:
         log.warning("chunk %s level %s of context %s is missing or damaged in the store", entry.chunk_id, level, ctx_id)
         raise HTTPException(404, f"chunk {index} ({level}) of context {ctx_id} is missing or damaged in the store; "
