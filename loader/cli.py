@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import time
@@ -38,15 +37,9 @@ def register(sub) -> None:
 
 
 def _load_model(name: str | None):
-    try:
-        from streamer.ingest import load_adapter  # understands tiny-random[-LxHxD]
-    except ImportError:
-        load_adapter = None
-    from ctxstream.model import DEFAULT_MODEL, ModelAdapter
+    from ctxstream.model import ModelAdapter
 
-    if load_adapter is not None:
-        return load_adapter(name or DEFAULT_MODEL)
-    return ModelAdapter.load(name)
+    return ModelAdapter.load(name)  # also understands tiny-random[-LxHxD]
 
 
 def _fmt_rate(bps: float | None) -> str:

@@ -17,7 +17,7 @@ from ctxstream.codec import Codec
 from ctxstream.model import ModelAdapter
 
 from .api.routes import ROUTERS
-from .ingest import ContextService, load_adapter
+from .ingest import ContextService
 from .metrics import Metrics
 from .settings import Settings
 from .state import StreamerState
@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None, *, adapter: ModelAdapter | None
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         t0 = time.perf_counter()
-        ad = adapter or load_adapter(settings.model, settings.cache_dir)
+        ad = adapter or ModelAdapter.load(settings.model, cache_dir=settings.cache_dir)
         cd = codec or Codec.for_model(ad, cache_dir=settings.cache_dir)
         if cd.info.fingerprint != ad.info.fingerprint:
             raise ValueError("codec and model adapter are for different models")

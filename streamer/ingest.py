@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -28,20 +26,6 @@ from .records import ChunkRecord, ContextRecord, RouteEntry, chunk_key, chunkrec
 from .storage import Store
 
 log = logging.getLogger(__name__)
-
-_TINY_RE = re.compile(r"^tiny-random(?:-(\d+)x(\d+)x(\d+))?$")
-
-
-def load_adapter(name: str, cache_dir: Path | None = None) -> ModelAdapter:
-    """``tiny-random`` / ``tiny-random-LxHxD`` (layers x kv heads x head dim) or any ``ModelAdapter.load`` name."""
-    m = _TINY_RE.match(name)
-    if m:
-        if m.group(1):
-            layers, heads, dim = (int(g) for g in m.groups())
-            return ModelAdapter.tiny_random(layers=layers, kv_heads=heads, head_dim=dim)
-        return ModelAdapter.tiny_random()
-    return ModelAdapter.load(name, cache_dir=cache_dir)
-
 
 class ConcurrentChangeError(RuntimeError):
     """A chunk this upload reuses was deleted meanwhile (retry the upload)."""

@@ -282,8 +282,8 @@ def run_experiment(exp: Experiment, out_dir: str | os.PathLike, *, adapter=None,
     import torch
 
     from ctxstream.codec import Codec
+    from ctxstream.model import ModelAdapter
     from loader import ContextLoader
-    from streamer.ingest import load_adapter
     from streamer.server import serve_in_background
     from streamer.settings import Settings
 
@@ -295,7 +295,7 @@ def run_experiment(exp: Experiment, out_dir: str | os.PathLike, *, adapter=None,
     if exp.threads:
         torch.set_num_threads(int(exp.threads))
     if adapter is None:
-        adapter = load_adapter(exp.model)
+        adapter = ModelAdapter.load(exp.model)
     if codec is None:
         codec = Codec.for_model(adapter)
     score, quality = _bench_quality()
