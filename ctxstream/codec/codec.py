@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
@@ -363,11 +363,7 @@ class Codec:
                 raise ModelMismatchError(f"chunk needs profile {h.profile}, this codec has {self.profile.id}")
             if h.params.get("step") != spec.step or h.params.get("block") != spec.block:
                 raise VersionError(f"level {h.level} parameters {h.params} differ from this codec's")
-            fine = h.params.get("fine", [])
-            if (not isinstance(fine, list) or len(fine) > h.tokens
-                    or any(not isinstance(t, int) for t in fine)
-                    or any(not 0 <= t < h.tokens for t in fine) or fine != sorted(set(fine))):
-                raise MalformedError("bad list of finely quantised tokens")
+            _check_fine(h.params.get("fine", []), h.tokens)
         return spec
 
     def _decode_layer(self, spec: LevelSpec, hdr: ChunkHeader, layer: int, body: bytes, ctx=None) -> LayerKV:
@@ -479,30 +475,57 @@ class _LevelTables:
         return np.ascontiguousarray(per_token.reshape(base.shape[0] * blocks, -1))
 
 
-@dataclass
-class _ChunkContext:
-    """Per-chunk values every layer of a transform-coded chunk shares (computed once per chunk)."""
+def _check_fine(fine, tokens: int) -> None:
+    """The header's fine-token list must be strictly increasing ints in [0, tokens) (checked in numpy)."""
+    if not isinstance(fine, list) or len(fine) > tokens:
+        raise MalformedError("bad list of finely quantised tokens")
+    if not fine:
+        return
+    if any(type(t) is not int for t in fine):  # msgpack gives ints; bools, floats, strings are rejected
+        raise MalformedError("bad list of finely quantised tokens")
+    a = np.asarray(fine, dtype=np.int64)
+    if a[0] < 0 or a[-1] >= tokens or (a.size > 1 and not np.all(np.diff(a) > 0)):
+        raise MalformedError("bad list of finely quantised tokens")
 
-    cos: torch.Tensor
-    sin: torch.Tensor
+
+@dataclass
+class FineTokens:
+    """Which tokens of a chunk are quantised finer, and each (padded) token's step. Shared by the CPU
+    decoder and the GPU one (``gpu.py``), which keeps its own RoPE tables on the device."""
+
     fine: list[int]  # token offsets quantised finer
-    fine_mask: torch.Tensor | None  # [T] bool
-    fine_padded: np.ndarray | None  # [blocks*block] bool
+    fine_padded: np.ndarray | None  # [blocks*block] bool, None when no token is fine
     step_padded: np.ndarray  # [blocks*block] float32: each token's step
-    inv_step: torch.Tensor | float  # multiply coefficients by this to get them in steps
 
     @classmethod
-    def make(cls, info: ModelInfo, spec: LevelSpec, start: int, T: int, fine: list[int]) -> "_ChunkContext":
-        cos, sin = rope_cos_sin(info, torch.arange(start, start + T))
+    def make(cls, spec: LevelSpec, T: int, fine: list[int]) -> "FineTokens":
         padded_len = -(-T // spec.block) * spec.block
         step_padded = np.full(padded_len, spec.step, np.float32)
         if not fine:
-            return cls(cos, sin, [], None, None, step_padded, 1.0 / spec.step)
+            return cls([], None, step_padded)
         fine_padded = np.zeros(padded_len, bool)
         fine_padded[fine] = True
         step_padded[fine_padded] = spec.step / spec.fine_factor
-        inv = torch.from_numpy(1.0 / step_padded[:T])[None, :, None]
-        return cls(cos, sin, fine, torch.from_numpy(fine_padded[:T]), fine_padded, step_padded, inv)
+        return cls(list(fine), fine_padded, step_padded)
+
+
+@dataclass
+class _ChunkContext(FineTokens):
+    """Per-chunk values every layer of a transform-coded chunk shares (computed once per chunk)."""
+
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+    fine_mask: torch.Tensor | None = None  # [T] bool
+    inv_step: torch.Tensor | float = 1.0  # multiply coefficients by this to get them in steps
+
+    @classmethod
+    def make(cls, info: ModelInfo, spec: LevelSpec, start: int, T: int, fine: list[int]) -> "_ChunkContext":
+        ft = FineTokens.make(spec, T, fine)
+        cos, sin = rope_cos_sin(info, torch.arange(start, start + T))
+        if not ft.fine:
+            return cls(ft.fine, None, ft.step_padded, cos, sin, None, 1.0 / spec.step)
+        inv = torch.from_numpy(1.0 / ft.step_padded[:T])[None, :, None]
+        return cls(ft.fine, ft.fine_padded, ft.step_padded, cos, sin, torch.from_numpy(ft.fine_padded[:T]), inv)
 
 
 class IncrementalDecoder:

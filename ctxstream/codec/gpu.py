@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 from . import rans
+from .codec import FineTokens
 from .errors import ChecksumError, MalformedError, TruncatedError
 from .format import checksum, parse_header
 from ..model import rope_cos_sin
@@ -1059,23 +1060,6 @@ def gpu_decode_dequant(words, sizes, states, table_idx, tables: rans.RansTables,
 # whole chunks
 # --------------------------------------------------------------------------------------------
 
-def _check_header(codec, hi):
-    """``codec._check_header`` with the list of fine tokens checked in numpy (the same rules: a
-    strictly increasing list of ints in [0, tokens)); the per-element Python checks cost ~0.3 ms
-    a chunk."""
-    import dataclasses
-
-    fine = hi.header.params.get("fine", [])
-    if not fine or not isinstance(fine, list):
-        return codec._check_header(hi)
-    a = np.asarray(fine) if all(type(t) is int for t in fine[:1]) else None
-    if (a is None or a.ndim != 1 or a.dtype.kind not in "iu" or len(fine) > hi.header.tokens
-            or int(a.min()) < 0 or int(a.max()) >= hi.header.tokens or (a.size > 1 and not np.all(np.diff(a) > 0))):
-        return codec._check_header(hi)  # let the codec word the error (or accept what it accepts)
-    rest = dataclasses.replace(hi.header, params={**hi.header.params, "fine": []})
-    return codec._check_header(dataclasses.replace(hi, header=rest))
-
-
 _POOL = None
 
 
@@ -1087,27 +1071,6 @@ def _checksum_pool():
         _POOL = ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 2) - 1)),
                                    thread_name_prefix="ctxstream-xxh3")
     return _POOL
-
-
-@dataclass
-class _FineContext:
-    """The finely quantised tokens of a chunk, as ``codec._ChunkContext`` derives them (without its
-    RoPE tables, which the decoder caches on the device per (start, tokens))."""
-
-    fine: list[int]
-    fine_padded: np.ndarray | None  # [blocks*block] bool
-    step_padded: np.ndarray  # [blocks*block] float32: each token's step
-
-    @classmethod
-    def make(cls, spec, T: int, fine: list[int]) -> "_FineContext":
-        padded_len = -(-T // spec.block) * spec.block
-        step_padded = np.full(padded_len, spec.step, np.float32)
-        if not fine:
-            return cls([], None, step_padded)
-        fine_padded = np.zeros(padded_len, bool)
-        fine_padded[fine] = True
-        step_padded[fine_padded] = spec.step / spec.fine_factor
-        return cls(list(fine), fine_padded, step_padded)
 
 
 @dataclass
@@ -1220,7 +1183,7 @@ class GpuDecoder:
         blob = _host_bytes(blob)
         mv = memoryview(blob).cast("B") if not isinstance(blob, memoryview) else blob.cast("B")
         hi = parse_header(mv, codec.limits)
-        spec = _check_header(codec, hi)
+        spec = codec._check_header(hi)
         hdr = hi.header
         if len(mv) < hi.total_bytes:
             raise TruncatedError(f"chunk incomplete: {len(mv)} of {hi.total_bytes} bytes")
@@ -1232,7 +1195,7 @@ class GpuDecoder:
             raise ValueError(f"layers must lie in [0, {hdr.layers})")
         if spec.kind != "tc":
             return _Plan(hdr, spec, None, layers, H, T, D, 0, 0, 0, *([None] * 9))
-        ctx = _FineContext.make(spec, T, hdr.params.get("fine", []))
+        ctx = FineTokens.make(spec, T, hdr.params.get("fine", []))
         block = spec.block
         blocks = -(-T // block)
         n = 2 * H * blocks
