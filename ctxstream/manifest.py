@@ -123,7 +123,7 @@ class Manifest:
                        chunks=tuple(chunks))
         except ManifestError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:  # OverflowError: int(inf)
             raise ManifestError(f"bad manifest: {exc!r}") from exc
 
     @classmethod

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
 from ctxstream.codec import Codec
 from ctxstream.model import ModelAdapter
@@ -21,7 +22,7 @@ from .ingest import ContextService
 from .metrics import Metrics
 from .settings import Settings
 from .state import StreamerState
-from .storage import Store, make_store
+from .storage import Store, StoreError, make_store
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,31 @@ class RequestMetrics:
             self.metrics.inc("requests_total", route=path, method=scope.get("method", ""), status=str(status["code"]))
 
 
+MAX_HEADER_BYTES = 64 << 10  # request line + headers; larger requests answer 431
+
+
+class HeaderLimit:
+    """Pure ASGI guard: a request whose path + headers exceed ``MAX_HEADER_BYTES`` gets 431 with a reason
+    before any route runs. (uvicorn's httptools parser itself has no header cap: this bounds what the
+    app processes, a front proxy bounds what is buffered.)"""
+
+    def __init__(self, app, limit: int = MAX_HEADER_BYTES):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+            size += sum(len(k) + len(v) + 4 for k, v in scope.get("headers") or ())
+            if size > self.limit:
+                body = (f'{{"detail":"request headers of {size} bytes exceed the limit of {self.limit} bytes"}}').encode()
+                await send({"type": "http.response.start", "status": 431,
+                            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                        (b"connection", b"close")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
 def build_store(settings: Settings) -> Store:
     return make_store(settings.store, data_dir=settings.data_dir, redis_url=settings.redis_url,
                       redis_prefix=settings.redis_prefix, memory_bytes=settings.memory_bytes, fsync=settings.fsync)
@@ -67,7 +93,7 @@ def create_app(settings: Settings | None = None, *, adapter: ModelAdapter | None
         cd = codec or Codec.for_model(ad, cache_dir=settings.cache_dir)
         if cd.info.fingerprint != ad.info.fingerprint:
             raise ValueError("codec and model adapter are for different models")
-        st_store = store or build_store(settings)
+        st_store = store if store is not None else build_store(settings)  # an empty MemoryStore is falsy
         await st_store.ping()
         executor = ThreadPoolExecutor(settings.encode_workers, thread_name_prefix="ctxstream-encode")
         service = ContextService(ad, cd, st_store, chunk_tokens=settings.chunk_tokens, executor=executor,
@@ -89,7 +115,16 @@ def create_app(settings: Settings | None = None, *, adapter: ModelAdapter | None
                   description="Uploads contexts, encodes their KV at every codec level, streams the chunks.")
     for router in ROUTERS:
         app.include_router(router)
+
+    @app.exception_handler(StoreError)
+    async def store_unavailable(request, exc: StoreError):
+        # a tier down (Redis stopped), disk full, I/O error: a retryable 503 with the reason, never a 500
+        log.warning("%s %s: store error: %s", request.method, request.url.path, exc)
+        metrics.inc("store_errors_total")
+        return JSONResponse({"detail": f"store unavailable: {exc}"}, status_code=503, headers={"Retry-After": "1"})
+
     app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(HeaderLimit)
     app.state.settings = settings
     app.state.metrics = metrics
     return app

@@ -18,9 +18,9 @@ import msgpack
 
 from ctxstream.manifest import ID_HEX
 
-ID_RE = re.compile(rf"^[0-9a-f]{{{ID_HEX}}}$")
-PROFILE_ID_RE = re.compile(r"^[0-9a-f]{16}$")
-LEVEL_RE = re.compile(r"^[A-Za-z0-9_]{1,32}$")
+ID_RE = re.compile(rf"^[0-9a-f]{{{ID_HEX}}}\Z")  # \Z: "$" would accept a trailing newline
+PROFILE_ID_RE = re.compile(r"^[0-9a-f]{16}\Z")
+LEVEL_RE = re.compile(r"^[A-Za-z0-9_]{1,32}\Z")
 RECORD_VERSION = 1
 
 

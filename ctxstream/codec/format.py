@@ -157,7 +157,7 @@ def _validate(raw, limits: DecodeLimits) -> ChunkHeader:
             dtype=str(raw["dtype"]), profile=str(raw["profile"]), sections=sections,
             params=dict(raw.get("params") or {}), version=version,
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: int(inf)
         raise MalformedError(f"bad chunk header field: {exc}") from exc
     if len(shape) != 4 or any(x <= 0 for x in shape):
         raise MalformedError(f"bad shape {shape}")
@@ -177,6 +177,9 @@ def _validate(raw, limits: DecodeLimits) -> ChunkHeader:
         raise MalformedError(f"bad start position {header.start}")
     if header.dtype not in DTYPES:
         raise MalformedError(f"bad dtype {header.dtype!r}")
+    for key, value in header.params.items():  # small values: |int| < 2**53, so int64 maths on them cannot wrap
+        if any(isinstance(x, int) and not -(1 << 53) < x < (1 << 53) for x in (value if isinstance(value, list) else [value])):
+            raise MalformedError(f"chunk header param {key!r} holds an integer out of range")
     return header
 
 

@@ -9,7 +9,7 @@ from fastapi import HTTPException
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-_RANGE_RE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
+_RANGE_RE = re.compile(r"^\s*bytes\s*=\s*([0-9]{0,18})\s*-\s*([0-9]{0,18})\s*\Z", re.IGNORECASE)  # ASCII digits, < 2**63
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:

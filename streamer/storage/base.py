@@ -24,7 +24,7 @@ OBJECT_VERSION = 1
 _HEADER = struct.Struct("<4sBBHQQ")
 HEADER_SIZE = _HEADER.size  # 24
 MAX_KEY_LEN = 200
-_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}\Z")  # \Z: "$" would accept a trailing newline
 
 
 class StoreError(Exception):
