@@ -2,7 +2,10 @@
 
 A chunk is the KV of a contiguous token range: ``keys`` and ``values`` ``[layers, kv_heads, tokens,
 head_dim]`` plus ``start``, the absolute position of its first token (keys are stored after RoPE,
-as the model's cache holds them).
+as the model's cache holds them). A chunk can be decoded for other positions than it was encoded at
+(``decode(blob, start=new_start)``): transform-coded levels re-apply RoPE for the new positions to
+their pre-RoPE reconstruction, the reference formats rotate the decoded keys from the stored start
+to the new one (see ``ctxstream.positions``).
 
 Formats (each a named, versioned :class:`LevelSpec`):
 
@@ -29,6 +32,7 @@ import torch
 import xxhash
 
 from ..model import ModelAdapter, ModelInfo, apply_rope, invert_rope, rope_cos_sin
+from ..positions import check_rope, reposition
 from . import rans
 from .errors import (
     CodecError,
@@ -108,6 +112,7 @@ class DecodedChunk:
     header: ChunkHeader
     keys: torch.Tensor  # [layers, kv_heads, tokens, head_dim]
     values: torch.Tensor
+    start: int | None = None  # absolute position of the first token the keys are rotated for (None: header.start)
 
 
 # ------------------------------------------------------------------------------ byte helpers
@@ -336,18 +341,22 @@ class Codec:
     def header(self, blob: bytes | memoryview) -> ChunkHeader:
         return parse_header(blob, self.limits).header
 
-    def decode(self, blob: bytes | memoryview) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode a whole chunk -> ``(keys, values)`` ``[layers, kv_heads, tokens, head_dim]``."""
-        chunk = self.decode_chunk(blob)
+    def decode(self, blob: bytes | memoryview, *, start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode a whole chunk -> ``(keys, values)`` ``[layers, kv_heads, tokens, head_dim]``.
+
+        ``start``: absolute position of the first token to rotate the keys for (default: the
+        position the chunk was encoded at, ``header.start``); values do not depend on it."""
+        chunk = self.decode_chunk(blob, start=start)
         return chunk.keys, chunk.values
 
-    def decode_chunk(self, blob: bytes | memoryview) -> DecodedChunk:
-        dec = self.decoder()
+    def decode_chunk(self, blob: bytes | memoryview, *, start: int | None = None) -> DecodedChunk:
+        dec = self.decoder(start=start)
         dec.feed(blob)
         return dec.result()
 
-    def decoder(self) -> "IncrementalDecoder":
-        return IncrementalDecoder(self)
+    def decoder(self, *, start: int | None = None) -> "IncrementalDecoder":
+        """An incremental decoder; ``start`` re-positions the keys as in :meth:`decode`."""
+        return IncrementalDecoder(self, start=start)
 
     def _check_header(self, hi: HeaderInfo) -> LevelSpec:
         h, i = hi.header, self.info
@@ -366,7 +375,10 @@ class Codec:
             _check_fine(h.params.get("fine", []), h.tokens)
         return spec
 
-    def _decode_layer(self, spec: LevelSpec, hdr: ChunkHeader, layer: int, body: bytes, ctx=None) -> LayerKV:
+    def _decode_layer(self, spec: LevelSpec, hdr: ChunkHeader, layer: int, body: bytes, ctx=None,
+                      start: int | None = None) -> LayerKV:
+        """One layer's KV, keys rotated for ``start..`` (default ``hdr.start``; for transform-coded
+        levels ``ctx`` was made for that start already)."""
         _, H, T, D = hdr.shape
         r = _Reader(body, layer)
         if spec.kind == "fp16":
@@ -380,11 +392,13 @@ class Codec:
                 out.append(q * scale)
             k, v = out
         else:
-            k, v = self._tc_decode_layer(spec, hdr, layer, r, ctx)
+            k, v = self._tc_decode_layer(spec, hdr, layer, r, ctx, start)
         r.done()
+        if spec.kind != "tc" and start is not None and start != hdr.start:  # stored after RoPE at hdr.start
+            k = reposition(k, hdr.start, start, self.info)
         return LayerKV(layer, k, v)  # float32; the caller stores it in the chunk's dtype
 
-    def _tc_decode_layer(self, spec, hdr, layer, r: _Reader, ctx: "_ChunkContext"):
+    def _tc_decode_layer(self, spec, hdr, layer, r: _Reader, ctx: "_ChunkContext", start: int | None = None):
         lt = self._tables(spec)
         _, H, T, D = hdr.shape
         blocks = -(-T // spec.block)
@@ -422,7 +436,10 @@ class Codec:
         n_sink = max(0, min(T, SINK_TOKENS - hdr.start))
         if n_sink:
             sink = torch.from_numpy(r.array("<f2", 2 * H * n_sink * D).astype(np.float32)).view(2, H, n_sink, D)
-            k[:, :n_sink], v[:, :n_sink] = sink[0], sink[1]
+            sk = sink[0]
+            if start is not None and start != hdr.start:  # the sink is stored after RoPE at hdr.start
+                sk = reposition(sk, hdr.start, start, self.info)
+            k[:, :n_sink], v[:, :n_sink] = sk, sink[1]
         return k, v
 
 
@@ -483,8 +500,10 @@ def _check_fine(fine, tokens: int) -> None:
         return
     if any(type(t) is not int for t in fine):  # msgpack gives ints; bools, floats, strings are rejected
         raise MalformedError("bad list of finely quantised tokens")
+    if any(not 0 <= t < tokens for t in fine):  # range first: int64 maths below cannot wrap
+        raise MalformedError("bad list of finely quantised tokens")
     a = np.asarray(fine, dtype=np.int64)
-    if a[0] < 0 or a[-1] >= tokens or (a.size > 1 and not np.all(np.diff(a) > 0)):
+    if a.size > 1 and not np.all(np.diff(a) > 0):
         raise MalformedError("bad list of finely quantised tokens")
 
 
@@ -535,8 +554,13 @@ class IncrementalDecoder:
     whole chunk and raises :class:`TruncatedError` if bytes are still missing.
     """
 
-    def __init__(self, codec: Codec):
+    def __init__(self, codec: Codec, *, start: int | None = None):
+        if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 0):
+            raise CodecError(f"start must be an int >= 0, got {start!r}")
+        if start is not None:
+            check_rope(codec.info)
         self.codec = codec
+        self.start = start  # re-position the keys to start here (None: the chunk's own start)
         self._buf = bytearray()
         self._info: HeaderInfo | None = None
         self._spec: LevelSpec | None = None
@@ -570,8 +594,10 @@ class IncrementalDecoder:
             self._spec = self.codec._check_header(self._info)
             self._offsets = self._info.section_offsets()
             h = self._info.header
+            if self.start is None:
+                self.start = h.start
             if self._spec.kind == "tc":
-                self._ctx = _ChunkContext.make(self.codec.info, self._spec, h.start, h.tokens, h.params.get("fine", []))
+                self._ctx = _ChunkContext.make(self.codec.info, self._spec, self.start, h.tokens, h.params.get("fine", []))
         if len(self._buf) > self._info.total_bytes:
             raise MalformedError(f"chunk has {len(self._buf) - self._info.total_bytes} bytes after its end")
         new = []
@@ -585,7 +611,7 @@ class IncrementalDecoder:
             if len(self._buf) < off + length + 8:
                 break
             body = check_section(self._buf, off, length, layer)
-            lkv = self.codec._decode_layer(self._spec, hdr, layer, body, self._ctx)
+            lkv = self.codec._decode_layer(self._spec, hdr, layer, body, self._ctx, self.start)
             self._keys[layer], self._values[layer] = lkv.keys, lkv.values
             lkv = LayerKV(layer, self._keys[layer], self._values[layer])
             self._layers.append(lkv)
@@ -597,4 +623,4 @@ class IncrementalDecoder:
             have = len(self._buf)
             need = self._info.total_bytes if self._info else "more"
             raise TruncatedError(f"chunk incomplete: {have} of {need} bytes")
-        return DecodedChunk(self._info.header, self._keys, self._values)
+        return DecodedChunk(self._info.header, self._keys, self._values, self.start)
