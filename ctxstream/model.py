@@ -94,9 +94,11 @@ def apply_rope(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     return _rotate(keys, cos, sin, 1.0)
 
 
-def invert_rope(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Undo :func:`apply_rope` (exact to float rounding when ``attention_scaling == 1``)."""
-    return _rotate(keys, cos, sin, -1.0)
+def invert_rope(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
+    """Undo :func:`apply_rope`. ``scaling`` is the ``attention_scaling`` folded into cos/sin (``yarn``):
+    rotating back with the same scaled cos/sin multiplies by ``scaling**2``, which is divided out here."""
+    out = _rotate(keys, cos, sin, -1.0)
+    return out / (scaling * scaling) if scaling != 1.0 else out
 
 
 def _file_lock(path: Path):

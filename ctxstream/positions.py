@@ -167,11 +167,7 @@ def strip_rope(keys: torch.Tensor, positions: Positions, info: ModelInfo) -> tor
     position ``positions[t]``); returns the same shape and dtype: the key projection's output
     before RoPE (``attention_scaling`` divided out, so exact for ``yarn`` too)."""
     cos, sin = _cos_sin(info, positions, keys)
-    out = invert_rope(keys.float(), cos, sin)  # = scaling**2 * pre-RoPE key
-    s = info.attention_scaling
-    if s != 1.0:
-        out = out / (s * s)
-    return out.to(keys.dtype)
+    return invert_rope(keys.float(), cos, sin, info.attention_scaling).to(keys.dtype)
 
 
 def apply_rope_at(keys: torch.Tensor, positions: Positions, info: ModelInfo) -> torch.Tensor:
@@ -186,10 +182,7 @@ def reposition(keys: torch.Tensor, old_positions: Positions, new_positions: Posi
     """Move keys rotated for ``old_positions`` to ``new_positions`` (``strip_rope`` then
     ``apply_rope_at``, in float32; one rounding to the keys' dtype). ``[..., tokens, head_dim]``."""
     cos, sin = _cos_sin(info, old_positions, keys)
-    pre = invert_rope(keys.float(), cos, sin)
-    s = info.attention_scaling
-    if s != 1.0:
-        pre = pre / (s * s)
+    pre = invert_rope(keys.float(), cos, sin, info.attention_scaling)
     cos, sin = _cos_sin(info, new_positions, keys)
     return apply_rope(pre, cos, sin).to(keys.dtype)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ctxstream.codec import Codec, CodecError
-from ctxstream.model import ByteTokenizer, ModelAdapter
+from ctxstream.model import ByteTokenizer, ModelAdapter, apply_rope, invert_rope, rope_cos_sin
 from ctxstream.positions import (
     NoRopeError,
     PositionError,
@@ -336,3 +336,19 @@ def test_gpu_decoder_decodes_at_another_start_like_the_cpu_codec(codec, tiny):
             torch.testing.assert_close(kb.float().cpu(), k_cpu, rtol=2e-2, atol=2e-2 * scale)
     with pytest.raises(ValueError):
         dec32.decode(blob, start=-2)
+
+
+def test_codec_round_trip_keeps_the_scale_of_yarn_keys(tmp_path):
+    """yarn folds an attention scaling != 1 into cos/sin: rotating keys back with the same cos/sin
+    multiplies them by scaling**2, which the transform-coded levels must divide out, or decoded keys
+    come out ~scaling**2 too large (1.48x here before the fix). The dead-zone quantiser only shrinks."""
+    m = _tiny_llama(ROPES["yarn"])
+    s = m.info.attention_scaling
+    assert s > 1.2
+    cos, sin = rope_cos_sin(m.info, torch.arange(8))
+    x = torch.randn(3, 8, m.info.head_dim)
+    torch.testing.assert_close(invert_rope(apply_rope(x, cos, sin), cos, sin, s), x, atol=1e-5, rtol=1e-5)
+    c = Codec.for_model(m, cache_dir=tmp_path)
+    keys, values = m.compute_kv(m.tokenize(TEXT * 2))
+    k, _ = c.decode(c.encode(keys, values, "q0", start=0))
+    assert 0.5 < (k.norm() / keys.norm()).item() < 1.02

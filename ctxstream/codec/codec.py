@@ -291,7 +291,7 @@ class Codec:
         blocks = -(-T // spec.block)
         sym = np.full((2, H, blocks * spec.block, D), ZERO_SYMBOL, np.uint8)
         escapes = []
-        for kv, x in ((0, invert_rope(k, ctx.cos, ctx.sin)), (1, v)):
+        for kv, x in ((0, invert_rope(k, ctx.cos, ctx.sin, self.info.attention_scaling)), (1, v)):
             coef = (x - lt.mean[kv, layer]) @ lt.analysis[kv, layer]  # [H, T, D]
             q = quantize(coef.mul_(ctx.inv_step), lt.deadzone)
             if n_sink:

@@ -195,17 +195,19 @@ def build_profile(adapter: ModelAdapter, *, context_tokens: int = DEFAULT_BUILD[
         ctx, cont = seg[:context_tokens], seg[context_tokens:]
         with torch.no_grad():
             k, v = adapter.compute_kv(ctx)
-        kpre = invert_rope(k.float(), cos, sin).requires_grad_(True)
+        k, v = k.cpu(), v.cpu()  # statistics on the CPU, whatever device the model runs on
+        kpre = invert_rope(k.float(), cos, sin, info.attention_scaling).requires_grad_(True)
         val = v.float().clone().requires_grad_(True)
         rotated = apply_rope(kpre, cos, sin)
         from transformers import DynamicCache
 
         cache = DynamicCache(config=adapter.model.config)
         for layer in range(L):
-            cache.update(rotated[layer][None].to(adapter.dtype), val[layer][None].to(adapter.dtype), layer)
+            cache.update(rotated[layer][None].to(adapter.device, adapter.dtype),
+                         val[layer][None].to(adapter.device, adapter.dtype), layer)
         with torch.enable_grad():
-            logits = adapter.model(input_ids=torch.tensor([cont]), past_key_values=cache).logits[0]
-            loss = torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(cont[1:]))
+            logits = adapter.model(input_ids=torch.tensor([cont], device=adapter.device), past_key_values=cache).logits[0]
+            loss = torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(cont[1:], device=logits.device))
             loss.backward()
         x = torch.stack([kpre.detach(), val.detach()])[:, :, :, SINK_TOKENS:].double()  # [2,L,H,T,D]
         g = torch.stack([kpre.grad, val.grad])[:, :, :, SINK_TOKENS:].double()
