@@ -444,9 +444,15 @@ class ContextLoader:
                     work.enqueue(i, cur.recompute_s)
                     items[i].set_result(_Item(TEXT, est_s=cur.recompute_s, queued_at=rel()))
                     continue
+                limit = policy.fetch_timeout_s(state, choice)  # the hedge: past it, abandon and recompute
+                t_fetch = time.perf_counter()
                 try:
-                    data, stats = await self._fetch_chunk(context_id, entry, choice, est)
-                except _FetchFailed as exc:
+                    fetch = self._fetch_chunk(context_id, entry, choice, est)
+                    data, stats = await (asyncio.wait_for(fetch, limit) if limit else fetch)
+                except (_FetchFailed, asyncio.TimeoutError) as exc:
+                    if not isinstance(exc, _FetchFailed):
+                        exc = _FetchFailed(f"hedge: fetch still running after {limit:.2f} s", 0, 0)
+                        row.fetch_s = time.perf_counter() - t_fetch
                     row.retries, row.bytes = exc.retries, exc.nbytes
                     row.error, row.recovered = str(exc), "recomputed"
                     report.failures.append({"chunk": i, "error": str(exc), "recovered": "recomputed"})

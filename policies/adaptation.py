@@ -33,13 +33,18 @@ import numpy as np
 TEXT = "text"
 Choice = str  # a level name or TEXT
 
-# Quality score of each choice (1.0 = exact): the share of the next 32 tokens whose argmax with the
-# KV at that level equals the argmax with exact KV, averaged over 1K, 4K and 8K eval contexts with
-# SmolLM2-135M and the codec of this version (bench/loader.py; fixed:<level> rows of
-# bench/results/loader.json). `slo` uses only the order; `mpc` maximises the token-weighted sum, so
-# the gaps matter. Pass ``quality=`` to the loader for scores measured for another model or codec.
+# Quality score of each choice (1.0 = exact): 1 - the relative perplexity increase of the next 32
+# tokens when the whole 1K-token context is loaded at that level, mean over 12 DEV contexts with
+# SmolLM2-135M and the codec of this version (bench/level_dppl.py -> bench/results/level-dppl-dev.json;
+# measured: fp16 -0.00%, quant8 -0.22%, q0 -0.05% (max +0.88%), q1 +1.52%, q2 +4.47%, q3 +13.8%,
+# q4 +37.6%). Means below the noise (fp16, quant8, q0) are floored at 0/0.1/0.2% so that the order
+# follows the bytes. The same file shows that recomputing the first one or two of four chunks from
+# text barely helps (text + 3 x q1: +1.41%; text x2 + q1: +1.26%): the chunks nearest the prompt
+# dominate, so ``mpc`` applies its bound chunk by chunk. Pass ``quality=`` to the loader for scores
+# measured for another model or codec.
 DEFAULT_QUALITY: Mapping[str, float] = MappingProxyType({
-    TEXT: 1.0, "fp16": 0.9999, "quant8": 0.999, "q0": 0.99, "q1": 0.97, "q2": 0.92, "q3": 0.75, "q4": 0.58,
+    TEXT: 1.0, "fp16": 1.0, "quant8": 0.999, "q0": 0.998, "q1": 0.9848, "q2": 0.9553, "q3": 0.8625,
+    "q4": 0.6243,
 })
 
 
@@ -162,6 +167,9 @@ class Policy:
     * For each chunk, in index order, the loader calls ``select(state)`` exactly once, before any
       byte of that chunk is requested; ``select`` must return a level in ``state.sizes_bytes`` or
       :data:`TEXT`, quickly (it is on the fetch path) and without I/O.
+    * For a level, the loader then asks ``fetch_timeout_s(state, choice)``: a fetch still running
+      after that many seconds is abandoned and the chunk recomputed from text (a hedge against
+      outages; ``None``, the default, waits for the fetch however long it takes).
     * After a chunk is in the cache the loader calls ``observe(feedback)`` (chunk order is not
       guaranteed relative to later ``select`` calls: fetching runs ahead of the compute worker).
     * All times are seconds, rates bits per second, sizes bytes.
@@ -171,6 +179,10 @@ class Policy:
 
     def select(self, state: ChunkState) -> Choice:
         raise NotImplementedError
+
+    def fetch_timeout_s(self, state: ChunkState, choice: Choice) -> float | None:
+        """Default: no hedge."""
+        return None
 
     def observe(self, feedback: ChunkFeedback) -> None:
         """Default: ignore feedback."""
@@ -195,80 +207,144 @@ class FixedPolicy(Policy):
         return self.choice
 
 
-class SloPolicy(Policy):
-    """CacheGen's rule: the best level whose expected time for *all remaining chunks* fits the
-    remaining budget (transfer and decode added up, no overlap), else text.
+class AdaptivePolicy(Policy):
+    """What the SLO-aware policies share (each subclass only adds its ``select`` rule):
 
-    Refinement: when text does not fit either, the faster of text and the smallest level.
+    * an expected rate ``min(forecast, rate of the previous fetch as this policy saw it)`` (the
+      previous fetch's rate is measured from ``elapsed_s`` between two ``select`` calls, so a fetch
+      that stalled lowers it at once, one abandoned by the hedge counts as ``1/hedge`` of its bytes,
+      and it holds over text chunks until the next fetch; the loader's estimator only learns from
+      whole bodies) and a robust rate: the expected one times ``margin``, divided by ``1 + recent
+      max forecast error`` (RobustMPC). The robust rate decides which plans fit the budget; the
+      expected rate ranks them by speed (a discounted rate would bias the ranking towards recompute);
+    * a budget of ``remaining_s * (1 - reserve)`` (the reserve covers the compute estimates);
+    * a hedge: a fetch running longer than ``max(hedge * expected, recompute_s, min_timeout_s)``,
+      or past the last moment from which recomputing all the chunks left would still meet the
+      budget, is abandoned and the chunk recomputed (outages happen mid-fetch: no forecast sees them).
+    """
+
+    def __init__(self, *, margin: float = 0.85, max_err: float = 4.0, reserve: float = 0.1,
+                 hedge: float = 3.0, min_timeout_s: float = 0.25):
+        self.margin, self.max_err, self.reserve = float(margin), float(max_err), float(reserve)
+        self.hedge, self.min_timeout_s = float(hedge), float(min_timeout_s)
+        self.last_plan: tuple[Choice, ...] = ()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pending: tuple[float, int, float | None] | None = None  # (elapsed_s at select, bytes, timeout)
+        self.last_fetch_bps = float("inf")  # rate of the last fetch as seen from here (kept across text chunks)
+        self.bps = 0.0  # the robust rate of the last select (decides what fits the budget)
+        self.expected_bps = 0.0  # min(forecast, previous fetch's rate): ranks plans by speed
+
+    def robust_bps(self, state: ChunkState) -> float:
+        """The rate plans are made with (also records the previous fetch's observed rate)."""
+        if state.index == 0:
+            self._reset()
+        if self._pending is not None:
+            t, nbytes, limit = self._pending
+            dt = state.elapsed_s - t - state.latency_s
+            if dt > 1e-3:
+                rate = nbytes * 8.0 / dt
+                if limit is not None and dt + state.latency_s >= 0.98 * limit:
+                    rate /= self.hedge  # abandoned by the hedge: only part of the bytes came (how much is unknown)
+                self.last_fetch_bps = rate
+            self._pending = None
+        bps = min(float(state.throughput_bps), self.last_fetch_bps)
+        err = min(max(0.0, state.throughput_err), self.max_err)
+        self.expected_bps = max(1.0, bps)
+        self.bps = max(1.0, bps * self.margin / (1.0 + err))
+        return self.bps
+
+    def budget_s(self, state: ChunkState) -> float:
+        return state.remaining_s * (1.0 - self.reserve) if state.remaining_s > 0 else state.remaining_s
+
+    def commit(self, state: ChunkState, choice: Choice, plan: Sequence[Choice] = ()) -> Choice:
+        self.last_plan = tuple(plan) or (choice,)
+        if choice != TEXT:
+            self._pending = (state.elapsed_s, int(state.sizes_bytes[choice]), self.fetch_timeout_s(state, choice))
+        return choice
+
+    def fetch_timeout_s(self, state: ChunkState, choice: Choice) -> float | None:
+        if choice == TEXT or choice not in state.sizes_bytes:
+            return None
+        bps = self.bps or max(1.0, state.throughput_bps)
+        expected = state.latency_s + state.sizes_bytes[choice] * 8.0 / bps
+        limit = max(self.hedge * expected, state.recompute_s, self.min_timeout_s)
+        # and no later than the last moment from which recomputing everything left still meets the SLO
+        slack = self.budget_s(state) - finish_time_s(state, [TEXT] * len(state.chunks), bps)
+        if slack > 0:
+            limit = min(limit, max(slack, self.min_timeout_s))
+        return limit
+
+
+class SloPolicy(AdaptivePolicy):
+    """CacheGen's rule on the pipelined timing model: the best-quality plan that fits the budget.
+
+    Plans: every remaining chunk at one level, or this chunk recomputed from text (on the compute
+    worker, while the network fetches the rest) and the rest at one level, or all text. The plan
+    with the highest token-weighted quality whose :func:`finish_time_s` at the robust rate fits the
+    budget wins (equal quality: the earlier finish at the expected rate); if none fits, the earliest
+    finish. Quality first: it spends the budget on quality (lossless when it fits), where ``mpc``
+    spends it on speed.
     """
 
     name = "slo"
 
     def select(self, state: ChunkState) -> Choice:
-        budget = state.remaining_s
-        for level in state.levels:
-            if serial_time_s(state, level) <= budget:
-                return level
-        text_s = serial_time_s(state, TEXT)
-        if text_s <= budget or not state.levels:
-            return TEXT
-        fastest = min(state.levels, key=lambda lv: serial_time_s(state, lv))
-        return TEXT if text_s <= serial_time_s(state, fastest) else fastest
+        bps = self.robust_bps(state)
+        budget = self.budget_s(state)
+        n = len(state.chunks)
+        plans = [(lv,) * n for lv in state.levels] + [(TEXT,) + (lv,) * (n - 1) for lv in state.levels]
+        plans.append((TEXT,) * n)
+        weights = [c.tokens for c in state.chunks]
+        scored = [(finish_time_s(state, p, self.expected_bps), sum(quality_of(c, state.quality) * w
+                                                                   for c, w in zip(p, weights)), p)
+                  for p in plans]
+        fits = [s for s, p in zip(scored, plans) if finish_time_s(state, p, bps) <= budget]
+        if fits:
+            _, _, plan = max(fits, key=lambda s: (round(s[1], 9), -s[0]))
+        else:
+            _, _, plan = min(scored, key=lambda s: (round(s[0], 9), -s[1]))
+        return self.commit(state, plan[0], plan)
 
 
-class MpcPolicy(Policy):
-    """Model-predictive control over all remaining chunks (RobustMPC-style).
+class MpcPolicy(AdaptivePolicy):
+    """Model-predictive control over all remaining chunks: the fastest plan within the quality bound.
 
-    The forecast is discounted by the recent maximum relative error: ``bps / (1 + err)``.
     Candidate plans for the remaining chunks: any choice for this chunk; then ``k`` text chunks
-    (recomputed on the CPU while the network fetches the rest); then ``r`` chunks at a level A and
-    the rest at the next lower level B -- for a grid of ``k``, every adjacent pair (A, B) and every
-    ``r`` up to 16 chunks (1/16 steps of the tail beyond), so any uniform level and mixes of two
-    neighbours. Each plan's finish time is
-    simulated as in :func:`finish_time_s` (fetch and recompute overlap, decode after arrival). The
-    plan with the highest token-weighted quality that finishes within the budget wins (ties: the
-    earlier finish); if none fits, the earliest finish. Only its first choice is used; the next
-    chunk plans again with fresh estimates. ``last_plan`` keeps the plan (for inspection).
+    (recomputed while the network fetches the rest); then ``r`` chunks at a level B and the rest at
+    the next better level A (the chunks nearest the prompt matter most) -- for a grid of ``k``, every adjacent pair (A, B) and every ``r`` up to
+    16 chunks (1/16 steps of the tail beyond). Each plan's finish time is simulated as in
+    :func:`finish_time_s` (fetch and recompute overlap, decode after arrival), at the robust rate
+    (does it fit?) and at the expected rate (how fast is it?).
 
-    The budget is ``remaining_s * (1 - reserve)``: the error discount covers the network forecast,
-    the reserve covers the compute estimates (the plan otherwise ends exactly at the deadline).
+    Objective, re-planned at every chunk (only the first choice is used): among the plans that fit
+    the budget and use only choices whose perplexity increase is within ``max_loss`` (quality >=
+    1 - max_loss, chunk by chunk: on the dev split mixing text into a plan does not rescue a lossier
+    level, the chunks nearest the prompt dominate, see ``DEFAULT_QUALITY``), the earliest finish
+    (ties: the better token-weighted quality); if no such plan fits, the best quality that fits
+    (ties: the earlier finish); if nothing fits, the earliest finish. ``last_plan`` keeps the plan.
     """
 
     name = "mpc"
     K_GRID = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
     R_STEPS = 16
 
-    def __init__(self, *, safety: float = 1.0, max_err: float = 4.0, reserve: float = 0.05):
-        self.safety = float(safety)  # multiplier on the error discount
-        self.max_err = float(max_err)
-        self.reserve = float(reserve)  # fraction of the remaining budget kept for compute-estimate errors
-        self.last_plan: tuple[Choice, ...] = ()
-
-    def robust_bps(self, state: ChunkState) -> float:
-        err = min(max(0.0, state.throughput_err), self.max_err) * self.safety
-        return max(1.0, state.throughput_bps / (1.0 + err))
+    def __init__(self, *, max_loss: float = 0.01, **kw):
+        super().__init__(**kw)
+        self.max_loss = float(max_loss)
 
     def select(self, state: ChunkState) -> Choice:
+        bps = self.robust_bps(state)
         levels = list(state.levels)
         if not levels:
-            self.last_plan = (TEXT,) * state.num_chunks
-            return TEXT
+            return self.commit(state, TEXT, (TEXT,) * len(state.chunks))
         nl = len(levels)
         options = levels + [TEXT]
         chunks = state.chunks
         rest = chunks[1:]
         m = len(rest)
-        bps = self.robust_bps(state)
-        budget = state.remaining_s * (1.0 - self.reserve) if state.remaining_s > 0 else state.remaining_s
-        # shortcut (most decisions on fast links): the best level fits everything and text could add
-        # almost nothing over it
-        top = levels[0]
-        if quality_of(TEXT, state.quality) - quality_of(top, state.quality) < 1e-3 and \
-                finish_time_s(state, [top] * len(chunks), bps) <= budget:
-            self.last_plan = (top,) * len(chunks)
-            return top
-        # the plan grid: first option o, k text chunks, pair (A = levels[j], B = levels[j+1]), r chunks
-        # at A (every r for short tails, R_STEPS fractions of the tail for long ones)
+        budget = self.budget_s(state)
         ks = np.array(sorted({k for k in self.K_GRID if k <= m} | {m}))
         pairs = max(1, nl - 1)
         if m <= self.R_STEPS:
@@ -283,38 +359,43 @@ class MpcPolicy(Policy):
         a_idx = j_a
         b_idx = np.minimum(j_a + 1, nl - 1)
         qual = np.array([quality_of(o, state.quality) for o in options])
-        # this chunk
         cur = chunks[0]
         is_text0 = o_a == nl
         size0 = np.array([cur.sizes_bytes[lv] for lv in levels] + [0], dtype=float)[o_a]
         work0 = np.array([cur.decode_s.get(lv, 0.0) for lv in levels] + [cur.recompute_s])[o_a]
         backlog = max(0.0, state.compute_backlog_s)
-        net = np.where(is_text0, 0.0, state.latency_s + size0 * 8.0 / bps)
+        rates = np.array([bps, self.expected_bps])[:, None]  # row 0: robust (fits?), row 1: expected (how fast)
+        net = np.where(is_text0, 0.0, state.latency_s + size0 * 8.0 / rates)
         cpu = np.where(is_text0, backlog, np.maximum(backlog, net)) + work0
         score = qual[o_a] * cur.tokens
+        worst = qual[o_a]
         for idx, info in enumerate(rest):
             text_here = idx < k_a
-            lvl = np.where(idx < k_a + r_a, a_idx, b_idx)
+            lvl = np.where(idx < k_a + r_a, b_idx, a_idx)
             sizes = np.array([info.sizes_bytes.get(lv, 0) for lv in levels], dtype=float)
             dec = np.array([info.decode_s.get(lv, 0.0) for lv in levels])
-            net_new = net + state.latency_s + sizes[lvl] * (8.0 / bps)
+            net_new = net + state.latency_s + sizes[lvl] * 8.0 / rates
             cpu = np.where(text_here, cpu + info.recompute_s, np.maximum(cpu, net_new) + dec[lvl])
             net = np.where(text_here, net, net_new)
-            score = score + info.tokens * np.where(text_here, qual[-1], qual[lvl])
-        feasible = cpu <= budget
-        if feasible.any():
-            # highest score; among (near-)equal scores the earliest finish
-            best_score = score[feasible].max()
-            cand = feasible & (score >= best_score - 1e-9 * max(1.0, abs(best_score)))
-            i = int(np.flatnonzero(cand)[np.argmin(cpu[cand])])
-        else:
-            cand = cpu <= cpu.min() + 1e-9
-            i = int(np.flatnonzero(cand)[np.argmax(score[cand])])
+            q_here = np.where(text_here, qual[-1], qual[lvl])
+            score = score + info.tokens * q_here
+            worst = np.minimum(worst, q_here)
+        feasible = cpu[0] <= budget
+        good = feasible & (worst >= 1.0 - self.max_loss - 1e-12)
+        t_key, q_key = np.round(cpu[1], 9), np.round(score, 6)
+        if good.any():  # fastest within the bound, then the better quality
+            cand = np.flatnonzero(good)
+            i = int(cand[np.lexsort((-q_key[cand], t_key[cand]))[0]])
+        elif feasible.any():  # best quality that fits, then the earlier finish
+            cand = np.flatnonzero(feasible)
+            i = int(cand[np.lexsort((t_key[cand], -q_key[cand]))[0]])
+        else:  # nothing fits: the earliest finish, then the better quality
+            cand = np.arange(len(t_key))
+            i = int(cand[np.lexsort((-q_key, t_key))[0]])
         k, r = int(k_a[i]), int(r_a[i])
         first = options[int(o_a[i])]
-        self.last_plan = (first, *([TEXT] * k), *([levels[int(a_idx[i])]] * r),
-                          *([levels[int(b_idx[i])]] * (m - k - r)))
-        return first
+        plan = (first, *([TEXT] * k), *([levels[int(b_idx[i])]] * r), *([levels[int(a_idx[i])]] * (m - k - r)))
+        return self.commit(state, first, plan)
 
 
 # ------------------------------------------------------------------------------------ registry
@@ -362,6 +443,6 @@ register_policy("quant8", lambda: FixedPolicy("quant8"))
 
 __all__ = [
     "TEXT", "Choice", "DEFAULT_QUALITY", "quality_of", "PolicyError", "ChunkInfo", "ChunkState",
-    "ChunkFeedback", "finish_time_s", "serial_time_s", "Policy", "FixedPolicy", "SloPolicy",
+    "ChunkFeedback", "finish_time_s", "serial_time_s", "Policy", "FixedPolicy", "AdaptivePolicy", "SloPolicy",
     "MpcPolicy", "register_policy", "policy_names", "make_policy",
 ]

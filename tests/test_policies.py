@@ -35,12 +35,12 @@ def chunks(n=8, tokens=256, fp16_bytes=6_000_000, decode_s=0.02, recompute_s=0.5
     return out
 
 
-def state_at(infos, i, *, remaining_s, bps, err=0.0, backlog_s=0.0, latency_s=0.0):
+def state_at(infos, i, *, remaining_s, bps, err=0.0, backlog_s=0.0, latency_s=0.0, elapsed_s=0.0):
     c = infos[i]
     return ChunkState(index=i, num_chunks=len(infos), tokens=c.tokens, sizes_bytes=c.sizes_bytes,
                       decode_s=c.decode_s, recompute_s=c.recompute_s, remaining_s=remaining_s,
                       throughput_bps=bps, throughput_err=err, latency_s=latency_s, compute_backlog_s=backlog_s,
-                      upcoming=tuple(infos[i + 1:]))
+                      elapsed_s=elapsed_s, upcoming=tuple(infos[i + 1:]))
 
 
 def simulate(policy: Policy, infos, *, bps, slo_s, forecast_bps=None, err=0.0):
@@ -66,6 +66,46 @@ def simulate(policy: Policy, infos, *, bps, slo_s, forecast_bps=None, err=0.0):
         policy.observe(ChunkFeedback(index=i, choice=choice, final=choice))
     quality = sum(quality_of(c) * inf.tokens for c, inf in zip(choices, infos)) / sum(i.tokens for i in infos)
     return max(cpu_free, t_net), quality, choices
+
+
+def transfer_end(t0, nbytes, rate, dt=0.002, cap_s=1000.0):
+    """When ``nbytes`` started at ``t0`` have crossed a link of rate ``rate(t)`` bits/s."""
+    t, left = t0, nbytes * 8.0
+    while left > 0 and t < t0 + cap_s:
+        left -= rate(t) * dt
+        t += dt
+    return t
+
+
+def simulate_link(policy: Policy, infos, rate, *, slo_s, prior_bps, window=5):
+    """A whole load over a time-varying link ``rate(t)``, as the loader runs it: the forecast is the
+    harmonic mean of the last ``window`` fetch rates (``prior_bps`` before any), ``elapsed_s`` is real,
+    and a fetch past the policy's ``fetch_timeout_s`` is abandoned and the chunk recomputed.
+    Returns (finish_s, chosen, final) per chunk."""
+    t, cpu_free, rates, chosen, final = 0.0, 0.0, [], [], []
+    for i, info in enumerate(infos):
+        recent = rates[-window:]
+        fc = len(recent) / sum(1.0 / r for r in recent) if recent else prior_bps
+        st = state_at(infos, i, remaining_s=slo_s - t, bps=fc, backlog_s=max(0.0, cpu_free - t), elapsed_s=t)
+        c = policy.select(st)
+        assert c == TEXT or c in info.sizes_bytes
+        chosen.append(c)
+        if c == TEXT:
+            cpu_free = max(cpu_free, t) + info.recompute_s
+            final.append(TEXT)
+            continue
+        limit = policy.fetch_timeout_s(st, c)
+        end = transfer_end(t, info.sizes_bytes[c], rate, cap_s=(limit or 1000.0) + 0.01)
+        if limit is not None and end - t > limit:  # hedge: give up, recompute
+            t += limit
+            cpu_free = max(cpu_free, t) + info.recompute_s
+            final.append(TEXT)
+            continue
+        rates.append(info.sizes_bytes[c] * 8.0 / max(end - t, 1e-6))
+        t = end
+        cpu_free = max(cpu_free, t) + info.decode_s[c]
+        final.append(c)
+    return max(cpu_free, t), chosen, final
 
 
 # ----------------------------------------------------------------------------------- registry
@@ -163,56 +203,6 @@ def test_slo_falls_back_to_text_or_fastest():
     assert SloPolicy().select(state_at(infos, 0, remaining_s=0.1, bps=1e6)) == TEXT
 
 
-def test_slo_counts_compute_backlog():
-    infos = chunks(2, fp16_bytes=1_000_000, decode_s=0.0, recompute_s=100.0)
-    free = SloPolicy().select(state_at(infos, 0, remaining_s=1.0, bps=1e8))
-    busy = SloPolicy().select(state_at(infos, 0, remaining_s=1.0, bps=1e8, backlog_s=0.9))
-    assert free == "fp16" and quality_of(busy) < quality_of(free)
-
-
-# ----------------------------------------------------------------------------------- mpc
-def test_mpc_uses_recompute_in_parallel_with_fetch():
-    """Network alone and CPU alone both miss the SLO; splitting the chunks between them meets it."""
-    infos = chunks(8, fp16_bytes=2_000_000, decode_s=0.01, recompute_s=0.5)
-    # q4 = 40 kB per chunk = 0.32 s at 1 Mbit/s -> 8 chunks 2.6 s; text 8 * 0.5 = 4 s; SLO 2 s
-    finish_slo, q_slo, _ = simulate(SloPolicy(), infos, bps=1e6, slo_s=2.0)
-    finish_mpc, q_mpc, choices = simulate(MpcPolicy(), infos, bps=1e6, slo_s=2.0)
-    assert finish_slo > 2.0
-    assert finish_mpc <= 2.0, choices
-    assert TEXT in choices and any(c != TEXT for c in choices)
-    assert choices[0] == TEXT  # recompute the cheap first chunks while the network fetches the rest
-
-
-def test_mpc_never_worse_than_slo_over_a_rate_sweep():
-    infos = chunks(10, fp16_bytes=3_000_000, decode_s=0.02, recompute_s=0.4, recompute_growth=0.1)
-    strictly_better = 0
-    for bps in (3e5, 1e6, 3e6, 1e7, 3e7, 1e8, 3e8, 1e9, 3e9):
-        for slo_s in (1.0, 3.0):
-            f_s, q_s, _ = simulate(SloPolicy(), infos, bps=bps, slo_s=slo_s)
-            f_m, q_m, ch = simulate(MpcPolicy(), infos, bps=bps, slo_s=slo_s)
-            if f_s <= slo_s:
-                assert f_m <= slo_s + 1e-9, (bps, slo_s, ch)
-                assert q_m >= q_s - 1e-9, (bps, slo_s, q_m, q_s, ch)
-            if f_m <= slo_s and (f_s > slo_s or q_m > q_s + 1e-6):
-                strictly_better += 1
-    assert strictly_better >= 3
-
-
-def test_mpc_discounts_forecast_by_error():
-    infos = chunks(8, recompute_s=10.0)
-    calm, jumpy = MpcPolicy(), MpcPolicy()
-    calm.select(state_at(infos, 0, remaining_s=2.2, bps=2e8, err=0.0))
-    jumpy.select(state_at(infos, 0, remaining_s=2.2, bps=2e8, err=1.5))
-    plan_quality = lambda p: sum(quality_of(c) for c in p.last_plan)  # noqa: E731
-    assert calm.last_plan == ("fp16",) * 8
-    assert plan_quality(jumpy) < plan_quality(calm)
-    # with an over-optimistic forecast (real rate 1/3 of it), the error discount rescues the SLO
-    _, _, _ = simulate(MpcPolicy(), infos, bps=1e8, slo_s=3.0)
-    f_naive, _, _ = simulate(MpcPolicy(), infos, bps=1e8 / 3, slo_s=3.0, forecast_bps=1e8)
-    f_robust, _, _ = simulate(MpcPolicy(), infos, bps=1e8 / 3, slo_s=3.0, forecast_bps=1e8, err=2.0)
-    assert f_robust <= 3.0 < f_naive
-
-
 def test_mpc_infeasible_minimises_finish_time_and_plans_whole_context():
     infos = chunks(6, recompute_s=1.0)
     p = MpcPolicy()
@@ -231,3 +221,147 @@ def test_all_policies_return_offered_choices():
                 for i in range(5):
                     c = make_policy(name).select(state_at(infos, i, remaining_s=rem, bps=bps))
                     assert c == TEXT or c in infos[i].sizes_bytes
+
+
+# ----------------------------------------------------------------------------------- new rules
+def test_slo_recomputes_while_fetching_when_recompute_is_cheap():
+    """Network alone and CPU alone both miss the SLO; slo's text-now-then-levels plans meet it."""
+    infos = chunks(4, fp16_bytes=2_000_000, decode_s=0.01, recompute_s=0.5)
+    # fp16 = 2 MB per chunk = 1.6 s at 10 Mbit/s; text 4 x 0.5 = 2 s; SLO 1.9 s
+    finish, q, choices = simulate(SloPolicy(), infos, bps=1e7, slo_s=1.9)
+    assert finish <= 1.9, choices
+    assert TEXT in choices and any(c != TEXT for c in choices)
+    assert choices[0] == TEXT
+
+
+def test_slo_is_quality_first_and_lossless_when_it_fits():
+    infos = chunks(4, fp16_bytes=1_000_000, decode_s=0.0, recompute_s=100.0)
+    p = SloPolicy()
+    assert p.select(state_at(infos, 0, remaining_s=10.0, bps=1e8)) == "fp16"
+    assert set(p.last_plan) == {"fp16"}
+
+
+def test_mpc_mixes_text_and_levels_when_recompute_is_cheap():
+    """A cheap-recompute state (the CPU/135M regime of the dev replay): the fastest plan within the
+    quality bound recomputes the first chunks while the network fetches the rest at q0."""
+    infos = chunks(4, fp16_bytes=6_000_000, decode_s=0.03, recompute_s=0.55)
+    p = MpcPolicy()
+    st = state_at(infos, 0, remaining_s=6.0, bps=4e7)  # a q0 chunk (1.08 MB) takes 0.22 s
+    c = p.select(st)
+    assert c == TEXT and TEXT in p.last_plan and any(x != TEXT for x in p.last_plan), p.last_plan
+    assert all(x in (TEXT, "fp16", "quant8", "q0") for x in p.last_plan)  # within 1% chunk by chunk
+    mixed = finish_time_s(st, p.last_plan, p.expected_bps)
+    for uniform in ([TEXT] * 4, ["q0"] * 4, ["fp16"] * 4):
+        assert mixed < finish_time_s(st, uniform, p.expected_bps)
+    # slo spends the same budget on quality instead: lossless plan, later finish
+    s = SloPolicy()
+    s.select(st)
+    assert all(x in (TEXT, "fp16") for x in s.last_plan)
+    assert finish_time_s(st, s.last_plan, s.expected_bps) > mixed
+
+
+def test_mpc_is_fastest_within_bound_and_falls_back_to_best_quality_that_fits():
+    infos = chunks(6, fp16_bytes=3_000_000, decode_s=0.02, recompute_s=5.0)  # recompute too slow to help
+    # generous budget: q0 (the cheapest choice within 1%) everywhere, not fp16
+    p = MpcPolicy()
+    assert p.select(state_at(infos, 0, remaining_s=30.0, bps=1e8)) == "q0" and set(p.last_plan) == {"q0"}
+    # a budget only q1..q4 can meet: the best quality that fits (not the fastest)
+    st = state_at(infos, 0, remaining_s=1.2, bps=1e7)  # uniform q2 (180 kB/chunk) takes 1.04 s
+    p = MpcPolicy()
+    p.select(st)
+    assert finish_time_s(st, p.last_plan, p.bps) <= 1.2 * 0.9
+    assert "q4" not in p.last_plan and "q3" not in p.last_plan and set(p.last_plan) & {"q1", "q2"}
+    assert sum(map(quality_of, p.last_plan)) >= 6 * quality_of("q2")
+
+
+def test_mpc_finishes_no_later_than_slo_over_a_rate_sweep():
+    infos = chunks(10, fp16_bytes=3_000_000, decode_s=0.02, recompute_s=0.4, recompute_growth=0.1)
+    faster = 0
+    for bps in (3e5, 1e6, 3e6, 1e7, 3e7, 1e8, 3e8, 1e9, 3e9):
+        for slo_s in (1.0, 3.0):
+            f_s, q_s, _ = simulate(SloPolicy(), infos, bps=bps, slo_s=slo_s)
+            f_m, q_m, ch = simulate(MpcPolicy(), infos, bps=bps, slo_s=slo_s)
+            if f_s <= slo_s:  # whenever slo meets the SLO, so does mpc
+                assert f_m <= slo_s + 1e-9, (bps, slo_s, ch)
+            if all(c in (TEXT, "fp16", "quant8", "q0") for c in ch):
+                assert q_m >= 1 - 0.01
+            faster += f_m < f_s - 1e-6
+    assert faster >= 5  # and it is often faster (it spends the slack on speed, slo on quality)
+
+
+def test_mpc_discounts_forecast_by_error():
+    infos = chunks(8, recompute_s=10.0)
+    calm, jumpy = MpcPolicy(), MpcPolicy()
+    calm.select(state_at(infos, 0, remaining_s=0.6, bps=2e8, err=0.0))
+    jumpy.select(state_at(infos, 0, remaining_s=0.6, bps=2e8, err=1.5))
+    assert jumpy.bps == pytest.approx(calm.bps / 2.5)
+    assert calm.last_plan == ("q0",) * 8
+    assert sum(quality_of(c) for c in jumpy.last_plan) < sum(quality_of(c) for c in calm.last_plan)
+    # with an over-optimistic forecast (real rate 1/3 of it), the error discount rescues the SLO
+    f_naive, _, _ = simulate(MpcPolicy(), infos, bps=1e8 / 3, slo_s=1.5, forecast_bps=1e8)
+    f_robust, _, _ = simulate(MpcPolicy(), infos, bps=1e8 / 3, slo_s=1.5, forecast_bps=1e8, err=2.0)
+    assert f_robust <= 1.5 < f_naive
+
+
+def test_adaptive_policies_downgrade_when_bandwidth_drops_mid_load():
+    """The rate falls 10x after 0.1 s; the forecast (harmonic mean of past fetches) lags, but the
+    policy sees the slow fetch from elapsed_s at its next decision and downgrades."""
+    infos = chunks(8, fp16_bytes=2_000_000, decode_s=0.01, recompute_s=3.0)  # recompute expensive
+    rate = lambda t: 1e8 if t < 0.1 else 1e7  # noqa: E731
+    for make in (SloPolicy, MpcPolicy):
+        p = make(hedge=1e9)  # no hedge here: only the rate estimate is under test
+        finish, chosen, _ = simulate_link(p, infos, rate, slo_s=1.0, prior_bps=1e8)
+        assert TEXT not in chosen
+        size = lambda c: infos[0].sizes_bytes[c]  # noqa: E731
+        assert min(size(c) for c in chosen[1:]) < size(chosen[0]) / 2, (make.name, chosen)
+        assert finish <= 1.0, (make.name, chosen, finish)
+
+
+def test_margin_keeps_mpc_under_the_slo_on_a_trace_with_dips():
+    """Dips to 3/8 of the rate half of the time (100 ms period), SLO tight enough that the plans
+    end near it: the robust rate (margin, error discount, reserve) meets the SLO from every start
+    phase; the same policy without them misses some."""
+    infos = chunks(8, fp16_bytes=3_000_000, decode_s=0.02, recompute_s=3.0)
+    slo_s = 0.4
+    met_robust = met_naive = 0
+    phases = [k * 0.1 / 12 for k in range(12)]
+    for ph in phases:
+        rate = lambda t, ph=ph: 8e7 if ((t + ph) % 0.1) < 0.05 else 3e7  # noqa: E731
+        f_r, _, _ = simulate_link(MpcPolicy(hedge=1e9), infos, rate, slo_s=slo_s, prior_bps=8e7)
+        f_n, _, _ = simulate_link(MpcPolicy(hedge=1e9, margin=1.0, reserve=0.0, max_err=0.0), infos, rate,
+                                  slo_s=slo_s, prior_bps=8e7)
+        met_robust += f_r <= slo_s
+        met_naive += f_n <= slo_s
+    assert met_robust == len(phases) and met_naive < len(phases), (met_robust, met_naive)
+
+
+def test_hedge_recovers_from_an_outage_mid_fetch():
+    """The link dies for 20 s at t = 0.3 s; waiting for the fetch misses the SLO, the hedge
+    abandons it, recomputes, and goes on with text (the next fetch looks hopeless)."""
+    infos = chunks(4, fp16_bytes=6_000_000, decode_s=0.03, recompute_s=0.55)
+    rate = lambda t: 0.0 if 0.3 <= t < 20.3 else 6e7  # noqa: E731
+    for make in (SloPolicy, MpcPolicy):
+        f_hedged, chosen, final = simulate_link(make(), infos, rate, slo_s=6.0, prior_bps=6e7)
+        f_wait, _, _ = simulate_link(make(hedge=1e9, min_timeout_s=1e9), infos, rate, slo_s=6.0, prior_bps=6e7)
+        assert f_hedged <= 6.0 < f_wait, (make.name, chosen, final, f_hedged)
+        assert final.count(TEXT) > chosen.count(TEXT)  # at least one fetch was abandoned
+        first = next(i for i, (c, f) in enumerate(zip(chosen, final)) if c != f)
+        assert all(c == TEXT for c in chosen[first + 1:])  # and the link is then taken as (nearly) dead
+
+
+def test_fetch_timeout_is_a_hedge_only_for_adaptive_policies():
+    infos = chunks(2, fp16_bytes=1_000_000, recompute_s=0.5)
+    st = state_at(infos, 0, remaining_s=10.0, bps=8e6, latency_s=0.01)
+    p = MpcPolicy()
+    p.select(st)
+    small, big = p.fetch_timeout_s(st, "q4"), p.fetch_timeout_s(st, "fp16")
+    assert small >= 0.5 and big > small  # never below recomputing the chunk; grows with the bytes
+    assert big == pytest.approx(3.0 * (0.01 + 1_000_000 * 8 / p.bps))
+    assert p.fetch_timeout_s(st, TEXT) is None
+    assert make_policy("fixed:q2").fetch_timeout_s(st, "q2") is None
+    # little slack: no later than the moment from which recomputing both chunks (1 s) still meets it
+    tight = dataclasses.replace(st, remaining_s=1.5)
+    assert p.fetch_timeout_s(tight, "fp16") == pytest.approx(1.5 * 0.9 - 1.0)
+    # no slack at all (even recompute misses): the plain hedge
+    assert p.fetch_timeout_s(dataclasses.replace(st, remaining_s=0.5), "fp16") == pytest.approx(big)
+

@@ -320,6 +320,7 @@ def run_experiment(exp: Experiment, out_dir: str | os.PathLike, *, adapter=None,
     todo = [p for p in plan if run_id(p[0], p[1].name, p[3], p[4][0], p[5]) not in done]
     meta_path = out / "experiment.json"
     meta = {"experiment": {k: v for k, v in exp.__dict__.items()}, "model": adapter.info.name,
+            "host": host_info(),
             "profile": getattr(codec.profile, "id", None), "torch_threads": torch.get_num_threads(),
             "traces": [{"name": t.name, "scale": f, "median_mbps": median_bps(t) / 1e6, "mean_mbps": t.mean_bps / 1e6,
                         "duration_s": t.duration_s} for t, f in traces]}
@@ -365,7 +366,36 @@ def run_experiment(exp: Experiment, out_dir: str | os.PathLike, *, adapter=None,
         if link is not None:
             link.close()
     summary["seconds"] = time.perf_counter() - t_all
+    meta["host_end"] = host_info()
+    meta["seconds"] = summary["seconds"]
+    meta_path.write_text(json.dumps(meta, indent=1, default=str))
     return summary
+
+
+def host_info() -> dict:
+    """The machine and its load right now (other jobs share it: timings depend on it)."""
+    import platform
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        uptime = Path("/proc/uptime").read_text().split()[0]
+    except OSError:
+        uptime = None
+    return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(), "loadavg": list(os.getloadavg()),
+            "uptime_s": uptime, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+# compute speed relative to the calibration, carried from run to run (the loader corrects its
+# calibrated estimates online within a load; a client that has loaded before on this machine starts
+# from what it last measured, as the warm throughput prior does for the link)
+_WARM_FACTORS = {"recompute": 1.0, "decode": 1.0}
 
 
 async def _run_all(exp, url, adapter, codec, windows, todo, reuse, out, score, quality, link, TraceShaper,
@@ -435,6 +465,9 @@ async def _one_run(exp, url, adapter, codec, cid, cont, tr, start, pol, slo_s, l
         shaper = TraceShaper(tr, start, exp.time_scale)
     async with ContextLoader(url, model=adapter, policy=pol, slo_s=slo_s, token=TOKEN, shaper=shaper, codec=codec,
                              prior_bps=prior) as cl:
+        cl.recompute_factor, cl.decode_factor = _WARM_FACTORS["recompute"], _WARM_FACTORS["decode"]
+        factors = {"recompute_factor": cl.recompute_factor, "decode_factor": cl.decode_factor,
+                   "load1": os.getloadavg()[0]}
         if link is not None:
             follower = link.follow(tr, start, exp.time_scale)
         try:
@@ -444,8 +477,9 @@ async def _one_run(exp, url, adapter, codec, cid, cont, tr, start, pol, slo_s, l
         finally:
             if follower is not None:
                 follower.stop()
+            _WARM_FACTORS.update(recompute=cl.recompute_factor, decode=cl.decode_factor)
     rep = res.report
-    row = _row_from_report(rep, {"slo_met": bool(rep.ttft_s <= slo_s)})
+    row = _row_from_report(rep, {"slo_met": bool(rep.ttft_s <= slo_s), **factors})
     logp, target = score(adapter, res, cont)
     q = quality(logp, target, ref_logp)
     q["ppl_exact"] = q["ppl"] - q["dppl"]

@@ -67,12 +67,20 @@ def summarize(rows: list[dict], by_slo: bool = False) -> list[dict]:
                 "ttft_mean": _mean(ok), "ttft_p95": _p95(ok),
                 "dppl": _mean([r.get("dppl") for r in g]), "dppl_rel": _mean([r.get("dppl_rel") for r in g]),
                 "top1": _mean([r.get("top1") for r in g]), "mb": _mean([(r.get("bytes") or 0) / 1e6 for r in g]),
+                "recompute": _recompute_share(g),
             })
     return out
 
 
+def _recompute_share(rows) -> float | None:
+    """Share of the chunks that ended up recomputed from text (chosen, or after an abandoned fetch)."""
+    ch = [c["final"] for r in rows for c in r.get("chunks") or []]
+    return sum(1 for c in ch if c == "text") / len(ch) if ch else None
+
+
 def table_md(summary: list[dict], by_slo: bool = False) -> str:
-    head = "| policy |" + (" SLO |" if by_slo else "") + " runs | SLO met | mean TTFT s | p95 TTFT s | dppl | dppl % | top-1 | MB |"
+    head = "| policy |" + (" SLO |" if by_slo else "") + \
+        " runs | SLO met | mean TTFT s | p95 TTFT s | dppl | dppl % | top-1 | MB | recomputed |"
     sep = "|" + "---|" * (head.count("|") - 1)
     lines = [head, sep]
     for s in summary:
@@ -81,7 +89,7 @@ def table_md(summary: list[dict], by_slo: bool = False) -> str:
             f" {s['runs']}{' (' + str(s['aborted']) + ' aborted)' if s['aborted'] else ''} | {s['attainment'] * 100:.0f}% |"
             f" {_fmt(s['ttft_mean'])} | {_fmt(s['ttft_p95'])} | {_fmt(s['dppl'], '+.3f')} |"
             f" {_fmt(None if s['dppl_rel'] is None else s['dppl_rel'] * 100, '+.2f')} | {_fmt(s['top1'], '.3f')} |"
-            f" {_fmt(s['mb'], '.1f')} |")
+            f" {_fmt(s['mb'], '.1f')} | {_fmt(None if s['recompute'] is None else s['recompute'] * 100, '.0f')}% |")
     return "\n".join(lines)
 
 
@@ -119,10 +127,28 @@ def targets(rows: list[dict], summary: list[dict]) -> list[str]:
                        f"{_fmt(None if q is None else q * 100, '+.2f')}% (target within 1%: "
                        f"{'met' if q is not None and abs(q) <= 0.01 else 'NOT met'})")
     for pol in ADAPTIVE:
-        ch = [c["final"] for r in rows if r["policy"] == pol and "reused_from" not in r for c in r.get("chunks") or []]
-        if ch:
-            out.append(f"- `{pol}` recomputed {sum(1 for c in ch if c == 'text') / len(ch) * 100:.0f}% of its chunks "
-                       f"from text (all SLOs)")
+        g = [r for r in rows if r["policy"] == pol and "reused_from" not in r]
+        share = _recompute_share(g)
+        if share is not None:
+            per = ", ".join(f"{s}: {_recompute_share([r for r in g if r['slo'] == s]) * 100:.0f}%" for s in slos
+                            if any(r["slo"] == s for r in g))
+            hedged = sum(1 for r in g for c in r.get("chunks") or [] if (c.get("error") or "").startswith("hedge"))
+            out.append(f"- `{pol}` recomputed {share * 100:.0f}% of its chunks from text ({per}); "
+                       f"{hedged} fetches abandoned by its hedge and recomputed")
+    # is recompute cheap here? the text policy's recompute time vs the lossless transfer at the median
+    tx = [r for r in rows if r["policy"] == "text" and r.get("chunks") and "reused_from" not in r]
+    if tx:
+        rec = _mean([sum(c.get("recompute_s") or 0 for c in r["chunks"]) for r in tx])
+        lossless = _mean([r["lossless_s"] for r in tx])
+        q0 = [r for r in rows if r["policy"] == "fixed:q0" and "reused_from" not in r]
+        q0_s = _mean([r["bytes"] * 8 / r["median_bps"] for r in q0]) if q0 else None
+        out.append(f"- Recompute on this machine: {rec:.2f} s for the whole context (mean of the `text` runs), "
+                   f"{rec / lossless:.2f}x the {lossless:.2f} s transfer of its lossless KV at the trace median"
+                   + (f" ({rec / q0_s:.1f}x the {q0_s:.2f} s of q0, the smallest level within 1%)" if q0_s else "")
+                   + ": recompute is " + ("cheap here (comparable to or cheaper than the transfer), so the "
+                                          "SLO-aware policies should recompute part of the context while the rest "
+                                          "streams (their shares above)" if rec < 1.5 * lossless else
+                                          "dear here: the policies should rarely recompute"))
     return out
 
 
@@ -278,9 +304,20 @@ def make_report(out_dir, *, plots: bool = True) -> str:
                f"transfer time at the trace's median bandwidth), prior `{exp.get('prior')}`.", ""]
         md += ["Traces: " + ", ".join(f"`{t['name']}` (x{t['scale']:.3g}, median {t['median_mbps']:.1f} Mbit/s)"
                                       for t in meta.get("traces", [])), ""]
+        h0, h1 = meta.get("host") or {}, meta.get("host_end") or {}
+        if h0:
+            loads = [r["load1"] for r in rows if r.get("load1") is not None]
+            md += [f"Machine: {h0.get('cpu') or '?'} ({h0.get('cpus')} CPUs), {h0.get('platform')}, torch threads "
+                   f"{meta.get('torch_threads')}; shared with other jobs: load average (1 min) "
+                   f"{h0['loadavg'][0]:.1f} at the start ({h0.get('time')})"
+                   + (f", {h1['loadavg'][0]:.1f} at the end ({h1.get('time')})" if h1 else "")
+                   + (f", {np.mean(loads):.1f} mean over the runs (min {min(loads):.1f}, max {max(loads):.1f})"
+                      if loads else "")
+                   + (f"; the run took {meta['seconds'] / 60:.1f} min" if meta.get("seconds") else "") + ".", ""]
     md += ["## All SLOs", "", table_md(summary), "", "## Per SLO", "", table_md(per_slo, by_slo=True), "",
            "dppl: perplexity of the next 32 tokens with the loaded cache minus with the exact KV (mean over runs); "
-           "dppl %: relative to the exact perplexity; top-1: agreement of the argmax with exact. Fixed policies "
+           "dppl %: relative to the exact perplexity; top-1: agreement of the argmax with exact; recomputed: share "
+           "of the chunks recomputed from text (chosen, or after a fetch abandoned by the hedge). Fixed policies "
            "(not SLO-aware) are run once per (context, trace, start) and their rows reused for each SLO.", "",
            "## Targets", ""] + targets(rows, summary)
     if plots:
