@@ -1,4 +1,5 @@
-"""Policies: adaptation (which level or text per chunk) -- see :mod:`policies.adaptation`."""
+"""Policies: adaptation (which level or text per chunk) -- see :mod:`policies.adaptation`; placement
+(which tier holds a session's KV, what to evict and prefetch) -- see :mod:`policies.placement`."""
 
 from .adaptation import (
     DEFAULT_QUALITY,
@@ -19,9 +20,23 @@ from .adaptation import (
     register_policy,
     serial_time_s,
 )
+from .placement import (
+    EntryView,
+    FifoPlacement,
+    LruPlacement,
+    PlacementError,
+    PlacementPolicy,
+    SchedulerAwarePlacement,
+    TierView,
+    make_placement,
+    placement_names,
+    register_placement,
+)
 
 __all__ = [
     "TEXT", "Choice", "DEFAULT_QUALITY", "quality_of", "PolicyError", "ChunkInfo", "ChunkState",
     "ChunkFeedback", "finish_time_s", "serial_time_s", "Policy", "FixedPolicy", "SloPolicy",
     "MpcPolicy", "register_policy", "policy_names", "make_policy",
+    "PlacementError", "EntryView", "TierView", "PlacementPolicy", "LruPlacement", "FifoPlacement",
+    "SchedulerAwarePlacement", "register_placement", "placement_names", "make_placement",
 ]

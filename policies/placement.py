@@ -1,0 +1,225 @@
+"""Placement / eviction policies for the hierarchical session store (issue 7, after AttentionStore).
+
+The store (:class:`streamer.hierarchy.HierarchicalStore`) holds *entries* (one per session: all of
+its saved KV objects) in tiers ordered fastest first (tier 0 = host memory or GPU memory). An
+entry lives in exactly one tier. The policy decides **which entries leave a tier** when room is
+needed and **which entries to bring up** ahead of use; the store does all I/O and bookkeeping.
+
+Contract (who calls what, when, in which units):
+
+* every policy method is **pure**: no I/O, no clocks, no randomness; all it knows comes from its
+  arguments and from the queue it was told (:meth:`PlacementPolicy.set_queue`). Times are the
+  store's logical clock (an int incremented at every access, not seconds); sizes are payload
+  bytes (``_bytes``); tiers are indices, 0 = fastest.
+* ``set_queue(session_ids)``: called by the serving side (through ``HierarchicalStore.set_queue``)
+  whenever its queue of upcoming requests changes; ids in the order they will run, the next one
+  first; repeats allowed (only the first occurrence counts).
+* ``victims(tier, need_bytes, candidates, incoming, tiers)``: called by the store when ``tier``
+  must free ``need_bytes`` (to admit ``incoming``, an entry being saved, promoted or demoted into
+  it). ``candidates`` are the entries now in that tier that may move (entries in use are left out
+  by the store). Returns keys in the order they should leave; the store moves them one tier down
+  (or, from the last tier, drops them) until enough is free and ignores the rest. A policy may
+  return fewer keys than needed: then ``incoming`` is not admitted to this tier (the store tries
+  the next tier down, and a save that fits nowhere is not stored).
+* ``may_drop(entry, entries, tiers)``: asked before an entry leaves the last tier (is deleted
+  from the store); ``entries`` are all entries now stored. False keeps it (and the incoming entry
+  is refused instead).
+* ``prefetch(entries, tiers)``: called by the store after ``set_queue`` (and on
+  ``HierarchicalStore.prefetch()``); returns keys to bring up to tier 0, most urgent first. The
+  store promotes them in that order, each through ``victims(0, ...)``.
+
+Registry: :func:`make_placement` (``"lru"``, ``"fifo"``, ``"scheduler"``), :func:`register_placement`
+(duplicate names are rejected), :func:`placement_names`.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+__all__ = [
+    "PlacementError", "EntryView", "TierView", "PlacementPolicy", "LruPlacement", "FifoPlacement",
+    "SchedulerAwarePlacement", "register_placement", "placement_names", "make_placement",
+]
+
+
+class PlacementError(ValueError):
+    """Unknown placement policy, duplicate registration, or a bad argument."""
+
+
+@dataclass(frozen=True)
+class EntryView:
+    """One entry (a session's saved KV) as the policy sees it."""
+
+    key: str
+    nbytes: int  # payload bytes of all its objects
+    tier: int  # index of the tier that holds it (0 = fastest)
+    last_access: int  # store clock of the last load/save/touch
+    inserted: int  # store clock when the entry was first admitted to the store
+
+
+@dataclass(frozen=True)
+class TierView:
+    """One tier: ``name``, ``capacity_bytes``, ``used_bytes`` (payload bytes)."""
+
+    name: str
+    capacity_bytes: int
+    used_bytes: int
+
+    @property
+    def free_bytes(self) -> int:
+        return max(0, self.capacity_bytes - self.used_bytes)
+
+
+class PlacementPolicy(abc.ABC):
+    """Base class; see the module docstring for the contract."""
+
+    name: str = "policy"
+
+    def __init__(self) -> None:
+        self.queue: tuple[str, ...] = ()
+        self._rank: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ queue (serving side)
+    def set_queue(self, session_ids: Sequence[str]) -> None:
+        """The upcoming requests' session ids, next first (baselines ignore it)."""
+        self.queue = tuple(session_ids)
+        rank: dict[str, int] = {}
+        for i, s in enumerate(self.queue):
+            rank.setdefault(s, i)
+        self._rank = rank
+
+    def rank(self, key: str) -> float:
+        """Position of ``key``'s first request in the queue (0 = next), ``inf`` when not queued."""
+        return self._rank.get(key, math.inf)
+
+    # ------------------------------------------------------------------ decisions (store side)
+    @abc.abstractmethod
+    def victims(self, tier: int, need_bytes: int, candidates: Sequence[EntryView],
+                incoming: EntryView | None, tiers: Sequence[TierView]) -> list[str]:
+        """Keys to move out of ``tier``, first out first."""
+
+    def may_drop(self, entry: EntryView, entries: Sequence[EntryView], tiers: Sequence[TierView]) -> bool:
+        return True
+
+    def prefetch(self, entries: Sequence[EntryView], tiers: Sequence[TierView]) -> list[str]:
+        return []
+
+
+class LruPlacement(PlacementPolicy):
+    """Least recently used first; no prefetch (a hit in a lower tier is promoted on access)."""
+
+    name = "lru"
+
+    def victims(self, tier, need_bytes, candidates, incoming, tiers):
+        return [e.key for e in sorted(candidates, key=lambda e: (e.last_access, e.key))]
+
+
+class FifoPlacement(PlacementPolicy):
+    """First admitted first out (re-saves do not refresh an entry); no prefetch."""
+
+    name = "fifo"
+
+    def victims(self, tier, need_bytes, candidates, incoming, tiers):
+        return [e.key for e in sorted(candidates, key=lambda e: (e.inserted, e.key))]
+
+
+class SchedulerAwarePlacement(PlacementPolicy):
+    """AttentionStore's scheduler-aware fetching and eviction.
+
+    With ``mean`` = mean entry bytes over the entries now stored:
+
+    * **prefetch window** = tier 0's capacity (bytes held by entries outside the window count as
+      free: they are moved down to make room) // ``mean``, at least 1: queued sessions within the
+      first that many queue positions are brought up to tier 0, next first;
+    * **eviction window** = the capacity of all tiers // ``mean``: an entry whose session is queued
+      inside it is never dropped from the store;
+    * victims of a tier: entries not in the queue first (least recently used first), then queued
+      ones from the back of the queue; never an entry whose request comes before ``incoming``'s
+      (so a prefetch never pushes down something needed sooner).
+    """
+
+    name = "scheduler"
+
+    def __init__(self, *, prefetch_window: int | None = None, eviction_window: int | None = None):
+        super().__init__()
+        for n, v in (("prefetch_window", prefetch_window), ("eviction_window", eviction_window)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise PlacementError(f"{n} must be an int >= 0, got {v!r}")
+        self.fixed_prefetch = prefetch_window
+        self.fixed_eviction = eviction_window
+
+    @staticmethod
+    def _mean_bytes(entries: Sequence[EntryView]) -> float:
+        sizes = [e.nbytes for e in entries if e.nbytes > 0]
+        return sum(sizes) / len(sizes) if sizes else 0.0
+
+    def windows(self, entries: Sequence[EntryView], tiers: Sequence[TierView]) -> tuple[int, int]:
+        """``(prefetch_window, eviction_window)`` in queue positions."""
+        mean = self._mean_bytes(entries)
+        if mean <= 0:
+            pw = ew = len(self.queue)
+        else:
+            pw = max(1, int(tiers[0].capacity_bytes // mean)) if tiers else 0
+            ew = max(1, int(sum(t.capacity_bytes for t in tiers) // mean))
+        if self.fixed_prefetch is not None:
+            pw = self.fixed_prefetch
+        if self.fixed_eviction is not None:
+            ew = self.fixed_eviction
+        return pw, ew
+
+    def victims(self, tier, need_bytes, candidates, incoming, tiers):
+        floor = self.rank(incoming.key) if incoming is not None else -1
+        allowed = [e for e in candidates if self.rank(e.key) >= floor and (incoming is None or e.key != incoming.key)]
+        return [e.key for e in sorted(allowed, key=lambda e: (-self.rank(e.key), e.last_access, e.key))]
+
+    def may_drop(self, entry, entries, tiers):
+        _, ew = self.windows(entries, tiers)
+        return self.rank(entry.key) >= ew
+
+    def prefetch(self, entries, tiers):
+        pw, _ = self.windows(entries, tiers)
+        where = {e.key: e for e in entries}
+        out: list[str] = []
+        seen: set[str] = set()
+        for s in self.queue[:pw]:
+            if s in seen:
+                continue
+            seen.add(s)
+            e = where.get(s)
+            if e is not None and e.tier > 0:
+                out.append(s)
+        return out
+
+
+PlacementFactory = Callable[..., PlacementPolicy]
+_REGISTRY: dict[str, PlacementFactory] = {}
+
+
+def register_placement(name: str, factory: PlacementFactory) -> None:
+    """Add a policy under ``name``; a name already registered raises :class:`PlacementError`."""
+    if not name or not isinstance(name, str) or ":" in name:
+        raise PlacementError(f"bad placement policy name {name!r}")
+    if name in _REGISTRY:
+        raise PlacementError(f"placement policy {name!r} is already registered")
+    _REGISTRY[name] = factory
+
+
+def placement_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def make_placement(spec: str | PlacementPolicy, **kwargs) -> PlacementPolicy:
+    """A fresh policy from its name; a policy object is returned as is."""
+    if isinstance(spec, PlacementPolicy):
+        return spec
+    if spec not in _REGISTRY:
+        raise PlacementError(f"unknown placement policy {spec!r}; known: {', '.join(placement_names())}")
+    return _REGISTRY[spec](**kwargs)
+
+
+register_placement("lru", LruPlacement)
+register_placement("fifo", FifoPlacement)
+register_placement("scheduler", SchedulerAwarePlacement)

@@ -1,0 +1,441 @@
+"""Multi-turn sessions: the KV of a whole conversation saved after every turn, asynchronously,
+position-free, as per-turn segments in a :class:`~streamer.hierarchy.HierarchicalStore` (issue 7).
+
+A session's stored KV is a list of **segments** (one per save: the tokens added since the last
+save) plus a **manifest**, all objects of one hierarchy entry (the session id), so they move
+between tiers together::
+
+    s.<session>.m                      manifest (msgpack): version, model fingerprint, dtype, and per
+                                       segment: key, tokens, bytes, xxh3-64, xxh3 of its token ids,
+                                       role, system flag, turn, origin position
+    s.<session>.<index>.<xxh3 prefix>  one segment: the CXKV format of streamer/kvformat.py (token
+                                       ids + keys + values, raw little-endian), keys **without RoPE**
+
+**Commit protocol** (a save that has not finished is never read as complete): a save writes its
+new segment under a new, content-addressed key first, then replaces the manifest (one atomic
+``put``: the commit), then deletes segments the new manifest no longer names. A reader takes the
+manifest and the segments it names in one critical section of the hierarchy and verifies every
+segment's size and checksum against the manifest; so it sees the previous complete version (or
+nothing) while a save is in flight, never a mix.
+
+**Async save**: :meth:`SessionStore.save` returns an ``asyncio.Task`` at once; stripping RoPE,
+serialising (in a worker thread) and writing happen in the task. Saves of one session are
+chained (each waits for the previous one), saves of different sessions overlap. A save only
+writes the *delta*: the tokens after the longest saved prefix that is still stored and matches; if
+the stored history is gone (evicted) or diverged, it writes the whole conversation again.
+
+**Position-free keys** (:mod:`ctxstream.positions`): keys are stored with RoPE stripped and
+re-rotated for the positions they are loaded at, so :meth:`SessionStore.load` with
+``max_tokens`` can drop the oldest turns (keeping the system prompt) and still hand the model
+valid KV; :meth:`SessionStore.truncate` makes that permanent (a new manifest, no KV rewritten).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import msgpack
+import numpy as np
+import torch
+import xxhash
+
+from ctxstream.model import ModelInfo
+from ctxstream.positions import Segment, assemble, strip_rope, truncate
+
+from .hierarchy import HierarchicalStore, NoSpaceError
+from .kvformat import KVFormatError, pack_kv, unpack_kv
+from .storage import StoreError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SessionError", "InvalidSessionIdError", "SessionCorruptError", "SessionStore", "SaveResult",
+           "LoadedSession"]
+
+MANIFEST_VERSION = 1
+_SID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class SessionError(ValueError):
+    """Base class of session errors."""
+
+
+class InvalidSessionIdError(SessionError):
+    """Session ids are 1..128 chars of ``[A-Za-z0-9_-]``, starting alphanumeric."""
+
+
+class SessionCorruptError(SessionError):
+    """A stored manifest or segment does not verify (treated as a miss by :meth:`SessionStore.load`)."""
+
+
+def _ids_digest(ids: Sequence[int]) -> int:
+    return xxhash.xxh3_64_intdigest(np.asarray(list(ids), dtype="<i4").tobytes())
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    session: str
+    stored: bool  # False: nothing new to store, or no tier could take it (see ``error``)
+    version: int  # the version committed (the previous one when not stored)
+    tokens: int  # tokens of the committed conversation
+    delta_tokens: int  # tokens written by this save
+    delta_bytes: int
+    tier: str | None
+    full_rewrite: bool
+    seconds: float
+    error: str | None = None
+
+
+@dataclass
+class LoadedSession:
+    """A session's saved KV, ready for ``ModelAdapter.make_cache(keys, values)``."""
+
+    session: str
+    version: int
+    token_ids: list[int]
+    keys: torch.Tensor  # [layers, kv_heads, tokens, head_dim], rotated for positions start..
+    values: torch.Tensor
+    tier: str  # the tier the session was found in
+    nbytes: int  # bytes read
+    segments: int
+    dropped_tokens: int = 0  # tokens left out by max_tokens truncation
+    seconds: float = 0.0
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class _Head:
+    version: int
+    segments: list[dict] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(s["tokens"] for s in self.segments)
+
+
+class SessionStore:
+    """Sessions over a :class:`HierarchicalStore` for one model (``info``).
+
+    ``dtype``: the dtype KV is stored in (``float16`` default: half the bytes; ``float32`` for
+    bit-exact round trips of a float32 model)."""
+
+    def __init__(self, hierarchy: HierarchicalStore, info: ModelInfo, *, dtype: str = "float16"):
+        if dtype not in _DTYPES:
+            raise SessionError(f"unsupported dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+        self.hier = hierarchy
+        self.info = info
+        self.dtype = dtype
+        self._heads: dict[str, _Head] = {}  # committed manifests (mirror of what is stored)
+        self._tails: dict[str, asyncio.Task] = {}  # last save/truncate task per session
+        self._tasks: set[asyncio.Task] = set()
+
+    # ---------------------------------------------------------------------------- keys
+    @staticmethod
+    def check_id(session: str) -> str:
+        if not isinstance(session, str) or not _SID_RE.match(session):
+            raise InvalidSessionIdError(f"invalid session id {session!r}")
+        return session
+
+    @staticmethod
+    def manifest_key(session: str) -> str:
+        return f"s.{session}.m"
+
+    # ---------------------------------------------------------------------------- saving
+    def save(self, session: str, token_ids: Sequence[int], keys: torch.Tensor, values: torch.Tensor, *,
+             role: str = "turn", system: bool = False, turn: int = -1) -> "asyncio.Task[SaveResult]":
+        """Save the whole conversation so far (``token_ids`` and its KV ``[layers, kv_heads, T,
+        head_dim]`` as the model's cache holds it: keys rotated for positions ``0..T-1``); returns
+        at once with a task. Only the tokens after the saved prefix are written (one new segment
+        with ``role``/``system``/``turn``). ``keys``/``values`` must not be modified in place until
+        the task is done (transformers' ``DynamicCache`` never does: it concatenates)."""
+        self.check_id(session)
+        ids = [int(t) for t in token_ids]
+        if keys.dim() != 4 or keys.shape != values.shape or keys.shape[2] != len(ids):
+            raise SessionError(f"keys {tuple(keys.shape)} / values {tuple(values.shape)} do not fit "
+                               f"{len(ids)} token ids")
+        if (keys.shape[0], keys.shape[1], keys.shape[3]) != (self.info.num_layers, self.info.num_kv_heads,
+                                                            self.info.head_dim):
+            raise SessionError(f"KV {tuple(keys.shape)} does not fit model {self.info.name}")
+        prev = self._tails.get(session)
+        task = asyncio.get_running_loop().create_task(
+            self._save(session, ids, keys, values, role, system, turn, prev))
+        self._track(session, task)
+        return task
+
+    def _track(self, session: str, task: asyncio.Task) -> None:
+        self._tails[session] = task
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task, session=session) -> None:
+            self._tasks.discard(t)
+            if self._tails.get(session) is t:
+                del self._tails[session]
+
+        task.add_done_callback(done)
+
+    def pending(self, session: str | None = None) -> bool:
+        """Whether a save (of ``session``, or any) is in flight."""
+        if session is None:
+            return bool(self._tasks)
+        t = self._tails.get(session)
+        return t is not None and not t.done()
+
+    async def flush(self) -> None:
+        """Wait for every save in flight."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def _save(self, session, ids, keys, values, role, system, turn, prev) -> SaveResult:
+        if prev is not None:
+            await asyncio.gather(prev, return_exceptions=True)
+        t0 = time.perf_counter()
+        head = self._valid_head(session, ids)
+        base = head.tokens if head else 0
+        full = head is None and session in self._heads
+        if base == len(ids):
+            return SaveResult(session, False, head.version if head else 0, base, 0, 0,
+                              self.hier.where(session), False, time.perf_counter() - t0)
+        seg_ids = ids[base:]
+        k, v = keys[:, :, base:], values[:, :, base:]
+        blob = await asyncio.to_thread(self._encode, seg_ids, k, v, base)
+        index = len(head.segments) if head else 0
+        seg_key = f"s.{session}.{index}.{xxhash.xxh3_64_hexdigest(blob)[:12]}"
+        seg = {"key": seg_key, "tokens": len(seg_ids), "bytes": len(blob), "xxh3": xxhash.xxh3_64_intdigest(blob),
+               "ids_xxh3": _ids_digest(seg_ids), "role": str(role), "system": bool(system), "turn": int(turn),
+               "origin": base}
+        new = _Head((self._heads[session].version if session in self._heads else 0) + 1,
+                    (list(head.segments) if head else []) + [seg])
+        try:
+            tier = await self.hier.put(session, seg_key, blob)
+            tier = await self._commit(session, new)
+        except (NoSpaceError, StoreError) as exc:
+            await self._discard_unreferenced(session)
+            old = self._heads.get(session)
+            return SaveResult(session, False, old.version if old else 0, old.tokens if old else 0, 0, 0,
+                              self.hier.where(session), full, time.perf_counter() - t0, error=str(exc))
+        return SaveResult(session, True, new.version, new.tokens, len(seg_ids), len(blob), tier, full,
+                          time.perf_counter() - t0)
+
+    def _valid_head(self, session: str, ids: list[int]) -> _Head | None:
+        """The committed head if all its segments are still stored and its tokens prefix ``ids``."""
+        head = self._heads.get(session)
+        if head is None or not head.segments:
+            return None
+        if head.tokens > len(ids):
+            return None
+        pos = 0
+        for s in head.segments:
+            if not self.hier.has_object(session, s["key"]):
+                return None
+            if _ids_digest(ids[pos:pos + s["tokens"]]) != s["ids_xxh3"]:
+                return None
+            pos += s["tokens"]
+        return head
+
+    def _encode(self, ids: list[int], keys: torch.Tensor, values: torch.Tensor, start: int) -> bytes:
+        pre = strip_rope(keys.float(), start, self.info)
+        return pack_kv(ids, pre, values, fingerprint=self.info.fingerprint, dtype=self.dtype)
+
+    async def _commit(self, session: str, head: _Head) -> str:
+        man = msgpack.packb({"format": MANIFEST_VERSION, "session": session, "version": head.version,
+                             "fingerprint": self.info.fingerprint, "dtype": self.dtype,
+                             "segments": head.segments}, use_bin_type=True)
+        tier = await self.hier.put(session, self.manifest_key(session), man)  # the commit
+        self._heads[session] = head
+        await self._discard_unreferenced(session)
+        return tier
+
+    async def _discard_unreferenced(self, session: str) -> None:
+        head = self._heads.get(session)
+        keep = {self.manifest_key(session)} | ({s["key"] for s in head.segments} if head else set())
+        stale = [k for k in self.hier.objects(session) if k not in keep]
+        if stale:
+            await self.hier.delete(session, stale)
+
+    # ---------------------------------------------------------------------------- truncation
+    def truncate(self, session: str, max_tokens: int, *, keep_system: bool = True) -> "asyncio.Task[int]":
+        """Drop the oldest non-system segments until at most ``max_tokens`` remain (a new manifest;
+        the kept segments' KV stays valid: it is re-rotated at load). Chained after pending saves;
+        the task returns the tokens kept."""
+        self.check_id(session)
+        prev = self._tails.get(session)
+        task = asyncio.get_running_loop().create_task(self._truncate(session, max_tokens, keep_system, prev))
+        self._track(session, task)
+        return task
+
+    async def _truncate(self, session, max_tokens, keep_system, prev) -> int:
+        if prev is not None:
+            await asyncio.gather(prev, return_exceptions=True)
+        head = self._heads.get(session)
+        if head is None:
+            return 0
+        kept = _truncate_meta(head.segments, max_tokens, keep_system)
+        if len(kept) != len(head.segments):
+            await self._commit(session, _Head(head.version + 1, kept))
+        return sum(s["tokens"] for s in kept)
+
+    # ---------------------------------------------------------------------------- loading
+    async def load(self, session: str, *, prefix_of: Sequence[int] | None = None, max_tokens: int | None = None,
+                   keep_system: bool = True, start: int = 0, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu") -> LoadedSession | None:
+        """The last committed version of ``session`` (None: not stored, or it failed verification).
+
+        ``prefix_of``: the request's token ids; only the longest stored prefix of them is returned
+        (None if not even the first token matches). ``max_tokens``: drop the oldest non-system turns
+        to fit (keys re-rotated for the new positions). Keys come back rotated for positions
+        ``start..``."""
+        self.check_id(session)
+        t0 = time.perf_counter()
+        mkey = self.manifest_key(session)
+        parsed: dict = {}
+
+        def resolve(head: bytes | None) -> list[str]:
+            try:
+                man = msgpack.unpackb(head, raw=False, max_str_len=1 << 12, max_array_len=1 << 16,
+                                      max_map_len=64, max_bin_len=0)
+                segs = man["segments"]
+                if man.get("format") != MANIFEST_VERSION or man.get("fingerprint") != self.info.fingerprint:
+                    raise SessionCorruptError("manifest of another format or model")
+                if man.get("dtype") not in _DTYPES or not isinstance(segs, list):
+                    raise SessionCorruptError("bad manifest fields")
+                parsed.update(man)
+                return [str(s["key"]) for s in segs]
+            except (ValueError, KeyError, TypeError, msgpack.exceptions.ExtraData) as exc:
+                parsed["error"] = f"manifest of {session!r} does not parse: {exc}"
+                return []
+
+        head, blobs, tier = await self.hier.get_linked(session, mkey, resolve)
+        if head is None or "error" in parsed or not parsed.get("segments"):
+            if "error" in parsed:
+                log.warning("session store: %s", parsed["error"])
+            return None
+        try:
+            segments, nbytes = await asyncio.to_thread(self._decode, parsed, blobs)
+        except SessionCorruptError as exc:
+            log.info("session store: %s not loadable (evicted mid-save or corrupt): %s", session, exc)
+            return None
+        if prefix_of is not None:
+            segments = _prefix_segments(segments, [int(t) for t in prefix_of])
+            if not segments:
+                return None
+        dropped = 0
+        if max_tokens is not None:
+            total = sum(s.tokens for s in segments)
+            segments = truncate(segments, max_tokens, keep_system)
+            dropped = total - sum(s.tokens for s in segments)
+            if not segments:
+                return None
+        out = await asyncio.to_thread(assemble, segments, self.info, start=start, dtype=dtype, device=device)
+        return LoadedSession(session, int(parsed["version"]), out.token_ids, out.keys, out.values, tier or "",
+                             nbytes, len(segments), dropped, time.perf_counter() - t0)
+
+    async def peek(self, session: str, *, prefix_of: Sequence[int] | None = None
+                   ) -> tuple[int, str, int] | None:
+        """Like :meth:`load` without building tensors: reads the committed version's objects (the
+        same I/O, promotion and checksum checks) and returns ``(tokens usable, tier found in,
+        version)``; with ``prefix_of`` only whole segments that prefix it count. None on a miss."""
+        self.check_id(session)
+        parsed: dict = {}
+
+        def resolve(head: bytes | None) -> list[str]:
+            try:
+                man = msgpack.unpackb(head, raw=False, max_str_len=1 << 12, max_array_len=1 << 16,
+                                      max_map_len=64, max_bin_len=0)
+                parsed.update(man)
+                return [str(s["key"]) for s in man["segments"]]
+            except (ValueError, KeyError, TypeError, msgpack.exceptions.ExtraData):
+                parsed["error"] = True
+                return []
+
+        head, blobs, tier = await self.hier.get_linked(session, self.manifest_key(session), resolve)
+        if head is None or "error" in parsed or parsed.get("fingerprint") != self.info.fingerprint:
+            return None
+        tokens, ids = 0, None if prefix_of is None else [int(t) for t in prefix_of]
+        for meta, blob in zip(parsed["segments"], blobs):
+            if blob is None or len(blob) != meta["bytes"] or xxhash.xxh3_64_intdigest(blob) != meta["xxh3"]:
+                return None
+            if ids is not None and (tokens + meta["tokens"] > len(ids)
+                                    or _ids_digest(ids[tokens:tokens + meta["tokens"]]) != meta["ids_xxh3"]):
+                break
+            tokens += meta["tokens"]
+        return (tokens, tier or "", int(parsed["version"])) if tokens else None
+
+    def _decode(self, man: dict, blobs: list[bytes | None]) -> tuple[list[Segment], int]:
+        segs, nbytes = [], 0
+        for meta, blob in zip(man["segments"], blobs):
+            if blob is None:
+                raise SessionCorruptError(f"segment {meta.get('key')!r} is missing")
+            if len(blob) != meta["bytes"] or xxhash.xxh3_64_intdigest(blob) != meta["xxh3"]:
+                raise SessionCorruptError(f"segment {meta['key']!r} does not match its manifest entry")
+            try:
+                ids, k, v = unpack_kv(blob, self.info, max_tokens=1 << 31)
+            except KVFormatError as exc:
+                raise SessionCorruptError(f"segment {meta['key']!r}: {exc}") from None
+            segs.append(Segment(k, v, ids, role=meta["role"], system=bool(meta["system"]), turn=int(meta["turn"]),
+                                origin=int(meta["origin"])))
+            nbytes += len(blob)
+        return segs, nbytes
+
+    async def delete(self, session: str) -> bool:
+        self.check_id(session)
+        prev = self._tails.get(session)
+        if prev is not None:
+            await asyncio.gather(prev, return_exceptions=True)
+        self._heads.pop(session, None)
+        return await self.hier.delete(session) > 0
+
+    def version(self, session: str) -> int:
+        """The committed version (0: never saved)."""
+        h = self._heads.get(session)
+        return h.version if h else 0
+
+    def saved_tokens(self, session: str) -> int:
+        h = self._heads.get(session)
+        return h.tokens if h else 0
+
+
+def _truncate_meta(segments: list[dict], max_tokens: int, keep_system: bool) -> list[dict]:
+    """:func:`ctxstream.positions.truncate` on manifest entries (same rule, no KV touched)."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        raise SessionError(f"max_tokens must be an int >= 0, got {max_tokens!r}")
+    total = sum(s["tokens"] for s in segments)
+    fixed = sum(s["tokens"] for s in segments if keep_system and s["system"])
+    if fixed > max_tokens:
+        raise SessionError(f"the system segments alone hold {fixed} tokens > {max_tokens}")
+    out = []
+    for s in segments:
+        if total > max_tokens and not (keep_system and s["system"]):
+            total -= s["tokens"]
+            continue
+        out.append(s)
+    return out
+
+
+def _prefix_segments(segments: list[Segment], ids: list[int]) -> list[Segment]:
+    """The longest prefix of ``segments`` whose tokens prefix ``ids`` (the last one cut at the first
+    differing token: the KV of a token depends only on the tokens before it)."""
+    out, pos = [], 0
+    for s in segments:
+        mine = s.token_ids
+        n = 0
+        lim = min(len(mine), len(ids) - pos)
+        while n < lim and mine[n] == ids[pos + n]:
+            n += 1
+        if n == 0:
+            break
+        if n < len(mine):
+            out.append(Segment(s.keys[:, :, :n], s.values[:, :, :n], mine[:n], s.role, s.system, s.turn, s.origin,
+                               dict(s.meta)))
+            break
+        out.append(s)
+        pos += n
+    return out
+

@@ -1,0 +1,199 @@
+"""Placement policies (pure) and the hierarchical store that applies them (real tiers, real Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+
+from policies.placement import (
+    EntryView,
+    FifoPlacement,
+    LruPlacement,
+    PlacementError,
+    PlacementPolicy,
+    SchedulerAwarePlacement,
+    TierView,
+    make_placement,
+    placement_names,
+    register_placement,
+)
+from streamer.hierarchy import HierarchicalStore, NoSpaceError, Tier
+from streamer.storage import DiskStore, MemoryStore, RedisStore
+
+KB = 1000
+
+
+def ev(key, nbytes=100, tier=0, last=0, ins=0):
+    return EntryView(key, nbytes, tier, last, ins)
+
+
+TIERS = [TierView("memory", 300, 300), TierView("disk", 300, 300)]
+
+
+# ------------------------------------------------------------------------------ pure policies
+def test_registry_rejects_duplicates_and_unknown_names():
+    assert {"lru", "fifo", "scheduler"} <= set(placement_names())
+    with pytest.raises(PlacementError):
+        register_placement("lru", LruPlacement)
+    with pytest.raises(PlacementError):
+        register_placement("bad:name", LruPlacement)
+    with pytest.raises(PlacementError):
+        make_placement("nope")
+    assert isinstance(make_placement("fifo"), FifoPlacement)
+    p = LruPlacement()
+    assert make_placement(p) is p
+
+
+def test_lru_orders_by_last_access_fifo_by_insertion():
+    cands = [ev("a", last=5, ins=1), ev("b", last=2, ins=3), ev("c", last=9, ins=2)]
+    assert LruPlacement().victims(0, 100, cands, None, TIERS) == ["b", "a", "c"]
+    assert FifoPlacement().victims(0, 100, cands, None, TIERS) == ["a", "c", "b"]
+    assert LruPlacement().prefetch(cands, TIERS) == [] and FifoPlacement().prefetch(cands, TIERS) == []
+
+
+def test_scheduler_evicts_unqueued_first_then_back_of_queue():
+    p = SchedulerAwarePlacement()
+    p.set_queue(["q1", "q2", "q1", "q3"])
+    assert p.rank("q1") == 0 and p.rank("q3") == 3 and p.rank("x") == math.inf
+    cands = [ev("q1", last=1), ev("x", last=7), ev("q3", last=0), ev("y", last=3), ev("q2", last=2)]
+    assert p.victims(0, 100, cands, None, TIERS) == ["y", "x", "q3", "q2", "q1"]
+    # never push down something needed sooner than the entry coming in
+    assert p.victims(0, 100, cands, ev("q2"), TIERS) == ["y", "x", "q3"]
+
+
+def test_scheduler_windows_and_prefetch():
+    p = SchedulerAwarePlacement()
+    tiers = [TierView("memory", 250, 0), TierView("disk", 250, 0), TierView("redis", 500, 0)]
+    entries = [ev(f"s{i}", 100, tier=1 if i % 2 else 2) for i in range(8)]
+    p.set_queue([f"s{i}" for i in range(8)])
+    pw, ew = p.windows(entries, tiers)
+    assert (pw, ew) == (2, 10)  # 250 // 100, 1000 // 100
+    assert p.prefetch(entries, tiers) == ["s0", "s1"]
+    # never dropped inside the eviction window, dropped outside it
+    p2 = SchedulerAwarePlacement(eviction_window=3)
+    p2.set_queue(["a", "b", "c", "d"])
+    assert not p2.may_drop(ev("c"), entries, tiers)
+    assert p2.may_drop(ev("d"), entries, tiers) and p2.may_drop(ev("zz"), entries, tiers)
+    with pytest.raises(PlacementError):
+        SchedulerAwarePlacement(prefetch_window=-1)
+
+
+def test_custom_policy_through_base_class():
+    class Biggest(PlacementPolicy):
+        name = "biggest-test"
+
+        def victims(self, tier, need_bytes, candidates, incoming, tiers):
+            return [e.key for e in sorted(candidates, key=lambda e: -e.nbytes)]
+
+    assert Biggest().victims(0, 1, [ev("a", 5), ev("b", 9)], None, TIERS) == ["b", "a"]
+    with pytest.raises(TypeError):
+        PlacementPolicy()  # abstract
+
+
+# ------------------------------------------------------------------------------ hierarchy
+def _mem_disk(tmp_path, policy, mem=3 * KB, disk=3 * KB):
+    return HierarchicalStore([Tier(MemoryStore(), mem, "memory"),
+                              Tier(DiskStore(tmp_path / "d", fsync=False), disk, "disk")], policy)
+
+
+async def _fill(h, names, size=KB):
+    for n in names:
+        await h.put(n, f"o.{n}", bytes([len(n)]) * size)
+
+
+def test_entries_move_down_on_eviction_and_up_on_read(tmp_path):
+    async def go():
+        h = _mem_disk(tmp_path, "lru")
+        await _fill(h, ["a", "b", "c"])
+        await h.touch("a")
+        await _fill(h, ["d"])  # memory full: LRU (b) moves down to disk, not dropped
+        assert [h.where(x) for x in "abcd"] == ["memory", "disk", "memory", "memory"]
+        vals, found = await h.get("b", ["o.b"])
+        assert found == "disk" and vals == [bytes([1]) * KB]
+        assert h.where("b") == "memory"  # promoted on read; the LRU of memory went down
+        assert h.where("c") == "disk"
+        assert await h.tiers[1].store.get("o.c") == bytes([1]) * KB  # really in the disk backend
+        assert await h.tiers[0].store.get("o.c") is None
+        for t in h.tiers:  # byte bounds held, accounting matches the backends
+            assert t.used_bytes <= t.capacity_bytes
+        assert h.tiers[0].used_bytes == 3 * KB and h.tiers[1].used_bytes == KB
+
+    asyncio.run(go())
+
+
+def test_byte_bounds_drop_from_last_tier_in_policy_order(tmp_path):
+    async def go():
+        for policy, dropped in (("lru", {"b", "c"}), ("fifo", {"a", "b"})):
+            h = _mem_disk(tmp_path / policy, policy, mem=2 * KB, disk=2 * KB)
+            await _fill(h, ["a", "b", "c"])
+            await h.touch("a")
+            await _fill(h, ["d", "e", "f"])
+            gone = {x for x in "abcdef" if x not in h}
+            assert gone == dropped, policy
+            assert all(t.used_bytes <= t.capacity_bytes for t in h.tiers)
+            assert h.stats.dropped == 2
+            with pytest.raises(NoSpaceError):
+                await h.put("huge", "o.huge", b"x" * (3 * KB))
+            assert "huge" not in h
+
+    asyncio.run(go())
+
+
+def test_scheduler_never_drops_queued_sessions_and_prefetches_them(tmp_path):
+    async def go():
+        h = _mem_disk(tmp_path, "scheduler", mem=2 * KB, disk=2 * KB)
+        await _fill(h, ["a", "b", "c", "d"])  # a, b on disk; c, d in memory
+        assert [h.where(x) for x in "abcd"] == ["disk", "disk", "memory", "memory"]
+        promoted = await h.set_queue(["a", "b"])  # prefetch window = 2000 // 1000 = 2
+        assert promoted == ["a", "b"]
+        assert h.where("a") == "memory" and h.where("b") == "memory"
+        assert h.where("c") == "disk" and h.where("d") == "disk"
+        # a save of an unqueued session: the store is full of... c, d (unqueued) -> one is dropped,
+        # queued a and b stay
+        await _fill(h, ["e"])
+        assert "a" in h and "b" in h and "e" in h
+        # all four entries queued (eviction window = 4): a fifth unqueued save is refused, nothing dropped
+        await h.set_queue(["a", "b", "e", "c" if "c" in h else "d"])
+        before = {x for x in "abcde" if x in h}
+        with pytest.raises(NoSpaceError):
+            await h.put("z", "o.z", b"z" * KB)
+        assert {x for x in "abcde" if x in h} == before and "z" not in h
+
+    asyncio.run(go())
+
+
+def test_lru_drops_the_queued_session_scheduler_keeps(tmp_path):
+    """The same access sequence: LRU loses the session that is next in the queue."""
+    async def go():
+        out = {}
+        for policy in ("lru", "scheduler"):
+            h = _mem_disk(tmp_path / policy, policy, mem=KB, disk=KB)
+            await _fill(h, ["a", "b"])
+            await h.set_queue(["a"])
+            await _fill(h, ["c"])
+            out[policy] = "a" in h
+        assert out == {"lru": False, "scheduler": True}
+
+    asyncio.run(go())
+
+
+def test_three_tiers_with_redis(tmp_path, redis_url):
+    async def go():
+        r = RedisStore(redis_url, prefix="hier-test:")
+        h = HierarchicalStore([Tier(MemoryStore(), KB, "memory"),
+                               Tier(DiskStore(tmp_path / "d", fsync=False), KB, "disk"),
+                               Tier(r, KB, "redis")], "lru")
+        await _fill(h, ["a", "b", "c"])
+        assert [h.where(x) for x in "abc"] == ["redis", "disk", "memory"]
+        assert await r.get("o.a") == bytes([1]) * KB
+        vals, found = await h.get("a", ["o.a"])
+        assert found == "redis" and vals[0] == bytes([1]) * KB
+        assert [h.where(x) for x in "abc"] == ["memory", "redis", "disk"]
+        assert await r.get("o.a") is None and await r.get("o.b") == bytes([1]) * KB
+        await _fill(h, ["d"])
+        assert "b" not in h and await r.get("o.b") is None  # dropped from the last tier, gone from Redis
+        await h.close()
+
+    asyncio.run(go())
