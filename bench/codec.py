@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,23 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ctxstream.codec import Codec  # noqa: E402
 from ctxstream.codec.profile import MAX_Q, ZERO_SYMBOL  # noqa: E402
 from ctxstream.corpora import DEFAULT_DATA_DIR, token_windows  # noqa: E402
+from ctxstream.hostinfo import machine  # noqa: E402
 from ctxstream.model import ModelAdapter, invert_rope, rope_cos_sin  # noqa: E402
 
 CTX, CONT, GEN = 1024, 256, 64
-
-
-def machine() -> str:
-    import os
-
-    cpu = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, torch {torch.__version__}"
 
 
 def ce_next(adapter: ModelAdapter, ids: list[int], keys, values) -> float:

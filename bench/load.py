@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import random
 import sys
 import tempfile
@@ -33,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 import aiohttp  # noqa: E402
 import xxhash  # noqa: E402
 
+from ctxstream.hostinfo import host_info  # noqa: E402
 from streamer.server import serve_in_background  # noqa: E402
 from streamer.settings import Settings  # noqa: E402
 
@@ -51,20 +50,6 @@ def pct(xs: list[float], p: float) -> float:
         return float("nan")
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = next((line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
-                if line.startswith("MemTotal:")), "0")
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gb": round(int(mem) / 2**20, 1),
-            "python": platform.python_version(), "platform": platform.platform(),
-            "load_avg_at_start": os.getloadavg()}
 
 
 async def upload_contexts(url: str, n: int, tokens: int, seed: int) -> list[dict]:
@@ -176,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         "errors": len(stats["errors"]), "error_examples": sorted(set(stats["errors"]))[:5],
         "server_rss_mb": {"start": round(rss["start_kb"] / 1024, 1), "max": round(rss["max_kb"] / 1024, 1),
                           "end": round(rss["end_kb"] / 1024, 1), "samples": rss["samples"]},
-        "machine": machine(), "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": host_info(), "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")

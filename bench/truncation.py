@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import re
 import sys
 import time
@@ -47,6 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ctxstream.hostinfo import machine  # noqa: E402
 from ctxstream.model import ModelAdapter  # noqa: E402
 from ctxstream.paths import DEFAULT_DATA_DIR  # noqa: E402
 from ctxstream.positions import SegmentedKV, apply_rope_at, assemble, truncate  # noqa: E402
@@ -55,20 +55,6 @@ SYSTEM = ("You are a friendly and knowledgeable assistant. Answer the user's que
           "and keep the conversation going.")
 CONVERSATIONS = "corpora/longchat/topics/conversations.jsonl"
 _TURN = re.compile(r"(?:^|\n)\s*(USER|ASSISTANT):\s*")
-
-
-def machine() -> str:
-    import os
-
-    cpu = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, torch {torch.__version__}"
 
 
 def read_conversations(data_dir: Path) -> list[list[dict]]:

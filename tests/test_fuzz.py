@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
-import os
-import platform
 import random
 import resource
 import struct
@@ -49,6 +47,7 @@ if str(ROOT) not in sys.path:
 from ctxstream.codec import Codec, CodecError, DecodeLimits  # noqa: E402
 from ctxstream.codec import rans  # noqa: E402
 from ctxstream.codec.format import CHECK_BYTES, MAGIC, checksum, parse_header  # noqa: E402
+from ctxstream.hostinfo import host_info  # noqa: E402
 from ctxstream.manifest import Manifest, ManifestError  # noqa: E402
 
 PER_INPUT_S = 2.0  # a single input may take at most this long (the largest valid one takes ~10 ms)
@@ -438,23 +437,12 @@ def main(argv: list[str] | None = None) -> int:
                 fail_dir=args.fail_dir)
     stats.update({"seed": args.seed, "per_input_bound_s": PER_INPUT_S, "rss_bound_mb": RSS_BOUND_MB,
                   "rans_c_extension": rans.HAVE_C,
-                  "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version(),
-                              "torch": torch.__version__, "platform": platform.platform()},
+                  "machine": host_info(),
                   "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(stats, indent=2) + "\n")
     print(json.dumps(stats, indent=2))
     return 0
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ from typing import Any
 
 import numpy as np
 
+from ctxstream.hostinfo import host_info
+
 from .trace import Trace
 
 TOKEN = "replay-token-0001"
@@ -370,26 +372,6 @@ def run_experiment(exp: Experiment, out_dir: str | os.PathLike, *, adapter=None,
     meta["seconds"] = summary["seconds"]
     meta_path.write_text(json.dumps(meta, indent=1, default=str))
     return summary
-
-
-def host_info() -> dict:
-    """The machine and its load right now (other jobs share it: timings depend on it)."""
-    import platform
-
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        uptime = Path("/proc/uptime").read_text().split()[0]
-    except OSError:
-        uptime = None
-    return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(), "loadavg": list(os.getloadavg()),
-            "uptime_s": uptime, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 # compute speed relative to the calibration, carried from run to run (the loader corrects its
