@@ -1,36 +1,56 @@
 """Multi-turn sessions over the hierarchical store: hit rate per tier, prefill tokens saved and TTFT vs
 recompute, for the scheduler-aware placement vs LRU vs FIFO at the same tier sizes (issue 7).
 
-Workload (documented generator over real conversations): the LongChat topic conversations
+Workload (documented generator over real conversations; every setting is a flag and is written to
+each JSON row's ``params``): the LongChat topic conversations
 (``corpora/longchat/topics/conversations.jsonl``: 30 conversations of 4-6 USER/ASSISTANT exchanges,
-~500 tokens each) in ChatML with the model's tokenizer; a turn = one user message (the new tokens
-of the request) + the assistant's answer from the data set (its KV is computed and saved, like a
-generated answer). Sessions (each a conversation, drawn in a seeded shuffled cycle) arrive as a
-Poisson process; after each turn the next one arrives after an exponential think time (``--think-s``,
-2 s); jobs wait in one FCFS queue served by ``--slots`` (8) parallel worker slots (a batching
-server); a job's service time is its prefill + decode time from a fixed cost model (the same for
-every policy, so all policies see the same job sequence). Default offered load 1.3 (``--load``): a
-busy period in which the queue builds up (mean 14 jobs with 150 sessions), the regime where the
-serving side's queue tells the store something.
+~500 tokens each) in ChatML with the model's tokenizer. A **session** = ``--topics-per-session`` k
+(default 5) consecutive topic conversations, every topic's exchanges as turns, one system prompt --
+how LongEval's topic task builds its long sessions (its smallest multi-topic test set has 5 topics);
+k = 5 gives sessions of ~26 turns, ~2.6K tokens, histories at turns >= 2 of 57-2.8K tokens (mean
+~1.3K), within the model's 8K window. k = 1 is the first version's workload (one conversation).
+A turn = one user message (the new tokens of the request) + the assistant's answer from the data
+set (its KV is computed and saved, like a generated answer). Sessions (by starting topic, drawn in a
+seeded shuffled cycle) arrive as a Poisson process; after each turn the next one arrives after an
+exponential think time (``--think-s``, 2 s); jobs wait in one FCFS queue served by ``--slots`` (8)
+parallel worker slots (a batching server). A job's service time is a cost model: prefill at
+``--prefill-tok-s`` (2000 tok/s) + decode of the answer at ``--decode-tok-s`` (40 tok/s).
+``--service hit-aware`` (default): a miss prefills the whole history + the new turn, a hit only the
+new turn, so hits shorten jobs and the queue (where AttentionStore's throughput gain comes from);
+arrival times and all think times are drawn up front, so every policy gets the same arrival
+sequence. ``--service fixed`` (the first version): service time ignores the store (prefill of the
+new turn only), job sequence identical for all policies. ``--load`` (1.3) sets the session rate: the
+offered load of the server *without* a session cache (hit-aware: every job prefills its history).
+
+First version's workload and numbers: ``--topics-per-session 1 --service fixed --sessions 150
+--replay-layers 0`` (LRU and FIFO reproduce exactly; the scheduler-aware policy has changed since).
 
 Part 1 -- hit rate (simulated clock, real store): a :class:`streamer.sessions.SessionStore` over a
 :class:`streamer.hierarchy.HierarchicalStore` of host memory, local disk (``DiskStore``) and Redis
-(a private ``redis-server`` on loopback), each byte-bounded; KV bytes of the model's exact size
-(synthetic values, position-free keys, float16), really written, moved and read. At job start the
+(a private ``redis-server`` on loopback), each byte-bounded; KV of the model's shape (synthetic
+values, position-free keys, float16) really written, moved and read, but only
+``--replay-layers`` (2) of its layers (0 = all; the tier budgets use the same bytes per token, so
+hit rates depend on byte ratios only and the replay stays fast on 2 cores). At job start the
 worker loads the session (hit = its whole history is found; the tier it was found in is the
 per-tier hit); it then tells the store the queue (``set_queue``: the scheduler-aware policy
 prefetches and protects queued sessions), and after the turn saves the conversation (async; the
 simulation waits for saves before the next job so runs are deterministic). The store (all tiers,
 split 1:2:2 by ``--tier-split``) is sized as a fraction ``--store-frac`` of the mean *live* KV (the
-KV of sessions that still have turns left); finished sessions' KV stays until evicted (the store
-is never told a conversation ended), so the store always holds less than all sessions' KV and
-eviction drops sessions. Turn 1 of a session has no history and is not counted.
+KV of sessions that still have turns left, measured on the server without a cache); finished
+sessions' KV stays until evicted (the store is never told a conversation ended). Turn 1 of a
+session has no history and is not counted. Every drop is logged with the dropped session's state
+(queued inside/outside the eviction window, thinking, finished), how it was dropped (``global``:
+the policy's store-wide drop order; ``cascade``: the last tier of a cascade) and whether, by the
+scheduler's victim order, a better victim sat in another tier; each miss is attributed to its
+session's last drop (``misses_by_reason``).
 
-Part 2 -- TTFT with the real model (default SmolLM2-135M, one torch thread): for a sample of
-conversations, every turn >= 2: recompute = prefill of history + new turn to the first token;
-hit = load the saved KV from a tier (memory / disk / Redis) + prefill the new turn to the first
-token (and whether the first token equals the recompute's). A cost model fitted to these
-measurements gives each simulated turn's TTFT (hit in its tier, or recompute on a miss).
+Part 2 -- TTFT with the real model (default SmolLM2-135M, one torch thread): for ``--ttft-sessions``
+sessions (2; quick 1), every ``--ttft-every``-th turn >= 2 (1; quick 4): recompute = fresh prefill
+of history + new turn to the first token; hit = load the saved KV from a tier (memory / disk /
+Redis) + prefill of the new turn to the first token (and whether the first token equals the
+recompute's); reported overall and by history length (0-500, 500-1K, 1-2K, 2-3K, >= 3K tokens).
+A cost model fitted to these measurements gives each simulated turn's TTFT (hit in its tier, or
+recompute on a miss).
 
     python bench/multiturn.py --quick                  # < 3 min
     python bench/multiturn.py --json bench/results/multiturn.json
@@ -40,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import heapq
 import json
 import os
@@ -52,7 +73,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,25 +124,31 @@ def load_conversations(data_dir: Path, adapter: ModelAdapter) -> list[Conversati
     return out
 
 
-@dataclass(order=True)
-class Event:
-    time: float
-    seq: int
-    kind: str = field(compare=False)  # "arrive": a session's turn enters the queue
-    session: int = field(compare=False)
-    turn: int = field(compare=False)
+def make_sessions(convs: list[Conversation], k: int) -> list[Conversation]:
+    """Sessions of ``k`` consecutive topic conversations (as LongEval's topic task builds its long
+    sessions): session ``i`` = conversations ``i, i+1, .., i+k-1`` (in the data set's order, wrapping
+    around), one system prompt, every topic's exchanges as turns. ``k = 1``: the conversations."""
+    if k < 1:
+        raise SystemExit("--topics-per-session must be >= 1")
+    if k == 1:
+        return list(convs)
+    out = []
+    for i in range(len(convs)):
+        parts = [convs[(i + j) % len(convs)] for j in range(k)]
+        out.append(Conversation(" + ".join(c.topic for c in parts), parts[0].system,
+                                [t for c in parts for t in c.turns]))
+    return out
 
 
-@dataclass
-class Job:
-    session: int
-    turn: int
-    arrival: float
+def history_tokens(conv: Conversation, turn: int) -> int:
+    return len(conv.system) + sum(len(q) + len(a) for q, a in conv.turns[:turn])
 
 
-def service_s(conv: Conversation, turn: int, prefill_tok_s: float, decode_tok_s: float) -> float:
+def service_s(conv: Conversation, turn: int, prefill_tok_s: float, decode_tok_s: float,
+              history: int = 0) -> float:
+    """Cost model of a job: prefill of ``history`` + the new turn, decode of the answer."""
     q, a = conv.turns[turn]
-    return len(q) / prefill_tok_s + len(a) / decode_tok_s
+    return (history + len(q)) / prefill_tok_s + len(a) / decode_tok_s
 
 
 # ------------------------------------------------------------------------------ redis
@@ -159,18 +186,111 @@ def make_tiers(sizes: dict[str, int], folder: Path, redis_url: str | None, tag: 
 
 # ------------------------------------------------------------------------------ part 1
 @dataclass
-class Step:
-    kind: str  # "start": the job is admitted to a worker slot (loads its session); "end": it saves
+class Job:
     session: int
     turn: int
-    queue_after: list[int]  # sessions of the jobs waiting at this moment, next first
-    live_tokens: int  # KV tokens of all sessions with turns left
 
 
-def schedule(convs: list[Conversation], order: list[int], args) -> tuple[list[Step], float]:
-    """The job sequence (policy independent): Poisson session arrivals, exponential think times,
-    one FCFS queue served by ``--slots`` parallel worker slots (a batching server) with the
-    cost-model service time. Returns the steps in time order and the simulated seconds."""
+class Replayer:
+    """The store side of the simulation: a real SessionStore over a real HierarchicalStore under one
+    policy. ``start`` loads (peeks) a session at job start, ``end`` saves it after the turn; both
+    then tell the store the queue. Every drop is logged with the dropped session's state, so each
+    miss can be attributed to why its session left the store."""
+
+    def __init__(self, policy: str, sessions: list[Conversation], order: list[int], info, sizes, folder, redis_url):
+        self.hier = HierarchicalStore(make_tiers(sizes, folder, redis_url, policy), policy)
+        self.hier.on_drop = self._on_drop
+        self.ss = SessionStore(self.hier, info, dtype="float16")
+        self.sessions, self.order = sessions, order
+        L, H, D = info.num_layers, info.num_kv_heads, info.head_dim
+        max_tokens = max(history_tokens(c, len(c.turns)) for c in sessions)
+        gen = torch.Generator().manual_seed(0)
+        self.big_k = torch.randn(L, H, max_tokens, D, generator=gen).to(torch.float16)
+        self.big_v = torch.randn(L, H, max_tokens, D, generator=gen).to(torch.float16)
+        self.rows: list[tuple] = []  # per turn >= 2: (tier found in or None, history tokens, new tokens)
+        self.live: set[str] = set()  # sessions with turns left (thinking, queued or in service)
+        self.running: set[str] = set()
+        self.last_drop: dict[str, str] = {}
+        self.drops: dict[str, int] = {}
+        self.misses: dict[str, int] = {}
+
+    def conv_hist(self, s: int, turn: int) -> tuple[Conversation, list[int]]:
+        conv = self.sessions[self.order[s]]
+        hist = list(conv.system)
+        for q, a in conv.turns[:turn]:
+            hist += q + a
+        return conv, hist
+
+    def _on_drop(self, view, via: str) -> None:
+        pol = self.hier.policy
+        r = pol.rank(view.key)
+        if r < float("inf"):
+            state = "queued"
+            if hasattr(pol, "windows"):
+                _, ew = pol.windows(self.hier.entry_views(), self.hier.tier_views())
+                state += ", outside the eviction window" if r >= ew else ", INSIDE the eviction window"
+        elif view.key in self.running:
+            state = "in service"
+        elif view.key in self.live:
+            state = "thinking (not queued)"
+        else:
+            state = "finished"
+        # was there, by the scheduler's own order (unqueued LRU first, then the back of the queue), a
+        # better victim in another tier? (a cascade only sees the last tier's entries)
+        key = (-r, view.last_access)
+        better = any(e.tier != view.tier and e.key != view.key and (-pol.rank(e.key), e.last_access) < key
+                     for e in self.hier.entry_views())
+        label = f"{state}; {via}" + ("; a better victim was in another tier" if better else "")
+        self.drops[label] = self.drops.get(label, 0) + 1
+        self.last_drop[view.key] = label
+
+    async def start(self, s: int, turn: int, queue: list[Job]) -> str | None:
+        sid = f"u{s}"
+        self.running.add(sid)
+        self.live.add(sid)
+        found = None
+        if turn > 0:
+            conv, hist = self.conv_hist(s, turn)
+            got = await self.ss.peek(sid, prefix_of=hist)
+            found = got[1] if got and got[0] == len(hist) else None
+            self.rows.append((found, len(hist), len(conv.turns[turn][0])))
+            if found is None:
+                why = self.last_drop.get(sid, "never stored (save refused: no room for it)")
+                self.misses[why] = self.misses.get(why, 0) + 1
+        await self.hier.set_queue([f"u{j.session}" for j in queue])
+        return found
+
+    async def end(self, s: int, turn: int, queue: list[Job]) -> None:
+        sid = f"u{s}"
+        conv, hist = self.conv_hist(s, turn)
+        q, a = conv.turns[turn]
+        total = len(hist) + len(q) + len(a)
+        self.running.discard(sid)
+        if turn + 1 >= len(conv.turns):
+            self.live.discard(sid)  # (the store is not told when a conversation ends: it cannot know)
+        self.ss.save(sid, hist + q + a, self.big_k[:, :, :total], self.big_v[:, :, :total], turn=turn)
+        await self.ss.flush()
+        await self.hier.set_queue([f"u{j.session}" for j in queue])
+
+    async def close(self) -> dict:
+        for e in self.hier.entry_views():  # leave nothing behind
+            await self.hier.delete(e.key)
+        await self.hier.close()
+        return {"rows": self.rows, "stats": self.hier.stats.__dict__.copy(), "drops": self.drops,
+                "misses": self.misses}
+
+
+async def simulate(sessions: list[Conversation], order: list[int], args, replayer: Replayer | None) -> dict:
+    """The serving side: Poisson session arrivals, exponential think times, one FCFS queue served by
+    ``--slots`` parallel worker slots (a batching server), cost-model service times.
+
+    ``--service fixed``: a job's service time is prefill of its new turn + decode of its answer,
+    whatever the store holds (the job sequence is then the same for every policy; think times are
+    drawn in event order, as in the first version of this bench). ``--service hit-aware``: a miss
+    also prefills the whole history (recompute), so hits shorten jobs and the queue; arrival times
+    and every think time are drawn up front (per session and turn), so every policy sees the same
+    arrival sequence, and job start times follow from its own hits. ``replayer`` None: no store
+    (every turn a miss; used to size the store)."""
     rng = random.Random(args.seed)
     events: list[tuple[float, int, str, int, int]] = []  # (time, seq, kind, session, turn)
     seq, t = 0, 0.0
@@ -178,77 +298,65 @@ def schedule(convs: list[Conversation], order: list[int], args) -> tuple[list[St
         t += rng.expovariate(args.session_rate)
         heapq.heappush(events, (t, seq, "arrive", s, 0))
         seq += 1
+    think = None
+    if args.service == "hit-aware":
+        trng = random.Random(args.seed + 1)
+        think = [[trng.expovariate(1.0 / args.think_s) for _ in sessions[order[s]].turns] for s in range(args.sessions)]
     queue: list[Job] = []
     free = args.slots
-    steps: list[Step] = []
     live: dict[int, int] = {}
+    live_samples: list[int] = []
+    queue_samples: list[int] = []
     clock = 0.0
+    t0 = time.perf_counter()
     while events or queue:
         while queue and free:
             job = queue.pop(0)
             free -= 1
-            conv = convs[order[job.session]]
-            steps.append(Step("start", job.session, job.turn, [j.session for j in queue], sum(live.values())))
-            heapq.heappush(events, (clock + service_s(conv, job.turn, args.prefill_tok_s, args.decode_tok_s), seq,
-                                    "end", job.session, job.turn))
+            conv = sessions[order[job.session]]
+            live_samples.append(sum(live.values()))
+            queue_samples.append(len(queue))
+            found = await replayer.start(job.session, job.turn, queue) if replayer else None
+            hist = 0
+            if args.service == "hit-aware" and found is None and job.turn > 0:
+                hist = history_tokens(conv, job.turn)
+            svc = service_s(conv, job.turn, args.prefill_tok_s, args.decode_tok_s, hist)
+            heapq.heappush(events, (clock + svc, seq, "end", job.session, job.turn))
             seq += 1
         if not events:
             break
         clock, _, kind, s, turn = heapq.heappop(events)
-        conv = convs[order[s]]
+        conv = sessions[order[s]]
         if kind == "arrive":
-            queue.append(Job(s, turn, clock))
+            queue.append(Job(s, turn))
             continue
         free += 1
         if turn + 1 < len(conv.turns):
-            live[s] = len(conv.system) + sum(len(q) + len(a) for q, a in conv.turns[:turn + 1])
-            heapq.heappush(events, (clock + rng.expovariate(1.0 / args.think_s), seq, "arrive", s, turn + 1))
+            live[s] = history_tokens(conv, turn + 1)
+            dt = think[s][turn] if think is not None else rng.expovariate(1.0 / args.think_s)
+            heapq.heappush(events, (clock + dt, seq, "arrive", s, turn + 1))
             seq += 1
         else:
             live.pop(s, None)
-        steps.append(Step("end", s, turn, [j.session for j in queue], sum(live.values())))
-    return steps, clock
-
-
-async def replay(policy: str, steps: list[Step], convs: list[Conversation], order: list[int], info, sizes, folder,
-                 redis_url) -> dict:
-    """Run the job sequence against a real hierarchical store under ``policy``."""
-    hier = HierarchicalStore(make_tiers(sizes, folder, redis_url, policy), policy)
-    ss = SessionStore(hier, info, dtype="float16")
-    L, H, D = info.num_layers, info.num_kv_heads, info.head_dim
-    max_tokens = max(len(c.system) + sum(len(q) + len(a) for q, a in c.turns) for c in convs)
-    gen = torch.Generator().manual_seed(0)
-    big_k = torch.randn(L, H, max_tokens, D, generator=gen).to(torch.float16)
-    big_v = torch.randn(L, H, max_tokens, D, generator=gen).to(torch.float16)
-    rows = []  # per turn >= 2: (tier found in or None, history tokens, new tokens)
-    t0 = time.perf_counter()
-    for st in steps:
-        conv = convs[order[st.session]]
-        sid = f"u{st.session}"
-        hist = list(conv.system)
-        for q, a in conv.turns[:st.turn]:
-            hist += q + a
-        q, a = conv.turns[st.turn]
-        if st.kind == "start":
-            if st.turn > 0:
-                got = await ss.peek(sid, prefix_of=hist)
-                rows.append((got[1] if got and got[0] == len(hist) else None, len(hist), len(q)))
-        else:
-            total = len(hist) + len(q) + len(a)
-            ss.save(sid, hist + q + a, big_k[:, :, :total], big_v[:, :, :total], turn=st.turn)
-            await ss.flush()  # (the store is not told when a conversation ends: it cannot know)
-        # the serving side tells the store what comes next (the scheduler-aware policy prefetches)
-        await hier.set_queue([f"u{s}" for s in st.queue_after])
-    wall = time.perf_counter() - t0
-    for e in hier.entry_views():  # leave nothing behind
-        await hier.delete(e.key)
-    await hier.close()
-    return {"rows": rows, "wall_s": wall, "stats": hier.stats.__dict__.copy()}
+        live_samples.append(sum(live.values()))
+        queue_samples.append(len(queue))
+        if replayer:
+            await replayer.end(s, turn, queue)
+    out = {"sim_s": clock, "wall_s": time.perf_counter() - t0, "live_tokens_mean": float(np.mean(live_samples)),
+           "live_tokens_max": max(live_samples), "queue_mean": float(np.mean(queue_samples)),
+           "jobs": sum(len(sessions[order[s]].turns) for s in range(args.sessions))}
+    if replayer:
+        out.update(await replayer.close())
+    return out
 
 
 # ------------------------------------------------------------------------------ part 2
-async def measure_ttft(adapter: ModelAdapter, convs: list[Conversation], folder: Path, redis_url: str | None,
-                       n_convs: int) -> list[dict]:
+async def measure_ttft(adapter: ModelAdapter, sessions: list[Conversation], folder: Path, redis_url: str | None,
+                       n_sessions: int, every: int) -> list[dict]:
+    """For the first ``n_sessions`` sessions, every ``every``-th turn >= 2: recompute (fresh prefill of
+    history + new turn to the first token) vs hit (load the saved KV from each tier + prefill of the
+    new turn). The KV saved after each turn is the server's own incremental cache (new turn and
+    answer appended), saved every turn."""
     tiers = {"memory": lambda: Tier(MemoryStore(), 1 << 34, "memory"),
              "disk": lambda: Tier(DiskStore(folder / "ttft-disk", fsync=False), 1 << 34, "disk")}
     if redis_url:
@@ -256,17 +364,20 @@ async def measure_ttft(adapter: ModelAdapter, convs: list[Conversation], folder:
     stores = {name: SessionStore(HierarchicalStore([mk()], "lru"), adapter.info, dtype="float16")
               for name, mk in tiers.items()}
     out = []
-    for ci, conv in enumerate(convs[:n_convs]):
+    for ci, conv in enumerate(sessions[:n_sessions]):
         sid = f"ttft{ci}"
         hist = list(conv.system)
+        run = adapter.make_cache()
+        adapter.extend(run, hist)
         for turn, (q, a) in enumerate(conv.turns):
-            row = {"conv": ci, "turn": turn + 1, "history_tokens": len(hist), "new_tokens": len(q)}
-            t0 = time.perf_counter()
-            cache = adapter.make_cache()
-            logits = adapter.extend(cache, hist + q)
-            first = int(logits[-1].argmax())
-            row["recompute_s"] = time.perf_counter() - t0
-            if turn > 0:
+            if turn > 0 and turn % every == 0:
+                row = {"session": ci, "turn": turn + 1, "history_tokens": len(hist), "new_tokens": len(q)}
+                t0 = time.perf_counter()
+                cache = adapter.make_cache()
+                logits = adapter.extend(cache, hist + q)
+                first = int(logits[-1].argmax())
+                row["recompute_s"] = time.perf_counter() - t0
+                del cache
                 for name, ss in stores.items():
                     t0 = time.perf_counter()
                     got = await ss.load(sid, prefix_of=hist)
@@ -279,13 +390,31 @@ async def measure_ttft(adapter: ModelAdapter, convs: list[Conversation], folder:
                     row[f"same_first_token_{name}"] = tok == first
                     row["history_bytes"] = got.nbytes
                 out.append(row)
-            adapter.extend(cache, a)  # the answer's KV (as if generated), then save the conversation
+            adapter.extend(run, q + a)  # the new turn and the answer's KV (as if generated), then save
             hist = hist + q + a
-            k, v = adapter.cache_to_tensors(cache)
+            k, v = adapter.cache_to_tensors(run)
             for ss in stores.values():
                 await ss.save(sid, hist, k, v, turn=turn)
     for ss in stores.values():
         await ss.hier.close()
+    return out
+
+
+BUCKETS = [(0, 500), (500, 1000), (1000, 2000), (2000, 3000), (3000, 1 << 30)]
+
+
+def ttft_by_bucket(rows: list[dict], tier: str) -> list[dict]:
+    out = []
+    for lo, hi in BUCKETS:
+        sel = [r for r in rows if lo <= r["history_tokens"] < hi]
+        if not sel:
+            continue
+        rec = np.array([r["recompute_s"] for r in sel])
+        hit = np.array([r[f"hit_{tier}_s"] for r in sel])
+        out.append({"history_tokens": f"{lo}-{hi}" if hi < 1 << 30 else f">={lo}", "turns": len(sel),
+                    "recompute_s_mean": float(rec.mean()), "hit_s_mean": float(hit.mean()),
+                    "ttft_reduction_total": 1 - float(hit.sum() / rec.sum()),
+                    "ttft_reduction_mean_per_turn": float(np.mean(1 - hit / rec))})
     return out
 
 
@@ -333,9 +462,16 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="write the rows here")
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     ap.add_argument("--model", default=None, help="model for the TTFT part and the KV sizes (default SmolLM2-135M)")
+    ap.add_argument("--topics-per-session", type=int, default=5,
+                    help="k consecutive topic conversations make one session (LongEval's topic task; 1 = the "
+                         "first version's workload)")
+    ap.add_argument("--service", choices=["hit-aware", "fixed"], default="hit-aware",
+                    help="hit-aware: a miss's job also prefills the history; fixed: service time ignores the store")
     ap.add_argument("--sessions", type=int, default=None)
     ap.add_argument("--session-rate", type=float, default=None, help="session arrivals per simulated second")
-    ap.add_argument("--load", type=float, default=1.3, help="offered load of the worker (sets --session-rate)")
+    ap.add_argument("--load", type=float, default=1.3,
+                    help="offered load of the server (sets --session-rate); with --service hit-aware relative to "
+                         "a server without a session cache (every job prefills its history)")
     ap.add_argument("--slots", type=int, default=8, help="jobs served in parallel (a batching server)")
     ap.add_argument("--think-s", type=float, default=2.0, help="mean think time between a turn and the next")
     ap.add_argument("--prefill-tok-s", type=float, default=2000.0, help="cost model of a job (simulated)")
@@ -345,12 +481,18 @@ def main(argv=None) -> int:
                          "left); a comma list runs each")
     ap.add_argument("--tier-split", default="1,2,2", help="memory:disk:redis proportions of the store")
     ap.add_argument("--policies", default=",".join(POLICIES))
-    ap.add_argument("--ttft-convs", type=int, default=None, help="conversations measured with the real model")
+    ap.add_argument("--replay-layers", type=int, default=2,
+                    help="layers of KV really written in the hit-rate replay (0 = all the model's); tier budgets "
+                         "use the same bytes per token, so hit rates depend on byte ratios only")
+    ap.add_argument("--ttft-sessions", type=int, default=None, help="sessions measured with the real model")
+    ap.add_argument("--ttft-every", type=int, default=None, help="measure every n-th turn of them")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    args.sessions = args.sessions or (80 if args.quick else 150)
-    args.ttft_convs = args.ttft_convs if args.ttft_convs is not None else (2 if args.quick else 5)
+    k = args.topics_per_session
+    args.sessions = args.sessions or ((80 if args.quick else 150) if k == 1 else (30 if args.quick else 60))
+    args.ttft_sessions = args.ttft_sessions if args.ttft_sessions is not None else (1 if args.quick else 2)
+    args.ttft_every = args.ttft_every or (4 if args.quick and k > 1 else 1)
     if not args.quick and args.store_frac == "1.25":
         args.store_frac = "1.0,1.25,1.5"
     torch.set_num_threads(args.threads)
@@ -358,81 +500,93 @@ def main(argv=None) -> int:
 
     adapter = ModelAdapter.load(args.model)
     convs = load_conversations(args.data_dir, adapter)
+    sessions = make_sessions(convs, k)
     info = adapter.info
-    bpt = 2 * info.num_layers * info.num_kv_heads * info.head_dim * 2  # float16 bytes per token
+    replay_info = info if args.replay_layers <= 0 else dataclasses.replace(
+        info, num_layers=min(args.replay_layers, info.num_layers))
+    bpt = 2 * replay_info.num_layers * info.num_kv_heads * info.head_dim * 2  # float16 bytes per token (replay)
+    bpt_model = 2 * info.num_layers * info.num_kv_heads * info.head_dim * 2
     rng = random.Random(args.seed)
     order = []
     while len(order) < args.sessions:
-        perm = list(range(len(convs)))
+        perm = list(range(len(sessions)))
         rng.shuffle(perm)
         order += perm
     order = order[:args.sessions]
-    final_tokens = [len(convs[i].system) + sum(len(q) + len(a) for q, a in convs[i].turns) for i in order]
-    mean_final = float(np.mean(final_tokens)) * bpt
-    mean_turns = float(np.mean([len(convs[i].turns) for i in order]))
-    mean_service = float(np.mean([service_s(convs[i], t, args.prefill_tok_s, args.decode_tok_s)
-                                  for i in order for t in range(len(convs[i].turns))]))
-    if args.session_rate is None:  # offered load (--load) of the one worker
+    final_tokens = [history_tokens(sessions[i], len(sessions[i].turns)) for i in order]
+    mean_turns = float(np.mean([len(sessions[i].turns) for i in order]))
+    recompute = args.service == "hit-aware"
+    mean_service = float(np.mean([service_s(sessions[i], t, args.prefill_tok_s, args.decode_tok_s,
+                                            history_tokens(sessions[i], t) if recompute else 0)
+                                  for i in order for t in range(len(sessions[i].turns))]))
+    if args.session_rate is None:  # offered load (--load) of the server
         args.session_rate = args.load * args.slots / (mean_service * mean_turns)
-    steps, sim_s = schedule(convs, order, args)
-    live_mean = float(np.mean([st.live_tokens for st in steps])) * bpt
-    live_max = max(st.live_tokens for st in steps) * bpt
+    # store sizes from the server without a store (policy independent)
+    base = asyncio.run(simulate(sessions, order, args, None))
+    live_mean = base["live_tokens_mean"] * bpt
+    live_max = base["live_tokens_max"] * bpt
     split = [float(x) for x in args.tier_split.split(",")]
     fracs = [float(x) for x in str(args.store_frac).split(",")]
     sizes_of = {f: {name: int(f * live_mean * w / sum(split)) for name, w in zip(TIER_NAMES, split)} for f in fracs}
-    sizes = dict(sizes_of[fracs[0]])
     folder = Path(tempfile.mkdtemp(prefix="ctxstream-multiturn-"))
     proc, redis_url = start_redis(folder)
     if redis_url is None:
         print("redis-server not found: two tiers only (memory, disk)")
-        sizes.pop("redis", None)
         for v in sizes_of.values():
             v.pop("redis", None)
-    tier_names = [n for n in TIER_NAMES if n in sizes]
+    tier_names = [n for n in TIER_NAMES if n in sizes_of[fracs[0]]]
+    hist_at = [history_tokens(sessions[i], t) for i in order for t in range(1, len(sessions[i].turns))]
     try:
-        print(f"# {info.name}: {bpt} B/token (float16 KV); {len(convs)} conversations, {args.sessions} sessions, "
-              f"mean final session KV {mean_final / 1e6:.1f} MB; load {args.load}, think {args.think_s} s, "
-              f"{args.slots} slots")
-        ttft_rows = asyncio.run(measure_ttft(adapter, convs, folder, redis_url, args.ttft_convs))
+        print(f"# {info.name}: {bpt_model} B/token (float16 KV; replay writes {replay_info.num_layers} layers, "
+              f"{bpt} B/token); {len(convs)} conversations, {k} per session, {args.sessions} sessions "
+              f"(mean {mean_turns:.1f} turns, final {np.mean(final_tokens):.0f} tokens, history at turns >= 2 "
+              f"{min(hist_at)}-{max(hist_at)}, mean {np.mean(hist_at):.0f}); service {args.service}, load {args.load}, "
+              f"think {args.think_s} s, {args.slots} slots; no-cache server: mean queue {base['queue_mean']:.1f}")
+        ttft_rows = asyncio.run(measure_ttft(adapter, sessions, folder, redis_url, args.ttft_sessions,
+                                             args.ttft_every))
         costs = fit_costs(ttft_rows, tier_names) if ttft_rows else None
         rows = []
         for frac, policy in [(f, p.strip()) for f in fracs for p in args.policies.split(",") if p.strip()]:
             sizes = sizes_of[frac]
-            res = asyncio.run(replay(policy, steps, convs, order, info, sizes, folder, redis_url))
+            rep = Replayer(policy, sessions, order, replay_info, sizes, folder, redis_url)
+            res = asyncio.run(simulate(sessions, order, args, rep))
             turns = res["rows"]
             n = len(turns)
             hits = [r for r in turns if r[0] is not None]
             ttft = [predict(costs, r[0], r[1], r[2]) for r in turns] if costs else [float("nan")]
             ttft_rec = [predict(costs, None, r[1], r[2]) for r in turns] if costs else [float("nan")]
-            hist_tok = sum(r[1] for r in turns)
             all_tok = sum(r[1] + r[2] for r in turns)
-            row = {
+            rows.append({
                 "policy": policy,
                 "hit_rate": len(hits) / n if n else 0.0,
                 **{f"hit_rate_{t}": sum(1 for r in turns if r[0] == t) / n for t in tier_names},
                 "turns_counted": n,
                 "prefill_tokens_saved": sum(r[1] for r in hits),
                 "prefill_tokens_saved_frac": sum(r[1] for r in hits) / all_tok if all_tok else 0.0,
-                "history_tokens": hist_tok,
+                "history_tokens": sum(r[1] for r in turns),
                 "ttft_s_mean": float(np.mean(ttft)),
                 "ttft_recompute_s_mean": float(np.mean(ttft_rec)),
                 "ttft_reduction": 1 - float(np.sum(ttft)) / float(np.sum(ttft_rec)),
+                "misses_by_reason": dict(sorted(res["misses"].items(), key=lambda x: -x[1])),
+                "drops_by_reason": dict(sorted(res["drops"].items(), key=lambda x: -x[1])),
                 "tier_bytes": {t: sizes[t] for t in tier_names},
                 "store_bytes": sum(sizes.values()),
                 "store_frac_of_live_kv": frac,
                 "live_kv_bytes_mean": live_mean,
                 "live_kv_bytes_max": live_max,
+                "bytes_per_token_replay": bpt,
+                "bytes_per_token_model": bpt_model,
                 "moves": res["stats"],
                 "sessions": args.sessions,
-                "jobs": len(steps),
-                "sim_s": sim_s,
+                "jobs": res["jobs"],
+                "queue_mean": res["queue_mean"],
+                "sim_s": res["sim_s"],
+                "sim_s_no_cache": base["sim_s"],
                 "sim_wall_s": res["wall_s"],
                 "machine": machine(),
                 "model": info.name,
-            }
-            rows.append(row)
-        # measured TTFT rows (real model): one summary row per tier
-        meas = {}
+            })
+        meas, buckets = {}, {}
         for t in tier_names if ttft_rows else []:
             rec = np.array([r["recompute_s"] for r in ttft_rows])
             hit = np.array([r[f"hit_{t}_s"] for r in ttft_rows])
@@ -440,41 +594,52 @@ def main(argv=None) -> int:
                        "ttft_reduction_total": 1 - float(hit.sum() / rec.sum()),
                        "ttft_reduction_mean_per_turn": float(np.mean(1 - hit / rec)),
                        "load_s_mean": float(np.mean([r[f"load_{t}_s"] for r in ttft_rows])),
-                       "same_first_token": float(np.mean([r[f"same_first_token_{t}"] for r in ttft_rows]))}
+                       "same_first_token": float(np.mean([r[f"same_first_token_{t}"] for r in ttft_rows])),
+                       "history_tokens_min": min(r["history_tokens"] for r in ttft_rows),
+                       "history_tokens_max": max(r["history_tokens"] for r in ttft_rows)}
+            buckets[t] = ttft_by_bucket(ttft_rows, t)
         for r in rows:
             r["ttft_measured"] = meas
+            r["ttft_by_history"] = buckets
             r["ttft_cost_model"] = costs
-            r["params"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+            r["params"] = {kk: (str(v) if isinstance(v, Path) else v) for kk, v in vars(args).items()}
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(10)
         shutil.rmtree(folder, ignore_errors=True)
 
-    live = rows[0]["live_kv_bytes_mean"] if rows else 0
-    print(f"# tiers memory:disk:redis = {args.tier_split}; mean "
-          f"live KV ({live / 1e6:.0f} MB, max {rows[0]['live_kv_bytes_max'] / 1e6:.0f} MB); "
-          f"{rows[0]['jobs']} jobs, {rows[0]['turns_counted']} turns >= 2 counted, mean queue "
-          f"{np.mean([len(st.queue_after) for st in steps]):.1f} jobs, {args.slots} slots")
-    hdr = ["store / live KV", "store MB", "policy", "hit rate", *[f"hit {t}" for t in tier_names], "prefill saved", "TTFT s", "recompute s",
-           "TTFT reduction"]
+    print(f"# tiers memory:disk:redis = {args.tier_split}; mean live KV {live_mean / 1e6:.0f} MB (max "
+          f"{live_max / 1e6:.0f} MB) at the replay's {bpt} B/token; {rows[0]['jobs']} jobs, "
+          f"{rows[0]['turns_counted']} turns >= 2 counted, {args.slots} slots")
+    hdr = ["store / live KV", "policy", "hit rate", *[f"hit {t}" for t in tier_names], "prefill saved", "TTFT s",
+           "recompute s", "TTFT reduction", "mean queue", "sim s"]
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
     for r in rows:
-        print(f"| {r['store_frac_of_live_kv']:.2f} | {r['store_bytes'] / 1e6:.0f} | {r['policy']} | {r['hit_rate']:.1%} | " + " | ".join(f"{r[f'hit_rate_{t}']:.1%}" for t in tier_names)
+        print(f"| {r['store_frac_of_live_kv']:.2f} | {r['policy']} | {r['hit_rate']:.1%} | "
+              + " | ".join(f"{r[f'hit_rate_{t}']:.1%}" for t in tier_names)
               + f" | {r['prefill_tokens_saved_frac']:.1%} | {r['ttft_s_mean']:.3f} | {r['ttft_recompute_s_mean']:.3f} "
-                f"| {r['ttft_reduction']:.1%} |")
-    if not ttft_rows:
-        print(f"# {time.perf_counter() - t_start:.0f} s")
-        return 0
-    print(f"\n# TTFT measured with {info.name} ({args.threads} thread), {len(ttft_rows)} turns >= 2 of "
-          f"{args.ttft_convs} conversations (history {min(r['history_tokens'] for r in ttft_rows)}-"
-          f"{max(r['history_tokens'] for r in ttft_rows)} tokens):")
-    print("| KV from | recompute s | hit s | load s | reduction (sum) | reduction (mean per turn) | same first token |")
-    print("|---|---|---|---|---|---|---|")
-    for t, m in meas.items():
-        print(f"| {t} | {m['recompute_s_mean']:.3f} | {m['hit_s_mean']:.3f} | {m['load_s_mean']:.3f} | "
-              f"{m['ttft_reduction_total']:.1%} | {m['ttft_reduction_mean_per_turn']:.1%} | {m['same_first_token']:.0%} |")
+                f"| {r['ttft_reduction']:.1%} | {r['queue_mean']:.1f} | {r['sim_s']:.0f} |")
+    print("\n# misses by reason (turns >= 2)")
+    for r in rows:
+        print(f"- {r['store_frac_of_live_kv']:.2f} {r['policy']}: "
+              + "; ".join(f"{n} x [{why}]" for why, n in r["misses_by_reason"].items()))
+    if ttft_rows:
+        print(f"\n# TTFT measured with {info.name} ({args.threads} thread), {len(ttft_rows)} turns >= 2 of "
+              f"{args.ttft_sessions} session(s) (history {min(r['history_tokens'] for r in ttft_rows)}-"
+              f"{max(r['history_tokens'] for r in ttft_rows)} tokens):")
+        print("| KV from | history tokens | turns | recompute s | hit s | reduction (sum) | reduction (mean per turn) |")
+        print("|---|---|---|---|---|---|---|")
+        for t, m in meas.items():
+            for bk in buckets[t]:
+                print(f"| {t} | {bk['history_tokens']} | {bk['turns']} | {bk['recompute_s_mean']:.3f} | "
+                      f"{bk['hit_s_mean']:.3f} | {bk['ttft_reduction_total']:.1%} | "
+                      f"{bk['ttft_reduction_mean_per_turn']:.1%} |")
+            print(f"| {t} | all | {m['turns']} | {m['recompute_s_mean']:.3f} | {m['hit_s_mean']:.3f} | "
+                  f"{m['ttft_reduction_total']:.1%} | {m['ttft_reduction_mean_per_turn']:.1%} |")
+        print("same first token: " + ", ".join(f"{t} {m['same_first_token']:.0%}" for t, m in meas.items())
+              + "; load s: " + ", ".join(f"{t} {m['load_s_mean']:.3f}" for t, m in meas.items()))
     print(f"# {time.perf_counter() - t_start:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

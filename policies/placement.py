@@ -27,6 +27,13 @@ Contract (who calls what, when, in which units):
 * ``prefetch(entries, tiers)``: called by the store after ``set_queue`` (and on
   ``HierarchicalStore.prefetch()``); returns keys to bring up to tier 0, most urgent first. The
   store promotes them in that order, each through ``victims(0, ...)``.
+* ``drop_order(need_bytes, candidates, incoming, tiers)``: asked once per admission, before any
+  entry is moved, when the tiers from the target tier down do not have ``need_bytes`` free **in
+  total** (so something must leave the store whatever moves down). ``candidates`` are the movable
+  entries of all those tiers. Returns keys to drop from the store directly, from whichever tier
+  holds them, first first; the store drops them (each also through ``may_drop``) until the total
+  is free, then makes room tier by tier with ``victims`` as above. The default (``[]``) leaves it
+  all to the per-tier cascade, where a drop can only ever be an entry of the last tier.
 
 Registry: :func:`make_placement` (``"lru"``, ``"fifo"``, ``"scheduler"``), :func:`register_placement`
 (duplicate names are rejected), :func:`placement_names`.
@@ -107,6 +114,10 @@ class PlacementPolicy(abc.ABC):
     def prefetch(self, entries: Sequence[EntryView], tiers: Sequence[TierView]) -> list[str]:
         return []
 
+    def drop_order(self, need_bytes: int, candidates: Sequence[EntryView], incoming: EntryView | None,
+                   tiers: Sequence[TierView]) -> list[str]:
+        return []
+
 
 class LruPlacement(PlacementPolicy):
     """Least recently used first; no prefetch (a hit in a lower tier is promoted on access)."""
@@ -127,18 +138,24 @@ class FifoPlacement(PlacementPolicy):
 
 
 class SchedulerAwarePlacement(PlacementPolicy):
-    """AttentionStore's scheduler-aware fetching and eviction.
+    """AttentionStore's scheduler-aware fetching and eviction (Gao et al., ATC'24, section 3.3).
 
-    With ``mean`` = mean entry bytes over the entries now stored:
+    With ``mean`` = mean entry bytes over the entries now stored, ``rank`` = a session's first
+    position in the queue (``inf`` when it is not queued):
 
-    * **prefetch window** = tier 0's capacity (bytes held by entries outside the window count as
-      free: they are moved down to make room) // ``mean``, at least 1: queued sessions within the
-      first that many queue positions are brought up to tier 0, next first;
-    * **eviction window** = the capacity of all tiers // ``mean``: an entry whose session is queued
-      inside it is never dropped from the store;
-    * victims of a tier: entries not in the queue first (least recently used first), then queued
-      ones from the back of the queue; never an entry whose request comes before ``incoming``'s
-      (so a prefetch never pushes down something needed sooner).
+    * **eviction window** = the capacity of *all* tiers // ``mean`` queue positions: an entry whose
+      session is queued inside it is never dropped from the store;
+    * **victim order** (the same in every tier and for the whole store): entries not in the queue
+      first, least recently used first (their next use is unknown: LRU is the natural order among
+      them), then queued ones from the back of the queue (furthest next use first); never the
+      incoming entry, nor one whose request comes before the incoming one's (a prefetch never pushes
+      down something needed sooner, a save of an unqueued session only displaces unqueued ones);
+    * **global drops** (:meth:`drop_order`): when the store as a whole must shed bytes, the entries
+      that leave are the first in victim order *over all tiers* and outside the eviction window --
+      not whichever entry happens to be last in the tier a cascade ends in;
+    * **prefetch window** = free tier-0 bytes // ``mean``, where free counts the bytes held in tier
+      0 by unqueued entries (the first victims, so they make room for a prefetch): that many of the
+      queued sessions that are not in tier 0, in queue order, are brought up, next first.
     """
 
     name = "scheduler"
@@ -157,12 +174,17 @@ class SchedulerAwarePlacement(PlacementPolicy):
         return sum(sizes) / len(sizes) if sizes else 0.0
 
     def windows(self, entries: Sequence[EntryView], tiers: Sequence[TierView]) -> tuple[int, int]:
-        """``(prefetch_window, eviction_window)`` in queue positions."""
+        """``(prefetch_window, eviction_window)``: the prefetch window in queued sessions not yet in
+        tier 0, the eviction window in queue positions."""
         mean = self._mean_bytes(entries)
-        if mean <= 0:
+        if not tiers:
+            pw, ew = 0, len(self.queue)
+        elif mean <= 0:
             pw = ew = len(self.queue)
         else:
-            pw = max(1, int(tiers[0].capacity_bytes // mean)) if tiers else 0
+            reclaimable = sum(e.nbytes for e in entries if e.tier == 0 and self.rank(e.key) == math.inf)
+            free0 = min(tiers[0].capacity_bytes, tiers[0].free_bytes + reclaimable)
+            pw = int(free0 // mean)
             ew = max(1, int(sum(t.capacity_bytes for t in tiers) // mean))
         if self.fixed_prefetch is not None:
             pw = self.fixed_prefetch
@@ -170,21 +192,30 @@ class SchedulerAwarePlacement(PlacementPolicy):
             ew = self.fixed_eviction
         return pw, ew
 
-    def victims(self, tier, need_bytes, candidates, incoming, tiers):
+    def _order(self, candidates: Sequence[EntryView], incoming: EntryView | None) -> list[EntryView]:
         floor = self.rank(incoming.key) if incoming is not None else -1
         allowed = [e for e in candidates if self.rank(e.key) >= floor and (incoming is None or e.key != incoming.key)]
-        return [e.key for e in sorted(allowed, key=lambda e: (-self.rank(e.key), e.last_access, e.key))]
+        return sorted(allowed, key=lambda e: (-self.rank(e.key), e.last_access, e.key))
+
+    def victims(self, tier, need_bytes, candidates, incoming, tiers):
+        return [e.key for e in self._order(candidates, incoming)]
 
     def may_drop(self, entry, entries, tiers):
         _, ew = self.windows(entries, tiers)
         return self.rank(entry.key) >= ew
+
+    def drop_order(self, need_bytes, candidates, incoming, tiers):
+        _, ew = self.windows(candidates, tiers)
+        return [e.key for e in self._order(candidates, incoming) if self.rank(e.key) >= ew]
 
     def prefetch(self, entries, tiers):
         pw, _ = self.windows(entries, tiers)
         where = {e.key: e for e in entries}
         out: list[str] = []
         seen: set[str] = set()
-        for s in self.queue[:pw]:
+        for s in self.queue:
+            if len(out) >= pw:
+                break
             if s in seen:
                 continue
             seen.add(s)

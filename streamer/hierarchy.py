@@ -9,7 +9,9 @@ by a :class:`policies.placement.PlacementPolicy`:
 
 * **down on eviction**: to admit ``need`` bytes into tier ``i``, the policy's victims move to tier
   ``i+1`` (recursively making room there); from the last tier they are dropped (if the policy's
-  ``may_drop`` agrees);
+  ``may_drop`` agrees). A policy with a global view (``drop_order``, the scheduler-aware one) first
+  names the entries that leave the store when tiers ``i``.. lack the room in total: they are
+  dropped from whichever tier holds them, and the cascade then only moves entries down;
 * **up on access / prefetch**: :meth:`HierarchicalStore.get` promotes the entry it read to tier 0
   (``promote_on_read``), :meth:`set_queue` lets a scheduler-aware policy prefetch queued entries.
 
@@ -26,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 from policies.placement import EntryView, PlacementPolicy, TierView, make_placement
 
@@ -104,6 +106,9 @@ class HierarchicalStore:
         self._clock = 0
         self._lock = asyncio.Lock()
         self.stats = HierarchyStats()
+        # optional observer: called as on_drop(entry_view, via) just before an entry leaves the
+        # store; via = "global" (the policy's drop_order) or "cascade" (last tier of a cascade)
+        self.on_drop: Callable[[EntryView, str], None] | None = None
 
     # ----------------------------------------------------------------------------- views
     def _tick(self) -> int:
@@ -322,6 +327,10 @@ class HierarchicalStore:
             return False
         if tier.capacity_bytes - tier.used_bytes >= need:
             return True
+        if depth == 0:
+            await self._drop_globally(t, need, incoming)
+            if tier.capacity_bytes - tier.used_bytes >= need:
+                return True
         cands = [self._view(e) for e in self._entries.values()
                  if e.tier == t and e.pins == 0 and e is not incoming]
         inc_view = self._view(incoming) if incoming is not None else None
@@ -342,10 +351,33 @@ class HierarchicalStore:
                         moved = True
                         break
                 if not moved and self.policy.may_drop(self._view(v), self.entry_views(), self.tier_views()):
-                    await self._drop(v)
+                    await self._drop(v, "cascade")
             finally:
                 v.pins -= 1
         return tier.capacity_bytes - tier.used_bytes >= need
+
+    async def _drop_globally(self, t: int, need: int, incoming: _Entry | None) -> None:
+        """When tiers ``t``.. together lack ``need`` free bytes, drop the policy's
+        :meth:`~policies.placement.PlacementPolicy.drop_order` entries (from any of those tiers)
+        until they do; the per-tier cascade then only moves entries down."""
+        lower = self.tiers[t:]
+        deficit = need - sum(max(0, x.capacity_bytes - x.used_bytes) for x in lower)
+        if deficit <= 0:
+            return
+        cands = [self._view(e) for e in self._entries.values()
+                 if e.tier >= t and e.pins == 0 and e is not incoming]
+        inc_view = self._view(incoming) if incoming is not None else None
+        order = self.policy.drop_order(need, cands, inc_view, self.tier_views())
+        for key in order:
+            if deficit <= 0:
+                break
+            v = self._entries.get(key)
+            if v is None or v.tier < t or v.pins or v is incoming:
+                continue  # not a candidate
+            if not self.policy.may_drop(self._view(v), self.entry_views(), self.tier_views()):
+                continue
+            deficit -= v.nbytes
+            await self._drop(v, "global")
 
     async def _move(self, e: _Entry, to: int) -> None:
         src, dst = self.tiers[e.tier], self.tiers[to]
@@ -368,7 +400,9 @@ class HierarchicalStore:
         dst.used_bytes += n
         e.tier = to
 
-    async def _drop(self, e: _Entry) -> None:
+    async def _drop(self, e: _Entry, via: str) -> None:
+        if self.on_drop is not None:  # observers (benchmarks) see the entry before it goes
+            self.on_drop(self._view(e), via)
         tier = self.tiers[e.tier]
         for k in e.objects:
             await tier.store.delete(k)

@@ -197,3 +197,63 @@ def test_three_tiers_with_redis(tmp_path, redis_url):
         await h.close()
 
     asyncio.run(go())
+
+
+# ------------------------------------------------------------------------------ global eviction (issue 7, round 2)
+def test_scheduler_drop_order_is_global_lru_among_unqueued_outside_the_window():
+    p = SchedulerAwarePlacement(eviction_window=2)
+    p.set_queue(["q0", "q1", "q2"])
+    tiers = [TierView("memory", 300, 300), TierView("disk", 300, 300), TierView("redis", 300, 300)]
+    cands = [ev("old", tier=0, last=1), ev("new", tier=2, last=9), ev("q0", tier=2), ev("q2", tier=1),
+             ev("q1", tier=0), ev("mid", tier=1, last=5)]
+    # unqueued first, least recently used first, whatever tier holds them; then the back of the queue,
+    # but never inside the eviction window (q0, q1)
+    assert p.drop_order(100, cands, None, tiers) == ["old", "mid", "new", "q2"]
+    # a prefetch of q1 may not drop anything needed before it, nor itself
+    assert p.drop_order(100, cands, ev("q1"), tiers) == ["old", "mid", "new", "q2"]
+    # a save of an unqueued session only displaces unqueued ones
+    assert p.drop_order(100, cands, ev("zz", last=10), tiers) == ["old", "mid", "new"]
+    # the baselines keep the per-tier cascade
+    assert LruPlacement().drop_order(100, cands, None, tiers) == []
+
+
+def test_scheduler_prefetch_window_is_free_fast_tier_bytes_over_mean():
+    p = SchedulerAwarePlacement()
+    tiers = [TierView("memory", 300, 300), TierView("disk", 1000, 300)]
+    entries = [ev("q0", tier=0), ev("x", tier=0), ev("d", tier=0),
+               ev("a", tier=1), ev("b", tier=1), ev("c", tier=1)]
+    p.set_queue(["q0", "a", "b", "c", "d"])
+    # tier 0 is full; only the unqueued x (100 bytes) is reclaimable: one prefetch, the first queued
+    # session not in tier 0 (the old window, capacity // mean = 3 queue positions, fetched a and b)
+    assert p.windows(entries, tiers)[0] == 1
+    assert p.prefetch(entries, tiers) == ["a"]
+    free = [TierView("memory", 300, 100), TierView("disk", 1000, 300)]
+    assert p.prefetch(entries, free) == ["a", "b", "c"]  # 200 free + 100 reclaimable
+
+
+def test_hierarchy_drops_the_global_victim_not_the_last_tiers(tmp_path):
+    """Memory holds the least recently used unqueued session b, disk the recently used a. A new save
+    needs room: the old cascade moved b down and dropped a (the disk's only entry); the global
+    victim order drops b, wherever it is."""
+    async def go():
+        h = _mem_disk(tmp_path, "scheduler", mem=2 * KB, disk=KB)
+        seen = []
+        h.on_drop = lambda view, via: seen.append((view.key, via))
+        await _fill(h, ["a", "b", "c"])  # a goes down to disk
+        assert [h.where(x) for x in "abc"] == ["disk", "memory", "memory"]
+        await h.touch("a")  # a is now the most recently used (a session back from thinking)
+        await h.set_queue(["c"])
+        await _fill(h, ["n"])
+        assert "a" in h and "b" not in h and "c" in h and "n" in h
+        assert seen == [("b", "global")]
+        assert all(t.used_bytes <= t.capacity_bytes for t in h.tiers)
+        # LRU keeps the per-tier cascade (and its drop is reported as such)
+        h2 = _mem_disk(tmp_path / "lru", "lru", mem=2 * KB, disk=KB)
+        seen2 = []
+        h2.on_drop = lambda view, via: seen2.append((view.key, via))
+        await _fill(h2, ["a", "b", "c"])
+        await h2.touch("a")
+        await _fill(h2, ["n"])
+        assert seen2 == [("a", "cascade")]
+
+    asyncio.run(go())

@@ -59,8 +59,9 @@ import torch
 from . import rans
 from .codec import FineTokens
 from .errors import ChecksumError, MalformedError, TruncatedError
-from .format import checksum, parse_header
+from .format import CHECK_BYTES, checksum, parse_header
 from ..model import rope_cos_sin
+from ..positions import check_rope, reposition
 from .profile import SINK_TOKENS
 
 __all__ = [
@@ -1171,18 +1172,30 @@ class GpuDecoder:
         key = (start, T)
         got = self._rope.get(key)
         if got is None:
-            if len(self._rope) > 16:
+            if len(self._rope) > 128:
                 self._rope.clear()
             cos, sin = rope_cos_sin(self.codec.info, torch.arange(start, start + T))
             got = self._rope[key] = (cos.to(self.device).contiguous(), sin.to(self.device).contiguous())
         return got
 
     # ------------------------------------------------------------------------------ parse
-    def _plan(self, blob, layers) -> _Plan:
+    def _verify(self, mv, hi, layers) -> None:
+        """xxh3 of each section in ``layers`` against its stored checksum (host; GIL released)."""
+        offsets, hdr = hi.section_offsets(), hi.header
+        spans = [(offsets[x], offsets[x] + hdr.sections[x]) for x in layers]
+        if sum(e - o for o, e in spans) > 1 << 20:  # xxhash releases the GIL: sections in parallel
+            got = list(_checksum_pool().map(lambda oe: checksum(mv[oe[0] : oe[1]]), spans))
+        else:
+            got = [checksum(mv[o:e]) for o, e in spans]
+        for layer, (o, e), h in zip(layers, spans, got):
+            if h != struct.unpack_from("<Q", mv, e)[0]:
+                raise ChecksumError(f"layer {layer} section checksum mismatch")
+
+    def _plan(self, blob, layers, verify: bool | None = None, hi=None) -> _Plan:
         codec = self.codec
         blob = _host_bytes(blob)
         mv = memoryview(blob).cast("B") if not isinstance(blob, memoryview) else blob.cast("B")
-        hi = parse_header(mv, codec.limits)
+        hi = hi if hi is not None else parse_header(mv, codec.limits)
         spec = codec._check_header(hi)
         hdr = hi.header
         if len(mv) < hi.total_bytes:
@@ -1193,8 +1206,10 @@ class GpuDecoder:
         layers = list(range(hdr.layers)) if layers is None else [int(x) for x in layers]
         if any(not 0 <= x < hdr.layers for x in layers):
             raise ValueError(f"layers must lie in [0, {hdr.layers})")
-        if spec.kind != "tc":
+        if spec.kind != "tc":  # (the CPU codec checks these sections' checksums when it decodes them)
             return _Plan(hdr, spec, None, layers, H, T, D, 0, 0, 0, *([None] * 9))
+        if self.verify_checksums if verify is None else verify:
+            self._verify(mv, hi, layers)
         ctx = FineTokens.make(spec, T, hdr.params.get("fine", []))
         block = spec.block
         blocks = -(-T // block)
@@ -1207,15 +1222,6 @@ class GpuDecoder:
         seg_src = np.zeros(nl, np.int64)
         st_parts, esc_parts, sinks = [], [], []
         sink_bytes = 2 * 2 * H * n_sink * D
-        if self.verify_checksums:
-            spans = [(offsets[x], offsets[x] + hdr.sections[x]) for x in layers]
-            if sum(e - o for o, e in spans) > 1 << 20:  # xxhash releases the GIL: sections in parallel
-                got = list(_checksum_pool().map(lambda oe: checksum(mv[oe[0] : oe[1]]), spans))
-            else:
-                got = [checksum(mv[o:e]) for o, e in spans]
-            for layer, (o, e), h in zip(layers, spans, got):
-                if h != struct.unpack_from("<Q", mv, e)[0]:
-                    raise ChecksumError(f"layer {layer} section checksum mismatch")
         for i, layer in enumerate(layers):
             off, length = offsets[layer], hdr.sections[layer]
             end = off + length
@@ -1255,26 +1261,31 @@ class GpuDecoder:
 
     # ----------------------------------------------------------------------------- decode
     def decode(self, blob, *, out_dtype: torch.dtype | None = None, layers=None,
-               device_blob: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               device_blob: torch.Tensor | None = None, start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode a whole chunk (or ``layers`` of it) -> ``(keys, values)`` ``[layers, kv_heads, tokens,
-        head_dim]`` on the GPU; raises like ``Codec.decode`` (one device sync, at the end)."""
-        return self.submit(blob, out_dtype=out_dtype, layers=layers, device_blob=device_blob).result()
+        head_dim]`` on the GPU; raises like ``Codec.decode`` (one device sync, at the end). ``start``:
+        rotate the keys for positions ``start..`` instead of the chunk's own (as ``Codec.decode``)."""
+        return self.submit(blob, out_dtype=out_dtype, layers=layers, device_blob=device_blob, start=start).result()
 
     def submit(self, blob, *, out_dtype: torch.dtype | None = None, layers=None,
-               device_blob: torch.Tensor | None = None) -> "PendingDecode":
+               device_blob: torch.Tensor | None = None, start: int | None = None) -> "PendingDecode":
         """Parse ``blob`` and queue its decode on the current stream without waiting for the GPU;
         ``.result()`` waits, checks the integrity flags and returns ``(keys, values)``. Submitting
         chunk ``i + 1`` before taking chunk ``i``'s result overlaps the host's parsing with the GPU.
 
         ``blob``: bytes-like, or a CPU uint8 tensor (pinned memory: the copy to the GPU is
         asynchronous). ``device_blob``: the same bytes already on this device (uint8), to skip it."""
+        if start is not None:
+            if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+                raise ValueError(f"start must be an int >= 0, got {start!r}")
+            check_rope(self.codec.info)
         plan = self._plan(blob, layers)
         dtype = out_dtype or _torch_dtype(plan.header.dtype)
         if plan.spec.kind != "tc":
-            k, v = self.codec.decode(_host_bytes(blob))
+            k, v = self.codec.decode(_host_bytes(blob), start=start)
             sel = plan.layers
             return PendingDecode(result=(k[sel].to(self.device, dtype), v[sel].to(self.device, dtype)))
-        return self._launch(plan, self._upload(blob, device_blob), dtype, what="kv")
+        return self._launch(plan, self._upload(blob, device_blob), dtype, what="kv", start=start)
 
     def decode_coefficients(self, blob, *, layers=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dequantised coefficients ``[layers, 2, kv_heads, padded tokens, head_dim]`` (escapes and fine
@@ -1291,6 +1302,81 @@ class GpuDecoder:
             raise ValueError("only transform-coded chunks have symbols")
         return self._launch(plan, self._upload(blob, None), None, what="symbols").result()
 
+    # ------------------------------------------------------------------- prepared chunks
+    def prepare(self, blob, groups=None, *, verify: bool | None = None) -> "PreparedChunk":
+        """Host work of a chunk done once, ahead of its decode (e.g. as its bytes arrive): header
+        parse, section checksums (``verify``, default ``verify_checksums``; ``False`` where the
+        receiver already checked every section's xxh3 as the bytes came in), one plan per layer
+        group and all groups' small tables packed in one pinned buffer. ``groups``: lists of
+        consecutive layers (default: all layers in one group). Each group's bytes are the range
+        ``spans[g]`` of the blob; :meth:`launch_prepared` queues one group's decode."""
+        hb = _host_bytes(blob)
+        mv = memoryview(hb).cast("B") if not isinstance(hb, memoryview) else hb.cast("B")
+        hi = parse_header(mv, self.codec.limits)
+        spec = self.codec._check_header(hi)
+        hdr = hi.header
+        if len(mv) != hi.total_bytes:
+            raise (TruncatedError if len(mv) < hi.total_bytes else MalformedError)(
+                f"chunk has {len(mv)} bytes, its header says {hi.total_bytes}")
+        groups = [list(range(hdr.layers))] if groups is None else [[int(x) for x in g] for g in groups]
+        for g in groups:
+            if not g or g != list(range(g[0], g[0] + len(g))) or not 0 <= g[0] <= g[-1] < hdr.layers:
+                raise ValueError(f"layer group {g} is not a range of consecutive layers in [0, {hdr.layers})")
+        verify = self.verify_checksums if verify is None else verify
+        if verify:
+            self._verify(mv, hi, [x for g in groups for x in g])
+        offs = hi.section_offsets()
+        spans = [(offs[g[0]], offs[g[-1]] + hdr.sections[g[-1]] + CHECK_BYTES) for g in groups]
+        _, H, T, D = hdr.shape
+        if spec.kind == "tc":
+            plans = []
+            for g, (o0, _) in zip(groups, spans):
+                p = self._plan(mv, g, verify=False, hi=hi)
+                p.seg_src = p.seg_src - o0  # the kernels read the group's bytes, copied on their own
+                plans.append(p)
+            host, layouts = _pack_host([self._tables(p) for p in plans])
+        else:
+            want = {"fp16": 2 * 2 * H * T * D, "quant8": 2 * (2 * H * T + H * T * D)}.get(spec.kind)
+            if want is None:
+                raise ValueError(f"no GPU path for level kind {spec.kind!r}")
+            bad = [x for g in groups for x in g if hdr.sections[x] != want]
+            if bad:
+                raise MalformedError(f"layer {bad[0]}: {spec.kind} section of {hdr.sections[bad[0]]} bytes, not {want}")
+            plans, host, layouts = None, None, None
+        return PreparedChunk(hdr, spec, groups, spans, plans, host, layouts, verify)
+
+    def launch_prepared(self, prep: "PreparedChunk", g: int, group_dev: torch.Tensor, tables_dev, out,
+                        ) -> "PendingDecode | None":
+        """Queue group ``g`` of a prepared chunk on the current stream: no host sync, no parsing, no
+        small uploads. ``group_dev``: the bytes ``prep.spans[g]`` on the device (uint8, 2-byte
+        aligned); ``tables_dev``: ``prep.host`` on the device (one copy per chunk); ``out``: ``(keys,
+        values)`` ``[len(group), H, T, D]`` tensors or views to write. Returns the
+        :class:`PendingDecode` whose ``result()`` checks the integrity flags (``None`` for fp16 /
+        quant8 groups, which have no flags: their checksums are the only check)."""
+        keys, values = out
+        o0, o1 = prep.spans[g]
+        if group_dev.numel() < o1 - o0 or group_dev.data_ptr() % 2:
+            raise ValueError("group_dev must hold the group's bytes, 2-byte aligned")
+        if prep.plans is not None:
+            return self._launch(prep.plans[g], group_dev, keys.dtype, what="kv",
+                                packed=_pack_views(tables_dev, prep.layouts[g]), kv_out=out)
+        _, H, T, D = prep.header.shape
+        ng, sec = len(prep.groups[g]), prep.header.sections[prep.groups[g][0]]
+        rows = group_dev.as_strided((ng, sec), (sec + CHECK_BYTES, 1))
+        if prep.spec.kind == "fp16":
+            kv = rows.view(torch.float16).view(ng, 2, H, T, D)
+            keys.copy_(kv[:, 0])
+            values.copy_(kv[:, 1])
+        else:  # quant8: per (K|V) an fp16 scale per (head, token), then int8 [H, T, D]
+            part = sec // 2
+            y = rows.view(ng, 2, part)
+            scale = y[..., : 2 * H * T].view(torch.float16).view(ng, 2, H, T, 1)
+            q = y[..., 2 * H * T :].view(torch.int8).view(ng, 2, H, T, D)
+            sf = scale.to(torch.float32)  # int8 * float32 in float32, rounded once into out's dtype
+            torch.mul(q[:, 0], sf[:, 0], out=keys)
+            torch.mul(q[:, 1], sf[:, 1], out=values)
+        return None
+
     def _upload(self, blob, device_blob):
         if device_blob is not None:
             if device_blob.device != self.device or device_blob.dtype != torch.uint8:
@@ -1302,7 +1388,26 @@ class GpuDecoder:
             return blob.to(self.device, non_blocking=blob.is_pinned())
         return torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(self.device)
 
-    def _launch(self, plan: _Plan, blob_dev: torch.Tensor, out_dtype, *, what: str, coef_dtype=None) -> "PendingDecode":
+    @staticmethod
+    def _tables(plan: _Plan) -> dict[str, np.ndarray]:
+        """The small per-chunk arrays of ``plan`` that the kernels read (uploaded in one copy)."""
+        ctx = plan.ctx
+        fine = ctx.fine_padded is not None
+        return {
+            "states": plan.states.view(np.int32), "sizes": plan.sizes.view(np.int32), "woff": plan.woff,
+            "seg": np.stack([plan.seg_src, plan.seg_dst, plan.seg_n]).reshape(-1),
+            "esc_q": plan.esc_q,
+            "esc_cum": np.concatenate(([0], np.cumsum(plan.esc_counts.reshape(-1)))).astype(np.int64),
+            "step": ctx.step_padded.astype(np.float32),
+            "fpad": (ctx.fine_padded if fine else np.zeros(1, bool)).astype(np.uint8),
+            "sink": (np.ascontiguousarray(plan.sink) if plan.n_sink else np.zeros(1, np.float16)),
+        }
+
+    def _launch(self, plan: _Plan, blob_dev: torch.Tensor, out_dtype, *, what: str, coef_dtype=None,
+                start: int | None = None, packed: dict | None = None, kv_out=None) -> "PendingDecode":
+        """Queue ``plan``'s kernels on the current stream. ``packed``: its tables already on the device
+        (else uploaded here); ``kv_out``: ``(keys, values)`` to write (views ``[nl, H, T, D]`` of a larger
+        ``[*, H, T', D]`` buffer are fine) instead of new tensors."""
         dev = self.device
         lib = _library(dev)
         stream = _stream(dev)
@@ -1325,16 +1430,8 @@ class GpuDecoder:
         mode = 0 if what == "symbols" else _MODES[coef_dtype or self.coef_dtype]
         n_esc = int(plan.esc_counts.sum())
         self.last_escapes = n_esc
-        # every small per-chunk array in one (pinned, asynchronous) host-to-device copy
-        packed = _pack_upload(dev, {
-            "states": plan.states.view(np.int32), "sizes": plan.sizes.view(np.int32), "woff": plan.woff,
-            "seg": np.stack([plan.seg_src, plan.seg_dst, plan.seg_n]).reshape(-1),
-            "esc_q": plan.esc_q,
-            "esc_cum": np.concatenate(([0], np.cumsum(plan.esc_counts.reshape(-1)))).astype(np.int64),
-            "step": ctx.step_padded.astype(np.float32),
-            "fpad": (ctx.fine_padded if fine else np.zeros(1, bool)).astype(np.uint8),
-            "sink": (np.ascontiguousarray(plan.sink) if plan.n_sink else np.zeros(1, np.float16)),
-        })
+        if packed is None:  # every small per-chunk array in one (pinned, asynchronous) host-to-device copy
+            packed = _pack_upload(dev, self._tables(plan))
         states, sizes, woff, seg = packed["states"], packed["sizes"], packed["woff"], packed["seg"]
         if plan.layers == list(range(plan.layers[0], plan.layers[0] + nl)):
             r0 = plan.layers[0] * L2H
@@ -1366,7 +1463,7 @@ class GpuDecoder:
             row_min = (lv["row_min_f"] if fine else lv["row_min"])[rsel].min(1)
             row_max = (lv["row_max_f"] if fine else lv["row_max"])[rsel].max(1)
             geom = _geometry(S, blocks, row_min, row_max, lv["gt"].n_tables, mode, self.variant, dev, seg_len=H * blocks)
-            if len(self._geoms) > 64:
+            if len(self._geoms) > 512:
                 self._geoms.clear()
             self._geoms[gkey] = geom
         fine_args = None
@@ -1393,10 +1490,17 @@ class GpuDecoder:
         elif what == "coef":
             res = out.view(nl, 2, H, Tp, D)
         else:
-            keys = torch.empty((nl, H, T, D), dtype=out_dtype, device=dev)
-            values = torch.empty((nl, H, T, D), dtype=out_dtype, device=dev)
-            cos, sin = self._rope_tables(ctx, plan.header.start, T)
-            if self._use_fused(out.dtype, D):
+            if kv_out is not None:
+                keys, values = kv_out
+                if (tuple(keys.shape) != (nl, H, T, D) or keys.shape != values.shape or keys.dtype != out_dtype
+                        or values.dtype != out_dtype or keys.device != dev or values.device != dev):
+                    raise ValueError(f"out must be two {out_dtype} tensors [{nl}, {H}, {T}, {D}] on {dev}")
+            else:
+                keys = torch.empty((nl, H, T, D), dtype=out_dtype, device=dev)
+                values = torch.empty((nl, H, T, D), dtype=out_dtype, device=dev)
+            target = plan.header.start if start is None else start
+            cos, sin = self._rope_tables(ctx, target, T)
+            if self._use_fused(out.dtype, D) and _strided_ok(keys, values):
                 _fused_synthesis(out.view(nl * L2H, Tp, D), synth, mean, cos, sin, keys, values, H, T)
                 mark("matmul+finish")
             else:
@@ -1406,12 +1510,21 @@ class GpuDecoder:
                 out_kind = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[out_dtype]
                 if D % 4:
                     raise ValueError("head_dim must be a multiple of 4")
+                kd, vd = ((keys, values) if keys.is_contiguous() and values.is_contiguous() else
+                          (torch.empty((nl, H, T, D), dtype=out_dtype, device=dev),
+                           torch.empty((nl, H, T, D), dtype=out_dtype, device=dev)))
                 _check(lib, lib.ctx_finish(y.data_ptr(), in_kind, mean.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                                           keys.data_ptr(), values.data_ptr(), out_kind, nl * L2H, H, T, Tp, D,
+                                           kd.data_ptr(), vd.data_ptr(), out_kind, nl * L2H, H, T, Tp, D,
                                            dev.index, stream), "finish kernel")
+                if kd is not keys:
+                    keys.copy_(kd)
+                    values.copy_(vd)
             if plan.n_sink:
                 sink = packed["sink"].view(nl, 2, H, plan.n_sink, D)
-                keys[:, :, : plan.n_sink] = sink[:, 0].to(out_dtype)
+                sk = sink[:, 0]
+                if target != plan.header.start:  # stored after RoPE at the chunk's own start
+                    sk = reposition(sk.float(), plan.header.start, target, self.codec.info)
+                keys[:, :, : plan.n_sink] = sk.to(out_dtype)
                 values[:, :, : plan.n_sink] = sink[:, 1].to(out_dtype)
             mark("finish")
             res = (keys, values)
@@ -1451,6 +1564,20 @@ class GpuDecoder:
                                      f"{n_esc} stored (or split between layers / K and V inconsistently)")
 
 
+@dataclass
+class PreparedChunk:
+    """A chunk's host-side work, done once (see :meth:`GpuDecoder.prepare`)."""
+
+    header: object
+    spec: object
+    groups: list[list[int]]
+    spans: list[tuple[int, int]]  # byte range of each group's sections (checksums included)
+    plans: list[_Plan] | None  # transform-coded levels: one plan per group
+    host: torch.Tensor | None  # pinned: every group's tables
+    layouts: list[dict] | None
+    verified: bool  # True: this decoder checked the sections' xxh3 (else the caller did, at receive)
+
+
 class PendingDecode:
     """A queued GPU decode; :meth:`result` waits for it, checks its integrity flags, returns it."""
 
@@ -1462,6 +1589,11 @@ class PendingDecode:
 
     def ready(self) -> bool:
         return self._done is None or self._done.query()
+
+    def unchecked(self):
+        """The result tensors now, without waiting: valid on the stream the decode was queued on (or
+        on a stream made to wait for it); :meth:`result` must still be called to check integrity."""
+        return self._result
 
     def result(self):
         if self._done is not None:
@@ -1501,7 +1633,7 @@ def _fused_kernel():
     import triton.language as tl
 
     @triton.jit
-    def synth_rope(coef_ptr, synth_ptr, mean_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, H, T, Tp,
+    def synth_rope(coef_ptr, synth_ptr, mean_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, H, T, Tp, TS,
                    D: tl.constexpr, HALF: tl.constexpr, BM: tl.constexpr):
         pid_m = tl.program_id(0)
         r = tl.program_id(1).to(tl.int64)  # (layer * 2 + kv) * H + head
@@ -1519,7 +1651,7 @@ def _fused_kernel():
         y1 += tl.load(mean_ptr + r * D + dh)[None, :]
         y2 += tl.load(mean_ptr + r * D + HALF + dh)[None, :]
         tm = (t < T)[:, None]
-        out = ((layer * H + h) * T + t)[:, None] * D + dh[None, :]
+        out = ((layer * H + h) * TS + t)[:, None] * D + dh[None, :]  # TS: the outputs' token stride
         if kv == 0:
             c = tl.load(cos_ptr + t[:, None] * D + dh[None, :], mask=tm, other=0.0)
             s = tl.load(sin_ptr + t[:, None] * D + dh[None, :], mask=tm, other=0.0)
@@ -1538,9 +1670,22 @@ def _fused_kernel():
 _FUSED_CFG = (64, 4, 2)  # BM, num_warps, num_stages: best of bench/gpu.py --study's sweep on an H100
 
 
+def _strided_ok(keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """``[nl, H, T, D]`` laid out as ``[nl, H, TS, D]`` with TS >= T (a token range of a larger cache)."""
+    if keys.dim() != 4 or keys.stride() != values.stride():
+        return False
+    nl, H, T, D = keys.shape
+    s0, s1, s2, s3 = keys.stride()
+    return s3 == 1 and s2 == D and s1 % D == 0 and s1 // D >= T and (nl == 1 or s0 == H * s1)
+
+
 def _fused_synthesis(coef, synth, mean, cos, sin, keys, values, H: int, T: int, cfg=None) -> None:
-    """coef ``[rows, Tp, D]`` bf16, synth ``[rows, D, D]`` bf16, mean ``[rows, D]`` f32 -> keys/values."""
+    """coef ``[rows, Tp, D]`` bf16, synth ``[rows, D, D]`` bf16, mean ``[rows, D]`` f32 -> keys/values
+    ``[layers, H, T, D]`` (contiguous, or token-slices of a ``[*, H, TS, D]`` buffer: see _strided_ok)."""
     rows, Tp, D = coef.shape
+    if not _strided_ok(keys, values):
+        raise ValueError("keys/values must be [layers, H, T, D] with unit strides below the token axis")
+    TS = keys.stride(1) // D
     if cfg is None:
         env = os.environ.get("CTXSTREAM_FUSED_CFG")
         cfg = tuple(int(v) for v in env.split(",")) if env else _FUSED_CFG
@@ -1553,7 +1698,7 @@ def _fused_synthesis(coef, synth, mean, cos, sin, keys, values, H: int, T: int, 
         r1 = min(rows, r0 + step)
         n_layers0 = r0 // (2 * H)
         kern[(-(-Tp // BM), r1 - r0)](
-            coef[r0:r1], synth[r0:r1], mean[r0:r1], cos, sin, keys[n_layers0:], values[n_layers0:], H, T, Tp,
+            coef[r0:r1], synth[r0:r1], mean[r0:r1], cos, sin, keys[n_layers0:], values[n_layers0:], H, T, Tp, TS,
             D=D, HALF=D // 2, BM=BM, num_warps=nw, num_stages=ns)
 
 
@@ -1584,22 +1729,32 @@ _TORCH_OF_NP = {np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64
                 np.dtype(np.uint8): torch.uint8, np.dtype(np.float16): torch.float16}
 
 
-def _pack_upload(device: torch.device, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Copy several small host arrays to ``device`` in one transfer; returns typed device views."""
-    offs, pos = {}, 0
-    for k, a in arrays.items():
-        offs[k] = pos
-        pos += -(-a.nbytes // 16) * 16
+def _pack_host(parts: list[dict[str, np.ndarray]]) -> tuple[torch.Tensor, list[dict]]:
+    """Several dicts of small host arrays in one pinned buffer -> (buffer, per-dict layouts)."""
+    layouts, pos = [], 0
+    for arrays in parts:
+        lay = {}
+        for k, a in arrays.items():
+            lay[k] = (pos, a.nbytes, _TORCH_OF_NP[np.dtype(a.dtype).newbyteorder("=")])
+            pos += -(-a.nbytes // 16) * 16
+        layouts.append(lay)
     host = torch.empty(max(pos, 16), dtype=torch.uint8, pin_memory=True)  # caching host allocator
     buf = host.numpy()
-    for k, a in arrays.items():
-        buf[offs[k] : offs[k] + a.nbytes] = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
-    dev = host.to(device, non_blocking=True)
-    out = {}
-    for k, a in arrays.items():
-        dt = _TORCH_OF_NP[np.dtype(a.dtype).newbyteorder("=")]
-        out[k] = dev[offs[k] : offs[k] + a.nbytes].view(dt)
-    return out
+    for arrays, lay in zip(parts, layouts):
+        for k, a in arrays.items():
+            o, n, _ = lay[k]
+            buf[o : o + n] = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
+    return host, layouts
+
+
+def _pack_views(dev: torch.Tensor, layout: dict) -> dict[str, torch.Tensor]:
+    return {k: dev[o : o + n].view(dt) for k, (o, n, dt) in layout.items()}
+
+
+def _pack_upload(device: torch.device, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Copy several small host arrays to ``device`` in one transfer; returns typed device views."""
+    host, (lay,) = _pack_host([arrays])
+    return _pack_views(host.to(device, non_blocking=True), lay)
 
 _BMM_OUT_DTYPE: bool | None = None
 
