@@ -63,8 +63,6 @@ import asyncio
 import dataclasses
 import heapq
 import json
-import os
-import platform
 import random
 import re
 import shutil
@@ -82,6 +80,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from ctxstream.hostinfo import machine  # noqa: E402
 from ctxstream.model import ModelAdapter  # noqa: E402
 from ctxstream.paths import DEFAULT_DATA_DIR  # noqa: E402
 from streamer.hierarchy import HierarchicalStore, Tier  # noqa: E402
@@ -444,18 +443,6 @@ def predict(model: dict, tier: str | None, hist: int, new: int) -> float:
 
 
 # ------------------------------------------------------------------------------ main
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores (shared VM), {platform.system()} {platform.release()}, torch {torch.__version__}"
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer sessions and TTFT samples (< 3 min)")

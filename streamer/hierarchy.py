@@ -19,8 +19,8 @@ All metadata changes and tier I/O happen under one ``asyncio.Lock`` (moves are c
 so an object is always readable in exactly the tier the index names). Objects are only ever
 *added* to an entry or *replaced* atomically per key (each backend's ``put`` is atomic: dict
 assignment, ``os.replace``, Redis ``SET``), which is what the session store's commit protocol
-relies on. The index lives in memory: after a restart the durable tiers still hold the objects
-but this class does not re-discover them (not implemented).
+relies on. The index lives in memory; after a restart :meth:`HierarchicalStore.recover` rebuilds
+it from the durable tiers (disk, Redis), given a function naming each object's entry.
 """
 
 from __future__ import annotations
@@ -291,6 +291,65 @@ class HierarchicalStore:
     async def close(self) -> None:
         for t in self.tiers:
             await t.store.close()
+
+    async def recover(self, entry_of: Callable[[str], str | None]) -> dict[str, int]:
+        """Rebuild the index from what the durable tiers hold (after a restart): every object of a
+        :class:`~streamer.storage.DiskStore` (its own verified index) or a
+        :class:`~streamer.storage.RedisStore` (keys under its prefix, each read and verified) is
+        given to the entry ``entry_of(key)`` names (None: not ours, left alone). Volatile tiers
+        (memory, GPU) hold nothing after a restart and are not scanned. An entry found in more than
+        one tier (a move cut short: moves copy, then delete) is kept in the tier holding most of its
+        objects (the faster on a tie) and its copies elsewhere are deleted. Recovered entries get
+        access times in key order (the old ones are not durable); tiers over their budget are then
+        brought within it by the policy. Only on an empty index (raises :class:`HierarchyError`
+        otherwise). Returns counts: entries, objects, bytes, duplicates_deleted, foreign."""
+        from .storage import DiskStore, RedisStore
+
+        async with self._lock:
+            if self._entries:
+                raise HierarchyError("recover() needs an empty index (call it right after construction)")
+            found: dict[str, dict[int, dict[str, int]]] = {}  # entry -> tier -> {key: payload bytes}
+            foreign = 0
+            for ti, tier in enumerate(self.tiers):
+                store = tier.store
+                if isinstance(store, DiskStore):
+                    listing = dict(store._index)  # built and verified by DiskStore at open
+                elif isinstance(store, RedisStore):
+                    listing = {}
+                    n = len(store.prefix)
+                    async for raw in store._redis.scan_iter(match=store.prefix + "*", count=1000):
+                        key = (raw.decode() if isinstance(raw, bytes) else raw)[n:]
+                        value = await store.get(key)  # verifies the frame; a corrupt one is deleted
+                        if value is not None:
+                            listing[key] = len(value)
+                else:
+                    continue
+                for key, size in listing.items():
+                    entry = entry_of(key)
+                    if entry is None:
+                        foreign += 1
+                        continue
+                    found.setdefault(entry, {}).setdefault(ti, {})[key] = size
+            out = {"entries": 0, "objects": 0, "bytes": 0, "duplicates_deleted": 0, "foreign": foreign}
+            for entry in sorted(found):
+                by_tier = found[entry]
+                keep = max(by_tier, key=lambda t: (len(by_tier[t]), -t))
+                for t, objs in by_tier.items():
+                    if t != keep:
+                        for k in objs:
+                            await self.tiers[t].store.delete(k)
+                            out["duplicates_deleted"] += 1
+                now = self._tick()
+                e = _Entry(entry, keep, dict(by_tier[keep]), last_access=now, inserted=now)
+                self._entries[entry] = e
+                self.tiers[keep].used_bytes += e.nbytes
+                out["entries"] += 1
+                out["objects"] += len(e.objects)
+                out["bytes"] += e.nbytes
+            for t in range(len(self.tiers)):  # budgets may be smaller than before the restart
+                if self.tiers[t].used_bytes > self.tiers[t].capacity_bytes:
+                    await self._make_room(t, 0, None, depth=1)
+            return out
 
     # ----------------------------------------------------------------------------- internals
     async def _promote(self, e: _Entry) -> bool:

@@ -392,6 +392,44 @@ class SessionStore:
         self._heads.pop(session, None)
         return await self.hier.delete(session) > 0
 
+    @staticmethod
+    def entry_of(key: str) -> str | None:
+        """The session an object key belongs to (``s.<session>.…``), None for a key not ours."""
+        parts = key.split(".")
+        if len(parts) < 3 or parts[0] != "s" or not _SID_RE.match(parts[1]):
+            return None
+        return parts[1]
+
+    async def recover(self) -> dict[str, int]:
+        """After a restart: rebuild the hierarchy's index from its durable tiers
+        (:meth:`HierarchicalStore.recover`), then the committed heads from the stored manifests, so
+        loads hit and the next save writes only its delta. A session whose manifest is missing,
+        unreadable, for another model, or names a segment that is not stored is deleted (it could
+        never be loaded). Returns the hierarchy's counts plus ``sessions`` and ``sessions_deleted``."""
+        out = await self.hier.recover(self.entry_of)
+        out["sessions"] = out["sessions_deleted"] = 0
+        for session in sorted(e.key for e in self.hier.entry_views()):
+            head = None
+            vals, _ = await self.hier.get(session, [self.manifest_key(session)], promote=False)
+            if vals and vals[0] is not None:
+                try:
+                    man = msgpack.unpackb(vals[0], raw=False, max_str_len=1 << 12, max_array_len=1 << 16,
+                                          max_map_len=64, max_bin_len=0)
+                    if (man.get("format") == MANIFEST_VERSION and man.get("fingerprint") == self.info.fingerprint
+                            and man.get("dtype") == self.dtype
+                            and all(self.hier.has_object(session, str(s["key"])) for s in man["segments"])):
+                        head = _Head(int(man["version"]), list(man["segments"]))
+                except (ValueError, KeyError, TypeError, msgpack.exceptions.ExtraData):
+                    head = None
+            if head is None:
+                await self.hier.delete(session)
+                out["sessions_deleted"] += 1
+                continue
+            self._heads[session] = head
+            await self._discard_unreferenced(session)  # segments of a save that never committed
+            out["sessions"] += 1
+        return out
+
     def version(self, session: str) -> int:
         """The committed version (0: never saved)."""
         h = self._heads.get(session)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ctxstream.positions import reposition, strip_rope
-from streamer.hierarchy import HierarchicalStore, Tier
+from streamer.hierarchy import HierarchicalStore, HierarchyError, Tier
 from streamer.kvformat import unpack_kv
 from streamer.sessions import InvalidSessionIdError, SessionError, SessionStore
 from streamer.storage import DiskStore, MemoryStore, RedisStore
@@ -228,5 +228,67 @@ def test_sessions_over_memory_disk_redis(tiny_adapter, tmp_path, redis_url):
         for t in ss.hier.tiers:
             assert t.used_bytes <= t.capacity_bytes
         await ss.hier.close()
+
+    asyncio.run(go())
+
+
+def test_index_rebuilt_from_disk_and_redis_after_restart(tiny_adapter, tmp_path, redis_url):
+    """A restart loses the in-memory index and the memory tier; recover() finds the sessions on disk
+    and in Redis, loads hit with the same KV, the next save writes only its delta; a half-moved
+    duplicate, a session with no manifest and a foreign key are dealt with."""
+    async def go():
+        conv = conversation(tiny_adapter, turns=(16, 16))
+        ids, k, v = conv[-1]
+        probe = store(tiny_adapter, dtype="float16")
+        for c in conv:
+            await probe.save("x", *c)
+        size = probe.hier.entry_bytes("x")
+
+        def tiers():
+            return [Tier(MemoryStore(), size + 100, "memory"),
+                    Tier(DiskStore(tmp_path / "d", fsync=False), size + 100, "disk"),
+                    Tier(RedisStore(redis_url, prefix="recover-test:"), 10 * size, "redis")]
+
+        ss = store(tiny_adapter, tiers(), dtype="float16")
+        for s in ("a", "b", "c"):
+            for c in conv:
+                await ss.save(s, *c)
+        assert [ss.hier.where(s) for s in "abc"] == ["redis", "disk", "memory"]
+        # a move cut short: b's objects copied into Redis but not yet deleted from disk
+        for key in ss.hier.objects("b"):
+            await ss.hier.tiers[2].store.put(key, await ss.hier.tiers[1].store.get(key))
+        # an orphan segment (no manifest) and a key that is not a session's
+        await ss.hier.tiers[2].store.put("s.orphan.0.ffff", b"junk")
+        await ss.hier.tiers[1].store.put("other.key", b"x")
+        # restart: new objects over the same disk folder and Redis prefix, empty memory
+        ss2 = store(tiny_adapter, tiers(), dtype="float16")
+        assert ss2.hier.where("a") is None
+        info = await ss2.recover()
+        assert info["sessions"] == 2 and info["sessions_deleted"] == 1 and info["foreign"] == 1
+        assert info["duplicates_deleted"] == len(ss.hier.objects("b"))
+        assert ss2.hier.where("a") == "redis" and ss2.hier.where("b") == "disk"
+        assert ss2.hier.where("c") is None and ss2.hier.where("orphan") is None  # memory is volatile
+        assert await ss2.hier.tiers[2].store.get("s.orphan.0.ffff") is None
+        for key in ss.hier.objects("b"):  # the half-moved copy is gone from Redis
+            assert await ss2.hier.tiers[2].store.get(key) is None
+        for s in ("a", "b"):
+            got = await ss2.load(s)
+            assert got is not None and got.token_ids == ids and got.version == 2
+            torch.testing.assert_close(got.keys, k, atol=2e-2, rtol=1e-2)
+        assert ss2.version("a") == 2
+        nxt_ids = ids + [3, 4, 5]
+        cache = tiny_adapter.make_cache()
+        tiny_adapter.extend(cache, nxt_ids)
+        k2, v2 = tiny_adapter.cache_to_tensors(cache)
+        res = await ss2.save("a", nxt_ids, k2, v2)
+        assert res.stored and not res.full_rewrite and res.delta_tokens == 3 and res.version == 3
+        for t in ss2.hier.tiers:
+            assert 0 <= t.used_bytes <= t.capacity_bytes
+        with pytest.raises(HierarchyError):
+            await ss2.hier.recover(ss2.entry_of)  # only on an empty index
+        for s in ("a", "b"):
+            await ss2.delete(s)
+        await ss.hier.close()
+        await ss2.hier.close()
 
     asyncio.run(go())
