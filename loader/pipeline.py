@@ -1,0 +1,365 @@
+"""Layer-wise pipelined loading (AttentionStore's pre-loading): the model runs layer ``l`` on the new
+tokens while layer ``l + 1``'s KV is still being decoded and copied.
+
+A :class:`PipelinedCache` is a transformers ``DynamicCache`` whose layers know, before any KV is
+there, how many prefix tokens they *will* hold (so the model computes positions and masks as for a
+full cache). The first ``update()`` of layer ``l`` (called by layer ``l``'s attention, through the
+public Cache API: nothing in the model is patched) takes layer ``l``'s prefix KV from a
+:class:`LayerSource` and appends the new tokens' KV to it, as ``DynamicLayer.update`` does:
+
+* :class:`CpuLayerSource` (the reference, runs anywhere): decodes layer ``l`` of every chunk on the
+  CPU when it is asked for (``IncrementalDecoder`` fed up to the end of that layer's section);
+* :class:`GpuLayerSource`: each chunk is parsed and planned once on the host
+  (:meth:`~ctxstream.codec.gpu.GpuDecoder.prepare`; section checksums too unless the receiver
+  verified them as the bytes arrived: ``verified=True``); :meth:`~GpuLayerSource.start` then queues
+  every layer group's copy and decode kernels on a side CUDA stream before the model runs, with
+  one CUDA event per group; ``layer(l)`` makes the model's stream wait on that event (a
+  device-side wait: the host never blocks on the GPU), so the GPU decodes later layers while the
+  model computes earlier ones. fp16 and quant8 chunks are copied and converted on the GPU per
+  group. The GPU's integrity flags are checked once, in :meth:`GpuLayerSource.finish`.
+
+    src = GpuLayerSource(GpuDecoder(codec), blobs, verified=True)   # or CpuLayerSource(codec, blobs)
+    cache = PipelinedCache(src)
+    logits = adapter.extend(cache, question_ids)               # decode and prefill overlap
+    src.finish()                                               # raises if any chunk was corrupt
+
+After the forward pass the cache is an ordinary ``DynamicCache`` (generation continues on it).
+Only full-attention layers are supported (no sliding windows): other configs raise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Sequence
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+
+from ctxstream.codec import Codec
+from ctxstream.codec.format import CHECK_BYTES, parse_header
+
+__all__ = ["LayerSource", "CpuLayerSource", "GpuLayerSource", "PipelinedCache", "layer_groups"]
+
+
+def _as_bytes(blob) -> bytes | memoryview:
+    if isinstance(blob, torch.Tensor):
+        return memoryview(blob.numpy()).cast("B")
+    return blob
+
+
+def layer_groups(num_layers: int, groups: str | int | Sequence[Sequence[int]] = "geometric") -> list[list[int]]:
+    """Layers per decode launch, in order: ``int`` n -> groups of n; ``"geometric"`` -> 1, 1, 2, 4, 8, ...
+    (the first layers come fast, later launches are large enough to fill the GPU); or explicit lists."""
+    if isinstance(groups, str):
+        if groups != "geometric":
+            raise ValueError(f"unknown layer grouping {groups!r}")
+        out, nxt, size = [], 0, 1
+        while nxt < num_layers:
+            out.append(list(range(nxt, min(num_layers, nxt + size))))
+            nxt += size
+            if len(out) > 1:
+                size *= 2
+        return out
+    if isinstance(groups, int):
+        if groups < 1:
+            raise ValueError("group size must be >= 1")
+        return [list(range(i, min(num_layers, i + groups))) for i in range(0, num_layers, groups)]
+    out = [list(map(int, g)) for g in groups]
+    if [x for g in out for x in g] != list(range(num_layers)):
+        raise ValueError("layer groups must cover 0..num_layers-1 once, in order")
+    return out
+
+
+# ------------------------------------------------------------------------------------ sources
+class LayerSource:
+    """Produces the prefix KV of each layer: ``layer(l)`` -> ``(keys, values)`` ``[1, kv_heads,
+    prefix_tokens, head_dim]`` on the model's device, usable on the current stream."""
+
+    num_layers: int
+    prefix_tokens: int
+
+    def start(self) -> None:
+        """Begin producing layers (idempotent; ``PipelinedCache`` calls it)."""
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Wait for everything started and raise on any integrity error."""
+
+
+def _chunk_headers(codec: Codec, blobs) -> list:
+    """Parsed headers of ``blobs``; checks that the chunks are contiguous in token positions."""
+    if not blobs:
+        raise ValueError("no chunks")
+    infos = [parse_header(_as_bytes(b), codec.limits) for b in blobs]
+    pos = infos[0].header.start
+    for i, hi in enumerate(infos):
+        codec._check_header(hi)
+        if hi.header.start != pos:
+            raise ValueError(f"chunk {i} starts at token {hi.header.start}, expected {pos} (chunks must be contiguous)")
+        pos += hi.header.tokens
+    return infos
+
+
+class CpuLayerSource(LayerSource):
+    """Reference source: layer ``l`` of each chunk is decoded on the CPU when ``layer(l)`` is called."""
+
+    def __init__(self, codec: Codec, blobs: Sequence, *, device=None, dtype: torch.dtype = torch.float32):
+        self.codec = codec
+        self.blobs = [_as_bytes(b) for b in blobs]
+        self.infos = _chunk_headers(codec, self.blobs)
+        self.num_layers = codec.info.num_layers
+        self.start_token = self.infos[0].header.start
+        self.prefix_tokens = sum(hi.header.tokens for hi in self.infos)
+        self.device = torch.device(device or "cpu")
+        self.dtype = dtype
+        self._decoders = [codec.decoder() for _ in self.blobs]
+        self._fed = [0] * len(self.blobs)
+        self._got: list[dict[int, object]] = [{} for _ in self.blobs]
+        self.served: list[int] = []  # layers in the order they were asked for
+
+    def layer(self, index: int):
+        ks, vs = [], []
+        for c, (blob, hi, dec) in enumerate(zip(self.blobs, self.infos, self._decoders)):
+            if index not in self._got[c]:
+                end = hi.section_offsets()[index] + hi.header.sections[index] + CHECK_BYTES
+                if end > self._fed[c]:
+                    for lk in dec.feed(blob[self._fed[c]:end]):
+                        self._got[c][lk.layer] = lk
+                    self._fed[c] = end
+            lk = self._got[c].pop(index)
+            ks.append(lk.keys)
+            vs.append(lk.values)
+        self.served.append(index)
+        k = ks[0] if len(ks) == 1 else torch.cat(ks, 1)
+        v = vs[0] if len(vs) == 1 else torch.cat(vs, 1)
+        return k[None].to(self.device, self.dtype), v[None].to(self.device, self.dtype)
+
+    def finish(self) -> None:
+        for c, (blob, dec) in enumerate(zip(self.blobs, self._decoders)):
+            if self._fed[c] < len(blob):
+                dec.feed(blob[self._fed[c]:])
+                self._fed[c] = len(blob)
+            dec.result()  # raises if bytes are missing
+
+
+class GpuLayerSource(LayerSource):
+    """Decodes chunks layer group by layer group on a side CUDA stream (see the module docstring).
+
+    ``blobs``: the chunks in token order (bytes-like or CPU uint8 tensors; copied once into pinned
+    memory here unless already pinned). ``groups``: see :func:`layer_groups`.
+
+    The host work is done once per chunk, here in the constructor (``GpuDecoder.prepare``: header
+    parse, one decode plan per layer group, every group's small tables packed in one pinned
+    buffer); a serving loader does it as each chunk's bytes arrive. ``verified=True``: the caller
+    has already checked every section's xxh3 as the bytes were received (at network rate, off the
+    GPU path), so it is not repeated; ``False`` (default): checked here, once per chunk, on the host.
+
+    :meth:`start` then queues, on side streams (chunk ``c`` on stream ``c % streams``, so the chunks'
+    kernels run side by side), per chunk one copy of its tables and per (layer group, chunk) one
+    copy of that group's bytes and the group's kernels, writing straight into one ``[layers,
+    kv_heads, tokens, head_dim]`` buffer per K and V (no concatenation), and one CUDA event per
+    (group, stream): no host sync, no parsing, no small uploads. ``threaded=False`` (default):
+    everything is queued in :meth:`start`, before the model's first layer (the host is then free for
+    the forward pass and the GPU runs decode kernels beside the model's); ``True``: a host thread
+    queues them while the model runs (they share the GIL with the forward pass).
+    """
+
+    def __init__(self, decoder, blobs: Sequence, *, dtype: torch.dtype = torch.bfloat16,
+                 groups: str | int | Sequence[Sequence[int]] = "geometric", threaded: bool = False,
+                 verified: bool = False, priority: int = 0, streams: int | None = None):
+        self.decoder = decoder
+        self.codec = decoder.codec
+        self.device = decoder.device
+        self.dtype = dtype
+        self.pinned = []
+        for b in blobs:
+            if isinstance(b, torch.Tensor) and b.is_pinned():
+                self.pinned.append(b)
+            else:
+                src = b if isinstance(b, torch.Tensor) else torch.frombuffer(bytearray(b), dtype=torch.uint8)
+                self.pinned.append(src.pin_memory())
+        if not self.pinned:
+            raise ValueError("no chunks")
+        self.num_layers = self.codec.info.num_layers
+        self.groups = layer_groups(self.num_layers, groups)
+        self.verified = verified
+        self.prepared = [decoder.prepare(b, self.groups, verify=not verified) for b in self.pinned]
+        pos = self.start_token = self.prepared[0].header.start
+        for i, p in enumerate(self.prepared):
+            if p.header.start != pos:
+                raise ValueError(f"chunk {i} starts at token {p.header.start}, expected {pos} (chunks must be contiguous)")
+            pos += p.header.tokens
+        self.prefix_tokens = pos - self.start_token
+        _, self.kv_heads, _, self.head_dim = self.prepared[0].header.shape
+        self.threaded = threaded
+        # chunk c is decoded on side stream c % streams: the chunks' kernels run side by side (one
+        # rANS kernel's latency hardly depends on how many streams it decodes)
+        # (default: 8 for transform-coded chunks; 1 where all are fp16 / quant8, whose copies are
+        # bound by the one host-to-device link and are best issued in layer order)
+        if streams is None:
+            streams = 8 if any(p.plans is not None for p in self.prepared) else 1
+        self.streams = [torch.cuda.Stream(self.device, priority=priority)
+                        for _ in range(max(1, min(int(streams), len(self.pinned))))]
+        self.stream = self.streams[0]
+        self._ready = [threading.Event() for _ in range(self.num_layers)]
+        self._events: list[list[torch.cuda.Event]] = [[] for _ in range(self.num_layers)]
+        self._pending: list = []  # PendingDecode objects, checked in finish()
+        self._keys = self._values = None
+        self._handed: set = set()  # streams the KV buffers were handed to
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._started = False
+        self.done_event: torch.cuda.Event | None = None  # recorded after the last group
+
+    # ------------------------------------------------------------------------------ producer
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        # the side streams start after whatever the caller queued so far (e.g. buffers being filled)
+        cur = torch.cuda.current_stream(self.device)
+        for st in self.streams:
+            st.wait_stream(cur)
+        if self.threaded:
+            self._thread = threading.Thread(target=self._produce, name="ctxstream-layer-decode", daemon=True)
+            self._thread.start()
+        else:
+            self._produce()
+
+    def _produce(self) -> None:
+        try:
+            dev, dec, streams = self.device, self.decoder, self.streams
+            ns = len(streams)
+            with torch.cuda.device(dev):
+                with torch.cuda.stream(streams[0]):
+                    shape = (self.num_layers, self.kv_heads, self.prefix_tokens, self.head_dim)
+                    self._keys = torch.empty(shape, dtype=self.dtype, device=dev)
+                    self._values = torch.empty(shape, dtype=self.dtype, device=dev)
+                for st in streams[1:]:  # written there too: not reused before those writes are done
+                    st.wait_stream(streams[0])
+                    self._keys.record_stream(st)
+                    self._values.record_stream(st)
+                tables = []
+                for c, p in enumerate(self.prepared):
+                    with torch.cuda.stream(streams[c % ns]):
+                        tables.append(p.host.to(dev, non_blocking=True) if p.host is not None else None)
+                starts = np.cumsum([0] + [p.header.tokens for p in self.prepared])
+                for gi, group in enumerate(self.groups):
+                    g0, g1 = group[0], group[-1] + 1
+                    for c, prep in enumerate(self.prepared):
+                        with torch.cuda.stream(streams[c % ns]):
+                            o0, o1 = prep.spans[gi]
+                            raw = torch.empty(o1 - o0, dtype=torch.uint8, device=dev)
+                            raw.copy_(self.pinned[c][o0:o1], non_blocking=True)
+                            t0, t1 = int(starts[c]), int(starts[c + 1])
+                            out = (self._keys[g0:g1, :, t0:t1], self._values[g0:g1, :, t0:t1])
+                            pend = dec.launch_prepared(prep, gi, raw, tables[c], out)
+                        if pend is not None:
+                            self._pending.append(pend)
+                    evs = []
+                    for st in streams[: min(ns, len(self.prepared))]:
+                        ev = torch.cuda.Event()
+                        ev.record(st)
+                        evs.append(ev)
+                    for layer in group:
+                        self._events[layer] = evs
+                        self._ready[layer].set()
+                for st in streams[1:]:
+                    streams[0].wait_stream(st)
+                self.done_event = torch.cuda.Event()
+                self.done_event.record(streams[0])
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            self._error = exc
+        finally:
+            for ev in self._ready:
+                ev.set()
+
+    # ------------------------------------------------------------------------------ consumer
+    def layer(self, index: int):
+        self._ready[index].wait()
+        if self._error is not None:
+            raise self._error
+        cur = torch.cuda.current_stream(self.device)
+        for ev in self._events[index]:  # device-side waits: the host does not block
+            cur.wait_event(ev)
+        if cur not in self._handed:  # allocated on the side stream, used (and freed) on this one
+            self._keys.record_stream(cur)
+            self._values.record_stream(cur)
+            self._handed.add(cur)
+        return self._keys[index][None], self._values[index][None]
+
+    def finish(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        for p in self._pending:
+            p.result()
+        self._pending.clear()
+        if self.done_event is not None:
+            self.done_event.synchronize()
+
+
+# ------------------------------------------------------------------------------------- cache
+class PendingPrefixLayer(DynamicLayer):
+    """A ``DynamicLayer`` that reports ``prefix_tokens`` before its KV exists and fetches it from the
+    source at its first ``update``."""
+
+    def __init__(self, source: LayerSource, index: int, **kwargs):
+        super().__init__(**kwargs)
+        self.source = source
+        self.index = index
+        self.pending = True
+
+    def _take(self, like: torch.Tensor) -> None:
+        self.source.start()
+        k, v = self.source.layer(self.index)
+        if k.shape[1] != like.shape[1] or k.shape[3] != like.shape[3]:
+            raise ValueError(f"layer {self.index}: prefix KV {tuple(k.shape)} does not fit the model's {tuple(like.shape)}")
+        self.dtype, self.device = like.dtype, like.device
+        self.keys = k.to(like.device, like.dtype)
+        self.values = v.to(like.device, like.dtype)
+        self.is_initialized = True
+        self.pending = False
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.pending:
+            self._take(key_states)
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def get_seq_length(self) -> int:
+        return self.source.prefix_tokens if self.pending else super().get_seq_length()
+
+    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
+        if self.pending:  # (query_length) in transformers 5.x; cache_position first in older 4.x
+            q = args[-1] if args else kwargs.get("query_length", kwargs.get("cache_position"))
+            q = q.shape[0] if isinstance(q, torch.Tensor) else int(q)
+            return self.source.prefix_tokens + q, 0
+        return super().get_mask_sizes(*args, **kwargs)
+
+    def reset(self) -> None:
+        self.pending = False
+        super().reset()
+
+
+class PipelinedCache(DynamicCache):
+    """A ``DynamicCache`` whose layers take their prefix KV from ``source`` as the model reaches them."""
+
+    def __init__(self, source: LayerSource, config=None):
+        if config is not None:
+            cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+            types = getattr(cfg, "layer_types", None)
+            if getattr(cfg, "sliding_window", None) and any(t != "full_attention" for t in (types or ["sliding"])):
+                raise ValueError("PipelinedCache supports full-attention layers only")
+            if cfg.num_hidden_layers != source.num_layers:
+                raise ValueError(f"model has {cfg.num_hidden_layers} layers, the chunks {source.num_layers}")
+        self.source = source
+        Cache.__init__(self, layers=[PendingPrefixLayer(source, i) for i in range(source.num_layers)])
+
+    @property
+    def pending_layers(self) -> list[int]:
+        return [i for i, layer in enumerate(self.layers) if getattr(layer, "pending", False)]

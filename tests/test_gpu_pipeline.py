@@ -1,0 +1,157 @@
+"""Layer-wise pipelined loading on the GPU (loader.pipeline.GpuLayerSource): side-stream decode of
+layer groups gives the model the same KV as whole-chunk GPU decodes, errors surface, nothing hangs.
+
+Needs CUDA and nvcc (the GPU decoder): skipped on CPU-only machines (CI); run on the device machine.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ctxstream.codec import ChecksumError, CodecError
+from ctxstream.codec import gpu
+from ctxstream.model import ModelAdapter
+from loader.pipeline import GpuLayerSource, PipelinedCache
+
+_REASON = gpu.unavailable_reason()
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(_REASON is not None, reason=f"GPU pipeline needs CUDA + nvcc: {_REASON} "
+                                                   "(CI is CPU-only; run on a GPU machine)"),
+]
+
+QUESTION = [5, 17, 99, 3, 42, 7]
+
+
+@pytest.fixture(scope="module")
+def gpu_adapter(tiny_adapter):
+    model = copy.deepcopy(tiny_adapter.model).to("cuda")
+    ad = ModelAdapter(model, tiny_adapter.tokenizer, tiny_adapter.name)
+    assert ad.info.fingerprint == tiny_adapter.info.fingerprint
+    return ad
+
+
+@pytest.fixture(scope="module")
+def chunks(tiny_adapter, tiny_codec):
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, tiny_adapter.info.vocab_size, (300,), generator=g).tolist()
+    keys, values = tiny_adapter.compute_kv(ids)
+    bounds = [(0, 100), (100, 200), (200, 260), (260, 300)]
+    levels = ["q2", "q0", "quant8", "fp16"]
+    return [tiny_codec.encode(keys[:, :, a:b], values[:, :, a:b], lv, start=a) for (a, b), lv in zip(bounds, levels)]
+
+
+def plain_kv(codec, dec, blobs):
+    ks, vs = [], []
+    for b in blobs:
+        if codec.spec(codec.header(b).level).kind == "tc":
+            k, v = dec.decode(b, out_dtype=torch.float32)
+        else:
+            k, v = (t.to("cuda") for t in codec.decode(b))
+        ks.append(k)
+        vs.append(v)
+    return torch.cat(ks, 2), torch.cat(vs, 2)
+
+
+@pytest.mark.parametrize("verified", [False, True])
+@pytest.mark.parametrize("threaded", [True, False])
+@pytest.mark.parametrize("groups", ["geometric", 1, 2])
+def test_pipelined_gpu_equals_plain_gpu(gpu_adapter, tiny_codec, chunks, threaded, groups, verified):
+    dec = gpu.GpuDecoder(tiny_codec, "cuda")
+    k, v = plain_kv(tiny_codec, dec, chunks)
+    ref_cache = gpu_adapter.make_cache(k, v)
+    ref = gpu_adapter.extend(ref_cache, QUESTION)
+    src = GpuLayerSource(dec, chunks, dtype=torch.float32, groups=groups, threaded=threaded, verified=verified)
+    cache = PipelinedCache(src, gpu_adapter.model.config)
+    assert cache.get_seq_length() == 300
+    logits = gpu_adapter.extend(cache, QUESTION)
+    src.finish()
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+    got_k, got_v = ModelAdapter.cache_to_tensors(cache, 0, 300)
+    torch.testing.assert_close(got_k, k, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_v, v, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gpu_adapter.extend(cache, [1, 2]), gpu_adapter.extend(ref_cache, [1, 2]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_pipelined_gpu_close_to_cpu_reference(gpu_adapter, tiny_codec, chunks):
+    dec = gpu.GpuDecoder(tiny_codec, "cuda")
+    src = GpuLayerSource(dec, chunks, dtype=torch.bfloat16)
+    cache = PipelinedCache(src, gpu_adapter.model.config)
+    gpu_adapter.extend(cache, QUESTION)
+    src.finish()
+    got_k, got_v = ModelAdapter.cache_to_tensors(cache, 0, 300)
+    cpu = [tiny_codec.decode(b) for b in chunks]
+    for got, ref in ((got_k, torch.cat([c[0] for c in cpu], 2)), (got_v, torch.cat([c[1] for c in cpu], 2))):
+        err = (got.float().cpu() - ref).abs().max().item()
+        assert err <= 0.02 * ref.abs().max().item() + 1e-3, err
+
+
+def test_corrupt_chunk_raises_instead_of_hanging(gpu_adapter, tiny_codec, chunks):
+    dec = gpu.GpuDecoder(tiny_codec, "cuda")
+    bad = bytearray(chunks[0])
+    words = dec._plan(bytes(bad), [1], verify=False)  # layer 1's rANS words: seg_src, seg_n
+    bad[int(words.seg_src[0]) + int(words.seg_n[0])] ^= 0x10  # a byte in the middle of them
+    # not verified at receive: the source checks each section's xxh3 once, when it is built
+    with pytest.raises(ChecksumError, match="layer 1"):
+        GpuLayerSource(dec, [bytes(bad), *chunks[1:]], dtype=torch.float32, groups=1)
+    # the caller claims it verified them (it did not): the GPU's integrity flags still catch it
+    src = GpuLayerSource(dec, [bytes(bad), *chunks[1:]], dtype=torch.float32, groups=1, verified=True)
+    cache = PipelinedCache(src, gpu_adapter.model.config)
+    gpu_adapter.extend(cache, QUESTION)
+    with pytest.raises(CodecError, match="layer"):
+        src.finish()
+
+
+def test_prepared_groups_write_into_one_buffer_exactly():
+    """prepare + launch_prepared (fused Triton synthesis into token slices of one [L, H, T, D]
+    buffer; fp16 / quant8 converted per group) == whole-chunk decodes, bit for bit."""
+    from bench.gpu import synthetic_codec, synthetic_kv
+
+    codec = synthetic_codec(layers=3, kv_heads=2, head_dim=64)
+    keys, values = synthetic_kv(codec.info, codec.profile, 200)
+    bounds, levels = [(0, 70), (70, 130), (130, 200)], ["q2", "quant8", "fp16"]
+    blobs = [codec.encode(keys[:, :, a:b], values[:, :, a:b], lv, start=a) for (a, b), lv in zip(bounds, levels)]
+    dec = gpu.GpuDecoder(codec, "cuda")
+    ref = [dec.decode(blobs[0], out_dtype=torch.bfloat16)] + [
+        tuple(t.to("cuda", torch.bfloat16) for t in codec.decode(b)) for b in blobs[1:]]
+    groups = [[0], [1, 2]]
+    kb = torch.full((3, 2, 200, 64), float("nan"), dtype=torch.bfloat16, device="cuda")
+    vb = torch.full_like(kb, float("nan"))
+    for verify in (True, False):
+        kb.fill_(float("nan"))
+        vb.fill_(float("nan"))
+        pend = []
+        for blob, (a, b) in zip(blobs, bounds):
+            prep = dec.prepare(blob, groups, verify=verify)
+            assert prep.verified is verify
+            tables = prep.host.to("cuda") if prep.host is not None else None
+            pinned = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+            for g, grp in enumerate(groups):
+                o0, o1 = prep.spans[g]
+                raw = pinned[o0:o1].to("cuda")
+                out = (kb[grp[0]:grp[-1] + 1, :, a:b], vb[grp[0]:grp[-1] + 1, :, a:b])
+                p = dec.launch_prepared(prep, g, raw, tables, out)
+                if p is not None:
+                    pend.append(p)
+        for p in pend:
+            p.result()
+        torch.testing.assert_close(kb, torch.cat([r[0] for r in ref], 2), rtol=0, atol=0)
+        torch.testing.assert_close(vb, torch.cat([r[1] for r in ref], 2), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="consecutive"):
+        dec.prepare(blobs[0], [[0, 2], [1]])
+
+
+def test_side_stream_runs_ahead_of_the_model(gpu_adapter, tiny_codec, chunks):
+    """Every layer's decode is queued before the model waits on it (host never blocks on the GPU)."""
+    dec = gpu.GpuDecoder(tiny_codec, "cuda")
+    src = GpuLayerSource(dec, chunks, dtype=torch.float32, groups=1, threaded=False)
+    src.start()
+    assert all(ev.is_set() for ev in src._ready) and src.done_event is not None
+    cache = PipelinedCache(src, gpu_adapter.model.config)
+    gpu_adapter.extend(cache, QUESTION)
+    src.finish()
+    assert cache.pending_layers == []
