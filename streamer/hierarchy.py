@@ -303,27 +303,15 @@ class HierarchicalStore:
         access times in key order (the old ones are not durable); tiers over their budget are then
         brought within it by the policy. Only on an empty index (raises :class:`HierarchyError`
         otherwise). Returns counts: entries, objects, bytes, duplicates_deleted, foreign."""
-        from .storage import DiskStore, RedisStore
-
         async with self._lock:
             if self._entries:
                 raise HierarchyError("recover() needs an empty index (call it right after construction)")
             found: dict[str, dict[int, dict[str, int]]] = {}  # entry -> tier -> {key: payload bytes}
             foreign = 0
             for ti, tier in enumerate(self.tiers):
-                store = tier.store
-                if isinstance(store, DiskStore):
-                    listing = dict(store._index)  # built and verified by DiskStore at open
-                elif isinstance(store, RedisStore):
-                    listing = {}
-                    n = len(store.prefix)
-                    async for raw in store._redis.scan_iter(match=store.prefix + "*", count=1000):
-                        key = (raw.decode() if isinstance(raw, bytes) else raw)[n:]
-                        value = await store.get(key)  # verifies the frame; a corrupt one is deleted
-                        if value is not None:
-                            listing[key] = len(value)
-                else:
+                if not tier.store.durable:  # memory / GPU tiers hold nothing after a restart
                     continue
+                listing = await tier.store.sizes()  # verified objects only
                 for key, size in listing.items():
                     entry = entry_of(key)
                     if entry is None:

@@ -225,3 +225,31 @@ async def test_tiered_reads_through_and_writes_through(tmp_path):
     assert await t.delete("w") and not await mem.contains("w") and not await disk.contains("w")
     with pytest.raises(ValueError):
         TieredStore([mem, MemoryStore()])
+
+
+async def test_sizes_lists_what_is_stored_and_says_what_survives_a_restart(store):
+    data = {"s.1": b"a" * 10, "s.2": b"gone", "s.3": os.urandom(1000)}
+    for k, v in data.items():
+        await store.put(k, v)
+    await store.delete("s.2")
+    got = await store.sizes()
+    assert {k: got.get(k) for k in data} == {"s.1": 10, "s.2": None, "s.3": 1000}
+    assert store.durable == (store.name != "memory")
+
+
+async def test_redis_sizes_skip_corrupt_and_foreign_keys(redis_url):
+    import redis.asyncio as aioredis
+
+    s = RedisStore(redis_url, prefix="sz:")
+    await s.put("ok.1", b"x" * 7)
+    await s.put("bad.1", b"y" * 7)
+    raw = aioredis.Redis.from_url(redis_url)
+    blob = bytearray(await raw.get("sz:bad.1"))
+    blob[-1] ^= 1
+    await raw.set("sz:bad.1", bytes(blob))
+    await raw.set("sz:not a store key", b"foreign")
+    assert await s.sizes() == {"ok.1": 7}
+    assert await raw.exists("sz:bad.1") == 0  # the corrupt object is dropped, as get() does
+    assert await raw.exists("sz:not a store key") == 1  # foreign keys are left alone
+    await raw.aclose()
+    await s.close()

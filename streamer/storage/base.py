@@ -103,6 +103,7 @@ class Store(abc.ABC):
     """Async key -> bytes store. Keys are validated by every method (:func:`validate_key`)."""
 
     name: str = "store"
+    durable: bool = False  # survives a restart of this process (disk, Redis); memory tiers do not
 
     @abc.abstractmethod
     async def get(self, key: str) -> bytes | None:
@@ -133,3 +134,8 @@ class Store(abc.ABC):
     async def ping(self) -> None:
         """Raise :class:`StoreError` if the backend is unusable."""
         return None
+
+    async def sizes(self) -> dict[str, int]:
+        """Every key this tier holds and its payload bytes (objects that fail verification are left
+        out and dropped, as :meth:`get` does). For recovery after a restart: may read every object."""
+        raise NotImplementedError(f"the {self.name} store cannot list its keys")

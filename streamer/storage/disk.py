@@ -40,6 +40,7 @@ _TMP_PREFIX = ".tmp-"
 
 class DiskStore(Store):
     name = "disk"
+    durable = True
 
     def __init__(self, root: str | os.PathLike, *, fsync: bool = True, inline_read_bytes: int = 1 << 20):
         """``inline_read_bytes``: objects up to this size are read on the calling (event loop) thread,
@@ -179,6 +180,10 @@ class DiskStore(Store):
         validate_key(key)
         self._index.pop(key, None)
         return await asyncio.to_thread(self._remove, key)
+
+    async def sizes(self) -> dict[str, int]:
+        """The index, built from verified headers at open and kept by every write."""
+        return dict(self._index)
 
     async def stats(self) -> dict[str, dict[str, int]]:
         return {self.name: {"objects": len(self._index), "bytes": sum(self._index.values()),

@@ -76,3 +76,6 @@ class MemoryStore(Store):
 
     async def stats(self) -> dict[str, dict[str, int]]:
         return {self.name: {"objects": len(self._items), "bytes": self._bytes}}
+
+    async def sizes(self) -> dict[str, int]:
+        return {k: len(v) for k, (v, _c) in self._items.items()}

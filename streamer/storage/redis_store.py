@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 
-from .base import CorruptObjectError, Store, StoreError, frame, unframe, validate_key
+from .base import CorruptObjectError, InvalidKeyError, Store, StoreError, frame, unframe, validate_key
 
 log = logging.getLogger(__name__)
 
 
 class RedisStore(Store):
     name = "redis"
+    durable = True
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str = "ctxstream:", client=None):
         import redis.asyncio as aioredis
@@ -60,6 +61,28 @@ class RedisStore(Store):
         async for _ in self._redis.scan_iter(match=self.prefix + "*", count=1000):
             n += 1
         return {self.name: {"objects": n}}
+
+    async def sizes(self) -> dict[str, int]:
+        """Keys under this store's prefix, each read and verified (a corrupt one is deleted by get)."""
+        import redis.exceptions
+
+        out: dict[str, int] = {}
+        n = len(self.prefix)
+        keys = []
+        try:
+            async for raw in self._redis.scan_iter(match=self.prefix + "*", count=1000):
+                keys.append((raw.decode(errors="replace") if isinstance(raw, bytes) else raw)[n:])
+        except redis.exceptions.RedisError as exc:
+            raise StoreError(f"redis store ({self.url}): {exc}") from exc
+        for key in keys:
+            try:
+                validate_key(key)
+            except InvalidKeyError:  # not written by a store: not ours to list
+                continue
+            value = await self.get(key)
+            if value is not None:
+                out[key] = len(value)
+        return out
 
     async def _call(self, fn, *args):
         import redis.exceptions

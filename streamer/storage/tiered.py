@@ -58,6 +58,16 @@ class TieredStore(Store):
             found = await tier.delete(key) or found
         return found
 
+    @property
+    def durable(self) -> bool:
+        return any(t.durable for t in self.tiers)
+
+    async def sizes(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for tier in reversed(self.tiers):
+            out.update(await tier.sizes())
+        return out
+
     async def close(self) -> None:
         for tier in self.tiers:
             await tier.close()
