@@ -64,7 +64,6 @@ import dataclasses
 import heapq
 import json
 import random
-import re
 import shutil
 import socket
 import subprocess
@@ -80,6 +79,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from ctxstream.corpora import longchat_conversations  # noqa: E402
 from ctxstream.hostinfo import machine  # noqa: E402
 from ctxstream.model import ModelAdapter  # noqa: E402
 from ctxstream.paths import DEFAULT_DATA_DIR  # noqa: E402
@@ -101,25 +101,20 @@ class Conversation:
 
 
 def load_conversations(data_dir: Path, adapter: ModelAdapter) -> list[Conversation]:
-    path = Path(data_dir) / "corpora" / "longchat" / "topics" / "conversations.jsonl"
-    if not path.exists():
-        raise SystemExit(f"{path} not found (--data-dir)")
     out = []
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        parts = re.split(r"\s*(USER|ASSISTANT):\s*", row["conversation"])
-        msgs = [(parts[i], parts[i + 1].strip()) for i in range(1, len(parts) - 1, 2)]
-        sys_ids = adapter.tokenize(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n")
+    sys_ids = adapter.tokenize(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n")
+    for conv in longchat_conversations(data_dir):
+        msgs = [(m["role"], m["content"]) for m in conv.messages]
         turns = []
         for i in range(0, len(msgs) - 1, 2):
             (r1, user), (r2, answer) = msgs[i], msgs[i + 1]
-            if r1 != "USER" or r2 != "ASSISTANT":
+            if r1 != "user" or r2 != "assistant":
                 break
             q = adapter.tokenize(f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
             a = adapter.tokenize(f"{answer}<|im_end|>\n")
             turns.append((q, a))
         if len(turns) >= 2:
-            out.append(Conversation(row.get("topic", ""), sys_ids, turns))
+            out.append(Conversation(conv.topic, sys_ids, turns))
     return out
 
 

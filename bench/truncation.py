@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ctxstream.corpora import LONGCHAT_TOPICS, longchat_conversations  # noqa: E402
 from ctxstream.hostinfo import machine  # noqa: E402
 from ctxstream.model import ModelAdapter  # noqa: E402
 from ctxstream.paths import DEFAULT_DATA_DIR  # noqa: E402
@@ -53,27 +53,6 @@ from ctxstream.positions import SegmentedKV, apply_rope_at, assemble, truncate  
 
 SYSTEM = ("You are a friendly and knowledgeable assistant. Answer the user's questions clearly and accurately, "
           "and keep the conversation going.")
-CONVERSATIONS = "corpora/longchat/topics/conversations.jsonl"
-_TURN = re.compile(r"(?:^|\n)\s*(USER|ASSISTANT):\s*")
-
-
-def read_conversations(data_dir: Path) -> list[list[dict]]:
-    """Each LongChat topic conversation as chat messages (user / assistant alternating)."""
-    path = Path(data_dir) / CONVERSATIONS
-    if not path.is_file():
-        raise SystemExit(f"{path} not found (pass --data-dir pointing at shared/data)")
-    convs = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        text = json.loads(line)["conversation"]
-        parts = _TURN.split("\n" + text)
-        msgs = [{"role": "user" if who == "USER" else "assistant", "content": body.strip()}
-                for who, body in zip(parts[1::2], parts[2::2]) if body.strip()]
-        convs.append(msgs)
-    return convs
-
-
 def message_pieces(adapter: ModelAdapter, messages: list[dict]) -> list[list[int]]:
     """Token ids of each message as the chat template renders it (concatenated = the whole chat)."""
     tok = adapter.tokenizer
@@ -260,7 +239,7 @@ def main(argv=None) -> int:
         from ctxstream.codec import Codec
 
         codec = Codec.for_model(adapter)
-    convs = read_conversations(args.data_dir)
+    convs = [list(c.messages) for c in longchat_conversations(args.data_dir)]
     k = args.convs_per_session
     n_sessions = min(args.sessions, len(convs) // k)
     rows = []
@@ -278,7 +257,7 @@ def main(argv=None) -> int:
             "rope_type": adapter.info.rope_type, "window": args.window, "reserve": args.reserve,
             "history_budget": args.window - args.reserve, "sessions": n_sessions, "convs_per_session": k,
             "n": len(rows), "answer_tokens": sum(r["answer_tokens"] for r in rows), "levels": levels,
-            "data": str(CONVERSATIONS), "split": "eval (longchat/topics; the data README lists it as eval)",
+            "data": "corpora/" + LONGCHAT_TOPICS, "split": "eval (longchat/topics; the data README lists it as eval)",
             "system_prompt": SYSTEM, "threads": args.threads, "elapsed_s": elapsed,
             "profile": codec.profile.id if codec else None}
     print()

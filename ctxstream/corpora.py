@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -15,6 +16,8 @@ from .paths import DEFAULT_DATA_DIR
 
 
 _ARTICLE = re.compile(r"^ = [^=].* = $", re.M)
+_SPEAKER = re.compile(r"\s*(USER|ASSISTANT):\s*")  # LongChat marks turns inline, not only at line starts
+LONGCHAT_TOPICS = "longchat/topics/conversations.jsonl"
 
 
 class CorpusError(FileNotFoundError):
@@ -26,6 +29,30 @@ def _read(data_dir: Path, rel: str) -> str:
     if not path.is_file():
         raise CorpusError(f"{path} not found (pass --data-dir pointing at shared/data)")
     return path.read_text(encoding="utf-8").replace("\r\n", "\n").replace("\r", "\n")
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """One LongChat topic conversation: ``messages`` are ``{"role": "user"|"assistant", "content": str}``
+    in order, as a chat template takes them."""
+
+    topic: str
+    messages: tuple[dict, ...]
+
+
+def _longchat_rows(data_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in _read(data_dir, LONGCHAT_TOPICS).splitlines() if line.strip()]
+
+
+def longchat_conversations(data_dir: Path = DEFAULT_DATA_DIR) -> list[Conversation]:
+    """The LongChat topic conversations (eval split), in the data set's order, split into messages."""
+    out = []
+    for row in _longchat_rows(data_dir):
+        parts = _SPEAKER.split(row["conversation"])
+        msgs = tuple({"role": "user" if who == "USER" else "assistant", "content": body.strip()}
+                     for who, body in zip(parts[1::2], parts[2::2]) if body.strip())
+        out.append(Conversation(str(row.get("topic", "")), msgs))
+    return out
 
 
 def wikitext_articles(data_dir: Path = DEFAULT_DATA_DIR) -> list[str]:
@@ -41,8 +68,7 @@ def split_texts(split: str, data_dir: Path = DEFAULT_DATA_DIR) -> list[str]:
     if split == "dev":
         return [_read(data_dir, "tinyshakespeare/input.txt"), "".join(arts[:half])]
     if split == "eval":
-        convs = [json.loads(line)["conversation"]
-                 for line in _read(data_dir, "longchat/topics/conversations.jsonl").splitlines() if line.strip()]
+        convs = [row["conversation"] for row in _longchat_rows(data_dir)]
         return ["".join(arts[half:]), "\n\n".join(convs)]
     raise ValueError(f"unknown split {split!r} (dev or eval)")
 
