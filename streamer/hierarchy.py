@@ -1,7 +1,7 @@
 """Hierarchical, byte-bounded store of *entries* (groups of objects) over the storage tiers (issue 7).
 
 Tiers are ordinary :class:`~streamer.storage.Store` backends (``MemoryStore``, ``DiskStore``,
-``RedisStore``, or :class:`DeviceMemoryStore` for GPU memory), fastest first, each with a byte
+``RedisStore``, or :class:`streamer.storage.DeviceMemoryStore` for GPU memory), fastest first, each with a byte
 budget (payload bytes) enforced here. An **entry** (one session) is a set of objects that always
 live together in one tier; moving an entry copies its objects to the other tier, then deletes them
 from the old one. Which entry leaves a full tier, and which is brought up ahead of use, is decided
@@ -36,7 +36,7 @@ from .storage import MemoryStore, Store, StoreError, validate_key
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HierarchyError", "NoSpaceError", "Tier", "HierarchicalStore", "DeviceMemoryStore"]
+__all__ = ["HierarchyError", "NoSpaceError", "Tier", "HierarchicalStore"]
 
 
 class HierarchyError(StoreError):
@@ -456,53 +456,3 @@ class HierarchicalStore:
         tier.used_bytes -= e.nbytes
         self._entries.pop(e.key, None)
         self.stats.dropped += 1
-
-
-class DeviceMemoryStore(Store):
-    """GPU-memory tier: payloads kept as ``uint8`` tensors on a CUDA device (checksummed on put,
-    verified on get with ``verify=True``). Needs torch with CUDA; raises :class:`StoreError` if
-    the device is unusable."""
-
-    name = "gpu"
-
-    def __init__(self, device: str = "cuda", *, verify: bool = False):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise StoreError("no CUDA device for the GPU memory tier")
-        self.device = torch.device(device)
-        self.verify = verify
-        self._items: dict[str, tuple[object, int]] = {}
-
-    async def get(self, key: str) -> bytes | None:
-        from .storage import checksum64
-
-        validate_key(key)
-        item = self._items.get(key)
-        if item is None:
-            return None
-        data = item[0].cpu().numpy().tobytes()
-        if self.verify and checksum64(data) != item[1]:
-            self._items.pop(key, None)
-            return None
-        return data
-
-    async def put(self, key: str, value: bytes) -> None:
-        import torch
-
-        from .storage import checksum64
-
-        validate_key(key)
-        buf = torch.frombuffer(bytearray(value), dtype=torch.uint8).to(self.device)
-        self._items[key] = (buf, checksum64(value))
-
-    async def contains(self, key: str) -> bool:
-        validate_key(key)
-        return key in self._items
-
-    async def delete(self, key: str) -> bool:
-        validate_key(key)
-        return self._items.pop(key, None) is not None
-
-    async def close(self) -> None:
-        self._items.clear()

@@ -15,6 +15,7 @@ from streamer.storage import (
     InvalidKeyError,
     MemoryStore,
     RedisStore,
+    StoreError,
     TieredStore,
     frame,
     make_store,
@@ -253,3 +254,18 @@ async def test_redis_sizes_skip_corrupt_and_foreign_keys(redis_url):
     assert await raw.exists("sz:not a store key") == 1  # foreign keys are left alone
     await raw.aclose()
     await s.close()
+
+
+async def test_gpu_tier_round_trip_or_a_clear_error_without_cuda():
+    import torch
+
+    from streamer.storage import DeviceMemoryStore
+
+    if not torch.cuda.is_available():
+        with pytest.raises(StoreError, match="no CUDA device"):
+            DeviceMemoryStore()
+        return
+    s = DeviceMemoryStore(verify=True)
+    await s.put("g.1", b"\x00\x01" * 50)
+    assert await s.get("g.1") == b"\x00\x01" * 50 and await s.sizes() == {"g.1": 100}
+    assert not s.durable and await s.delete("g.1") and await s.get("g.1") is None

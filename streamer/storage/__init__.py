@@ -18,6 +18,7 @@ from .base import (
     unframe,
     validate_key,
 )
+from .device import DeviceMemoryStore
 from .disk import DiskStore
 from .memory import MemoryStore
 from .redis_store import RedisStore
@@ -27,7 +28,7 @@ TIER_NAMES = ("memory", "disk", "redis")
 
 __all__ = [
     "Store", "StoreError", "InvalidKeyError", "CorruptObjectError", "MemoryStore", "DiskStore", "RedisStore",
-    "TieredStore", "make_store", "parse_store_spec", "validate_key", "frame", "unframe", "checksum64", "TIER_NAMES",
+    "TieredStore", "DeviceMemoryStore", "make_store", "parse_store_spec", "validate_key", "frame", "unframe", "checksum64", "TIER_NAMES",
 ]
 
 
