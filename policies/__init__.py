@@ -18,7 +18,6 @@ from .adaptation import (
     policy_names,
     quality_of,
     register_policy,
-    serial_time_s,
 )
 from .placement import (
     EntryView,
@@ -35,7 +34,7 @@ from .placement import (
 
 __all__ = [
     "TEXT", "Choice", "DEFAULT_QUALITY", "quality_of", "PolicyError", "ChunkInfo", "ChunkState",
-    "ChunkFeedback", "finish_time_s", "serial_time_s", "Policy", "FixedPolicy", "SloPolicy",
+    "ChunkFeedback", "finish_time_s", "Policy", "FixedPolicy", "SloPolicy",
     "MpcPolicy", "register_policy", "policy_names", "make_policy",
     "PlacementError", "EntryView", "TierView", "PlacementPolicy", "LruPlacement", "FifoPlacement",
     "SchedulerAwarePlacement", "register_placement", "placement_names", "make_placement",

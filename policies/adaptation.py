@@ -145,18 +145,6 @@ def finish_time_s(state: ChunkState, plan: Sequence[Choice], throughput_bps: flo
     return cpu
 
 
-def serial_time_s(state: ChunkState, choice: Choice, throughput_bps: float | None = None) -> float:
-    """CacheGen's estimate: every remaining chunk at ``choice``, transfer and compute not overlapped."""
-    bps = max(float(throughput_bps if throughput_bps is not None else state.throughput_bps), 1.0)
-    total = max(0.0, state.compute_backlog_s)
-    for info in state.chunks:
-        if choice == TEXT:
-            total += info.recompute_s
-        else:
-            total += state.latency_s + info.sizes_bytes[choice] * 8.0 / bps + info.decode_s.get(choice, 0.0)
-    return total
-
-
 # ------------------------------------------------------------------------------------ policies
 class Policy:
     """Base class of adaptation policies.
@@ -443,6 +431,6 @@ register_policy("quant8", lambda: FixedPolicy("quant8"))
 
 __all__ = [
     "TEXT", "Choice", "DEFAULT_QUALITY", "quality_of", "PolicyError", "ChunkInfo", "ChunkState",
-    "ChunkFeedback", "finish_time_s", "serial_time_s", "Policy", "FixedPolicy", "AdaptivePolicy", "SloPolicy",
+    "ChunkFeedback", "finish_time_s", "Policy", "FixedPolicy", "AdaptivePolicy", "SloPolicy",
     "MpcPolicy", "register_policy", "policy_names", "make_policy",
 ]
