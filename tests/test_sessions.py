@@ -201,14 +201,19 @@ def test_corrupt_segment_is_a_miss_and_bad_ids_rejected(tiny_adapter):
     asyncio.run(go())
 
 
+async def two_turns_and_their_bytes(adapter):
+    """A two-turn conversation and the bytes one session of it takes in a store (float16)."""
+    conv = conversation(adapter, turns=(16, 16))
+    probe = store(adapter, dtype="float16")
+    for c in conv:
+        await probe.save("x", *c)
+    return conv, probe.hier.entry_bytes("x")
+
+
 def test_sessions_over_memory_disk_redis(tiny_adapter, tmp_path, redis_url):
     async def go():
-        conv = conversation(tiny_adapter, turns=(16, 16))
+        conv, size = await two_turns_and_their_bytes(tiny_adapter)
         ids, k, v = conv[-1]
-        probe = store(tiny_adapter, dtype="float16")
-        for c in conv:
-            await probe.save("x", *c)
-        size = probe.hier.entry_bytes("x")
         tiers = [Tier(MemoryStore(), size + 100, "memory"),
                  Tier(DiskStore(tmp_path / "d", fsync=False), size + 100, "disk"),
                  Tier(RedisStore(redis_url, prefix="sess-test:"), size + 100, "redis")]
@@ -237,12 +242,8 @@ def test_index_rebuilt_from_disk_and_redis_after_restart(tiny_adapter, tmp_path,
     and in Redis, loads hit with the same KV, the next save writes only its delta; a half-moved
     duplicate, a session with no manifest and a foreign key are dealt with."""
     async def go():
-        conv = conversation(tiny_adapter, turns=(16, 16))
+        conv, size = await two_turns_and_their_bytes(tiny_adapter)
         ids, k, v = conv[-1]
-        probe = store(tiny_adapter, dtype="float16")
-        for c in conv:
-            await probe.save("x", *c)
-        size = probe.hier.entry_bytes("x")
 
         def tiers():
             return [Tier(MemoryStore(), size + 100, "memory"),
