@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ctxstream.model import cache_kw
 from ctxstream.codec import Codec  # noqa: E402
 from ctxstream.codec.profile import MAX_Q, ZERO_SYMBOL  # noqa: E402
 from ctxstream.corpora import DEFAULT_DATA_DIR, token_windows  # noqa: E402
@@ -39,13 +39,13 @@ CTX, CONT, GEN = 1024, 256, 64
 def ce_next(adapter: ModelAdapter, ids: list[int], keys, values) -> float:
     cache = adapter.make_cache(keys, values)
     with torch.no_grad():
-        logits = adapter.model(input_ids=torch.tensor([ids[CTX : CTX + CONT]]), past_key_values=cache).logits[0]
+        logits = adapter.model(input_ids=torch.tensor([ids[CTX : CTX + CONT]]), **cache_kw(adapter.model, cache)).logits[0]
     return torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(ids[CTX + 1 : CTX + CONT])).item()
 
 
 def greedy(adapter: ModelAdapter, ids: list[int], keys, values, n: int) -> list[int]:
     cache = adapter.make_cache(keys[:, :, :-1], values[:, :, :-1])  # the last context token is re-fed
-    out = adapter.model.generate(input_ids=torch.tensor([ids[:CTX]]), past_key_values=cache, max_new_tokens=n,
+    out = adapter.model.generate(input_ids=torch.tensor([ids[:CTX]]), **cache_kw(adapter.model, cache), max_new_tokens=n,
                                  do_sample=False, pad_token_id=adapter.tokenizer.eos_token_id)
     return out[0, CTX:].tolist()
 
@@ -102,8 +102,8 @@ def quantized_cache_rows(adapter: ModelAdapter, contexts, exact) -> list[dict]:
             cache = QuantizedCache(backend="quanto", config=adapter.model.config, nbits=nbits,
                                    q_group_size=64, residual_length=0)
             with torch.no_grad():
-                adapter.model(input_ids=torch.tensor([ids[:CTX]]), past_key_values=cache)
-                lg = adapter.model(input_ids=torch.tensor([ids[CTX : CTX + CONT]]), past_key_values=cache).logits[0]
+                adapter.model(input_ids=torch.tensor([ids[:CTX]]), **cache_kw(adapter.model, cache))
+                lg = adapter.model(input_ids=torch.tensor([ids[CTX : CTX + CONT]]), **cache_kw(adapter.model, cache)).logits[0]
             ce = torch.nn.functional.cross_entropy(lg[:-1].float(), torch.tensor(ids[CTX + 1 : CTX + CONT])).item()
             d.append(math.exp(ce - base) - 1)
         bits = nbits + 2 * 16 / 64  # scale + zero point (fp16) per group of 64

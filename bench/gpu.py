@@ -28,7 +28,6 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ctxstream.codec import Codec, Profile, rans  # noqa: E402
 from ctxstream.codec.profile import _class_tables  # noqa: E402
 from ctxstream.model import ModelInfo, apply_rope, rope_cos_sin  # noqa: E402

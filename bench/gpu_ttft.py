@@ -22,7 +22,7 @@ timed runs, not inside them):
   in two ways: on the path (inside every timed region) and "prep at receive" (done before the clock,
   as a loader would do it when the chunk's bytes arrive);
 * ``seq`` (T_seq) = load, build the ``DynamicCache``, prefill the question; ``pipe`` (T_pipe) =
-  :class:`loader.pipeline.PipelinedCache` with :class:`loader.pipeline.GpuLayerSource`: every layer
+  :class:`ctxstream.loader.pipeline.PipelinedCache` with :class:`ctxstream.loader.pipeline.GpuLayerSource`: every layer
   group's copies and kernels queued on a side stream before the forward pass, the model's stream
   waiting on one event per group; **hidden share = (T_seq - T_pipe) / T_load** (1 = all of the load
   hidden; negative = pipelining made it slower; measured as the median of paired per-rep
@@ -55,14 +55,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ctxstream.model import cache_kw
 from ctxstream.codec import Codec, gpu  # noqa: E402
 from ctxstream.codec.profile import build_profile, calibration_text  # noqa: E402
 from ctxstream.hostinfo import host_info  # noqa: E402
 from ctxstream.model import ByteTokenizer, ModelAdapter  # noqa: E402
-from loader.pipeline import GpuLayerSource, PipelinedCache  # noqa: E402
+from ctxstream.loader.pipeline import GpuLayerSource, PipelinedCache  # noqa: E402
 from transformers import DynamicCache as DynamicCacheCls  # noqa: E402
-from policies import TEXT, ChunkFeedback, ChunkInfo, ChunkState, make_policy  # noqa: E402
+from ctxstream.policies import TEXT, ChunkFeedback, ChunkInfo, ChunkState, make_policy  # noqa: E402
 
 LEVELS = ("fp16", "quant8", "q0", "q1", "q2", "q3", "q4")
 LLAMA3_8B = dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
@@ -207,7 +207,7 @@ def main() -> None:  # noqa: C901 - one linear script
     def prefill(tokens):
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            model(input_ids=torch.tensor([tokens], device=dev), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=torch.tensor([tokens], device=dev), **cache_kw(model, cache), use_cache=True, logits_to_keep=1)
         return cache
 
     recompute = {(Q, T): sync_time(lambda T=T, Q=Q: prefill(ctx_ids[:T] + question_of[Q]), 3) for Q in questions
@@ -219,7 +219,7 @@ def main() -> None:  # noqa: C901 - one linear script
             torch.cuda.synchronize()
             t = time.perf_counter()
             with torch.no_grad():
-                model(input_ids=torch.tensor([ctx_ids[c * C:(c + 1) * C]], device=dev), past_key_values=cache,
+                model(input_ids=torch.tensor([ctx_ids[c * C:(c + 1) * C]], device=dev), **cache_kw(model, cache),
                       use_cache=True, logits_to_keep=1)
             torch.cuda.synchronize()
             per_chunk[c] = min(per_chunk[c], time.perf_counter() - t)
@@ -239,7 +239,7 @@ def main() -> None:  # noqa: C901 - one linear script
 
         def run():
             with torch.no_grad():
-                model(input_ids=torch.tensor([question], device=dev), past_key_values=cache, use_cache=True,
+                model(input_ids=torch.tensor([question], device=dev), **cache_kw(model, cache), use_cache=True,
                       logits_to_keep=1)
             cache.crop(-Q)
 
@@ -299,7 +299,7 @@ def main() -> None:  # noqa: C901 - one linear script
             k, v = src.layer(i)
             cache.update(k, v, i)
         with torch.no_grad():
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=ids, **cache_kw(model, cache), use_cache=True, logits_to_keep=1)
         src.finish()
         return out.logits
 
@@ -308,7 +308,7 @@ def main() -> None:  # noqa: C901 - one linear script
         cache = PipelinedCache(src, model.config)
         src.start()  # every group's copies and kernels queued now, before the model's first layer
         with torch.no_grad():
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=ids, **cache_kw(model, cache), use_cache=True, logits_to_keep=1)
         src.finish()
         return out.logits
 
@@ -540,7 +540,7 @@ def diagnose(model, dev, L, make_src, run_seq, q, contexts, levels, reps):
                     t3 = time.perf_counter()
                     e0.record()
                     with torch.no_grad():
-                        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                        model(input_ids=ids, **cache_kw(model, cache), use_cache=True, logits_to_keep=1)
                     e1.record()
                     t4 = time.perf_counter()
                     src.finish()

@@ -6,7 +6,7 @@ builds it -- chunk by chunk, a level's chunk decoded from the codec's bytes, a t
 by the model on top of the chunks before it -- and the perplexity of the next 32 tokens vs exact.
 
 Writes ``bench/results/level-dppl-dev.json``: per plan the mean relative perplexity increase
-(``dppl_rel``), its spread over contexts, and top-1 agreement. ``policies.adaptation.DEFAULT_DPPL``
+(``dppl_rel``), its spread over contexts, and top-1 agreement. ``ctxstream.policies.adaptation.DEFAULT_DPPL``
 is taken from the uniform plans of this file (dev split only: never tune on eval).
 
     .venv/bin/python bench/level_dppl.py --count 12
@@ -26,14 +26,13 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from bench.loader import quality, score  # noqa: E402
 from ctxstream.codec import Codec  # noqa: E402
 from ctxstream.corpora import token_windows  # noqa: E402
 from ctxstream.model import ModelAdapter  # noqa: E402
 from ctxstream.paths import DEFAULT_DATA_DIR  # noqa: E402
-from loader.calibration import run_model  # noqa: E402
+from ctxstream.loader.calibration import run_model  # noqa: E402
 
 
 def build(adapter, codec, ids, blobs, plan, ct):

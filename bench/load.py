@@ -26,14 +26,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
 import xxhash  # noqa: E402
 
 from ctxstream.hostinfo import host_info  # noqa: E402
-from streamer.server import serve_in_background  # noqa: E402
-from streamer.settings import Settings  # noqa: E402
+from ctxstream.streamer.server import serve_in_background  # noqa: E402
+from ctxstream.streamer.settings import Settings  # noqa: E402
 
 TOKEN = "bench-load-token"
 

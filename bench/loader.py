@@ -32,17 +32,17 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import xxhash  # noqa: E402
 
 from ctxstream.codec import Codec  # noqa: E402
 from ctxstream.model import ModelAdapter, default_cache_dir  # noqa: E402
-from loader import ContextLoader  # noqa: E402
-from loader.calibration import run_model  # noqa: E402
-from policies import TEXT  # noqa: E402
-from traces.shaping import RateShaper, format_rate, parse_rate  # noqa: E402
+from ctxstream.loader import ContextLoader  # noqa: E402
+from ctxstream.loader.calibration import run_model  # noqa: E402
+from ctxstream.policies import TEXT  # noqa: E402
+from ctxstream.quality import quality, score  # noqa: E402
+from ctxstream.traces.shaping import RateShaper, format_rate, parse_rate  # noqa: E402
 
 TOKEN = "bench-loader-token"
 all_policies = ["slo", "mpc", "text", "fp16", "quant8", "fixed:q0", "fixed:q1", "fixed:q2", "fixed:q3", "fixed:q4"]
@@ -84,22 +84,6 @@ def upload(url: str, ids: list[int]) -> tuple[str, float]:
     with urllib.request.urlopen(req, timeout=3600) as resp:
         body = json.loads(resp.read())
     return body["id"], time.perf_counter() - t
-
-
-@torch.no_grad()
-def score(adapter: ModelAdapter, result, cont: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of ``cont[1:]`` given the loaded cache (which already holds ``cont[0]``): [32, vocab]."""
-    ids = torch.tensor([cont[1:-1]])
-    out = adapter.model(input_ids=ids, past_key_values=result.cache, use_cache=True)
-    logits = torch.cat([result.first_logits[None], out.logits[0]], 0).float()
-    return torch.log_softmax(logits, -1), torch.tensor(cont[1:])
-
-
-def quality(logp, target, ref_logp) -> dict:
-    nll = float(-logp.gather(1, target[:, None]).mean())
-    ref_nll = float(-ref_logp.gather(1, target[:, None]).mean())
-    return {"ppl": math.exp(nll), "dppl": math.exp(nll) - math.exp(ref_nll),
-            "top1": float((logp.argmax(-1) == ref_logp.argmax(-1)).float().mean())}
 
 
 async def run_one(url, adapter, codec, ctx_id, cont, policy, rate, slo_s, cap_s, warm=True) -> tuple[dict, object]:
@@ -161,8 +145,8 @@ def main(argv=None) -> int:
     # the store is kept between runs, keyed by everything the encoded bytes depend on
     sig = xxhash.xxh3_64_hexdigest(repr([codec.profile.id] + [codec.spec(lv) for lv in codec.all_levels]).encode())
     store_dir = args.store_dir or default_cache_dir() / "bench-loader" / sig
-    from streamer.server import serve_in_background
-    from streamer.settings import Settings
+    from ctxstream.streamer.server import serve_in_background
+    from ctxstream.streamer.settings import Settings
 
     settings = Settings(store="disk", data_dir=store_dir, tokens={TOKEN: "bench"}, fsync=False,
                         max_tokens=max(16384, max(lengths)), max_upload_bytes=1 << 30)

@@ -25,8 +25,8 @@ offered load of the server *without* a session cache (hit-aware: every job prefi
 First version's workload and numbers: ``--topics-per-session 1 --service fixed --sessions 150
 --replay-layers 0`` (LRU and FIFO reproduce exactly; the scheduler-aware policy has changed since).
 
-Part 1 -- hit rate (simulated clock, real store): a :class:`streamer.sessions.SessionStore` over a
-:class:`streamer.hierarchy.HierarchicalStore` of host memory, local disk (``DiskStore``) and Redis
+Part 1 -- hit rate (simulated clock, real store): a :class:`ctxstream.streamer.sessions.SessionStore` over a
+:class:`ctxstream.streamer.hierarchy.HierarchicalStore` of host memory, local disk (``DiskStore``) and Redis
 (a private ``redis-server`` on loopback), each byte-bounded; KV of the model's shape (synthetic
 values, position-free keys, float16) really written, moved and read, but only
 ``--replay-layers`` (2) of its layers (0 = all; the tier budgets use the same bytes per token, so
@@ -74,7 +74,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -83,9 +82,9 @@ from ctxstream.corpora import longchat_conversations  # noqa: E402
 from ctxstream.hostinfo import machine  # noqa: E402
 from ctxstream.model import ModelAdapter  # noqa: E402
 from ctxstream.paths import DEFAULT_DATA_DIR  # noqa: E402
-from streamer.hierarchy import HierarchicalStore, Tier  # noqa: E402
-from streamer.sessions import SessionStore  # noqa: E402
-from streamer.storage import DiskStore, MemoryStore, RedisStore  # noqa: E402
+from ctxstream.streamer.hierarchy import HierarchicalStore, Tier  # noqa: E402
+from ctxstream.streamer.sessions import SessionStore  # noqa: E402
+from ctxstream.streamer.storage import DiskStore, MemoryStore, RedisStore  # noqa: E402
 
 SYSTEM = "You are a helpful AI assistant."
 POLICIES = ["scheduler", "lru", "fifo"]

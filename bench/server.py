@@ -28,12 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import aiohttp  # noqa: E402
 
-from streamer.server import serve_in_background  # noqa: E402
-from streamer.settings import Settings  # noqa: E402
+from ctxstream.streamer.server import serve_in_background  # noqa: E402
+from ctxstream.streamer.settings import Settings  # noqa: E402
 
 TOKEN, TENANT = "bench-token-0001", "bench"
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}

@@ -43,8 +43,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ctxstream.model import cache_kw
 from ctxstream.corpora import LONGCHAT_TOPICS, longchat_conversations  # noqa: E402
 from ctxstream.hostinfo import machine  # noqa: E402
 from ctxstream.model import ModelAdapter  # noqa: E402
@@ -90,7 +90,7 @@ def answer_ce(adapter: ModelAdapter, keys, values, answer: list[int], h: int, po
     kw = {}
     if position_start is not None:
         kw["position_ids"] = torch.arange(position_start, position_start + len(answer))[None]
-    logits = adapter.model(input_ids=ids, past_key_values=cache, use_cache=True, **kw).logits[0]
+    logits = adapter.model(input_ids=ids, **cache_kw(adapter.model, cache), use_cache=True, **kw).logits[0]
     return ce(logits[h - 1 : -1], answer[h:])
 
 

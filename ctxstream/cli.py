@@ -14,9 +14,9 @@ import sys
 
 _COMMAND_MODULES = (
     "ctxstream.codec.cli",  # codec-demo, profile
-    "streamer.cli",  # serve, upload
-    "loader.cli",  # ask
-    "traces.cli",  # replay, report
+    "ctxstream.streamer.cli",  # serve, upload
+    "ctxstream.loader.cli",  # ask
+    "ctxstream.traces.cli",  # replay, report
     "ctxstream.demo",  # demo (the README's main job)
 )
 

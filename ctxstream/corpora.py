@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from ctxstream.errors import CtxstreamError
 from .paths import DEFAULT_DATA_DIR
 
 
@@ -20,7 +21,7 @@ _SPEAKER = re.compile(r"\s*(USER|ASSISTANT):\s*")  # LongChat marks turns inline
 LONGCHAT_TOPICS = "longchat/topics/conversations.jsonl"
 
 
-class CorpusError(FileNotFoundError):
+class CorpusError(CtxstreamError, FileNotFoundError):
     """A corpus file is missing under the data folder."""
 
 

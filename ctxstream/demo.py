@@ -54,8 +54,8 @@ def _context_and_question(data_dir: Path, topics: int) -> tuple[str, str, str]:
 
 
 def _trace(data_dir: Path, name: str):
-    from traces import load_trace
-    from traces.synthetic import markov_walk
+    from ctxstream.traces import load_trace
+    from ctxstream.traces.synthetic import markov_walk
 
     path = Path(name) if Path(name).is_absolute() else data_dir / "traces" / name
     if path.is_file():
@@ -67,11 +67,11 @@ def _trace(data_dir: Path, name: str):
 def run_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from loader import ContextLoader, chat_prompt_ids
-    from loader.cli import progress_printer  # the same progress lines as `ctxstream ask`
-    from streamer.server import serve_in_background
-    from streamer.settings import Settings
-    from traces.shaping import TraceShaper
+    from ctxstream.loader import ContextLoader, chat_prompt_ids
+    from ctxstream.loader.cli import progress_printer  # the same progress lines as `ctxstream ask`
+    from ctxstream.streamer.server import serve_in_background
+    from ctxstream.streamer.settings import Settings
+    from ctxstream.traces.shaping import TraceShaper
 
     from .codec import Codec
     from .model import ModelAdapter

@@ -21,11 +21,13 @@ from typing import Any, Sequence
 
 import xxhash
 
+from ctxstream.errors import CtxstreamError
+
 MANIFEST_VERSION = 1
 ID_HEX = 32  # 128-bit ids
 
 
-class ManifestError(ValueError):
+class ManifestError(CtxstreamError, ValueError):
     """A manifest that does not parse or is inconsistent."""
 
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
+import functools
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -28,6 +29,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from ctxstream.errors import CtxstreamError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -36,7 +39,7 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _TINY_RE = re.compile(r"^tiny-random(?:-(\d+)x(\d+)x(\d+))?$")
 
 
-class ModelError(ValueError):
+class ModelError(CtxstreamError, ValueError):
     """The model cannot be found, loaded or does not fit what was asked of it."""
 
 
@@ -61,11 +64,6 @@ class ModelInfo:
     inv_freq: tuple[float, ...] = field(repr=False)  # [head_dim // 2], as the model's rotary embedding uses
     attention_scaling: float
     fingerprint: str  # 16 hex chars: hash of config essentials and all parameters
-
-    @property
-    def kv_elements_per_token(self) -> int:
-        """Scalars of K plus V per token over all layers."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
 
 
 def rope_cos_sin(info: ModelInfo, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,6 +97,19 @@ def invert_rope(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scalin
     rotating back with the same scaled cos/sin multiplies by ``scaling**2``, which is divided out here."""
     out = _rotate(keys, cos, sin, -1.0)
     return out / (scaling * scaling) if scaling != 1.0 else out
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(forward_owner: type) -> str:
+    params = inspect.signature(forward_owner.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kw(model: torch.nn.Module, cache) -> dict:
+    """The keyword a transformers model's ``forward``/``generate`` takes a ``Cache`` by: ``{"cache": c}``
+    where the model's forward has that parameter (transformers releases that renamed it), else
+    ``{"past_key_values": c}``. Looked up once per model class."""
+    return {_cache_keyword(type(model)): cache}
 
 
 def _file_lock(path: Path):
@@ -323,7 +334,7 @@ class ModelAdapter:
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device)[None]
         if ids.shape[1] == 0:
             raise ModelError("no tokens to run")
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = self.model(input_ids=ids, **cache_kw(self.model, cache), use_cache=True)
         return out.logits[0]
 
     def compute_kv(
@@ -405,6 +416,3 @@ class ByteTokenizer:
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + ("assistant: " if add_generation_prompt else "")
         return self(text)["input_ids"] if tokenize else text
 
-
-def text_digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]

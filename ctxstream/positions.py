@@ -41,6 +41,7 @@ import torch
 
 # The RoPE primitives live in model.py (the codec and the profile builder use them directly);
 # they are re-exported here so position handling has one entry point.
+from ctxstream.errors import CtxstreamError
 from .model import ModelInfo, apply_rope, invert_rope, rope_cos_sin
 
 __all__ = [
@@ -61,7 +62,7 @@ Positions = Union[int, Sequence[int], torch.Tensor]
 
 
 # ------------------------------------------------------------------------------------ errors
-class PositionError(ValueError):
+class PositionError(CtxstreamError, ValueError):
     """Base class of every error raised by position handling."""
 
 

@@ -1,6 +1,6 @@
 """Client side of ctxstream: load a context's KV from a streamer into a transformers cache.
 
-    from loader import ContextLoader
+    from ctxstream.loader import ContextLoader
     async with ContextLoader(url, model=adapter, policy="slo", slo_s=1.0) as cl:
         result = await cl.load(context_id)      # result.cache: a DynamicCache; result.report
 """

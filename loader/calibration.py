@@ -7,7 +7,7 @@ Measured, never hard-coded: :func:`calibrate_recompute` times the model on a few
 (``c`` per call, ``f`` seconds per token as a piecewise-linear function of the attended length,
 measured at a few prefix lengths -- attention makes it grow with the prefix). :func:`calibrate_decode` encodes a sample of real KV at every level and times the decoder
 (seconds per token, per level). Results are cached per model (and per codec profile for decode) by
-:class:`~loader.core.ContextLoader` for the life of the process.
+:class:`~ctxstream.loader.core.ContextLoader` for the life of the process.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ctxstream.model import cache_kw
 from ctxstream.model import ModelAdapter
 
 
@@ -25,9 +26,9 @@ def run_model(adapter: ModelAdapter, cache, token_ids) -> torch.Tensor:
     """Extend ``cache`` by ``token_ids`` (as :meth:`ModelAdapter.extend`), computing only the last logits."""
     ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=adapter.device)[None]
     try:
-        out = adapter.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = adapter.model(input_ids=ids, **cache_kw(adapter.model, cache), use_cache=True, logits_to_keep=1)
     except TypeError:  # a model without logits_to_keep
-        out = adapter.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = adapter.model(input_ids=ids, **cache_kw(adapter.model, cache), use_cache=True)
     return out.logits[0, -1]
 
 

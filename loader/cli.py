@@ -86,12 +86,12 @@ def cmd_ask(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("CTXSTREAM_TOKEN")
     shaper = None
     if args.rate or args.trace:
-        from traces.shaping import make_shaper
+        from ctxstream.traces.shaping import make_shaper
 
         shaper = make_shaper(rate=args.rate, trace=args.trace)
     prior = None
     if args.prior:
-        from traces.shaping import parse_rate
+        from ctxstream.traces.shaping import parse_rate
 
         prior = parse_rate(args.prior)
     err = sys.stderr

@@ -1,6 +1,6 @@
 """The context loader: fetch a context's KV chunks from a streamer and build a transformers cache.
 
-Per chunk the adaptation policy (``policies.adaptation``) picks a codec level or ``"text"`` given
+Per chunk the adaptation policy (``ctxstream.policies.adaptation``) picks a codec level or ``"text"`` given
 the throughput forecast, the remaining SLO budget and this machine's calibrated speeds. Three
 things run at once (asyncio + one worker thread):
 
@@ -12,7 +12,7 @@ things run at once (asyncio + one worker thread):
   them (so recompute overlaps with fetching later chunks); decoded layers go into the
   ``DynamicCache`` with ``cache.update`` layer by layer, in chunk order (batched until a recompute
   or the end needs them, so the cache is not re-concatenated per chunk);
-* the report (:class:`~loader.report.LoadReport`) records every choice, timing and failure.
+* the report (:class:`~ctxstream.loader.report.LoadReport`) records every choice, timing and failure.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import aiohttp
 import torch
 
+from ctxstream.errors import CtxstreamError
 from ctxstream.codec import (
     Codec,
     CodecError,
@@ -38,7 +39,7 @@ from ctxstream.codec import (
 )
 from ctxstream.manifest import ChunkEntry, Manifest, ManifestError, checksum_hex
 from ctxstream.model import ModelAdapter, default_cache_dir
-from policies.adaptation import (
+from ctxstream.policies.adaptation import (
     DEFAULT_QUALITY,
     TEXT,
     ChunkFeedback,
@@ -68,7 +69,7 @@ DEFAULT_PRIOR_BPS = 10e6  # conservative first guess for a server never seen bef
 _RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
 
-class LoaderError(RuntimeError):
+class LoaderError(CtxstreamError, RuntimeError):
     """The context cannot be loaded at all (no manifest, wrong model, ...)."""
 
 
@@ -119,7 +120,7 @@ class LoadResult:
     def generate(self, max_new_tokens: int = 64, on_token: Callable[[int], None] | None = None) -> list[int]:
         """Greedy continuation after the prompt given to ``load`` (starts with ``first_token``)."""
         if self.first_token is None:
-            raise ValueError("load() was called without a prompt; use model.generate(input_ids=..., past_key_values=...)")
+            raise ValueError("load() was called without a prompt; call model.generate with the cache yourself")
         stops = _stop_ids(self.adapter)
         out = [self.first_token]
         if on_token:
@@ -148,10 +149,10 @@ class ContextLoader:
     """Loads contexts from one streamer into caches for ``model``; see the module docstring.
 
     ``policy``: a registered name (``slo``, ``mpc``, ``text``, ``fp16``, ``quant8``,
-    ``fixed:<level>``) or a :class:`~policies.adaptation.Policy` factory result (a fresh object is
+    ``fixed:<level>``) or a :class:`~ctxstream.policies.adaptation.Policy` factory result (a fresh object is
     made per load from a name). ``slo_s``: time-to-first-token target (None: no target, the
     policy then sees an unlimited budget). ``shaper``: an object with ``await consume(nbytes)``
-    (``traces.shaping``) applied to every received body byte. ``progress``: called with an event
+    (``ctxstream.traces.shaping``) applied to every received body byte. ``progress``: called with an event
     dict on the event loop (``{"event": "choice" | "chunk" | "ready" | "first_token", ...}``).
 
     Calibration (model recompute speed, codec decode speed) is measured on entry (largest prefix

@@ -1,5 +1,5 @@
-"""Policies: adaptation (which level or text per chunk) -- see :mod:`policies.adaptation`; placement
-(which tier holds a session's KV, what to evict and prefetch) -- see :mod:`policies.placement`."""
+"""Policies: adaptation (which level or text per chunk) -- see :mod:`ctxstream.policies.adaptation`; placement
+(which tier holds a session's KV, what to evict and prefetch) -- see :mod:`ctxstream.policies.placement`."""
 
 from .adaptation import (
     DEFAULT_QUALITY,

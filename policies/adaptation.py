@@ -30,6 +30,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from ctxstream.errors import CtxstreamError
+
 TEXT = "text"
 Choice = str  # a level name or TEXT
 
@@ -56,7 +58,7 @@ def quality_of(choice: str, quality: Mapping[str, float] | None = None) -> float
     return 0.5
 
 
-class PolicyError(ValueError):
+class PolicyError(CtxstreamError, ValueError):
     """Unknown policy name, duplicate registration, or a state a policy cannot act on."""
 
 

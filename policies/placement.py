@@ -1,6 +1,6 @@
 """Placement / eviction policies for the hierarchical session store (issue 7, after AttentionStore).
 
-The store (:class:`streamer.hierarchy.HierarchicalStore`) holds *entries* (one per session: all of
+The store (:class:`ctxstream.streamer.hierarchy.HierarchicalStore`) holds *entries* (one per session: all of
 its saved KV objects) in tiers ordered fastest first (tier 0 = host memory or GPU memory). An
 entry lives in exactly one tier. The policy decides **which entries leave a tier** when room is
 needed and **which entries to bring up** ahead of use; the store does all I/O and bookkeeping.
@@ -46,13 +46,15 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from ctxstream.errors import CtxstreamError
+
 __all__ = [
     "PlacementError", "EntryView", "TierView", "PlacementPolicy", "LruPlacement", "FifoPlacement",
     "SchedulerAwarePlacement", "register_placement", "placement_names", "make_placement",
 ]
 
 
-class PlacementError(ValueError):
+class PlacementError(CtxstreamError, ValueError):
     """Unknown placement policy, duplicate registration, or a bad argument."""
 
 

@@ -1,11 +1,11 @@
 """Hierarchical, byte-bounded store of *entries* (groups of objects) over the storage tiers (issue 7).
 
-Tiers are ordinary :class:`~streamer.storage.Store` backends (``MemoryStore``, ``DiskStore``,
-``RedisStore``, or :class:`streamer.storage.DeviceMemoryStore` for GPU memory), fastest first, each with a byte
+Tiers are ordinary :class:`~ctxstream.streamer.storage.Store` backends (``MemoryStore``, ``DiskStore``,
+``RedisStore``, or :class:`ctxstream.streamer.storage.DeviceMemoryStore` for GPU memory), fastest first, each with a byte
 budget (payload bytes) enforced here. An **entry** (one session) is a set of objects that always
 live together in one tier; moving an entry copies its objects to the other tier, then deletes them
 from the old one. Which entry leaves a full tier, and which is brought up ahead of use, is decided
-by a :class:`policies.placement.PlacementPolicy`:
+by a :class:`ctxstream.policies.placement.PlacementPolicy`:
 
 * **down on eviction**: to admit ``need`` bytes into tier ``i``, the policy's victims move to tier
   ``i+1`` (recursively making room there); from the last tier they are dropped (if the policy's
@@ -30,7 +30,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from policies.placement import EntryView, PlacementPolicy, TierView, make_placement
+from ctxstream.policies.placement import EntryView, PlacementPolicy, TierView, make_placement
 
 from .storage import MemoryStore, Store, StoreError, validate_key
 
@@ -294,8 +294,8 @@ class HierarchicalStore:
 
     async def recover(self, entry_of: Callable[[str], str | None]) -> dict[str, int]:
         """Rebuild the index from what the durable tiers hold (after a restart): every object of a
-        :class:`~streamer.storage.DiskStore` (its own verified index) or a
-        :class:`~streamer.storage.RedisStore` (keys under its prefix, each read and verified) is
+        :class:`~ctxstream.streamer.storage.DiskStore` (its own verified index) or a
+        :class:`~ctxstream.streamer.storage.RedisStore` (keys under its prefix, each read and verified) is
         given to the entry ``entry_of(key)`` names (None: not ours, left alone). Volatile tiers
         (memory, GPU) hold nothing after a restart and are not scanned. An entry found in more than
         one tier (a move cut short: moves copy, then delete) is kept in the tier holding most of its
@@ -405,7 +405,7 @@ class HierarchicalStore:
 
     async def _drop_globally(self, t: int, need: int, incoming: _Entry | None) -> None:
         """When tiers ``t``.. together lack ``need`` free bytes, drop the policy's
-        :meth:`~policies.placement.PlacementPolicy.drop_order` entries (from any of those tiers)
+        :meth:`~ctxstream.policies.placement.PlacementPolicy.drop_order` entries (from any of those tiers)
         until they do; the per-tier cascade then only moves entries down."""
         lower = self.tiers[t:]
         deficit = need - sum(max(0, x.capacity_bytes - x.used_bytes) for x in lower)

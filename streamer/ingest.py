@@ -3,7 +3,7 @@
 Model work and encoding run in a thread pool (``encode_workers`` threads), never on the event loop,
 so fetches keep flowing while a large upload encodes. A chunk already stored (same id: same model,
 tenant and token prefix) is not re-encoded. Contexts and chunks are kept in the store as described
-in :mod:`streamer.records`.
+in :mod:`ctxstream.streamer.records`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 
+from ctxstream.errors import CtxstreamError
 from ctxstream.codec import Codec
 from ctxstream.manifest import ChunkEntry, Manifest, checksum_hex, chunk_ids
 from ctxstream.model import ModelAdapter
@@ -27,7 +28,7 @@ from .storage import Store
 
 log = logging.getLogger(__name__)
 
-class ConcurrentChangeError(RuntimeError):
+class ConcurrentChangeError(CtxstreamError, RuntimeError):
     """A chunk this upload reuses was deleted meanwhile (retry the upload)."""
 
 

@@ -24,6 +24,7 @@ import msgpack
 import numpy as np
 import torch
 
+from ctxstream.errors import CtxstreamError
 from ctxstream.model import ModelInfo
 
 CONTENT_TYPE = "application/x-ctxstream-kv"
@@ -37,7 +38,7 @@ if sys.byteorder != "little":  # pragma: no cover
     raise ImportError("the KV upload format assumes a little-endian host")
 
 
-class KVFormatError(ValueError):
+class KVFormatError(CtxstreamError, ValueError):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status

@@ -155,7 +155,7 @@ def _serve_thread(settings, adapter, codec, store, timeout) -> ServerHandle:
 def _serve_process(settings: Settings, timeout: float) -> ServerHandle:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(_REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    cmd = [sys.executable, "-m", "streamer.server", "--settings-json", settings.model_dump_json()]
+    cmd = [sys.executable, "-m", "ctxstream.streamer.server", "--settings-json", settings.model_dump_json()]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, env=env, text=True, bufsize=1)
     deadline = time.monotonic() + timeout
     port = None

@@ -1,5 +1,5 @@
 """Multi-turn sessions: the KV of a whole conversation saved after every turn, asynchronously,
-position-free, as per-turn segments in a :class:`~streamer.hierarchy.HierarchicalStore` (issue 7).
+position-free, as per-turn segments in a :class:`~ctxstream.streamer.hierarchy.HierarchicalStore` (issue 7).
 
 A session's stored KV is a list of **segments** (one per save: the tokens added since the last
 save) plus a **manifest**, all objects of one hierarchy entry (the session id), so they move
@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import xxhash
 
+from ctxstream.errors import CtxstreamError
 from ctxstream.model import ModelInfo
 from ctxstream.positions import Segment, assemble, strip_rope, truncate
 
@@ -61,7 +62,7 @@ _SID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-class SessionError(ValueError):
+class SessionError(CtxstreamError, ValueError):
     """Base class of session errors."""
 
 
@@ -434,10 +435,6 @@ class SessionStore:
         """The committed version (0: never saved)."""
         h = self._heads.get(session)
         return h.version if h else 0
-
-    def saved_tokens(self, session: str) -> int:
-        h = self._heads.get(session)
-        return h.tokens if h else 0
 
 
 def _truncate_meta(segments: list[dict], max_tokens: int, keep_system: bool) -> list[dict]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ctxstream.codec import Codec
 from ctxstream.model import ModelAdapter
@@ -25,4 +25,3 @@ class StreamerState:
     metrics: Metrics
     uploads_in_progress: int = 0
     started: float = 0.0
-    owned: dict = field(default_factory=dict)  # what the lifespan created and must close

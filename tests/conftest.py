@@ -1,5 +1,5 @@
 """Shared fixtures: a real ``redis-server`` on a free loopback port, the tiny test model and codec,
-and running streamers (real uvicorn on 127.0.0.1, see ``streamer.server.serve_in_background``).
+and running streamers (real uvicorn on 127.0.0.1, see ``ctxstream.streamer.server.serve_in_background``).
 
 * ``redis_server`` (session): URL of a private redis-server; skipped only if the binary is missing.
 * ``redis_url``: that URL with the database flushed for this test.
@@ -21,8 +21,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # the project may not be pip-installed in the test venv
-    sys.path.insert(0, str(ROOT))
 
 TOKENS = {"tok-acme-0001": "acme", "tok-umbrella-0002": "umbrella"}
 TENANT_TOKEN = {tenant: token for token, tenant in TOKENS.items()}
@@ -100,9 +98,9 @@ def tiny_codec(tiny_adapter, tmp_path_factory):
 def make_streamer(tiny_adapter, tiny_codec, tmp_path):
     """``make_streamer(adapter=None, codec=None, store_obj=None, **settings) -> ServerHandle``.
 
-    ``store_obj`` is a ready :class:`streamer.storage.Store` (``store=`` is the settings' tier spec)."""
-    from streamer.server import serve_in_background
-    from streamer.settings import Settings
+    ``store_obj`` is a ready :class:`ctxstream.streamer.storage.Store` (``store=`` is the settings' tier spec)."""
+    from ctxstream.streamer.server import serve_in_background
+    from ctxstream.streamer.settings import Settings
 
     handles = []
 

@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 schemathesis = pytest.importorskip("schemathesis")
 
 from conftest import TOKENS, auth  # noqa: E402
-from streamer.kvformat import CONTENT_TYPE, pack_kv  # noqa: E402
-from streamer.server import serve_in_background  # noqa: E402
-from streamer.settings import Settings  # noqa: E402
+from ctxstream.streamer.kvformat import CONTENT_TYPE, pack_kv  # noqa: E402
+from ctxstream.streamer.server import serve_in_background  # noqa: E402
+from ctxstream.streamer.settings import Settings  # noqa: E402
 
 MAX_RESPONSE_S = 5.0
 RSS_BOUND_MB = 3072  # this test process (the server runs in it) stays under this
@@ -42,7 +42,7 @@ def api_server(tiny_adapter, tiny_codec, tmp_path_factory):
 
 def _schema():
     """The app's OpenAPI spec (built without starting the app) as a schemathesis schema."""
-    from streamer.app import create_app
+    from ctxstream.streamer.app import create_app
 
     return schemathesis.openapi.from_dict(create_app(Settings(model="tiny-random", store="memory")).openapi())
 

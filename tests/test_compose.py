@@ -61,7 +61,7 @@ def test_compose_schema(compose):
 
 def test_container_command_is_a_valid_ctxstream_serve(compose):
     from ctxstream.cli import build_parser
-    from streamer.settings import Settings
+    from ctxstream.streamer.settings import Settings
 
     cmd = [interpolate(str(c)) for c in compose["services"]["streamer"]["command"]]
     assert cmd[:2] == ["ctxstream", "serve"]

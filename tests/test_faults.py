@@ -37,13 +37,13 @@ import torch
 
 from conftest import TOKENS, auth, free_port
 from ctxstream.manifest import checksum_hex, chunk_ids
-from loader import ContextLoader
-from policies import TEXT
-from streamer.records import chunk_key
-from streamer.server import serve_in_background
-from streamer.settings import Settings
-from streamer.storage import frame
-from traces.shaping import RateShaper
+from ctxstream.loader import ContextLoader
+from ctxstream.policies import TEXT
+from ctxstream.streamer.records import chunk_key
+from ctxstream.streamer.server import serve_in_background
+from ctxstream.streamer.settings import Settings
+from ctxstream.streamer.storage import frame
+from ctxstream.traces.shaping import RateShaper
 
 CT = 64  # chunk tokens of every server here
 
@@ -438,7 +438,7 @@ async def test_corrupted_and_truncated_in_redis_are_recomputed_by_the_loader(mak
 async def test_wrong_bytes_with_valid_store_framing_are_caught_end_to_end(make_streamer, tiny_adapter, tiny_codec):
     """An object whose store checksum verifies but whose bytes are not what the manifest promised (a bug,
     a stale tier, tampering): the server cannot tell; the loader's manifest checksum can."""
-    from streamer.storage import MemoryStore
+    from ctxstream.streamer.storage import MemoryStore
 
     store = MemoryStore(64 << 20)
     srv = make_streamer(store_obj=store, chunk_tokens=CT)

@@ -41,8 +41,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from ctxstream.codec import Codec, CodecError, DecodeLimits  # noqa: E402
 from ctxstream.codec import rans  # noqa: E402

@@ -1,4 +1,4 @@
-"""Layer-wise pipelined loading on the GPU (loader.pipeline.GpuLayerSource): side-stream decode of
+"""Layer-wise pipelined loading on the GPU (ctxstream.loader.pipeline.GpuLayerSource): side-stream decode of
 layer groups gives the model the same KV as whole-chunk GPU decodes, errors surface, nothing hangs.
 
 Needs CUDA and nvcc (the GPU decoder): skipped on CPU-only machines (CI); run on the device machine.
@@ -14,7 +14,7 @@ import torch
 from ctxstream.codec import ChecksumError, CodecError
 from ctxstream.codec import gpu
 from ctxstream.model import ModelAdapter
-from loader.pipeline import GpuLayerSource, PipelinedCache
+from ctxstream.loader.pipeline import GpuLayerSource, PipelinedCache
 
 _REASON = gpu.unavailable_reason()
 pytestmark = [

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("streamer.server")
+pytest.importorskip("ctxstream.streamer.server")
 
-from loader import ContextLoader  # noqa: E402
-from policies import TEXT, FixedPolicy  # noqa: E402
+from ctxstream.loader import ContextLoader  # noqa: E402
+from ctxstream.policies import TEXT, FixedPolicy  # noqa: E402
 from tests.test_loader import TOKEN, CuttingProxy, N_TOKENS, context, kv_close, server, tiny  # noqa: E402,F401
 
 

@@ -12,18 +12,19 @@ from contextlib import redirect_stderr, redirect_stdout
 import pytest
 import torch
 
-pytest.importorskip("streamer.server")
+pytest.importorskip("ctxstream.streamer.server")
 
 from aiohttp import ClientSession, web  # noqa: E402
 
+from ctxstream.model import cache_kw
 from ctxstream.codec import Codec  # noqa: E402
 from ctxstream.model import ModelAdapter  # noqa: E402
-from loader import ContextLoader, LoaderError, load_context  # noqa: E402
-from loader.calibration import run_model  # noqa: E402
-from policies import TEXT, Policy, quality_of  # noqa: E402
-from streamer.server import serve_in_background  # noqa: E402
-from streamer.settings import Settings  # noqa: E402
-from traces.shaping import RateShaper  # noqa: E402
+from ctxstream.loader import ContextLoader, LoaderError, load_context  # noqa: E402
+from ctxstream.loader.calibration import run_model  # noqa: E402
+from ctxstream.policies import TEXT, Policy, quality_of  # noqa: E402
+from ctxstream.streamer.server import serve_in_background  # noqa: E402
+from ctxstream.streamer.settings import Settings  # noqa: E402
+from ctxstream.traces.shaping import RateShaper  # noqa: E402
 
 TOKEN = "test-token-123"
 N_TOKENS = 1000  # 4 chunks of 256 (the last 232)
@@ -104,7 +105,7 @@ async def test_fp16_stream_equals_local_prefill(server, tiny, context):
         res2 = await cl.load(ctx)
     assert res2.first_token is None and res2.cache.get_seq_length() == N_TOKENS
     full = torch.tensor([ids + prompt])
-    out = adapter.model.generate(input_ids=full, past_key_values=res2.cache, max_new_tokens=12, do_sample=False,
+    out = adapter.model.generate(input_ids=full, **cache_kw(adapter.model, res2.cache), max_new_tokens=12, do_sample=False,
                                  pad_token_id=0)
     assert out[0, full.shape[1]:].tolist() == streamed
 
@@ -142,7 +143,7 @@ async def test_lossy_levels_decode_and_report(server, tiny, context):
 async def test_profile_is_fetched_from_the_server(server, tiny, context, tmp_path, monkeypatch):
     adapter, codec = tiny
     ctx, ids = context
-    import loader.core as core
+    import ctxstream.loader.core as core
 
     monkeypatch.setattr(core, "default_cache_dir", lambda: tmp_path)  # no local profile
     monkeypatch.setattr(ContextLoader, "_codecs", {})
@@ -362,7 +363,7 @@ def test_sync_wrapper_and_cli_ask_json(server, tiny, context):
 
 # --------------------------------------------------------------------------------- parts
 def test_calibration_is_measured_and_persisted(tiny, tmp_path):
-    from loader.calibration import calibrate_decode, calibrate_recompute, load_calibration, save_calibration
+    from ctxstream.loader.calibration import calibrate_decode, calibrate_recompute, load_calibration, save_calibration
 
     adapter, codec = tiny
     rec = calibrate_recompute(adapter, prefixes=(128, 512), repeats=1)
@@ -382,7 +383,7 @@ def test_calibration_is_measured_and_persisted(tiny, tmp_path):
 
 
 def test_throughput_estimator():
-    from loader import ThroughputEstimator
+    from ctxstream.loader import ThroughputEstimator
 
     est = ThroughputEstimator(10e6, window=3, min_sample_bytes=1000)
     assert est.estimate() == 10e6 and est.error() == 0.0
@@ -412,7 +413,7 @@ def real_server():
 async def test_real_model_fp16_generation_matches_local_prefill(real_server):
     srv, adapter, codec = real_server
     from ctxstream.codec.profile import calibration_text
-    from loader import chat_prompt_ids
+    from ctxstream.loader import chat_prompt_ids
 
     ids = adapter.tokenize(calibration_text()[20000:23000])[:600]
     ctx = upload(srv.url, ids)["id"]

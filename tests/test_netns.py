@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
-from traces import netns
-from traces.synthetic import step
+from ctxstream.traces import netns
+from ctxstream.traces.synthetic import step
 
 OK, WHY = netns.available()
 needs_netns = pytest.mark.skipif(not OK, reason=f"kernel link emulation unavailable: {WHY}")

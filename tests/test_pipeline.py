@@ -1,4 +1,4 @@
-"""Layer-wise pipelined loading (loader.pipeline) on the CPU reference path: a PipelinedCache fed
+"""Layer-wise pipelined loading (ctxstream.loader.pipeline) on the CPU reference path: a PipelinedCache fed
 layer by layer gives the model exactly what a cache built from whole decoded chunks gives it."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 from ctxstream.codec import ChecksumError
 from ctxstream.codec.format import parse_header
-from loader.pipeline import CpuLayerSource, PipelinedCache, layer_groups
+from ctxstream.loader.pipeline import CpuLayerSource, PipelinedCache, layer_groups
 
 QUESTION = [5, 17, 99, 3, 42, 7]
 

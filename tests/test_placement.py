@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from policies.placement import (
+from ctxstream.policies.placement import (
     EntryView,
     FifoPlacement,
     LruPlacement,
@@ -19,8 +19,8 @@ from policies.placement import (
     placement_names,
     register_placement,
 )
-from streamer.hierarchy import HierarchicalStore, NoSpaceError, Tier
-from streamer.storage import DiskStore, MemoryStore, RedisStore
+from ctxstream.streamer.hierarchy import HierarchicalStore, NoSpaceError, Tier
+from ctxstream.streamer.storage import DiskStore, MemoryStore, RedisStore
 
 KB = 1000
 

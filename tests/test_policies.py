@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from policies import (
+from ctxstream.policies import (
     DEFAULT_QUALITY,
     TEXT,
     ChunkFeedback,

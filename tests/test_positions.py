@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from ctxstream.model import cache_kw
 from ctxstream.codec import Codec, CodecError
 from ctxstream.model import ByteTokenizer, ModelAdapter, apply_rope, invert_rope, rope_cos_sin
 from ctxstream.positions import (
@@ -64,7 +65,7 @@ def _kv_at(adapter: ModelAdapter, ids, start: int):
     """KV of ``ids`` computed by the model with position ids ``start..`` (no prefix)."""
     cache = adapter.make_cache()
     pos = torch.arange(start, start + len(ids))[None]
-    adapter.model(input_ids=torch.tensor([ids]), position_ids=pos, past_key_values=cache, use_cache=True)
+    adapter.model(input_ids=torch.tensor([ids]), position_ids=pos, **cache_kw(adapter.model, cache), use_cache=True)
     return adapter.cache_to_tensors(cache)
 
 

@@ -7,12 +7,12 @@ import json
 
 import pytest
 
-pytest.importorskip("streamer.server")
+pytest.importorskip("ctxstream.streamer.server")
 pytest.importorskip("matplotlib")
 
-from traces import netns  # noqa: E402
-from traces.replay import Experiment, read_rows, run_experiment, start_offset  # noqa: E402
-from traces.report import make_report  # noqa: E402
+from ctxstream.traces import netns  # noqa: E402
+from ctxstream.traces.replay import Experiment, read_rows, run_experiment, start_offset  # noqa: E402
+from ctxstream.traces.report import make_report  # noqa: E402
 
 TOML = """
 name = "test"
@@ -82,7 +82,7 @@ def test_replay_rows_resume_and_report(exp_file, tmp_path, tiny_adapter, tiny_co
 
 
 def test_start_offsets_are_seeded():
-    from traces.synthetic import constant
+    from ctxstream.traces.synthetic import constant
 
     tr = constant(1e6, 100.0)
     a = [start_offset(0, 0, tr, k) for k in range(3)]
@@ -92,7 +92,7 @@ def test_start_offsets_are_seeded():
 
 
 def test_cli_registers_commands():
-    from traces import cli
+    from ctxstream.traces import cli
 
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="command")

@@ -21,9 +21,9 @@ import pytest
 
 from conftest import auth
 from ctxstream.manifest import chunk_ids
-from streamer.kvformat import CONTENT_TYPE
-from streamer.records import valid_id
-from streamer.storage import DiskStore, InvalidKeyError, MemoryStore, validate_key
+from ctxstream.streamer.kvformat import CONTENT_TYPE
+from ctxstream.streamer.records import valid_id
+from ctxstream.streamer.storage import DiskStore, InvalidKeyError, MemoryStore, validate_key
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = "Alice sends Bob a secret about the quarterly numbers. " * 3

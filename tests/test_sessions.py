@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from ctxstream.positions import reposition, strip_rope
-from streamer.hierarchy import HierarchicalStore, HierarchyError, Tier
-from streamer.kvformat import unpack_kv
-from streamer.sessions import InvalidSessionIdError, SessionError, SessionStore
-from streamer.storage import DiskStore, MemoryStore, RedisStore
+from ctxstream.streamer.hierarchy import HierarchicalStore, HierarchyError, Tier
+from ctxstream.streamer.kvformat import unpack_kv
+from ctxstream.streamer.sessions import InvalidSessionIdError, SessionError, SessionStore
+from ctxstream.streamer.storage import DiskStore, MemoryStore, RedisStore
 
 
 class GatedMemoryStore(MemoryStore):

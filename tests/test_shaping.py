@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from traces import synthetic
-from traces.shaping import (
+from ctxstream.traces import synthetic
+from ctxstream.traces.shaping import (
     FakeClock,
     RateShaper,
     TraceShaper,

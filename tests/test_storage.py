@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from streamer.storage import (
+from ctxstream.streamer.storage import (
     CorruptObjectError,
     DiskStore,
     InvalidKeyError,
@@ -135,7 +135,7 @@ async def test_disk_corrupted_file_never_served(tmp_path, caplog):
     raw = bytearray(path.read_bytes())
     raw[-100] ^= 0xFF  # one flipped payload byte, same length
     path.write_bytes(raw)
-    with caplog.at_level(logging.WARNING, logger="streamer.storage.disk"):
+    with caplog.at_level(logging.WARNING, logger="ctxstream.streamer.storage.disk"):
         assert await s.get("victim") is None
     assert "failed verification" in caplog.text and "checksum" in caplog.text
     assert not path.exists() and len(list((tmp_path / "quarantine").iterdir())) == 1
@@ -259,7 +259,7 @@ async def test_redis_sizes_skip_corrupt_and_foreign_keys(redis_url):
 async def test_gpu_tier_round_trip_or_a_clear_error_without_cuda():
     import torch
 
-    from streamer.storage import DeviceMemoryStore
+    from ctxstream.streamer.storage import DeviceMemoryStore
 
     if not torch.cuda.is_available():
         with pytest.raises(StoreError, match="no CUDA device"):

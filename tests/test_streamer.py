@@ -14,8 +14,8 @@ import torch
 from conftest import TOKENS, auth
 from ctxstream.codec import Codec, Profile
 from ctxstream.manifest import Manifest, checksum_hex, chunk_ids
-from streamer.kvformat import CONTENT_TYPE, pack_kv
-from streamer.records import chunk_key
+from ctxstream.streamer.kvformat import CONTENT_TYPE, pack_kv
+from ctxstream.streamer.records import chunk_key
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 7  # 315 byte tokens: 5 chunks of 64
 KV_HEADERS = {"Content-Type": CONTENT_TYPE}
@@ -292,7 +292,7 @@ def test_range_requests_resume_a_broken_transfer(streamer):
 
 # --------------------------------------------------------------------------- delete, restart, corruption
 def test_delete_keeps_chunks_shared_with_other_contexts(make_streamer, tiny_adapter):
-    from streamer.storage import MemoryStore
+    from ctxstream.streamer.storage import MemoryStore
 
     store = MemoryStore(64 << 20)
     srv = make_streamer(store_obj=store)
@@ -379,7 +379,7 @@ def test_settings_and_cli(tmp_path, capsys):
     from pydantic import ValidationError
 
     from ctxstream.cli import build_parser
-    from streamer.settings import Settings
+    from ctxstream.streamer.settings import Settings
 
     args = build_parser().parse_args(["serve", "--store", "memory+disk", "--port", "0", "--token", "acme:tok-acme-0001",
                                       "--token", "b:tok-bbbbbbbb", "--chunk-tokens", "32", "--no-read-auth"])
@@ -421,8 +421,8 @@ def test_cli_upload(streamer, tmp_path, capsys, tiny_adapter):
 
 
 def test_serve_in_background_process_mode(tmp_path):
-    from streamer.server import serve_in_background
-    from streamer.settings import Settings
+    from ctxstream.streamer.server import serve_in_background
+    from ctxstream.streamer.settings import Settings
 
     settings = Settings(model="tiny-random", store="disk", data_dir=tmp_path / "p", tokens=TOKENS,
                         cache_dir=tmp_path / "cache", chunk_tokens=64, fsync=False)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from traces import (
+from ctxstream.traces import (
     DEFAULT_DATA_DIR,
     Trace,
     all_trace_specs,
@@ -17,8 +17,8 @@ from traces import (
     resolve_traces_dir,
     sniff_format,
 )
-from traces import synthetic
-from traces.readers import read_mahimahi, throughput_columns
+from ctxstream.traces import synthetic
+from ctxstream.traces.readers import read_mahimahi, throughput_columns
 
 try:
     TRACES_DIR: Path | None = resolve_traces_dir(None)

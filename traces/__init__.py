@@ -1,13 +1,13 @@
 """Bandwidth traces and link shaping.
 
-* :mod:`traces.trace` -- :class:`Trace`, a piecewise-constant looping bandwidth trace with exact
+* :mod:`ctxstream.traces.trace` -- :class:`Trace`, a piecewise-constant looping bandwidth trace with exact
   integrals (``bytes_between``, ``time_to_send``).
-* :mod:`traces.readers` -- Mahimahi, cooked (Pensieve/Puffer), NYU-METS and 5Gophers readers;
+* :mod:`ctxstream.traces.readers` -- Mahimahi, cooked (Pensieve/Puffer), NYU-METS and 5Gophers readers;
   :func:`load_trace` sniffs the format.
-* :mod:`traces.synthetic` -- traces ctxstream generates itself (constant, step, sine, on/off, Markov walk).
-* :mod:`traces.splits` -- data location (:data:`DEFAULT_DATA_DIR`, or a ``data_dir`` argument) and the
+* :mod:`ctxstream.traces.synthetic` -- traces ctxstream generates itself (constant, step, sine, on/off, Markov walk).
+* :mod:`ctxstream.traces.splits` -- data location (:data:`DEFAULT_DATA_DIR`, or a ``data_dir`` argument) and the
   dev/eval split of ``shared/data/README.md``.
-* :mod:`traces.shaping` -- in-process shaping (``RateShaper``, ``TraceShaper``, ``shaped``).
+* :mod:`ctxstream.traces.shaping` -- in-process shaping (``RateShaper``, ``TraceShaper``, ``shaped``).
 
 Kernel mode (a real link shaped with ``tc`` inside a network namespace) is a later issue and is
 not implemented here; the in-process shapers are the portable mode.

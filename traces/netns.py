@@ -234,7 +234,7 @@ def _sender(sock, stop: threading.Event) -> None:
 def measure_delivery(mode: str, trace: Trace, duration_s: float, *, start_s: float = 0.0,
                      piece_bytes: int = 1 << 16) -> list[tuple[float, int]]:
     """Stream bytes as fast as possible through the ``mode`` link (``"shaper"``: loopback +
-    in-process :class:`~traces.shaping.TraceShaper` applied by the receiver, as the loader does;
+    in-process :class:`~ctxstream.traces.shaping.TraceShaper` applied by the receiver, as the loader does;
     ``"netns"``: the kernel link) for ``duration_s``; returns ``[(t_s, cumulative bytes), ...]``
     with ``t`` from the first byte."""
     import asyncio

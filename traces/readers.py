@@ -1,7 +1,7 @@
 """Readers for the public bandwidth-trace formats (see ``shared/data/README.md``).
 
 =============  ======================================================================================
-format         file contents -> :class:`~traces.trace.Trace`
+format         file contents -> :class:`~ctxstream.traces.trace.Trace`
 =============  ======================================================================================
 ``mahimahi``   one integer per line: a millisecond at which one 1500-byte packet may be delivered
                (repeats = several packets). Period = last timestamp (``mm-link`` loops there, so

@@ -2,14 +2,14 @@
 
 ``ctxstream replay EXPERIMENT.toml --out DIR`` starts ONE streamer in this process (disk store in
 ``DIR/store``), uploads every context once, then loads them one run at a time with the
-:class:`~loader.core.ContextLoader` behind a link that follows the trace (``link = "shaper"``: the
-in-process :class:`~traces.shaping.TraceShaper`; ``link = "netns"``: a real kernel link, see
-:mod:`traces.netns`). Each run starts at a random offset into its trace (seeded per context, trace
+:class:`~ctxstream.loader.core.ContextLoader` behind a link that follows the trace (``link = "shaper"``: the
+in-process :class:`~ctxstream.traces.shaping.TraceShaper`; ``link = "netns"``: a real kernel link, see
+:mod:`ctxstream.traces.netns`). Each run starts at a random offset into its trace (seeded per context, trace
 and repetition, so every policy and SLO sees the same stretch of the trace).
 
 Per run (``DIR/runs.jsonl``): the per-chunk choices and times, TTFT, SLO met, and the quality of
 the loaded cache -- perplexity of the next tokens vs the exact KV (computed once per context by a
-local prefill), with ``bench/loader.py``'s ``score``/``quality``. Resumable: runs whose ``run_id``
+local prefill), with :mod:`ctxstream.quality`. Resumable: runs whose ``run_id``
 is already in the JSONL are skipped.
 
 Experiment file (TOML)::
@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from ctxstream.hostinfo import host_info
+from ctxstream.quality import quality, score
 
 from .trace import Trace
 
@@ -223,22 +224,9 @@ def _upload(url: str, ids: list[int]) -> str:
         return json.loads(resp.read())["id"]
 
 
-def _bench_quality():
-    """``score`` and ``quality`` from bench/loader.py (imported, not copied)."""
-    root = Path(__file__).resolve().parent.parent
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_ctxstream_bench_loader", root / "bench" / "loader.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.score, mod.quality
-
-
 def exact_reference(adapter, ctx_ids: list[int], cont: list[int], score):
     """Log-probs of the continuation with the exact KV (a local prefill), once per context."""
-    from loader.calibration import run_model
+    from ctxstream.loader.calibration import run_model
 
     cache = adapter.make_cache()
     run_model(adapter, cache, ctx_ids)
@@ -285,9 +273,9 @@ def run_experiment(exp: Experiment, out_dir: str | os.PathLike, *, adapter=None,
 
     from ctxstream.codec import Codec
     from ctxstream.model import ModelAdapter
-    from loader import ContextLoader
-    from streamer.server import serve_in_background
-    from streamer.settings import Settings
+    from ctxstream.loader import ContextLoader
+    from ctxstream.streamer.server import serve_in_background
+    from ctxstream.streamer.settings import Settings
 
     from .shaping import TraceShaper
 
@@ -300,7 +288,6 @@ def run_experiment(exp: Experiment, out_dir: str | os.PathLike, *, adapter=None,
         adapter = ModelAdapter.load(exp.model)
     if codec is None:
         codec = Codec.for_model(adapter)
-    score, quality = _bench_quality()
 
     traces = [scaled(exp, t) for t in load_traces(exp)]
     slos = [parse_slo(s) for s in exp.slos]

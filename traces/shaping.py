@@ -4,7 +4,7 @@ A :class:`Shaper` models one link. ``await shaper.consume(nbytes)`` returns once
 have delivered those bytes (after everything consumed before them, also from other tasks):
 
 * :class:`RateShaper` -- fixed rate, token bucket with a small burst.
-* :class:`TraceShaper` -- follows a :class:`~traces.trace.Trace` (looping, with outages) from a
+* :class:`TraceShaper` -- follows a :class:`~ctxstream.traces.trace.Trace` (looping, with outages) from a
   start offset, using :meth:`Trace.time_to_send`.
 
 Both take a ``clock`` (seconds, monotonic) and an async ``sleep``; :class:`FakeClock` provides a

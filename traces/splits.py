@@ -13,7 +13,7 @@ import fnmatch
 import os
 from dataclasses import dataclass
 
-from ctxstream.paths import DEFAULT_DATA_DIR
+from ctxstream.paths import DATA_DIR_ENV, DEFAULT_DATA_DIR
 from pathlib import Path
 from typing import Any
 

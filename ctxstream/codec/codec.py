@@ -180,10 +180,6 @@ class Codec:
         return tuple(n for n, s in self._specs.items() if s.kind == "tc")
 
     @property
-    def reference_formats(self) -> tuple[str, ...]:
-        return tuple(s.name for s in REFERENCE_FORMATS)
-
-    @property
     def all_levels(self) -> tuple[str, ...]:
         """Every format this codec writes: ``fp16``, the levels, ``quant8``."""
         return ("fp16", *self.levels, "quant8")
@@ -228,9 +224,6 @@ class Codec:
             params={"step": spec.step, "block": spec.block, "fine": fine} if spec.kind == "tc" else {},
         )
         return header.pack() + b"".join(frame_section(b) for b in bodies)
-
-    def encode_all(self, keys, values, start: int = 0, levels: Iterable[str] | None = None) -> dict[str, bytes]:
-        return {lv: self.encode(keys, values, lv, start) for lv in (levels or self.all_levels)}
 
     def _check_input(self, keys, values, start):
         i = self.info

@@ -1,7 +1,9 @@
 """Codec error hierarchy: every failure on untrusted bytes raises one of these (all ``ValueError``)."""
 
+from ctxstream.errors import CtxstreamError
 
-class CodecError(ValueError):
+
+class CodecError(CtxstreamError, ValueError):
     """Base class of every error raised while decoding untrusted bytes or encoding bad input."""
 
 

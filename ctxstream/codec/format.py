@@ -106,10 +106,6 @@ class HeaderInfo:
         return offs
 
 
-def prefix_size() -> int:
-    return _PREFIX.size
-
-
 def header_bytes_needed(data: bytes | memoryview, limits: DecodeLimits) -> int:
     """How many bytes the framing + header occupy (needs at least the 8-byte prefix)."""
     if len(data) < _PREFIX.size:

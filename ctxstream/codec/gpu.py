@@ -7,7 +7,7 @@ Three layers, each usable alone:
   (each lane sets an error flag; the host raises :class:`rans.RansError`).
 * :func:`gpu_decode_dequant` — the same decode fused with ``rtab[table, symbol]`` dequantisation,
   writing float32 or bfloat16 coefficients directly (the symbols never reach memory).
-* :class:`GpuDecoder` (alias ``GpuLayerDecoder``) — a whole transform-coded chunk (or a set of its
+* :class:`GpuDecoder` — a whole transform-coded chunk (or a set of its
   layers): every layer's streams in **one** kernel launch (one layer has too few streams to fill a
   GPU), escapes and finely quantised tokens as in ``Codec._tc_decode_layer``, then
   ``coef @ synthesis + mean``, RoPE and the output dtype: one fused Triton kernel for bf16
@@ -70,7 +70,6 @@ __all__ = [
     "gpu_decode",
     "gpu_decode_dequant",
     "GpuDecoder",
-    "GpuLayerDecoder",
     "GpuTables",
     "PendingDecode",
 ]
@@ -1590,11 +1589,6 @@ class PendingDecode:
     def ready(self) -> bool:
         return self._done is None or self._done.query()
 
-    def unchecked(self):
-        """The result tensors now, without waiting: valid on the stream the decode was queued on (or
-        on a stream made to wait for it); :meth:`result` must still be called to check integrity."""
-        return self._result
-
     def result(self):
         if self._done is not None:
             self._done.synchronize()
@@ -1614,8 +1608,6 @@ def _host_bytes(blob):
         return memoryview(blob.contiguous().numpy()).cast("B")
     return blob
 
-
-GpuLayerDecoder = GpuDecoder
 
 # ------------------------------------------------------------------------- fused synthesis (Triton)
 _FUSED_OK: dict[int, bool] = {}

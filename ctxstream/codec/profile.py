@@ -23,7 +23,6 @@ a hash of those bytes, and every chunk encoded with it names that id.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import struct
 import tempfile
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 import xxhash
 
-from ..model import ModelAdapter, apply_rope, default_cache_dir, invert_rope, rope_cos_sin
+from ..model import ModelAdapter, apply_rope, cache_kw, default_cache_dir, invert_rope, rope_cos_sin
 from . import rans
 from .errors import ChecksumError, MalformedError, ModelMismatchError, VersionError
 
@@ -206,7 +205,7 @@ def build_profile(adapter: ModelAdapter, *, context_tokens: int = DEFAULT_BUILD[
             cache.update(rotated[layer][None].to(adapter.device, adapter.dtype),
                          val[layer][None].to(adapter.device, adapter.dtype), layer)
         with torch.enable_grad():
-            logits = adapter.model(input_ids=torch.tensor([cont], device=adapter.device), past_key_values=cache).logits[0]
+            logits = adapter.model(input_ids=torch.tensor([cont], device=adapter.device), **cache_kw(adapter.model, cache)).logits[0]
             loss = torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(cont[1:], device=logits.device))
             loss.backward()
         x = torch.stack([kpre.detach(), val.detach()])[:, :, :, SINK_TOKENS:].double()  # [2,L,H,T,D]

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ctxstream.errors import CtxstreamError
+
 __all__ = [
     "PROB_BITS",
     "PROB_SCALE",
@@ -61,7 +63,7 @@ if sys.byteorder != "little":  # pragma: no cover - the packed C tables assume l
     raise ImportError("ctxstream.codec.rans requires a little-endian host")
 
 
-class RansError(ValueError):
+class RansError(CtxstreamError, ValueError):
     """The rANS payload is corrupt or inconsistent (sizes, states, table indices)."""
 
 

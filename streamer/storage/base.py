@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import xxhash
 
+from ctxstream.errors import CtxstreamError
+
 OBJECT_MAGIC = b"CXSO"
 OBJECT_VERSION = 1
 _HEADER = struct.Struct("<4sBBHQQ")
@@ -27,15 +29,15 @@ MAX_KEY_LEN = 200
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}\Z")  # \Z: "$" would accept a trailing newline
 
 
-class StoreError(Exception):
+class StoreError(CtxstreamError):
     """A storage backend failed (I/O, connection)."""
 
 
-class InvalidKeyError(ValueError):
+class InvalidKeyError(CtxstreamError, ValueError):
     """A key that does not match the store's key syntax."""
 
 
-class CorruptObjectError(ValueError):
+class CorruptObjectError(CtxstreamError, ValueError):
     """A stored object whose framing, length or checksum does not verify."""
 
 
