@@ -14,6 +14,8 @@ from .adaptation import (
     PolicyError,
     SloPolicy,
     finish_time_s,
+    plan_finish_s,
+    AdaptivePolicy,
     make_policy,
     policy_names,
     quality_of,
@@ -34,7 +36,7 @@ from .placement import (
 
 __all__ = [
     "TEXT", "Choice", "DEFAULT_QUALITY", "quality_of", "PolicyError", "ChunkInfo", "ChunkState",
-    "ChunkFeedback", "finish_time_s", "Policy", "FixedPolicy", "SloPolicy",
+    "ChunkFeedback", "finish_time_s", "plan_finish_s", "Policy", "FixedPolicy", "AdaptivePolicy", "SloPolicy",
     "MpcPolicy", "register_policy", "policy_names", "make_policy",
     "PlacementError", "EntryView", "TierView", "PlacementPolicy", "LruPlacement", "FifoPlacement",
     "SchedulerAwarePlacement", "register_placement", "placement_names", "make_placement",

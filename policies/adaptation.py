@@ -13,10 +13,12 @@ Policies are pure (no I/O, no clocks): everything they know comes from the state
 they are unit-tested with synthetic states. Units are in the field names: ``_s`` seconds, ``_bps``
 bits per second, ``_bytes`` bytes.
 
-The loader's execution model, which :func:`finish_time_s` simulates: one network pipe fetches the
-chosen chunks one after another; one compute worker takes the chunks *in order* and either decodes
-a fetched chunk (after it has arrived) or recomputes a text chunk (which needs only the chunks
-before it, so it runs while the network fetches later chunks).
+The loader's execution model -- ONE model, :func:`plan_finish_s` (vectorised over plans; a single
+plan: :func:`finish_time_s`), used by the policies, the loader's backlog estimate and the benches:
+one network pipe fetches the chosen chunks one after another; one compute worker takes the chunks
+*in order* and either ingests a fetched chunk (after it has arrived: decode on the CPU sink, host
+prepare on the GPU sink) or recomputes a text chunk (which needs only the chunks before it, so it
+runs while the network fetches later chunks).
 
 Registry: :func:`make_policy` (``"slo"``, ``"mpc"``, ``"text"``, ``"fp16"``, ``"quant8"``,
 ``"fixed:<level>"``), :func:`register_policy` (duplicate names are rejected), :func:`policy_names`.
@@ -130,21 +132,71 @@ class ChunkFeedback:
 
 
 # ------------------------------------------------------------------------------- timing model
-def finish_time_s(state: ChunkState, plan: Sequence[Choice], throughput_bps: float | None = None) -> float:
-    """Seconds from now until the chunks ``state.chunks[:len(plan)]`` are all in the cache.
+def plan_finish_s(state: ChunkState, plans, options: Sequence[Choice], rates_bps) -> np.ndarray:
+    """The execution model: seconds from now until ``state.chunks[:n]`` are all in the cache, for every
+    plan and rate.
 
-    Network: one fetch at a time (``latency_s`` + bytes / throughput each); compute: in chunk order,
-    decode after arrival, text recompute as soon as the previous chunk is done.
+    ``plans``: int array ``[P, n]``, each entry an index into ``options`` (levels and/or :data:`TEXT`)
+    for chunk ``state.chunks[j]``; ``rates_bps``: ``[R]`` throughputs. Returns ``[R, P]`` seconds.
+    Network: one fetch at a time (``latency_s`` + bytes / throughput each); compute: in chunk order
+    after ``compute_backlog_s``, a fetched chunk's work once it has arrived, a text chunk's recompute
+    as soon as the previous chunk is done.
     """
-    bps = max(float(throughput_bps if throughput_bps is not None else state.throughput_bps), 1.0)
-    net, cpu = 0.0, max(0.0, state.compute_backlog_s)
-    for info, choice in zip(state.chunks, plan):
-        if choice == TEXT:
-            cpu += info.recompute_s
-        else:
-            net += state.latency_s + info.sizes_bytes[choice] * 8.0 / bps
-            cpu = max(cpu, net) + info.decode_s.get(choice, 0.0)
+    plans = np.asarray(plans, dtype=np.int64)
+    if plans.ndim != 2:
+        raise PolicyError("plans must be a [plans, chunks] array")
+    rates = np.maximum(np.asarray(rates_bps, dtype=float).reshape(-1, 1), 1.0)
+    options = list(options)
+    is_text = np.array([o == TEXT for o in options])
+    net = np.zeros((rates.shape[0], plans.shape[0]))
+    cpu = np.full_like(net, max(0.0, state.compute_backlog_s))
+    for j, info in enumerate(state.chunks[: plans.shape[1]]):
+        col = plans[:, j]
+        sizes = np.array([0.0 if o == TEXT else float(info.sizes_bytes.get(o, 0)) for o in options])[col]
+        work = np.array([info.work_s(o) for o in options])[col]
+        text = is_text[col]
+        net_new = net + state.latency_s + sizes * 8.0 / rates
+        cpu = np.where(text, cpu + work, np.maximum(cpu, net_new) + work)
+        net = np.where(text, net, net_new)
     return cpu
+
+
+def finish_time_s(state: ChunkState, plan: Sequence[Choice], throughput_bps: float | None = None) -> float:
+    """:func:`plan_finish_s` of one plan (``state.chunks[:len(plan)]``) at one rate (default: the forecast)."""
+    if not plan:
+        return max(0.0, state.compute_backlog_s)
+    options = sorted(set(plan))
+    idx = np.array([[options.index(c) for c in plan]])
+    bps = throughput_bps if throughput_bps is not None else state.throughput_bps
+    return float(plan_finish_s(state, idx, options, [bps])[0, 0])
+
+
+def _pick(fit: np.ndarray, good: np.ndarray, t_fast: np.ndarray, q: np.ndarray, quality_first: bool) -> int:
+    """The decision rule both SLO-aware policies share, over plans with finish times ``t_fast`` (at the
+    expected rate), token-weighted quality ``q``, ``fit`` (finishes within the budget at the robust
+    rate) and ``good`` (every choice within the quality bound):
+
+    * ``quality_first`` (slo): the best quality that fits (ties: the earlier finish);
+      otherwise (mpc): the fastest that fits within the bound, else the best quality that fits;
+    * nothing fits (the load is behind its SLO): the fastest plan within the quality bound -- falling
+      further behind is not repaired by the lossiest level -- and only if none is within the bound,
+      the fastest plan.
+    """
+    t_key, q_key = np.round(t_fast, 9), np.round(q, 6)
+
+    def first(mask, primary, secondary):
+        cand = np.flatnonzero(mask)
+        return int(cand[np.lexsort((secondary[cand], primary[cand]))[0]])
+
+    if quality_first and fit.any():
+        return first(fit, -q_key, t_key)
+    if not quality_first and (fit & good).any():
+        return first(fit & good, t_key, -q_key)
+    if fit.any():
+        return first(fit, -q_key, t_key)
+    if good.any():
+        return first(good, t_key, -q_key)
+    return first(np.ones_like(fit), t_key, -q_key)
 
 
 # ------------------------------------------------------------------------------------ policies
@@ -166,6 +218,8 @@ class Policy:
     """
 
     name: str = "policy"
+    #: whether the choices depend on the SLO budget (replay reuses an SLO-free policy's run across SLOs)
+    slo_aware: bool = False
 
     def select(self, state: ChunkState) -> Choice:
         raise NotImplementedError
@@ -208,14 +262,19 @@ class AdaptivePolicy(Policy):
       max forecast error`` (RobustMPC). The robust rate decides which plans fit the budget; the
       expected rate ranks them by speed (a discounted rate would bias the ranking towards recompute);
     * a budget of ``remaining_s * (1 - reserve)`` (the reserve covers the compute estimates);
+    * the decision rule :func:`_pick` on :func:`plan_finish_s` (a load behind its SLO takes the
+      fastest plan within the quality bound ``max_loss``);
     * a hedge: a fetch running longer than ``max(hedge * expected, recompute_s, min_timeout_s)``,
       or past the last moment from which recomputing all the chunks left would still meet the
       budget, is abandoned and the chunk recomputed (outages happen mid-fetch: no forecast sees them).
     """
 
+    slo_aware = True
+
     def __init__(self, *, margin: float = 0.85, max_err: float = 4.0, reserve: float = 0.1,
-                 hedge: float = 3.0, min_timeout_s: float = 0.25):
+                 hedge: float = 3.0, min_timeout_s: float = 0.25, max_loss: float = 0.01):
         self.margin, self.max_err, self.reserve = float(margin), float(max_err), float(reserve)
+        self.max_loss = float(max_loss)  # quality bound: a choice is "good" if quality >= 1 - max_loss
         self.hedge, self.min_timeout_s = float(hedge), float(min_timeout_s)
         self.last_plan: tuple[Choice, ...] = ()
         self._reset()
@@ -244,6 +303,14 @@ class AdaptivePolicy(Policy):
         self.expected_bps = max(1.0, bps)
         self.bps = max(1.0, bps * self.margin / (1.0 + err))
         return self.bps
+
+    def evaluate(self, state: ChunkState, plans: np.ndarray, options: Sequence[Choice]):
+        """``(fits, good, t_expected, quality)`` of each plan (rows of ``plans``, see :func:`plan_finish_s`)."""
+        t = plan_finish_s(state, plans, options, [self.bps, self.expected_bps])
+        qual = np.array([quality_of(o, state.quality) for o in options])[plans]
+        weights = np.array([c.tokens for c in state.chunks[: plans.shape[1]]], dtype=float)
+        good = qual.min(axis=1) >= 1.0 - self.max_loss - 1e-12
+        return t[0] <= self.budget_s(state), good, t[1], qual @ weights
 
     def budget_s(self, state: ChunkState) -> float:
         return state.remaining_s * (1.0 - self.reserve) if state.remaining_s > 0 else state.remaining_s
@@ -274,27 +341,22 @@ class SloPolicy(AdaptivePolicy):
     worker, while the network fetches the rest) and the rest at one level, or all text. The plan
     with the highest token-weighted quality whose :func:`finish_time_s` at the robust rate fits the
     budget wins (equal quality: the earlier finish at the expected rate); if none fits, the earliest
-    finish. Quality first: it spends the budget on quality (lossless when it fits), where ``mpc``
-    spends it on speed.
+    finish within the quality bound (``max_loss``). Quality first: it spends the budget on quality
+    (lossless when it fits), where ``mpc`` spends it on speed.
     """
 
     name = "slo"
 
     def select(self, state: ChunkState) -> Choice:
-        bps = self.robust_bps(state)
-        budget = self.budget_s(state)
+        self.robust_bps(state)
         n = len(state.chunks)
-        plans = [(lv,) * n for lv in state.levels] + [(TEXT,) + (lv,) * (n - 1) for lv in state.levels]
-        plans.append((TEXT,) * n)
-        weights = [c.tokens for c in state.chunks]
-        scored = [(finish_time_s(state, p, self.expected_bps), sum(quality_of(c, state.quality) * w
-                                                                   for c, w in zip(p, weights)), p)
-                  for p in plans]
-        fits = [s for s, p in zip(scored, plans) if finish_time_s(state, p, bps) <= budget]
-        if fits:
-            _, _, plan = max(fits, key=lambda s: (round(s[1], 9), -s[0]))
-        else:
-            _, _, plan = min(scored, key=lambda s: (round(s[0], 9), -s[1]))
+        levels = list(state.levels)
+        options = levels + [TEXT]
+        t = len(levels)
+        plans = [[i] * n for i in range(t)] + [[t] + [i] * (n - 1) for i in range(t)] + [[t] * n]
+        arr = np.array(plans, dtype=np.int64)
+        fit, good, t_fast, q = self.evaluate(state, arr, options)
+        plan = tuple(options[j] for j in arr[_pick(fit, good, t_fast, q, quality_first=True)])
         return self.commit(state, plan[0], plan)
 
 
@@ -309,32 +371,26 @@ class MpcPolicy(AdaptivePolicy):
     (does it fit?) and at the expected rate (how fast is it?).
 
     Objective, re-planned at every chunk (only the first choice is used): among the plans that fit
-    the budget and use only choices whose perplexity increase is within ``max_loss`` (quality >=
+    the budget and use only choices whose perplexity increase is within ``max_loss`` (default 1%) (quality >=
     1 - max_loss, chunk by chunk: on the dev split mixing text into a plan does not rescue a lossier
     level, the chunks nearest the prompt dominate, see ``DEFAULT_QUALITY``), the earliest finish
     (ties: the better token-weighted quality); if no such plan fits, the best quality that fits
-    (ties: the earlier finish); if nothing fits, the earliest finish. ``last_plan`` keeps the plan.
+    (ties: the earlier finish); if nothing fits, the fastest plan within the bound (see :func:`_pick`).
+    ``last_plan`` keeps the plan.
     """
 
     name = "mpc"
     K_GRID = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
     R_STEPS = 16
 
-    def __init__(self, *, max_loss: float = 0.01, **kw):
-        super().__init__(**kw)
-        self.max_loss = float(max_loss)
-
     def select(self, state: ChunkState) -> Choice:
-        bps = self.robust_bps(state)
+        self.robust_bps(state)
         levels = list(state.levels)
         if not levels:
             return self.commit(state, TEXT, (TEXT,) * len(state.chunks))
         nl = len(levels)
         options = levels + [TEXT]
-        chunks = state.chunks
-        rest = chunks[1:]
-        m = len(rest)
-        budget = self.budget_s(state)
+        m = len(state.chunks) - 1
         ks = np.array(sorted({k for k in self.K_GRID if k <= m} | {m}))
         pairs = max(1, nl - 1)
         if m <= self.R_STEPS:
@@ -346,46 +402,14 @@ class MpcPolicy(AdaptivePolicy):
             o_g, k_g, j_g, f_g = np.meshgrid(np.arange(nl + 1), ks, np.arange(pairs), fr, indexing="ij")
             o_a, k_a, j_a = o_g.ravel(), k_g.ravel(), j_g.ravel()
             r_a = np.rint(f_g.ravel() * (m - k_a)).astype(int)
-        a_idx = j_a
-        b_idx = np.minimum(j_a + 1, nl - 1)
-        qual = np.array([quality_of(o, state.quality) for o in options])
-        cur = chunks[0]
-        is_text0 = o_a == nl
-        size0 = np.array([cur.sizes_bytes[lv] for lv in levels] + [0], dtype=float)[o_a]
-        work0 = np.array([cur.decode_s.get(lv, 0.0) for lv in levels] + [cur.recompute_s])[o_a]
-        backlog = max(0.0, state.compute_backlog_s)
-        rates = np.array([bps, self.expected_bps])[:, None]  # row 0: robust (fits?), row 1: expected (how fast)
-        net = np.where(is_text0, 0.0, state.latency_s + size0 * 8.0 / rates)
-        cpu = np.where(is_text0, backlog, np.maximum(backlog, net)) + work0
-        score = qual[o_a] * cur.tokens
-        worst = qual[o_a]
-        for idx, info in enumerate(rest):
-            text_here = idx < k_a
-            lvl = np.where(idx < k_a + r_a, b_idx, a_idx)
-            sizes = np.array([info.sizes_bytes.get(lv, 0) for lv in levels], dtype=float)
-            dec = np.array([info.decode_s.get(lv, 0.0) for lv in levels])
-            net_new = net + state.latency_s + sizes[lvl] * 8.0 / rates
-            cpu = np.where(text_here, cpu + info.recompute_s, np.maximum(cpu, net_new) + dec[lvl])
-            net = np.where(text_here, net, net_new)
-            q_here = np.where(text_here, qual[-1], qual[lvl])
-            score = score + info.tokens * q_here
-            worst = np.minimum(worst, q_here)
-        feasible = cpu[0] <= budget
-        good = feasible & (worst >= 1.0 - self.max_loss - 1e-12)
-        t_key, q_key = np.round(cpu[1], 9), np.round(score, 6)
-        if good.any():  # fastest within the bound, then the better quality
-            cand = np.flatnonzero(good)
-            i = int(cand[np.lexsort((-q_key[cand], t_key[cand]))[0]])
-        elif feasible.any():  # best quality that fits, then the earlier finish
-            cand = np.flatnonzero(feasible)
-            i = int(cand[np.lexsort((t_key[cand], -q_key[cand]))[0]])
-        else:  # nothing fits: the earliest finish, then the better quality
-            cand = np.arange(len(t_key))
-            i = int(cand[np.lexsort((-q_key, t_key))[0]])
-        k, r = int(k_a[i]), int(r_a[i])
-        first = options[int(o_a[i])]
-        plan = (first, *([TEXT] * k), *([levels[int(b_idx[i])]] * r), *([levels[int(a_idx[i])]] * (m - k - r)))
-        return self.commit(state, first, plan)
+        a_idx, b_idx = j_a, np.minimum(j_a + 1, nl - 1)
+        pos = np.arange(m)[None, :]
+        rest = np.where(pos < k_a[:, None], nl, np.where(pos < (k_a + r_a)[:, None], b_idx[:, None], a_idx[:, None]))
+        plans = np.concatenate([o_a[:, None], rest], axis=1)
+        fit, good, t_fast, q = self.evaluate(state, plans, options)
+        i = _pick(fit, good, t_fast, q, quality_first=False)
+        plan = tuple(options[j] for j in plans[i])
+        return self.commit(state, plan[0], plan)
 
 
 # ------------------------------------------------------------------------------------ registry
@@ -433,6 +457,6 @@ register_policy("quant8", lambda: FixedPolicy("quant8"))
 
 __all__ = [
     "TEXT", "Choice", "DEFAULT_QUALITY", "quality_of", "PolicyError", "ChunkInfo", "ChunkState",
-    "ChunkFeedback", "finish_time_s", "Policy", "FixedPolicy", "AdaptivePolicy", "SloPolicy",
+    "ChunkFeedback", "finish_time_s", "plan_finish_s", "Policy", "FixedPolicy", "AdaptivePolicy", "SloPolicy",
     "MpcPolicy", "register_policy", "policy_names", "make_policy",
 ]

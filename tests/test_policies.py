@@ -196,21 +196,32 @@ def test_slo_falls_back_to_text_or_fastest():
     infos = chunks(4, fp16_bytes=1_000_000, decode_s=0.0, recompute_s=0.1)
     # nothing fits at 10 kbit/s; text (0.4 s) fits the 1 s budget
     assert SloPolicy().select(state_at(infos, 0, remaining_s=1.0, bps=1e4)) == TEXT
-    # nothing fits, text (400 s) slower than q4 (4 * 20 kB at 1 Mbit/s = 0.64 s): the faster one
+    # behind the SLO (nothing fits), text (400 s) slower than the levels: the fastest plan within the
+    # 1% quality bound (q0: 4 * 180 kB at 1 Mbit/s = 5.8 s), not the lossiest level (q4, 0.64 s)
     slow_text = chunks(4, fp16_bytes=1_000_000, decode_s=0.0, recompute_s=100.0)
-    assert SloPolicy().select(state_at(slow_text, 0, remaining_s=0.1, bps=1e6)) == "q4"
-    # text when it is the faster of the two
+    assert SloPolicy().select(state_at(slow_text, 0, remaining_s=0.1, bps=1e6)) == "q0"
+    assert SloPolicy().select(state_at(slow_text, 0, remaining_s=-1.0, bps=1e6)) == "q0"  # started behind
+    # without a quality bound the fastest plan overall
+    assert SloPolicy(max_loss=1.0).select(state_at(slow_text, 0, remaining_s=0.1, bps=1e6)) == "q4"
+    # text when it is the faster within the bound
     assert SloPolicy().select(state_at(infos, 0, remaining_s=0.1, bps=1e6)) == TEXT
 
 
 def test_mpc_infeasible_minimises_finish_time_and_plans_whole_context():
     infos = chunks(6, recompute_s=1.0)
-    p = MpcPolicy()
     st = state_at(infos, 0, remaining_s=0.01, bps=1e5)
+    # behind the SLO: the fastest plan within the quality bound (q0 and text only), not q4
+    p = MpcPolicy()
     choice = p.select(st)
+    best = min(finish_time_s(st, [TEXT] * k + ["q0"] * (6 - k)) for k in range(7))
+    assert finish_time_s(st, p.last_plan) == pytest.approx(best)
+    assert set(p.last_plan) <= {TEXT, "q0", "quant8", "fp16"}
+    assert len(p.last_plan) == 6 and p.last_plan[0] == choice
+    # with no bound: the fastest plan overall
+    p = MpcPolicy(max_loss=1.0)
+    p.select(st)
     best = min(finish_time_s(st, [TEXT] * k + ["q4"] * (6 - k)) for k in range(7))
     assert finish_time_s(st, p.last_plan) == pytest.approx(best)
-    assert len(p.last_plan) == 6 and p.last_plan[0] == choice
 
 
 def test_all_policies_return_offered_choices():
@@ -365,3 +376,37 @@ def test_fetch_timeout_is_a_hedge_only_for_adaptive_policies():
     # no slack at all (even recompute misses): the plain hedge
     assert p.fetch_timeout_s(dataclasses.replace(st, remaining_s=0.5), "fp16") == pytest.approx(big)
 
+
+
+def test_one_execution_model_vectorised_equals_single_plans():
+    import numpy as np
+
+    from ctxstream.policies import plan_finish_s
+
+    rng = np.random.default_rng(4)
+    infos = chunks(5, recompute_s=0.3, decode_s=0.05)
+    st = state_at(infos, 0, remaining_s=1.0, bps=2e7, backlog_s=0.2, latency_s=0.01)
+    options = [*st.levels, TEXT]
+    plans = rng.integers(0, len(options), size=(40, 5))
+    got = plan_finish_s(st, plans, options, [2e7, 5e6])
+    assert got.shape == (2, 40)
+    for i, row in enumerate(plans):
+        plan = [options[j] for j in row]
+        assert got[0, i] == pytest.approx(finish_time_s(st, plan))
+        assert got[1, i] == pytest.approx(finish_time_s(st, plan, 5e6))
+    # a text chunk overlaps the next fetch: text + fetch == max(recompute, fetch) + decode
+    two = state_at(chunks(2, recompute_s=0.3, decode_s=0.05), 0, remaining_s=1.0, bps=8e6)
+    fetch = two.chunks[1].sizes_bytes["q2"] * 8 / 8e6
+    assert finish_time_s(two, [TEXT, "q2"]) == pytest.approx(max(0.3, fetch) + 0.05)
+
+
+def test_slo_awareness_is_a_property_of_the_policy():
+    from ctxstream.policies import make_policy
+
+    assert make_policy("slo").slo_aware and make_policy("mpc").slo_aware
+    assert not any(make_policy(p).slo_aware for p in ("text", "fp16", "quant8", "fixed:q2"))
+
+    class Mine(MpcPolicy):  # a new SLO-aware policy needs no list to join
+        name = "mine"
+
+    assert Mine().slo_aware
