@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 class RequestMetrics:
-    """Pure ASGI middleware counting requests by route template, method and status."""
+    """Pure ASGI middleware: requests by route template, method and status, and their latency."""
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -37,6 +37,7 @@ class RequestMetrics:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         status = {"code": 500}
+        t0 = time.perf_counter()
 
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
@@ -48,7 +49,9 @@ class RequestMetrics:
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
-            self.metrics.inc("requests_total", route=path, method=scope.get("method", ""), status=str(status["code"]))
+            method = scope.get("method", "")
+            self.metrics.inc("requests_total", route=path, method=method, status=str(status["code"]))
+            self.metrics.observe("request_seconds", time.perf_counter() - t0, route=path, method=method)
 
 
 MAX_HEADER_BYTES = 64 << 10  # request line + headers; larger requests answer 431

@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="run the context streamer (HTTP API, OpenAPI at /docs)",
-                       description="Run the streamer. Settings come only from these flags (not from the environment).")
+                       description="Run the streamer. Each flag overrides its CTXSTREAM_* environment variable "
+                                   "(--redis-url over CTXSTREAM_REDIS_URL; CTXSTREAM_TOKENS takes JSON {token: tenant}).")
     p.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="listen port (default 8000; 0 = any free port)")
     p.add_argument("--store", default=None,
@@ -41,6 +42,8 @@ def register(sub) -> None:
     p.add_argument("--max-concurrent-uploads", dest="max_concurrent_uploads", type=int, default=None)
     p.add_argument("--no-fsync", dest="fsync", action="store_false", default=None,
                    help="skip fsync on disk writes (faster, not crash-safe)")
+    p.add_argument("--metrics-token", dest="metrics_token", default=None,
+                   help="bearer token GET /metrics needs (default: /metrics is open)")
     p.add_argument("--log-level", dest="log_level", default=None, help="uvicorn/app log level (warning)")
     p.set_defaults(func=cmd_serve)
 

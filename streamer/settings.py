@@ -1,7 +1,10 @@
-"""The streamer's settings: one typed object built from CLI arguments or keyword arguments.
+"""The streamer's settings: one typed object. Precedence: flags (or keyword arguments) over
+``CTXSTREAM_*`` environment variables over the defaults below.
 
-Environment variables and dotenv files are deliberately *not* read (``settings_customise_sources``
-keeps only the init arguments): what a server runs with is exactly what was passed to it.
+Every field has an environment variable: its name upper-cased behind ``CTXSTREAM_`` (``port`` ->
+``CTXSTREAM_PORT``, ``redis_url`` -> ``CTXSTREAM_REDIS_URL``). Dict and list fields take JSON
+(``CTXSTREAM_TOKENS='{"tok-acme-0001": "acme"}'``: bearer token -> tenant). No dotenv or secrets
+files are read: what a server runs with is what its flags and environment say.
 """
 
 from __future__ import annotations
@@ -10,15 +13,33 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from ctxstream.model import DEFAULT_MODEL
 
 from .storage import parse_store_spec
 
 
+ENV_PREFIX = "CTXSTREAM_"
+
+
+class _EnvUnlessGiven(PydanticBaseSettingsSource):
+    """The environment's values for the fields not given as arguments: a flag replaces its variable
+    whole (pydantic-settings would otherwise merge dict fields such as ``tokens`` key by key)."""
+
+    def __init__(self, settings_cls, env: PydanticBaseSettingsSource, init: InitSettingsSource):
+        super().__init__(settings_cls)
+        self._env, self._given = env, set(init.init_kwargs)
+
+    def get_field_value(self, field, field_name):  # required by the base class; __call__ does the work
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in self._env().items() if k not in self._given}
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    model_config = SettingsConfigDict(extra="forbid", frozen=True, protected_namespaces=(), env_prefix=ENV_PREFIX)
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -37,6 +58,7 @@ class Settings(BaseSettings):
     # auth: bearer token -> tenant. Writes always need a token; reads only when read_auth.
     tokens: dict[str, str] = Field(default_factory=dict)
     read_auth: bool = True
+    metrics_token: str | None = None  # when set, GET /metrics needs "Authorization: Bearer <metrics_token>"
     # limits
     max_upload_bytes: int = Field(256 << 20, gt=0)
     max_tokens: int = Field(16384, gt=0)
@@ -47,7 +69,7 @@ class Settings(BaseSettings):
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
                                    file_secret_settings):
-        return (init_settings,)
+        return (init_settings, _EnvUnlessGiven(settings_cls, env_settings, init_settings))
 
     @field_validator("store")
     @classmethod

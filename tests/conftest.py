@@ -30,6 +30,18 @@ def auth(tenant: str = "acme") -> dict[str, str]:
     return {"Authorization": f"Bearer {TENANT_TOKEN[tenant]}"}
 
 
+def metric(text: str, sample: str, **labels: str) -> float | None:
+    """The value of one sample (``ctxstream_requests_total``, ``..._count``) with exactly these labels in a
+    Prometheus text exposition, or None when it is absent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == sample and s.labels == labels:
+                return s.value
+    return None
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -177,6 +177,7 @@ async def get_chunk(ctx_id: str, index: int, request: Request,
     def sent(n: int) -> None:
         metrics.inc("bytes_served_total", n, tier=tier or "unknown")
         metrics.inc("chunks_served_total", level=level)
+        metrics.observe("chunk_response_bytes", n, level=level)
 
     return PiecewiseResponse(data, start=start, end=end, status_code=206 if rng is not None else 200,
                              headers=headers, piece=st.settings.stream_piece_bytes, on_sent=sent)

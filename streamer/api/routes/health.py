@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hmac
 import time
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from ...kvformat import CONTENT_TYPE as KV_CONTENT_TYPE
+from ...metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ...storage import StoreError
 from ..deps import state
 
@@ -28,6 +30,7 @@ async def healthz(request: Request):
 @router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
 async def metrics(request: Request):
     st = state(request)
+    _check_metrics_token(request, st.settings.metrics_token)
     try:
         stats = await st.store.stats()
     except StoreError:
@@ -37,7 +40,16 @@ async def metrics(request: Request):
             st.metrics.set("store_objects", s["objects"], tier=tier)
         if "bytes" in s:
             st.metrics.set("store_bytes", s["bytes"], tier=tier)
-    return PlainTextResponse(st.metrics.render(), media_type="text/plain; version=0.0.4")
+    return Response(st.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+
+def _check_metrics_token(request: Request, token: str | None) -> None:
+    """``/metrics`` is open unless ``metrics_token`` is set; then it needs ``Authorization: Bearer <it>``."""
+    if token is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise HTTPException(401, "/metrics needs the metrics bearer token", headers={"WWW-Authenticate": "Bearer"})
 
 
 @router.get("/v1/info", summary="Model, codec profile, levels and limits of this streamer")
