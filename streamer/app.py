@@ -81,7 +81,9 @@ class HeaderLimit:
 
 def build_store(settings: Settings) -> Store:
     return make_store(settings.store, data_dir=settings.data_dir, redis_url=settings.redis_url,
-                      redis_prefix=settings.redis_prefix, memory_bytes=settings.memory_bytes, fsync=settings.fsync)
+                      redis_prefix=settings.redis_prefix, memory_bytes=settings.memory_bytes, fsync=settings.fsync,
+                      redis_cluster_nodes=settings.redis_cluster_nodes,
+                      redis_cluster_wait_replicas=settings.redis_cluster_wait_replicas)
 
 
 def create_app(settings: Settings | None = None, *, adapter: ModelAdapter | None = None, codec: Codec | None = None,

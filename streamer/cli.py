@@ -21,11 +21,15 @@ def register(sub) -> None:
     p.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="listen port (default 8000; 0 = any free port)")
     p.add_argument("--store", default=None,
-                   help="tiers fastest first joined by '+': memory, disk, redis (default disk), e.g. memory+disk")
+                   help="tiers fastest first joined by '+': memory, disk, redis, redis-cluster (default disk), e.g. memory+disk")
     p.add_argument("--data-dir", dest="data_dir", type=Path, default=None,
                    help="disk store folder (default ./ctxstream-data)")
     p.add_argument("--redis-url", dest="redis_url", default=None, help="default redis://127.0.0.1:6379/0")
     p.add_argument("--redis-prefix", dest="redis_prefix", default=None, help="key prefix in Redis (default ctxstream:)")
+    p.add_argument("--redis-cluster-nodes", dest="redis_cluster_nodes", default=None, metavar="HOST:PORT,...",
+                   help="Redis Cluster startup nodes for the redis-cluster tier")
+    p.add_argument("--redis-cluster-wait-replicas", dest="redis_cluster_wait_replicas", type=int, default=None,
+                   help="replicas that must have a write before it is acknowledged (default 1; 0: master only)")
     p.add_argument("--memory-bytes", dest="memory_bytes", type=int, default=None, help="memory tier size (bytes)")
     p.add_argument("--model", default=None,
                    help="model name or path (default: the default model); tiny-random for tests")

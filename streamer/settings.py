@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSett
 
 from ctxstream.model import DEFAULT_MODEL
 
-from .storage import parse_store_spec
+from .storage import parse_cluster_nodes, parse_store_spec
 
 
 ENV_PREFIX = "CTXSTREAM_"
@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./ctxstream-data")
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "ctxstream:"
+    # tier "redis-cluster": startup nodes "HOST:PORT,HOST:PORT" (any live ones; the rest is discovered) and
+    # how many replicas must have a write before it is acknowledged (0: the master alone)
+    redis_cluster_nodes: str = ""
+    redis_cluster_wait_replicas: int = Field(1, ge=0, le=16)
     memory_bytes: int = Field(512 << 20, gt=0)
     fsync: bool = True
     # model and codec
@@ -88,8 +92,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":
-        if "redis" in self.store and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        tiers = self.store.split("+")
+        if "redis" in tiers and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("redis_url must be a redis://, rediss:// or unix:// URL")
+        if "redis-cluster" in tiers:
+            parse_cluster_nodes(self.redis_cluster_nodes)  # ValueError says what is wrong
+            if "{" in self.redis_prefix or "}" in self.redis_prefix:
+                raise ValueError("redis_prefix must not contain braces with the redis-cluster tier (a hash tag)")
         return self
 
     @property

@@ -21,13 +21,14 @@ from .base import (
 from .device import DeviceMemoryStore
 from .disk import DiskStore
 from .memory import MemoryStore
+from .redis_cluster import RedisClusterStore, parse_cluster_nodes
 from .redis_store import RedisStore
 from .tiered import TieredStore
 
-TIER_NAMES = ("memory", "disk", "redis")
+TIER_NAMES = ("memory", "disk", "redis", "redis-cluster")
 
 __all__ = [
-    "Store", "StoreError", "InvalidKeyError", "CorruptObjectError", "MemoryStore", "DiskStore", "RedisStore",
+    "Store", "StoreError", "InvalidKeyError", "CorruptObjectError", "MemoryStore", "DiskStore", "RedisStore", "RedisClusterStore", "parse_cluster_nodes",
     "TieredStore", "DeviceMemoryStore", "make_store", "parse_store_spec", "validate_key", "frame", "unframe", "checksum64", "TIER_NAMES",
 ]
 
@@ -46,13 +47,16 @@ def parse_store_spec(spec: str) -> list[str]:
 
 
 def make_store(spec: str, *, data_dir: str | os.PathLike = "./ctxstream-data", redis_url: str = "redis://127.0.0.1:6379/0",
-               redis_prefix: str = "ctxstream:", memory_bytes: int = 512 << 20, fsync: bool = True) -> Store:
+               redis_prefix: str = "ctxstream:", memory_bytes: int = 512 << 20, fsync: bool = True,
+               redis_cluster_nodes: str = "", redis_cluster_wait_replicas: int = 1) -> Store:
     tiers: list[Store] = []
     for name in parse_store_spec(spec):
         if name == "memory":
             tiers.append(MemoryStore(memory_bytes))
         elif name == "disk":
             tiers.append(DiskStore(data_dir, fsync=fsync))
+        elif name == "redis-cluster":
+            tiers.append(RedisClusterStore(redis_cluster_nodes, prefix=redis_prefix, wait_replicas=redis_cluster_wait_replicas))
         else:
             tiers.append(RedisStore(redis_url, prefix=redis_prefix))
     return tiers[0] if len(tiers) == 1 else TieredStore(tiers)
