@@ -38,7 +38,7 @@ import xxhash  # noqa: E402
 
 from ctxstream.codec import Codec  # noqa: E402
 from ctxstream.model import ModelAdapter, default_cache_dir  # noqa: E402
-from ctxstream.loader import ContextLoader  # noqa: E402
+from ctxstream.loader import ContextLoader, LoaderContext  # noqa: E402
 from ctxstream.loader.calibration import run_model  # noqa: E402
 from ctxstream.policies import TEXT  # noqa: E402
 from ctxstream.quality import quality, score  # noqa: E402
@@ -86,12 +86,12 @@ def upload(url: str, ids: list[int]) -> tuple[str, float]:
     return body["id"], time.perf_counter() - t
 
 
-async def run_one(url, adapter, codec, ctx_id, cont, policy, rate, slo_s, cap_s, warm=True) -> tuple[dict, object]:
-    if not warm:
-        ContextLoader._server_bps.pop(url, None)  # first contact: the conservative default prior
+async def run_one(url, adapter, codec, ctx_id, cont, policy, rate, slo_s, cap_s, lctx, warm=True) -> tuple[dict, object]:
     shaper = RateShaper(rate)
+    # warm: the prior is what the context learned over this link; cold: first contact, the default
+    prior = None if warm else lctx.prior_bps
     async with ContextLoader(url, model=adapter, policy=policy, slo_s=slo_s, token=TOKEN, shaper=shaper,
-                             codec=codec) as cl:
+                             codec=codec, context=lctx, prior_bps=prior) as cl:
         try:
             res = await asyncio.wait_for(cl.load(ctx_id, prompt_ids=cont[:1]), cap_s)
         except asyncio.TimeoutError:
@@ -162,8 +162,12 @@ def main(argv=None) -> int:
             uploads[L] = cid
             print(f"context {L} tokens: {cid} (upload+encode {secs:.1f} s)", file=sys.stderr, flush=True)
 
+        # one loader context for the run: calibrated once per machine (cached on disk), no state reset
+        # from outside; the throughput prior of each load is set explicitly (see run_one)
+        lctx = LoaderContext()
+
         async def run_all():
-            async with ContextLoader(url, model=adapter, token=TOKEN, codec=codec) as cl:  # calibrate once
+            async with ContextLoader(url, model=adapter, token=TOKEN, codec=codec, context=lctx) as cl:  # calibrate once
                 cal = cl.calibration
                 meta["calibration"] = cal.summary()
                 manifests = {L: await cl.fetch_manifest(uploads[L]) for L in lengths}
@@ -173,15 +177,14 @@ def main(argv=None) -> int:
                 sizes = {lv: sum(c.sizes[lv] for c in manifests[L].chunks) for lv in manifests[L].levels}
                 # the reference: text recompute (exact KV), also the `text` policy's row
                 ref_row, ref_res = await run_one(url, adapter, codec, uploads[L], cont, "text", rates[0], slo_s,
-                                                 max(args.cap_s, 600.0))
+                                                 max(args.cap_s, 600.0), lctx)
                 ref_logp, target = score(adapter, ref_res, cont)
                 ref_row.update(quality(ref_logp, target, ref_logp))
                 del ref_res
                 for rate in rates:
                     if args.prior == "warm":  # one load over this link first, so the prior fits the link
-                        ContextLoader._server_bps.pop(url, None)
                         await run_one(url, adapter, codec, uploads[lengths[0]], windows[lengths[0]][lengths[0]:],
-                                      "fixed:q2", rate, None, args.cap_s)
+                                      "fixed:q2", rate, None, args.cap_s, lctx, warm=False)
                     for pol in policies:
                         row = {"tokens": L, "rate_bps": rate, "rate": fmt_rate(rate), "policy": pol, "slo_s": slo_s}
                         if L + CONT > max_pos:
@@ -195,7 +198,7 @@ def main(argv=None) -> int:
                                 row.update({"skipped": True, "predicted_ttft_s": pred, "slo_met": False})
                             else:
                                 r, res = await run_one(url, adapter, codec, uploads[L], cont, pol, rate, slo_s,
-                                                       args.cap_s, warm=args.prior == "warm")
+                                                       args.cap_s, lctx, warm=args.prior == "warm")
                                 row.update(r)
                                 if res is not None:
                                     row.update(quality(*score(adapter, res, cont), ref_logp))

@@ -1,8 +1,8 @@
 """Client side of ctxstream: load a context's KV from a streamer into a transformers cache.
 
     from ctxstream.loader import ContextLoader
-    async with ContextLoader(url, model=adapter, policy="slo", slo_s=1.0) as cl:
-        result = await cl.load(context_id)      # result.cache: a DynamicCache; result.report
+    async with ContextLoader(url, model=adapter, policy="slo", slo_s=2.0) as cl:
+        result = await cl.load(context_id, prompt_ids=question_ids)   # result.cache, result.report
 """
 
 from __future__ import annotations
@@ -11,7 +11,11 @@ import asyncio
 from typing import Sequence
 
 from .calibration import Calibration, DecodeModel, RecomputeModel, calibrate_decode, calibrate_recompute
-from .core import DEFAULT_PRIOR_BPS, ContextLoader, LoaderError, LoadResult
+from .context import DEFAULT_PRIOR_BPS, LoaderContext, shared_context
+from .core import DEFAULT_SLO_S, ContextLoader, LoaderError, LoadResult
+from .fetcher import Fetched, FetchFailed, FetchOptions
+from .planner import Decision, Planner
+from .sink import CpuSink, GpuSink, KvSink
 from .prompt import chat_prompt_ids
 from .report import ChunkRow, LoadReport
 from .throughput import ThroughputEstimator
@@ -31,5 +35,6 @@ def load_context(server_url: str, context_id: str, *, model, prompt_ids: Sequenc
 __all__ = [
     "ContextLoader", "LoadResult", "LoadReport", "ChunkRow", "LoaderError", "load_context", "chat_prompt_ids",
     "Calibration", "RecomputeModel", "DecodeModel", "calibrate_recompute", "calibrate_decode",
-    "ThroughputEstimator", "DEFAULT_PRIOR_BPS",
+    "ThroughputEstimator", "DEFAULT_PRIOR_BPS", "DEFAULT_SLO_S", "LoaderContext", "shared_context",
+    "Fetched", "FetchFailed", "FetchOptions", "Decision", "Planner", "KvSink", "CpuSink", "GpuSink",
 ]

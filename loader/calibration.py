@@ -5,9 +5,15 @@ Measured, never hard-coded: :func:`calibrate_recompute` times the model on a few
     recompute_s(n tokens after p cached tokens) = c + n * f(p + n / 2)
 
 (``c`` per call, ``f`` seconds per token as a piecewise-linear function of the attended length,
-measured at a few prefix lengths -- attention makes it grow with the prefix). :func:`calibrate_decode` encodes a sample of real KV at every level and times the decoder
-(seconds per token, per level). Results are cached per model (and per codec profile for decode) by
-:class:`~ctxstream.loader.core.ContextLoader` for the life of the process.
+measured at a few prefix lengths -- attention makes it grow with the prefix, and the fit
+extrapolates, so one calibration serves any context length). :func:`calibrate_decode` encodes a
+sample of the model's KV at every level and times a KV sink's work on it: ``ingest`` (what the
+loader's compute worker does when the chunk arrives: CPU decode, or GPU host prepare) per token and
+per chunk, and ``apply`` (turning ingested chunks into the model's KV at the end) per token.
+
+:class:`~ctxstream.loader.context.LoaderContext` measures once per machine, model and sink, keeps the
+result on disk (:func:`save_calibration`), and corrects it online (``recompute_factor`` and
+``decode_factor``: actual / predicted, from every load) -- never inside a load's SLO budget.
 """
 
 from __future__ import annotations
@@ -30,6 +36,12 @@ def run_model(adapter: ModelAdapter, cache, token_ids) -> torch.Tensor:
     except TypeError:  # a model without logits_to_keep
         out = adapter.model(input_ids=ids, **cache_kw(adapter.model, cache), use_cache=True)
     return out.logits[0, -1]
+
+
+def sync_device(device) -> None:
+    """Wait for queued work on ``device`` (CUDA runs asynchronously; a no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @dataclass
@@ -124,8 +136,10 @@ def calibrate_recompute(adapter: ModelAdapter, *, chunk: int = 256, prefixes: tu
         best = float("inf")
         for _ in range(max(1, repeats)):
             cache = cache_of(p)
+            sync_device(adapter.device)
             t = time.perf_counter()
             run_model(adapter, cache, ids[:n])
+            sync_device(adapter.device)
             best = min(best, time.perf_counter() - t)
             del cache
         samples.append((n, p, best))
@@ -148,17 +162,25 @@ def calibrate_recompute(adapter: ModelAdapter, *, chunk: int = 256, prefixes: tu
 
 
 def calibrate_decode(adapter: ModelAdapter, codec, levels, *, tokens: int = 48, start: int = 16,
-                     seed: int = 0) -> DecodeModel:
-    """Encode a sample of the model's own KV at each level and time decoding it (whole and a slice)."""
+                     seed: int = 0, sink=None) -> DecodeModel:
+    """Encode a sample of the model's own KV at each level and time ``sink``'s work on it.
+
+    ``sink``: a :class:`~ctxstream.loader.sink.KvSink` class (default: the CPU sink). Per level: the
+    ingest of a whole and of a quarter chunk (slope = seconds per token, rest = per chunk); once: the
+    apply of an ingested chunk into the model's KV (seconds per token)."""
+    from .sink import CpuSink
+
+    sink = sink or CpuSink
     t_start = time.perf_counter()
     g = torch.Generator().manual_seed(seed + 1)
     vocab = int(getattr(adapter.info, "vocab_size", 256))
     ids = torch.randint(3, max(4, min(vocab, 30000)), (start + tokens,), generator=g).tolist()
     with torch.no_grad():
         keys, values = adapter.compute_kv(ids)
-    k, v = keys[:, :, start:], values[:, :, start:]
+    k, v = keys[:, :, start:].cpu(), values[:, :, start:].cpu()
     small = max(1, tokens // 4)
     per_tok, per_chunk, bpt = {}, {}, {}
+    apply_blob = None
     for lv in levels:
         try:
             blob = codec.encode(k, v, lv, start=start)
@@ -166,53 +188,101 @@ def calibrate_decode(adapter: ModelAdapter, codec, levels, *, tokens: int = 48, 
         except Exception:  # noqa: BLE001 - a level this codec cannot write: not calibrated
             continue
         times = []
-        for b, reps in ((blob, 2), (blob_s, 1)):
+        for b, n, reps in ((blob, tokens, 3), (blob_s, small, 2)):
             best = float("inf")
-            for _ in range(reps):
+            for r in range(reps + 1):
+                s = sink(adapter, codec)
+                s.begin(start)
                 t = time.perf_counter()
-                codec.decoder().feed(b)
-                best = min(best, time.perf_counter() - t)
+                s.add_blob(b, start, n, verified=False)
+                s.sync()
+                if r:  # the first one warms up (allocations, kernels)
+                    best = min(best, time.perf_counter() - t)
             times.append(best)
         slope = max((times[0] - times[1]) / (tokens - small), times[0] / tokens * 0.5)
         per_tok[lv] = slope
         per_chunk[lv] = max(0.0, times[0] - slope * tokens)
         bpt[lv] = len(blob) / tokens
-    # appending to the cache: DynamicCache.update concatenates, so it copies all it holds
-    base = 1024
-    kv = torch.randn(keys.shape[0], keys.shape[1], base, keys.shape[3], generator=g)
+        if apply_blob is None or lv == "q2":
+            apply_blob = blob
     best = float("inf")
-    for _ in range(2):
-        cache = adapter.make_cache(kv, kv)
-        t = time.perf_counter()
-        for layer in range(keys.shape[0]):
-            cache.update(k[layer][None].to(adapter.dtype), v[layer][None].to(adapter.dtype), layer)
-        best = min(best, time.perf_counter() - t)
-    return DecodeModel(per_tok, per_chunk, bpt, time.perf_counter() - t_start, best / (base + tokens))
+    if apply_blob is not None:
+        for r in range(3):
+            s = sink(adapter, codec)
+            s.begin(start)
+            s.add_blob(apply_blob, start, tokens, verified=False)
+            s.sync()
+            t = time.perf_counter()
+            cache = s.finish()
+            materialize(cache, adapter)
+            s.sync()
+            if r:
+                best = min(best, time.perf_counter() - t)
+    apply = best / tokens if best < float("inf") else 0.0
+    return DecodeModel(per_tok, per_chunk, bpt, time.perf_counter() - t_start, apply)
+
+
+def materialize(cache, adapter: ModelAdapter):
+    """Pull every pending layer of a :class:`~ctxstream.loader.pipeline.PipelinedCache` (no-op otherwise)."""
+    fn = getattr(cache, "materialize", None)
+    if fn is not None:
+        fn(adapter.dtype, adapter.device)
+    return cache
 
 
 @dataclass
 class Calibration:
-    """What the loader knows about this machine's speed for one model (and profile)."""
+    """What the loader knows about this machine's speed for one model and KV sink, with the online
+    corrections (actual / predicted, from every load's chunks)."""
 
     model: str
     fingerprint: str
     recompute: RecomputeModel
     decode: DecodeModel | None = None
     profile: str | None = None
+    sink: str = "cpu"
+    device: str = "cpu"
+    recompute_factor: float = 1.0
+    decode_factor: float = 1.0
+
+    def recompute_s(self, tokens: int, prefix: int) -> float:
+        return self.recompute.seconds(tokens, prefix) * self.recompute_factor
+
+    def ingest_s(self, level: str, tokens: int) -> float:
+        return self.decode.seconds(level, tokens) * self.decode_factor if self.decode is not None else 0.0
+
+    def tail_s(self, prompt_tokens: int, total_tokens: int, pending_tokens: int | None = None) -> float:
+        """Seconds after the last chunk: the prompt's first token and applying the ingested KV
+        (``pending_tokens``, default all) -- kept out of the policy's budget."""
+        t = self.recompute.prompt_s(prompt_tokens, total_tokens) * self.recompute_factor
+        if self.decode is not None:
+            n = total_tokens if pending_tokens is None else pending_tokens
+            t += self.decode.apply_s_per_token * n * self.decode_factor
+        return t
+
+    def correct(self, what: str, predicted_s: float, actual_s: float) -> None:
+        """Move ``recompute_factor`` / ``decode_factor`` towards actual / predicted (geometric step,
+        clamped to [1/4, 4])."""
+        if predicted_s <= 0 or actual_s <= 0:
+            return
+        ratio = min(4.0, max(0.25, actual_s / predicted_s))
+        attr = "recompute_factor" if what == "recompute" else "decode_factor"
+        setattr(self, attr, min(4.0, max(0.25, getattr(self, attr) * ratio ** 0.5)))
 
     def summary(self) -> dict:
-        d = {"model": self.model, "fingerprint": self.fingerprint, "profile": self.profile,
+        d = {"model": self.model, "fingerprint": self.fingerprint, "profile": self.profile, "sink": self.sink,
+             "device": self.device, "recompute_factor": self.recompute_factor, "decode_factor": self.decode_factor,
              "recompute_tokens_per_s": {p: round(self.recompute.tokens_per_s(p), 1) for p in (0, 1024, 4096, 16384)},
              "recompute_fit": {k: v for k, v in asdict(self.recompute).items() if k != "samples"}}
         if self.decode is not None:
             d["decode_mb_per_s"] = {lv: round(self.decode.mb_per_s(lv), 2) for lv in self.decode.s_per_token}
             d["decode_tokens_per_s"] = {lv: round(1 / max(s, 1e-12), 1) for lv, s in self.decode.s_per_token.items()}
-            d["cache_append_s_per_token"] = self.decode.apply_s_per_token
+            d["apply_s_per_token"] = self.decode.apply_s_per_token
         return d
 
 
 # ------------------------------------------------------------------------------------- persistence
-CALIBRATION_FORMAT = 2
+CALIBRATION_FORMAT = 3
 
 
 def _stamp() -> dict:
@@ -222,8 +292,8 @@ def _stamp() -> dict:
             "torch": torch.__version__}
 
 
-def save_calibration(path, recompute: RecomputeModel | None, decode: DecodeModel | None, **extra) -> None:
-    """Write measured speeds to ``path`` (JSON, atomically) so a later process can skip measuring."""
+def save_calibration(path, cal: Calibration) -> None:
+    """Write ``cal`` to ``path`` (JSON, atomically) so a later process need not measure again."""
     import json
     import os
     import tempfile
@@ -231,34 +301,33 @@ def save_calibration(path, recompute: RecomputeModel | None, decode: DecodeModel
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"created": time.time(), **_stamp(), **extra,
-           "recompute": None if recompute is None else {k: v for k, v in asdict(recompute).items()},
-           "decode": None if decode is None else asdict(decode)}
+    doc = {"created": time.time(), **_stamp(), "model": cal.model, "fingerprint": cal.fingerprint,
+           "sink": cal.sink, "device": cal.device, "recompute_factor": cal.recompute_factor,
+           "decode_factor": cal.decode_factor, "recompute": asdict(cal.recompute),
+           "decode": None if cal.decode is None else asdict(cal.decode)}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".cal-")
     with os.fdopen(fd, "w") as fh:
         json.dump(doc, fh)
     os.replace(tmp, path)
 
 
-def load_calibration(path, max_age_s: float = 86400.0, **extra) -> tuple[RecomputeModel | None, DecodeModel | None]:
-    """Speeds saved by :func:`save_calibration` on this host with the same torch threads (and the same
-    ``extra`` keys, e.g. the calibration settings), if recent."""
+def load_calibration(path, max_age_s: float = 30 * 86400.0) -> Calibration | None:
+    """The calibration saved by :func:`save_calibration`, if it was measured on this host with the
+    same torch (version and threads) within ``max_age_s``; else None."""
     import json
     from pathlib import Path
 
     try:
         doc = json.loads(Path(path).read_text())
-        want = {**_stamp(), **json.loads(json.dumps(extra))}
-        if time.time() - float(doc["created"]) > max_age_s or any(doc.get(k) != v for k, v in want.items()):
-            return None, None
-        rec = doc.get("recompute")
+        if time.time() - float(doc["created"]) > max_age_s or any(doc.get(k) != v for k, v in _stamp().items()):
+            return None
+        rec = dict(doc["recompute"])
+        rec["knots"] = [tuple(k) for k in rec["knots"]]
+        rec["samples"] = [tuple(x) for x in rec.get("samples", [])]
+        rec["step_knots"] = [tuple(k) for k in rec.get("step_knots", [])]
         dec = doc.get("decode")
-        if rec:
-            rec = {**rec, "knots": [tuple(k) for k in rec["knots"]],
-                   "samples": [tuple(s) for s in rec.get("samples", [])]}
-        if rec:
-            rec["step_knots"] = [tuple(k) for k in rec.get("step_knots", [])]
-        return (RecomputeModel(**rec) if rec else None,
-                DecodeModel(**dec) if dec else None)
+        return Calibration(doc["model"], doc["fingerprint"], RecomputeModel(**rec),
+                           DecodeModel(**dec) if dec else None, sink=doc["sink"], device=doc["device"],
+                           recompute_factor=float(doc["recompute_factor"]), decode_factor=float(doc["decode_factor"]))
     except (OSError, ValueError, KeyError, TypeError):
-        return None, None
+        return None

@@ -19,7 +19,8 @@ def register(sub) -> None:
     p.add_argument("--context", required=True, help="context id (from 'ctxstream upload')")
     p.add_argument("--policy", default="slo",
                    help="adaptation policy: slo (default), mpc, text, fp16, quant8, fixed:<level>")
-    p.add_argument("--slo", type=float, default=2.0, help="time-to-first-token target in seconds (default 2.0)")
+    p.add_argument("--slo", type=float, default=None,
+                   help="time-to-first-token target in seconds (default: the loader's, DEFAULT_SLO_S = 2.0)")
     shaping = p.add_mutually_exclusive_group()
     shaping.add_argument("--rate", default=None, help="shape the download in-process to this rate, e.g. 50mbit")
     shaping.add_argument("--trace", default=None, help="shape the download to a bandwidth trace file")
@@ -29,6 +30,11 @@ def register(sub) -> None:
                         "it must be the context's model")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--prior", default=None, help="throughput prior for the first chunk, e.g. 100mbit")
+    p.add_argument("--device", default="cpu",
+                   help="where the model runs: cpu (default) or cuda[:N]; on CUDA the KV is decoded on the GPU "
+                        "and fed layer by layer (GPU sink), recompute runs there too")
+    p.add_argument("--sink", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="KV sink: auto (gpu when the model is on CUDA and the GPU decoder builds), cpu, gpu")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's; 1 is often faster on a busy 2-core machine)")
     p.add_argument("--json", action="store_true", help="print the load report (with the answer) as JSON")
@@ -36,10 +42,13 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_ask)
 
 
-def _load_model(name: str | None):
+def _load_model(name: str | None, device: str = "cpu"):
     from ctxstream.model import ModelAdapter
 
-    return ModelAdapter.load(name)  # also understands tiny-random[-LxHxD]
+    adapter = ModelAdapter.load(name)  # also understands tiny-random[-LxHxD]
+    if device != "cpu":
+        adapter = ModelAdapter(adapter.model.to(device), adapter.tokenizer, adapter.name)
+    return adapter
 
 
 def _fmt_rate(bps: float | None) -> str:
@@ -80,7 +89,7 @@ def progress_printer(stream):
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from . import ContextLoader, LoaderError, chat_prompt_ids
+    from . import DEFAULT_SLO_S, ContextLoader, LoaderError, chat_prompt_ids
 
     question = sys.stdin.read() if args.question == "-" else args.question
     token = args.token or os.environ.get("CTXSTREAM_TOKEN")
@@ -100,13 +109,15 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     t = time.perf_counter()
-    adapter = _load_model(args.model)
+    adapter = _load_model(args.model, args.device)
+    slo = DEFAULT_SLO_S if args.slo is None else args.slo
     if not args.quiet:
-        print(f"model {adapter.info.name} loaded in {time.perf_counter() - t:.1f} s; calibrating ...", file=err)
+        print(f"model {adapter.info.name} loaded in {time.perf_counter() - t:.1f} s on {adapter.device}; "
+              "calibrating (once per machine, cached) ...", file=err)
 
     async def run():
-        async with ContextLoader(args.server, model=adapter, policy=args.policy, slo_s=args.slo, token=token,
-                                 shaper=shaper, prior_bps=prior,
+        async with ContextLoader(args.server, model=adapter, policy=args.policy, slo_s=slo, token=token,
+                                 shaper=shaper, prior_bps=prior, sink=args.sink,
                                  progress=None if args.quiet else progress_printer(err)) as cl:
             manifest = await cl.fetch_manifest(args.context)
             prompt = chat_prompt_ids(adapter, question, manifest.token_ids)
@@ -139,6 +150,6 @@ def cmd_ask(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         if not args.quiet:
             c = report.counts()
-            print(f"TTFT {report.ttft_s:.3f} s (SLO {args.slo:.2f} s {'met' if report.slo_met else 'missed'}); "
+            print(f"TTFT {report.ttft_s:.3f} s (SLO {slo:.2f} s {'met' if report.slo_met else 'missed'}); "
                   f"chunks {c}; {report.bytes / 1e6:.2f} MB; retries {report.retries}", file=err)
     return 0

@@ -40,7 +40,8 @@ from transformers.cache_utils import Cache, DynamicLayer
 from ctxstream.codec import Codec
 from ctxstream.codec.format import CHECK_BYTES, parse_header
 
-__all__ = ["LayerSource", "CpuLayerSource", "GpuLayerSource", "PipelinedCache", "layer_groups"]
+__all__ = ["LayerSource", "CpuLayerSource", "DecodedLayerSource", "GpuLayerSource", "StackedSource", "PipelinedCache",
+           "layer_groups"]
 
 
 def _as_bytes(blob) -> bytes | memoryview:
@@ -146,6 +147,57 @@ class CpuLayerSource(LayerSource):
             dec.result()  # raises if bytes are missing
 
 
+class DecodedLayerSource(LayerSource):
+    """Chunks already decoded on the CPU (per chunk, per layer :class:`~ctxstream.codec.LayerKV`):
+    ``layer(l)`` concatenates layer ``l`` of every chunk and moves it to the model's device and dtype,
+    as the model reaches that layer (the CPU sink decodes each chunk as it arrives, beside the fetches)."""
+
+    def __init__(self, chunks: Sequence[Sequence], *, device=None, dtype: torch.dtype = torch.float32):
+        if not chunks:
+            raise ValueError("no chunks")
+        self.chunks = [list(c) for c in chunks]
+        self.num_layers = len(self.chunks[0])
+        if any(len(c) != self.num_layers for c in self.chunks):
+            raise ValueError("chunks with different layer counts")
+        self.prefix_tokens = sum(int(c[0].keys.shape[1]) for c in self.chunks)
+        self.device = torch.device(device or "cpu")
+        self.dtype = dtype
+
+    def layer(self, index: int):
+        ks = [c[index].keys for c in self.chunks]
+        vs = [c[index].values for c in self.chunks]
+        k = ks[0] if len(ks) == 1 else torch.cat(ks, 1)
+        v = vs[0] if len(vs) == 1 else torch.cat(vs, 1)
+        for c in self.chunks:  # handed over once: the cache owns the concatenation
+            c[index] = None
+        return k[None].to(self.device, self.dtype), v[None].to(self.device, self.dtype)
+
+
+class StackedSource(LayerSource):
+    """KV already in a cache (``base``: a ``DynamicCache`` of the first tokens, e.g. up to a
+    recomputed chunk) followed by ``source``'s layers."""
+
+    def __init__(self, base, source: LayerSource):
+        self.base, self.source = base, source
+        self.num_layers = source.num_layers
+        self.base_tokens = base.get_seq_length() if base is not None and len(base.layers) else 0
+        self.prefix_tokens = self.base_tokens + source.prefix_tokens
+
+    def start(self) -> None:
+        self.source.start()
+
+    def layer(self, index: int):
+        k, v = self.source.layer(index)
+        if not self.base_tokens:
+            return k, v
+        b = self.base.layers[index]
+        return (torch.cat([b.keys, k.to(b.keys.device, b.keys.dtype)], 2),
+                torch.cat([b.values, v.to(b.values.device, b.values.dtype)], 2))
+
+    def finish(self) -> None:
+        self.source.finish()
+
+
 class GpuLayerSource(LayerSource):
     """Decodes chunks layer group by layer group on a side CUDA stream (see the module docstring).
 
@@ -170,7 +222,7 @@ class GpuLayerSource(LayerSource):
 
     def __init__(self, decoder, blobs: Sequence, *, dtype: torch.dtype = torch.bfloat16,
                  groups: str | int | Sequence[Sequence[int]] = "geometric", threaded: bool = False,
-                 verified: bool = False, priority: int = 0, streams: int | None = None):
+                 verified: bool = False, priority: int = 0, streams: int | None = None, prepared=None):
         self.decoder = decoder
         self.codec = decoder.codec
         self.device = decoder.device
@@ -187,7 +239,12 @@ class GpuLayerSource(LayerSource):
         self.num_layers = self.codec.info.num_layers
         self.groups = layer_groups(self.num_layers, groups)
         self.verified = verified
-        self.prepared = [decoder.prepare(b, self.groups, verify=not verified) for b in self.pinned]
+        if prepared is not None:
+            if len(prepared) != len(self.pinned) or any(p.groups != self.groups for p in prepared):
+                raise ValueError("prepared chunks must be one per blob, made with the same layer groups")
+            self.prepared = list(prepared)
+        else:
+            self.prepared = [decoder.prepare(b, self.groups, verify=not verified) for b in self.pinned]
         pos = self.start_token = self.prepared[0].header.start
         for i, p in enumerate(self.prepared):
             if p.header.start != pos:
@@ -315,14 +372,17 @@ class PendingPrefixLayer(DynamicLayer):
         self.index = index
         self.pending = True
 
-    def _take(self, like: torch.Tensor) -> None:
+    def _take(self, like: torch.Tensor | None, dtype: torch.dtype | None = None, device=None) -> None:
         self.source.start()
         k, v = self.source.layer(self.index)
-        if k.shape[1] != like.shape[1] or k.shape[3] != like.shape[3]:
-            raise ValueError(f"layer {self.index}: prefix KV {tuple(k.shape)} does not fit the model's {tuple(like.shape)}")
-        self.dtype, self.device = like.dtype, like.device
-        self.keys = k.to(like.device, like.dtype)
-        self.values = v.to(like.device, like.dtype)
+        if like is not None:
+            if k.shape[1] != like.shape[1] or k.shape[3] != like.shape[3]:
+                raise ValueError(f"layer {self.index}: prefix KV {tuple(k.shape)} does not fit the model's "
+                                 f"{tuple(like.shape)}")
+            dtype, device = like.dtype, like.device
+        self.dtype, self.device = dtype, device
+        self.keys = k.to(device, dtype)
+        self.values = v.to(device, dtype)
         self.is_initialized = True
         self.pending = False
 
@@ -359,6 +419,14 @@ class PipelinedCache(DynamicCache):
                 raise ValueError(f"model has {cfg.num_hidden_layers} layers, the chunks {source.num_layers}")
         self.source = source
         Cache.__init__(self, layers=[PendingPrefixLayer(source, i) for i in range(source.num_layers)])
+
+    def materialize(self, dtype: torch.dtype, device) -> None:
+        """Take every pending layer now (for a caller that uses the cache without a forward pass first),
+        then wait for the source and raise on its integrity errors."""
+        for layer in self.layers:
+            if getattr(layer, "pending", False):
+                layer._take(None, dtype, torch.device(device))
+        self.source.finish()
 
     @property
     def pending_layers(self) -> list[int]:

@@ -37,13 +37,14 @@ class LoadReport:
     policy: str
     slo_s: float | None
     model: str = ""
+    sink: str = ""  # the KV sink: "cpu" (reference decode) or "gpu" (GPU decode, layer-wise)
     tokens: int = 0
     chunk_tokens: int = 0
     chunks: list[ChunkRow] = field(default_factory=list)
     manifest_s: float = 0.0
-    setup_s: float = 0.0  # profile fetch and calibration done during this load
-    load_s: float = 0.0  # from load() until the whole context is in the cache
-    first_token_s: float | None = None  # prefill of the prompt + first token, after load_s
+    setup_s: float = 0.0  # profile fetch during this load
+    load_s: float = 0.0  # from load() until every chunk is in hand (decoded, prepared or recomputed)
+    first_token_s: float | None = None  # pending layers' decode + prompt prefill + first token, after load_s
     ttft_s: float | None = None  # load_s + first_token_s (or load_s when there is no prompt)
     slo_met: bool | None = None
     prior_bps: float = 0.0

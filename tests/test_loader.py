@@ -19,7 +19,7 @@ from aiohttp import ClientSession, web  # noqa: E402
 from ctxstream.model import cache_kw
 from ctxstream.codec import Codec  # noqa: E402
 from ctxstream.model import ModelAdapter  # noqa: E402
-from ctxstream.loader import ContextLoader, LoaderError, load_context  # noqa: E402
+from ctxstream.loader import ContextLoader, LoaderContext, LoaderError, load_context  # noqa: E402
 from ctxstream.loader.calibration import run_model  # noqa: E402
 from ctxstream.policies import TEXT, Policy, quality_of  # noqa: E402
 from ctxstream.streamer.server import serve_in_background  # noqa: E402
@@ -27,6 +27,7 @@ from ctxstream.streamer.settings import Settings  # noqa: E402
 from ctxstream.traces.shaping import RateShaper  # noqa: E402
 
 TOKEN = "test-token-123"
+SINK = "cpu"  # the reference sink (tests/test_gpu_loader.py runs the same tests on the GPU sink)
 N_TOKENS = 1000  # 4 chunks of 256 (the last 232)
 
 
@@ -60,12 +61,28 @@ def context(server, tiny):
     return body["id"], ids
 
 
+_CONTEXT = None
+
+
+def fresh_context() -> LoaderContext:
+    """A context of its own: no remembered throughput, calibrated in memory (small prefixes)."""
+    return LoaderContext(persist=False, calibration_prefixes=(64, 256))
+
+
+def shared_test_context() -> LoaderContext:
+    """One context for the module's loaders (calibrated once)."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        _CONTEXT = fresh_context()
+    return _CONTEXT
+
+
 def loader(server, tiny, **kw) -> ContextLoader:
     adapter, codec = tiny
     kw.setdefault("token", TOKEN)
     kw.setdefault("codec", codec)
-    kw.setdefault("calibration_prefix", 256)
-    kw.setdefault("calibration_cache", False)
+    kw.setdefault("context", shared_test_context())
+    kw.setdefault("sink", SINK)
     return ContextLoader(server.url, model=adapter, **kw)
 
 
@@ -143,16 +160,15 @@ async def test_lossy_levels_decode_and_report(server, tiny, context):
 async def test_profile_is_fetched_from_the_server(server, tiny, context, tmp_path, monkeypatch):
     adapter, codec = tiny
     ctx, ids = context
-    import ctxstream.loader.core as core
-
-    monkeypatch.setattr(core, "default_cache_dir", lambda: tmp_path)  # no local profile
-    monkeypatch.setattr(ContextLoader, "_codecs", {})
+    lctx = LoaderContext(cache_dir=tmp_path, persist=False, calibration_prefixes=(64, 256))  # no local profile
     async with ContextLoader(server.url, model=adapter, policy="fixed:q2", slo_s=None, token=TOKEN,
-                             calibration_prefix=256, calibration_cache=False) as cl:
+                             context=lctx) as cl:
         res = await cl.load(ctx)
     assert [r.final for r in res.report.chunks] == ["q2"] * 4
-    got = ContextLoader._codecs[(adapter.info.fingerprint, codec.profile.id)]
+    got = lctx.codecs[(adapter.info.fingerprint, codec.profile.id)]
     assert got.profile.id == codec.profile.id
+    # the levels first met in that load were calibrated after it (not inside its budget)
+    assert "q2" in cl.calibration.decode.s_per_token
 
 
 async def test_auth_and_unknown_context_fail_clearly(server, tiny, context):
@@ -198,8 +214,7 @@ async def test_mpc_meets_slo_on_a_slow_link(server, tiny, context):
 
 async def test_throughput_prior_is_remembered_per_server(server, tiny, context):
     ctx, _ = context
-    ContextLoader._server_bps.pop(server.url, None)
-    async with loader(server, tiny, policy="fp16", slo_s=None, shaper=RateShaper(5e6)) as cl:
+    async with loader(server, tiny, policy="fp16", slo_s=None, shaper=RateShaper(5e6), context=fresh_context()) as cl:
         first = await cl.load(ctx)
         second = await cl.load(ctx)
     assert first.report.prior_bps == 10e6  # the conservative default
@@ -363,7 +378,8 @@ def test_sync_wrapper_and_cli_ask_json(server, tiny, context):
 
 # --------------------------------------------------------------------------------- parts
 def test_calibration_is_measured_and_persisted(tiny, tmp_path):
-    from ctxstream.loader.calibration import calibrate_decode, calibrate_recompute, load_calibration, save_calibration
+    from ctxstream.loader.calibration import (Calibration, calibrate_decode, calibrate_recompute, load_calibration,
+                                              save_calibration)
 
     adapter, codec = tiny
     rec = calibrate_recompute(adapter, prefixes=(128, 512), repeats=1)
@@ -374,12 +390,60 @@ def test_calibration_is_measured_and_persisted(tiny, tmp_path):
     dec = calibrate_decode(adapter, codec, ["fp16", "q2"], tokens=16)
     assert set(dec.s_per_token) == {"fp16", "q2"} and dec.seconds("q2", 256) > 0
     assert dec.bytes_per_token["fp16"] > dec.bytes_per_token["q2"] and dec.apply_s_per_token > 0
+    cal = Calibration(adapter.info.name, adapter.info.fingerprint, rec, dec)
+    cal.correct("decode", 1.0, 2.0)
+    assert cal.decode_factor == pytest.approx(2 ** 0.5) and cal.ingest_s("q2", 256) == pytest.approx(
+        dec.seconds("q2", 256) * 2 ** 0.5)
     path = tmp_path / "cal.json"
-    save_calibration(path, rec, dec)
-    rec2, dec2 = load_calibration(path)
-    assert rec2.seconds(100, 100) == pytest.approx(rec.seconds(100, 100)) and dec2.s_per_token == dec.s_per_token
-    assert load_calibration(path, max_age_s=-1) == (None, None)
-    assert load_calibration(tmp_path / "missing.json") == (None, None)
+    save_calibration(path, cal)
+    got = load_calibration(path)
+    assert got.recompute.seconds(100, 100) == pytest.approx(rec.seconds(100, 100))
+    assert got.decode.s_per_token == dec.s_per_token and got.decode_factor == cal.decode_factor
+    assert load_calibration(path, max_age_s=-1) is None
+    assert load_calibration(tmp_path / "missing.json") is None
+
+
+def test_calibration_once_per_machine_on_disk_for_any_context_length(tiny, tmp_path, monkeypatch):
+    import ctxstream.loader.context as lc
+
+    adapter, codec = tiny
+    first = LoaderContext(cache_dir=tmp_path, calibration_prefixes=(64, 256))
+    cal = first.calibration(adapter, "cpu", codec)
+    assert {"fp16", "quant8", "q2"} <= set(cal.decode.s_per_token)
+    assert list((tmp_path / "calibration").glob(f"{adapter.info.fingerprint}-cpu-cpu.json"))
+    # any context length: the fit extrapolates (grows with the prefix), no new measurement
+    assert cal.recompute_s(256, 16384) >= cal.recompute_s(256, 4096) >= cal.recompute_s(256, 0) > 0
+
+    def no_measuring(*a, **k):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(lc, "calibrate_recompute", no_measuring)
+    monkeypatch.setattr(lc, "calibrate_decode", no_measuring)
+    again = LoaderContext(cache_dir=tmp_path).calibration(adapter, "cpu", codec)  # a new process, say
+    assert again.decode.s_per_token == cal.decode.s_per_token
+
+
+async def test_calibration_is_never_inside_the_load_budget(server, tiny, context, monkeypatch):
+    """A loader opened without calibrating measures in its first load, off the SLO clock."""
+    import time as _time
+
+    import ctxstream.loader.context as lc
+
+    adapter, codec = tiny
+    ctx, _ = context
+    real = lc.calibrate_recompute
+
+    def slow(*a, **k):
+        _time.sleep(1.5)  # a busy host
+        return real(*a, **k)
+
+    monkeypatch.setattr(lc, "calibrate_recompute", slow)
+    async with loader(server, tiny, policy="slo", slo_s=1.0, context=fresh_context(), calibrate=False) as cl:
+        t = _time.perf_counter()
+        res = await cl.load(ctx, prompt_ids=[5])
+        wall = _time.perf_counter() - t
+    assert wall > 1.5 and res.report.ttft_s < wall - 1.4 and res.report.slo_met
+    assert res.report.calibration["sink"] == "cpu"
 
 
 def test_throughput_estimator():

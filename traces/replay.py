@@ -55,7 +55,6 @@ from ctxstream.quality import quality, score
 from .trace import Trace
 
 TOKEN = "replay-token-0001"
-ADAPTIVE = ("slo", "mpc")  # policies whose choices depend on the SLO; others are run once per SLO-free key
 LOSSLESS = "fp16"
 RUNS_FILE = "runs.jsonl"
 
@@ -273,7 +272,7 @@ def run_experiment(exp: Experiment, out_dir: str | os.PathLike, *, adapter=None,
 
     from ctxstream.codec import Codec
     from ctxstream.model import ModelAdapter
-    from ctxstream.loader import ContextLoader
+    from ctxstream.policies import make_policy
     from ctxstream.streamer.server import serve_in_background
     from ctxstream.streamer.settings import Settings
 
@@ -321,9 +320,10 @@ def run_experiment(exp: Experiment, out_dir: str | os.PathLike, *, adapter=None,
 
     windows = make_contexts(exp, adapter)
     L = int(exp.ctx_tokens)
-    # reuse of SLO-independent runs (fixed policies): (ctx, trace, rep, policy) -> row
-    reuse = {(r["ctx"], r["trace"], r["rep"], r["policy"]): r for r in done_rows if r["policy"] not in ADAPTIVE
-             and r.get("ttft_s") is not None}
+    slo_aware = {pol: make_policy(pol).slo_aware for pol in exp.policies}
+    # reuse of SLO-independent runs (policies that are not SLO-aware): (ctx, trace, rep, policy) -> row
+    reuse = {(r["ctx"], r["trace"], r["rep"], r["policy"]): r for r in done_rows
+             if not slo_aware.get(r["policy"], True) and r.get("ttft_s") is not None}
 
     link = None
     if exp.link == "netns":
@@ -342,8 +342,8 @@ def run_experiment(exp: Experiment, out_dir: str | os.PathLike, *, adapter=None,
             srv = serve_in_background(Settings(**settings_kw), adapter=adapter, codec=codec)
         try:
             def body():
-                return asyncio.run(_run_all(exp, srv.url, adapter, codec, windows, todo, reuse, out, score,
-                                            quality, link, TraceShaper, ContextLoader, progress, summary))
+                return asyncio.run(_run_all(exp, srv.url, adapter, codec, windows, todo, reuse, slo_aware, out,
+                                            score, quality, link, TraceShaper, progress, summary))
             if link is not None:
                 with link.enter("client"):
                     body()
@@ -361,14 +361,14 @@ def run_experiment(exp: Experiment, out_dir: str | os.PathLike, *, adapter=None,
     return summary
 
 
-# compute speed relative to the calibration, carried from run to run (the loader corrects its
-# calibrated estimates online within a load; a client that has loaded before on this machine starts
-# from what it last measured, as the warm throughput prior does for the link)
-_WARM_FACTORS = {"recompute": 1.0, "decode": 1.0}
+async def _run_all(exp, url, adapter, codec, windows, todo, reuse, slo_aware, out, score, quality, link,
+                   TraceShaper, progress, summary):
+    from ctxstream.loader import ContextLoader, LoaderContext
 
-
-async def _run_all(exp, url, adapter, codec, windows, todo, reuse, out, score, quality, link, TraceShaper,
-                   ContextLoader, progress, summary):
+    # one context for the experiment: calibrated once (in memory), its online corrections carried
+    # from run to run as a client that has loaded before on this machine would; every run's
+    # throughput prior is set explicitly (warm or the default), never learned from the previous run
+    lctx = LoaderContext(persist=False)
     L = int(exp.ctx_tokens)
     prog = Progress(len(todo), enabled=progress)
     ids: dict[int, str] = {}
@@ -377,7 +377,7 @@ async def _run_all(exp, url, adapter, codec, windows, todo, reuse, out, score, q
     loop = asyncio.get_running_loop()
     fh = open(Path(out) / RUNS_FILE, "a")
     try:
-        async with ContextLoader(url, model=adapter, token=TOKEN, codec=codec, slo_s=None) as cl0:
+        async with ContextLoader(url, model=adapter, token=TOKEN, codec=codec, slo_s=None, context=lctx) as cl0:
             for c in sorted({p[0] for p in todo}):
                 ctx_ids = windows[c][:L]
                 ids[c] = await loop.run_in_executor(None, _upload, url, ctx_ids)
@@ -396,7 +396,7 @@ async def _run_all(exp, url, adapter, codec, windows, todo, reuse, out, score, q
                                    "rep": rep, "start_s": start, "time_scale": exp.time_scale, "link": exp.link,
                                    "slo": slo_label, "slo_s": slo_s, "lossless_s": lossless_s, "policy": pol}
             key = (c, tr.name, rep, pol)
-            if pol not in ADAPTIVE and key in reuse:
+            if not slo_aware[pol] and key in reuse:
                 src = reuse[key]
                 keep = {k: v for k, v in src.items() if k not in row and k not in ("reused_from", "slo_met")}
                 row.update(keep)
@@ -404,8 +404,8 @@ async def _run_all(exp, url, adapter, codec, windows, todo, reuse, out, score, q
                 row["reused_from"] = src["run_id"]
             else:
                 row.update(await _one_run(exp, url, adapter, codec, ids[c], cont, tr, start, pol, slo_s, link,
-                                          TraceShaper, ContextLoader, refs[c], score, quality))
-                if pol not in ADAPTIVE and row.get("ttft_s") is not None:
+                                          TraceShaper, lctx, refs[c], score, quality))
+                if not slo_aware[pol] and row.get("ttft_s") is not None:
                     reuse[key] = row
                 summary["ran"] += 1
             span = max(row.get("ttft_s") or exp.cap_s, slo_s) * 1.15
@@ -419,23 +419,24 @@ async def _run_all(exp, url, adapter, codec, windows, todo, reuse, out, score, q
         fh.close()
 
 
-async def _one_run(exp, url, adapter, codec, cid, cont, tr, start, pol, slo_s, link, TraceShaper, ContextLoader,
+async def _one_run(exp, url, adapter, codec, cid, cont, tr, start, pol, slo_s, link, TraceShaper, lctx,
                    ref, score, quality) -> dict:
+    from ctxstream.loader import ContextLoader
+
     ref_logp, _target = ref
     if exp.prior == "warm":  # what a client that has used this link for the last 5 s would estimate
         back = 5.0
         prior = max(1e3, tr.bytes_between(start - back, start) * 8 / back)
-    else:
-        prior = None
-    ContextLoader._server_bps.pop(url, None)
+    else:  # first contact: the context's conservative default
+        prior = lctx.prior_bps
     follower = None
     shaper = None
     if link is None:
         shaper = TraceShaper(tr, start, exp.time_scale)
     async with ContextLoader(url, model=adapter, policy=pol, slo_s=slo_s, token=TOKEN, shaper=shaper, codec=codec,
-                             prior_bps=prior) as cl:
-        cl.recompute_factor, cl.decode_factor = _WARM_FACTORS["recompute"], _WARM_FACTORS["decode"]
-        factors = {"recompute_factor": cl.recompute_factor, "decode_factor": cl.decode_factor,
+                             prior_bps=prior, context=lctx) as cl:
+        cal = cl.calibration
+        factors = {"recompute_factor": cal.recompute_factor, "decode_factor": cal.decode_factor,
                    "load1": os.getloadavg()[0]}
         if link is not None:
             follower = link.follow(tr, start, exp.time_scale)
@@ -446,7 +447,6 @@ async def _one_run(exp, url, adapter, codec, cid, cont, tr, start, pol, slo_s, l
         finally:
             if follower is not None:
                 follower.stop()
-            _WARM_FACTORS.update(recompute=cl.recompute_factor, decode=cl.decode_factor)
     rep = res.report
     row = _row_from_report(rep, {"slo_met": bool(rep.ttft_s <= slo_s), **factors})
     logp, target = score(adapter, res, cont)

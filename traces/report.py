@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .replay import ADAPTIVE, read_rows
+from .replay import read_rows
 
 LEVEL_ORDER = ["text", "fp16", "quant8", "q0", "q1", "q2", "q3", "q4"]
 
@@ -117,7 +117,8 @@ def targets(rows: list[dict], summary: list[dict]) -> list[str]:
                    f"{best['ttft_mean']:.2f} s, dppl {best['dppl_rel'] * 100:+.2f}%): {rt:.2f}x lower than text "
                    f"(target >= 3x: {'met' if rt >= 3 else 'NOT met'}), {rq:.2f}x lower than quant8 (target >= 2x: "
                    f"{'met' if rq >= 2 else 'NOT met'})")
-    for pol in ADAPTIVE:
+    adaptive = _slo_aware(rows)
+    for pol in adaptive:
         g = [r for r in rows if r["policy"] == pol and r["slo"] == "2x"]
         if g:
             att = sum(1 for r in g if r.get("slo_met")) / len(g)
@@ -126,7 +127,7 @@ def targets(rows: list[dict], summary: list[dict]) -> list[str]:
                        f"{att * 100:.0f}% (target >= 95%: {'met' if att >= 0.95 else 'NOT met'}), mean dppl "
                        f"{_fmt(None if q is None else q * 100, '+.2f')}% (target within 1%: "
                        f"{'met' if q is not None and abs(q) <= 0.01 else 'NOT met'})")
-    for pol in ADAPTIVE:
+    for pol in adaptive:
         g = [r for r in rows if r["policy"] == pol and "reused_from" not in r]
         share = _recompute_share(g)
         if share is not None:
@@ -228,14 +229,32 @@ def plot_quality(summary, path: Path) -> None:
     plt.close(fig)
 
 
+def _slo_aware(rows) -> list[str]:
+    """The SLO-aware policies among the rows' policies, in first-seen order (``Policy.slo_aware``)."""
+    from ctxstream.policies import PolicyError, make_policy
+
+    out = []
+    for r in rows:
+        pol = r["policy"]
+        if pol in out:
+            continue
+        try:
+            if make_policy(pol).slo_aware:
+                out.append(pol)
+        except PolicyError:  # a policy of a later version: not judged
+            continue
+    return out
+
+
 def pick_timeline_run(rows) -> dict | None:
     """An adaptive run with mixed choices if any, else the first adaptive run, else the first run."""
     ok = [r for r in rows if r.get("chunks") and "reused_from" not in r]
+    adaptive = set(_slo_aware(rows))
     for r in ok:
-        if r["policy"] in ADAPTIVE and len({c["final"] for c in r["chunks"]}) > 1:
+        if r["policy"] in adaptive and len({c["final"] for c in r["chunks"]}) > 1:
             return r
     for r in ok:
-        if r["policy"] in ADAPTIVE:
+        if r["policy"] in adaptive:
             return r
     return ok[0] if ok else None
 

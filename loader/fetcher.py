@@ -1,0 +1,222 @@
+"""The fetcher: HTTP GETs of manifests, profiles and chunk bodies, with Range resume, one retry back-off,
+checksum and header checks, and the policy's hedge; every chunk fetch ends in a typed :class:`Fetched`
+or a :class:`FetchFailed`.
+
+The chunk URL is built from the context id and the chunk *index* of the manifest the server returned
+(never from a locally derived id), so the server is free to key ids as it likes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import aiohttp
+
+from ctxstream.codec import CodecError
+from ctxstream.codec.format import DecodeLimits, parse_header
+from ctxstream.errors import CtxstreamError
+from ctxstream.manifest import ChunkEntry, checksum_hex
+
+from .throughput import ThroughputEstimator
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+def backoff_s(attempt: int) -> float:
+    """Seconds to wait before retry ``attempt`` (1, 2, ...): exponential from 20 ms, at most 0.5 s.
+    The one back-off of every request the loader makes."""
+    return min(0.5, 0.02 * 2 ** max(0, attempt))
+
+
+class FetchFailed(CtxstreamError, RuntimeError):
+    """A chunk could not be fetched (status not worth retrying, retries exhausted, or the hedge fired)."""
+
+    def __init__(self, msg: str, retries: int = 0, nbytes: int = 0, seconds: float = 0.0):
+        super().__init__(msg)
+        self.retries, self.nbytes, self.seconds = retries, nbytes, seconds
+
+
+class HTTPStatusError(CtxstreamError, RuntimeError):
+    def __init__(self, status: int, body: str):
+        super().__init__(f"HTTP {status}: {body[:200]}")
+        self.status = status
+
+
+class WrongChunkError(CodecError):
+    """The body's header is not the chunk asked for (another level, start or length)."""
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    """``max_retries`` per request; ``stall_timeout_s``: a body silent that long is cut and resumed;
+    ``piece_bytes``: read size (the shaper and the throughput samples see pieces of this size)."""
+
+    max_retries: int = 3
+    stall_timeout_s: float = 10.0
+    piece_bytes: int = 1 << 16
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A chunk's verified bytes and how they came."""
+
+    data: bytes
+    level: str
+    bytes: int  # body bytes received over all attempts
+    seconds: float  # from the first request to the verified body
+    retries: int
+    bps: float | None  # rate of the body (None when too small to measure)
+    latency_s: float | None  # request to first byte of the first attempt
+    error: str | None = None  # the last failure that was recovered from
+    recovered: str | None = None  # "range-resume" or "refetch"
+    verified: bool = False  # the whole body matched a checksum (manifest or X-Checksum-Xxh3)
+
+
+class Fetcher:
+    """One aiohttp session to one streamer; ``shaper`` (``await consume(nbytes)``) paces every body byte."""
+
+    def __init__(self, server_url: str, *, token: str | None = None, shaper=None,
+                 options: FetchOptions = FetchOptions()):
+        self.server_url = server_url.rstrip("/")
+        self.token = token
+        self.shaper = shaper
+        self.options = options
+        self._session: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        if self._session is None:
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.options.stall_timeout_s)
+            self._session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    async def get_bytes(self, path: str) -> bytes:
+        """GET ``path`` (retried with :func:`backoff_s` on transport errors and retryable statuses)."""
+        if self._session is None:
+            await self.open()
+        last: Exception | None = None
+        for attempt in range(self.options.max_retries + 1):
+            if attempt:
+                await asyncio.sleep(backoff_s(attempt))
+            try:
+                async with self._session.get(self.server_url + path, headers=self._headers()) as resp:
+                    body = await resp.read()
+                    if resp.status != 200:
+                        raise HTTPStatusError(resp.status, body.decode("utf-8", "replace"))
+                    return body
+            except HTTPStatusError as exc:
+                last = exc
+                if exc.status not in RETRYABLE_STATUS:
+                    break
+            except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+                last = exc
+        raise FetchFailed(f"cannot get {path} from {self.server_url}: {last}")
+
+    async def chunk(self, context_id: str, entry: ChunkEntry, level: str, est: ThroughputEstimator,
+                    limits: DecodeLimits, timeout_s: float | None = None) -> Fetched:
+        """Fetch chunk ``entry`` at ``level``; ``timeout_s`` (the policy's hedge): past it, give up."""
+        t0 = time.perf_counter()
+        state = {"retries": 0, "bytes": 0}
+        job = self._chunk(context_id, entry, level, est, limits, state)
+        try:
+            return await (asyncio.wait_for(job, timeout_s) if timeout_s else job)
+        except asyncio.TimeoutError:
+            raise FetchFailed(f"hedge: fetch still running after {timeout_s:.2f} s", state["retries"],
+                              state["bytes"], time.perf_counter() - t0) from None
+
+    async def _chunk(self, context_id: str, entry: ChunkEntry, level: str, est: ThroughputEstimator,
+                     limits: DecodeLimits, state: dict) -> Fetched:
+        if self._session is None:
+            await self.open()
+        expected = entry.sizes.get(level)
+        checksum = entry.checksums.get(level)
+        url = f"{self.server_url}/v1/contexts/{context_id}/chunks/{entry.index}"
+        buf = bytearray()
+        restarts, body_s = 0, 0.0
+        latency: float | None = None
+        last_error, recovered = None, None
+        etag: str | None = None
+        t_begin = time.perf_counter()
+        while True:
+            headers = self._headers()
+            if buf:
+                headers["Range"] = f"bytes={len(buf)}-"
+                if etag:
+                    headers["If-Range"] = etag  # the server sends it whole if the object changed
+            t_req = time.perf_counter()
+            t_first = None
+            try:
+                async with self._session.get(url, params={"level": level}, headers=headers) as resp:
+                    if resp.status == 206 and buf:
+                        if not resp.headers.get("Content-Range", "").startswith(f"bytes {len(buf)}-"):
+                            buf.clear()  # not the range asked for: start over
+                    elif resp.status == 200:
+                        buf.clear()
+                    else:
+                        body = await resp.read()
+                        raise HTTPStatusError(resp.status, body.decode("utf-8", "replace"))
+                    if resp.status == 200 and resp.content_length is not None and expected is not None \
+                            and resp.content_length != expected:
+                        raise CodecError(f"server sends {resp.content_length} bytes, manifest says {expected}")
+                    async for piece in resp.content.iter_chunked(self.options.piece_bytes):
+                        if t_first is None:
+                            t_first = time.perf_counter()
+                            if latency is None:
+                                latency = t_first - t_req
+                        if self.shaper is not None:
+                            await self.shaper.consume(len(piece))
+                        buf += piece
+                        state["bytes"] += len(piece)
+                        if expected is not None and len(buf) > expected:
+                            raise CodecError(f"more than the {expected} bytes the manifest announces")
+                    if t_first is not None:
+                        body_s += time.perf_counter() - t_first
+                    header_sum = resp.headers.get("X-Checksum-Xxh3")
+                    etag = resp.headers.get("ETag") or etag
+                if expected is not None and len(buf) < expected:
+                    raise aiohttp.ClientPayloadError(f"body ended after {len(buf)} of {expected} bytes")
+                data = bytes(buf)
+                want = checksum or header_sum
+                if want and checksum_hex(data).lower() != str(want).split(":")[-1].strip().lower():
+                    raise CodecError(f"checksum mismatch for chunk {entry.index} level {level}")
+                hdr = parse_header(data, limits).header
+                if hdr.level != level or hdr.start != entry.start or hdr.tokens != entry.tokens:
+                    raise WrongChunkError(f"chunk {entry.index}: asked for {level} tokens {entry.start}+{entry.tokens}, "
+                                          f"the body holds {hdr.level} tokens {hdr.start}+{hdr.tokens}")
+                bps = est.add(state["bytes"], body_s) if body_s > 0 else None
+                return Fetched(data, level, state["bytes"], time.perf_counter() - t_begin, state["retries"], bps,
+                               latency, last_error, recovered, verified=bool(want))
+            except HTTPStatusError as exc:
+                last_error = str(exc)
+                if exc.status == 416:
+                    buf.clear()
+                elif exc.status not in RETRYABLE_STATUS:
+                    raise FetchFailed(last_error, state["retries"], state["bytes"],
+                                      time.perf_counter() - t_begin) from exc
+                recovered = "refetch"
+            except CodecError as exc:  # corrupt, inconsistent or wrong body: fetch it again from the start
+                last_error, recovered = str(exc), "refetch"
+                buf.clear()
+                restarts += 1
+            except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+                if t_first is not None:
+                    body_s += time.perf_counter() - t_first
+                last_error = f"{type(exc).__name__}: {exc}"
+                recovered = "range-resume" if buf else "refetch"
+            state["retries"] += 1
+            log.info("chunk %d (%s): %s; retry %d", entry.index, level, last_error, state["retries"])
+            if state["retries"] > self.options.max_retries or restarts > 1:
+                raise FetchFailed(last_error or "fetch failed", state["retries"], state["bytes"],
+                                  time.perf_counter() - t_begin)
+            await asyncio.sleep(backoff_s(state["retries"]))

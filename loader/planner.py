@@ -1,0 +1,97 @@
+"""The planner: policy + calibration + throughput forecast + remaining budget in, one typed
+:class:`Decision` per chunk out (no I/O; the loader's fetcher and sink act on it).
+
+The state it gives the policy follows the execution model of
+:func:`ctxstream.policies.adaptation.plan_finish_s`: per chunk, the sink's ingest seconds per level
+(CPU decode, or GPU host prepare) and the recompute seconds given the chunk's prefix, from the
+calibration with its online corrections; the budget is the SLO minus the time since the load began
+minus ``tail_s`` (the prompt's first token and applying the ingested KV, which follow the last chunk).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from ctxstream.manifest import Manifest
+from ctxstream.policies.adaptation import TEXT, ChunkFeedback, ChunkInfo, ChunkState, Choice, Policy
+
+from .calibration import Calibration
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Decision:
+    index: int
+    choice: Choice  # a level or TEXT (TEXT also when the policy failed or chose an unavailable level)
+    state: ChunkState  # what the policy saw
+    remaining_s: float  # budget left at the decision (inf without an SLO)
+    timeout_s: float | None  # the hedge: a fetch still running after this is abandoned and recomputed
+    work_s: float  # the compute worker's estimated seconds for the choice
+    decide_s: float  # time the policy took
+    error: str | None = None
+
+
+class Planner:
+    def __init__(self, policy: Policy, calibration: Calibration, manifest: Manifest, levels: Sequence[str],
+                 quality: Mapping[str, float], slo_s: float | None, *, tail_s: float = 0.0):
+        self.policy = policy
+        self.cal = calibration
+        self.manifest = manifest
+        self.levels = list(levels)
+        self.quality = quality
+        self.slo_s = slo_s
+        self.tail_s = float(tail_s)
+        self.bad_levels: set[str] = set()
+
+    def drop_level(self, level: str) -> None:
+        """Stop offering ``level`` (the sink could not read it)."""
+        self.bad_levels.add(level)
+
+    def recompute_s(self, i: int) -> float:
+        c = self.manifest.chunks[i]
+        return self.cal.recompute_s(c.tokens, c.start)
+
+    def infos(self, i: int) -> list[ChunkInfo]:
+        out = []
+        for c in self.manifest.chunks[i:]:
+            sizes = {lv: c.sizes[lv] for lv in self.levels if lv in c.sizes and lv not in self.bad_levels}
+            out.append(ChunkInfo(c.index, c.tokens, sizes, {lv: self.cal.ingest_s(lv, c.tokens) for lv in sizes},
+                                 self.cal.recompute_s(c.tokens, c.start)))
+        return out
+
+    def decide(self, i: int, *, elapsed_s: float, throughput_bps: float, throughput_err: float,
+               latency_s: float, backlog_s: float) -> Decision:
+        infos = self.infos(i)
+        cur = infos[0]
+        remaining = (self.slo_s - elapsed_s - self.tail_s) if self.slo_s is not None else float("inf")
+        state = ChunkState(index=i, num_chunks=len(self.manifest.chunks), tokens=cur.tokens,
+                           sizes_bytes=cur.sizes_bytes, decode_s=cur.decode_s, recompute_s=cur.recompute_s,
+                           remaining_s=remaining, throughput_bps=throughput_bps, throughput_err=throughput_err,
+                           latency_s=latency_s, compute_backlog_s=backlog_s, elapsed_s=elapsed_s,
+                           upcoming=tuple(infos[1:]), quality=self.quality)
+        t = time.perf_counter()
+        error = None
+        try:
+            choice = self.policy.select(state)
+        except Exception as exc:  # noqa: BLE001 - a broken policy must not stop the load
+            choice, error = TEXT, f"policy failed: {exc}"
+        decide_s = time.perf_counter() - t
+        if choice != TEXT and choice not in cur.sizes_bytes:
+            choice, error = TEXT, f"policy chose unavailable level {choice!r}"
+        timeout = None
+        if choice != TEXT:
+            try:
+                timeout = self.policy.fetch_timeout_s(state, choice)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("policy.fetch_timeout_s failed: %s", exc)
+        return Decision(i, choice, state, remaining, timeout, cur.work_s(choice), decide_s, error)
+
+    def observe(self, feedback: ChunkFeedback) -> None:
+        try:
+            self.policy.observe(feedback)
+        except Exception:  # noqa: BLE001 - a broken policy must not stop the load
+            log.exception("policy.observe failed")

@@ -1,0 +1,200 @@
+"""KV sinks: where a load's chunks go, in chunk order, on the loader's compute worker.
+
+A sink takes each chunk as it is ready -- fetched bytes (:meth:`KvSink.add_blob`) or a recompute from
+its token ids (:meth:`KvSink.recompute`) -- and at the end hands the model a
+:class:`~ctxstream.loader.pipeline.PipelinedCache` whose pending layers come from a
+:class:`~ctxstream.loader.pipeline.LayerSource` (layer ``l``'s KV is produced when the model reaches
+layer ``l``). A recompute needs the KV of every chunk before it, so it first applies the pending
+chunks into the sink's ``DynamicCache``; then the model extends that cache by the chunk's tokens on
+the model's device (the GPU when the model is there).
+
+* :class:`CpuSink` (the reference, CI's path): each fetched chunk is decoded on the CPU when it
+  arrives (beside the later fetches); the source concatenates the decoded layers.
+* :class:`GpuSink` (default when the model is on CUDA and the GPU decoder builds): each fetched chunk
+  is copied into pinned memory and its host work done once (``GpuDecoder.prepare``: header parse,
+  decode plans, packed tables); the source is a
+  :class:`~ctxstream.loader.pipeline.GpuLayerSource`, whose copies and decode kernels run on side
+  streams while the model computes earlier layers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ctxstream.codec import Codec, CodecError
+from ctxstream.model import ModelAdapter
+
+from .calibration import run_model, sync_device
+from .pipeline import DecodedLayerSource, GpuLayerSource, LayerSource, PipelinedCache, StackedSource
+
+__all__ = ["KvSink", "CpuSink", "GpuSink", "make_sink", "sink_kinds", "default_sink_kind"]
+
+
+class KvSink:
+    """Base of the sinks (see the module docstring). Not thread-safe: one worker thread drives it."""
+
+    kind = "sink"
+
+    def __init__(self, adapter: ModelAdapter, codec: Codec):
+        self.adapter = adapter
+        self.codec = codec
+        self.cache = adapter.make_cache()  # the applied prefix
+        self.start_token = 0
+        self.tokens = 0  # applied + pending
+        self.pending_tokens = 0
+
+    def begin(self, start: int = 0) -> None:
+        """The first chunk will start at token ``start`` (0 for a whole context)."""
+        self.start_token = self.tokens = start
+        self.pending_tokens = 0
+
+    # ------------------------------------------------------------------ chunks, in order
+    def add_blob(self, blob: bytes, start: int, tokens: int, *, verified: bool) -> None:
+        """A fetched chunk's bytes (``verified``: its checksum was checked at receive)."""
+        if start != self.tokens:
+            raise CodecError(f"chunk at token {start}, the sink is at {self.tokens}")
+        self._add(blob, start, tokens, verified)
+        self.tokens += tokens
+        self.pending_tokens += tokens
+
+    def recompute(self, token_ids) -> None:
+        """Apply the pending chunks, then extend the cache by ``token_ids`` with the model."""
+        self.apply()
+        if self.cache.get_seq_length() != self.tokens - self.start_token:
+            raise RuntimeError(f"cache holds {self.cache.get_seq_length()} tokens, the sink {self.tokens}")
+        run_model(self.adapter, self.cache, token_ids)
+        self.tokens += len(token_ids)
+
+    def apply(self) -> None:
+        """Put the pending chunks into the cache now (layer by layer)."""
+        src = self._source()
+        if src is None:
+            return
+        src.start()
+        for layer in range(src.num_layers):
+            k, v = src.layer(layer)
+            self.cache.update(k.to(self.adapter.device, self.adapter.dtype),
+                              v.to(self.adapter.device, self.adapter.dtype), layer)
+        src.finish()
+        self.pending_tokens = 0
+
+    def finish(self):
+        """The cache for the model: a :class:`PipelinedCache` over the applied prefix and the pending
+        chunks (their layers are produced as the model reaches them), or the plain cache when nothing
+        is pending. The caller runs the model on it (or ``materialize``s it), then the source's
+        ``finish`` is called by :meth:`close` to surface integrity errors."""
+        src = self._source()
+        if src is None:
+            self.source = None
+            return self.cache
+        self.source = StackedSource(self.cache, src)
+        self.pending_tokens = 0
+        return PipelinedCache(self.source, self.adapter.model.config)
+
+    def close(self) -> None:
+        """Wait for the last source and raise on its integrity errors."""
+        src = getattr(self, "source", None)
+        if src is not None:
+            self.source = None
+            src.finish()
+
+    def sync(self) -> None:
+        sync_device(self.adapter.device)
+
+    # ------------------------------------------------------------------ per sink
+    def _add(self, blob: bytes, start: int, tokens: int, verified: bool) -> None:
+        raise NotImplementedError
+
+    def _source(self) -> LayerSource | None:
+        raise NotImplementedError
+
+
+class CpuSink(KvSink):
+    """Decodes each chunk on the CPU as it arrives (``Codec.decoder().feed``)."""
+
+    kind = "cpu"
+
+    def __init__(self, adapter: ModelAdapter, codec: Codec):
+        super().__init__(adapter, codec)
+        self._chunks: list[list] = []
+
+    def _add(self, blob, start, tokens, verified):
+        dec = self.codec.decoder()
+        layers = dec.feed(blob)
+        if not dec.done:
+            raise CodecError(f"{len(blob)} bytes do not hold a whole chunk")
+        hdr = dec.header
+        if hdr.start != start or hdr.shape[2] != tokens:
+            raise CodecError(f"chunk holds tokens {hdr.start}+{hdr.shape[2]}, expected {start}+{tokens}")
+        self._chunks.append(layers)
+
+    def _source(self):
+        if not self._chunks:
+            return None
+        src = DecodedLayerSource(self._chunks, device=self.adapter.device, dtype=self.adapter.dtype)
+        self._chunks = []
+        return src
+
+
+class GpuSink(KvSink):
+    """Pins each chunk and prepares its GPU decode as it arrives; decodes on side streams at the end.
+
+    ``groups``: layer groups per decode launch (:func:`~ctxstream.loader.pipeline.layer_groups`)."""
+
+    kind = "gpu"
+
+    def __init__(self, adapter: ModelAdapter, codec: Codec, *, decoder=None, groups="geometric",
+                 streams: int | None = None):
+        super().__init__(adapter, codec)
+        from ctxstream.codec import gpu
+
+        from .pipeline import layer_groups
+
+        if adapter.device.type != "cuda":
+            raise ValueError("the GPU sink needs the model on a CUDA device")
+        self.decoder = decoder if decoder is not None and decoder.codec is codec else gpu.GpuDecoder(codec, adapter.device)
+        self.groups = layer_groups(codec.info.num_layers, groups)
+        self.streams = streams
+        self._pinned: list[torch.Tensor] = []
+        self._prepared: list = []
+
+    def _add(self, blob, start, tokens, verified):
+        pinned = torch.empty(len(blob), dtype=torch.uint8, pin_memory=True)
+        pinned.numpy()[:] = np.frombuffer(blob, dtype=np.uint8)  # one copy, into memory the GPU reads directly
+        prep = self.decoder.prepare(pinned, self.groups, verify=not verified)
+        if prep.header.start != start or prep.header.tokens != tokens:
+            raise CodecError(f"chunk holds tokens {prep.header.start}+{prep.header.tokens}, expected {start}+{tokens}")
+        self._pinned.append(pinned)
+        self._prepared.append(prep)
+
+    def _source(self):
+        if not self._pinned:
+            return None
+        src = GpuLayerSource(self.decoder, self._pinned, dtype=self.adapter.dtype, groups=self.groups,
+                             verified=True, streams=self.streams, prepared=self._prepared)
+        self._pinned, self._prepared = [], []
+        return src
+
+
+_SINKS = {"cpu": CpuSink, "gpu": GpuSink}
+
+
+def sink_kinds() -> list[str]:
+    return list(_SINKS)
+
+
+def default_sink_kind(adapter: ModelAdapter) -> str:
+    """``gpu`` when the model is on CUDA and the GPU decoder is available there, else ``cpu``."""
+    if adapter.device.type == "cuda":
+        from ctxstream.codec import gpu
+
+        if gpu.unavailable_reason() is None:
+            return "gpu"
+    return "cpu"
+
+
+def make_sink(kind: str, adapter: ModelAdapter, codec: Codec, **kw) -> KvSink:
+    if kind not in _SINKS:
+        raise ValueError(f"unknown KV sink {kind!r}; known: {', '.join(_SINKS)}")
+    return _SINKS[kind](adapter, codec, **kw)
