@@ -27,7 +27,6 @@ from ctxstream.streamer.settings import Settings  # noqa: E402
 from ctxstream.traces.shaping import RateShaper  # noqa: E402
 
 TOKEN = "test-token-123"
-SINK = "cpu"  # the reference sink (tests/test_gpu_loader.py runs the same tests on the GPU sink)
 N_TOKENS = 1000  # 4 chunks of 256 (the last 232)
 
 
@@ -38,15 +37,31 @@ def upload(url: str, ids: list[int]) -> dict:
         return json.loads(resp.read())
 
 
-@pytest.fixture(scope="module")
-def tiny():
+def _gpu_reason():
+    from ctxstream.codec import gpu
+
+    return gpu.unavailable_reason()
+
+
+@pytest.fixture(scope="module", params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def tiny(request):
+    """The client's model and codec, per KV sink: ``cpu`` (the reference, CI) and ``gpu`` (the model on
+    CUDA, GPU decode + layer-wise loading; skipped without CUDA + nvcc) -- every test runs on both."""
     adapter = ModelAdapter.tiny_random()
-    return adapter, Codec.for_model(adapter)
+    if request.param == "gpu":
+        reason = _gpu_reason()
+        if reason is not None:
+            pytest.skip(f"GPU sink needs CUDA + nvcc: {reason}")
+        import copy
+
+        adapter = ModelAdapter(copy.deepcopy(adapter.model).to("cuda"), adapter.tokenizer, adapter.name)
+    return adapter, Codec.for_model(ModelAdapter.tiny_random())
 
 
 @pytest.fixture(scope="module")
 def server(tiny):
-    adapter, codec = tiny
+    _, codec = tiny
+    adapter = ModelAdapter.tiny_random()  # the streamer computes on the CPU
     settings = Settings(model="tiny-random", store="memory", tokens={TOKEN: "acme"})
     with serve_in_background(settings, adapter=adapter, codec=codec) as srv:
         yield srv
@@ -82,12 +97,15 @@ def loader(server, tiny, **kw) -> ContextLoader:
     kw.setdefault("token", TOKEN)
     kw.setdefault("codec", codec)
     kw.setdefault("context", shared_test_context())
-    kw.setdefault("sink", SINK)
     return ContextLoader(server.url, model=adapter, **kw)
 
 
 def kv_close(a, b, atol):
-    return all(torch.allclose(x, y, atol=atol, rtol=0) for x, y in zip(a, b))
+    return all(torch.allclose(x.cpu(), y.cpu(), atol=atol, rtol=0) for x, y in zip(a, b))
+
+
+def sink_of(adapter) -> str:
+    return "gpu" if adapter.device.type == "cuda" else "cpu"
 
 
 def local_greedy(adapter, ids, n):
@@ -108,6 +126,7 @@ async def test_fp16_stream_equals_local_prefill(server, tiny, context):
     async with loader(server, tiny, policy="fp16", slo_s=None) as cl:
         res = await cl.load(ctx, prompt_ids=prompt)
     rep = res.report
+    assert rep.sink == sink_of(adapter)  # the model on CUDA: GPU decode + layer-wise loading by default
     assert [r.final for r in rep.chunks] == ["fp16"] * 4 and rep.failures == [] and rep.retries == 0
     assert rep.bytes == sum(r.bytes for r in rep.chunks) > 0
     k, v = adapter.cache_to_tensors(res.cache, 0, N_TOKENS)
@@ -121,7 +140,7 @@ async def test_fp16_stream_equals_local_prefill(server, tiny, context):
     async with loader(server, tiny, policy="fp16", slo_s=None) as cl:
         res2 = await cl.load(ctx)
     assert res2.first_token is None and res2.cache.get_seq_length() == N_TOKENS
-    full = torch.tensor([ids + prompt])
+    full = torch.tensor([ids + prompt], device=adapter.device)
     out = adapter.model.generate(input_ids=full, **cache_kw(adapter.model, res2.cache), max_new_tokens=12, do_sample=False,
                                  pad_token_id=0)
     assert out[0, full.shape[1]:].tolist() == streamed
@@ -366,10 +385,12 @@ def test_sync_wrapper_and_cli_ask_json(server, tiny, context):
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
         rc = main(["ask", "--server", server.url, "--context", ctx, "--model", "tiny-random", "--token", TOKEN,
+                   "--device", adapter.device.type,
                    "--policy", "slo", "--slo", "5", "--rate", "100mbit", "--max-new-tokens", "5", "--json",
                    "what is it?"])
     assert rc == 0, err.getvalue()
     rep = json.loads(out.getvalue())
+    assert rep["sink"] == sink_of(adapter)  # --device cuda: the GPU sink by default
     assert rep["slo_met"] is True and rep["ttft_s"] > 0 and len(rep["chunks"]) == 4
     assert {"index", "final", "bytes", "fetch_s", "decode_s", "recompute_s", "throughput_bps"} <= set(rep["chunks"][0])
     assert isinstance(rep["answer"], str)
@@ -494,3 +515,100 @@ async def test_real_model_fp16_generation_matches_local_prefill(real_server):
     assert kv_close(adapter.cache_to_tensors(text_res.cache), (k_ref, v_ref), atol=1e-3)
     assert kv_close(adapter.cache_to_tensors(res.cache, 0, len(ids)), (k_ref, v_ref), atol=0.05)
 
+
+
+# --------------------------------------------------------------------------------- rebuilt parts
+class Alternate(Policy):
+    """text for odd chunks, fp16 for even ones: recomputes land between fetched chunks."""
+
+    name = "alternate"
+
+    def select(self, state):
+        return TEXT if state.index % 2 else "fp16"
+
+
+async def test_recompute_between_fetched_chunks_gives_the_senders_kv(server, tiny, context):
+    adapter, _ = tiny
+    ctx, ids = context
+    prompt = [7, 8, 9]
+    async with loader(server, tiny, policy=Alternate(), slo_s=None) as cl:
+        res = await cl.load(ctx, prompt_ids=prompt)
+    assert [r.final for r in res.report.chunks] == ["fp16", TEXT, "fp16", TEXT]
+    k_ref, v_ref = adapter.compute_kv(ids)
+    assert kv_close(adapter.cache_to_tensors(res.cache, 0, N_TOKENS), (k_ref, v_ref), atol=2e-3)
+    assert res.generate(8) == local_greedy(adapter, ids + prompt, 8)
+
+
+async def test_a_body_of_another_level_is_refetched_then_recomputed(server, tiny, context):
+    """The fetcher checks that the chunk's header carries the level, start and length asked for."""
+    from ctxstream.loader import FetchFailed
+    from ctxstream.loader.fetcher import Fetcher, FetchOptions
+    from ctxstream.loader.throughput import ThroughputEstimator
+
+    adapter, codec = tiny
+    ctx, _ = context
+
+    async def swap(request):  # serves q4 whatever level is asked for
+        async with ClientSession() as s:
+            async with s.get(server.url + request.path, params={"level": "q4"},
+                             headers={"Authorization": request.headers.get("Authorization", "")}) as up:
+                return web.Response(status=up.status, body=await up.read())
+
+    app = web.Application()
+    app.router.add_get("/v1/contexts/{cid}/chunks/{i}", swap)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    try:
+        async with loader(server, tiny, policy="fp16", slo_s=None) as cl:
+            man = await cl.fetch_manifest(ctx)
+        # a manifest entry without sizes or checksums: only the header can tell
+        from dataclasses import replace
+
+        entry = replace(man.chunks[1], sizes={}, checksums={})
+        f = Fetcher(url, token=TOKEN, options=FetchOptions(max_retries=3))
+        try:
+            with pytest.raises(FetchFailed, match="asked for q2"):
+                await f.chunk(ctx, entry, "q2", ThroughputEstimator(1e9), codec.limits)
+            got = await f.chunk(ctx, entry, "q4", ThroughputEstimator(1e9), codec.limits)
+            assert got.level == "q4" and codec.header(got.data).level == "q4" and not got.verified
+        finally:
+            await f.close()
+    finally:
+        await runner.cleanup()
+
+
+async def test_every_finished_load_is_handed_to_metrics(server, tiny, context):
+    from ctxstream.loader.metrics import LoaderMetrics
+
+    ctx, _ = context
+    m = LoaderMetrics()
+    async with loader(server, tiny, policy="fp16", slo_s=30.0, metrics=m) as cl:
+        await cl.load(ctx, prompt_ids=[5])
+        await cl.load(ctx, prompt_ids=[5])
+    text = m.render().decode()
+    assert 'ctxstream_loader_chunks_total{choice="fp16",policy="fixed:fp16"} 8.0' in text
+    assert 'ctxstream_loader_loads_total{outcome="met",policy="fixed:fp16"} 2.0' in text
+    assert 'ctxstream_loader_ttft_seconds_count{policy="fixed:fp16"} 2.0' in text
+
+
+def test_one_slo_default_for_api_and_cli():
+    import argparse
+
+    from ctxstream.loader import DEFAULT_SLO_S, cli
+
+    p = argparse.ArgumentParser()
+    cli.register(p.add_subparsers())
+    args = p.parse_args(["ask", "q", "--server", "http://x", "--context", "c"])
+    assert args.slo is None  # resolved to the loader's default in cmd_ask
+    cl = ContextLoader("http://x", model=ModelAdapter.tiny_random(), context=fresh_context())
+    assert cl.slo_s == DEFAULT_SLO_S
+
+
+def test_retries_share_one_backoff():
+    from ctxstream.loader.fetcher import backoff_s
+
+    waits = [backoff_s(a) for a in range(1, 10)]
+    assert waits == sorted(waits) and waits[0] > 0 and max(waits) == 0.5
