@@ -279,6 +279,8 @@ class ModelAdapter:
 
     # ------------------------------------------------------------------------------------ tokens
     def tokenize(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ModelError(f"model {self.info.name} was given without a tokenizer: pass token ids")
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def detokenize(self, ids: Sequence[int]) -> str:

@@ -48,6 +48,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pytest_report_header(config):
+    binary = shutil.which("redis-server")
+    return [f"redis-server: {binary} (the Redis tests start it on free loopback ports)" if binary else
+            "redis-server: NOT FOUND -- every Redis test will be SKIPPED (apt-get install -y redis-server)"]
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     binary = shutil.which("redis-server")

@@ -291,3 +291,25 @@ def _forge_params(codec, blob, **params) -> bytes:
     new = msgpack.packb(head)
     prefix = MAGIC + struct.pack("<I", len(new))
     return prefix + new + struct.pack("<Q", checksum(prefix + new)) + blob[8 + hlen + 8 :]
+
+
+def test_for_model_takes_a_plain_transformers_model_without_a_tokenizer(tmp_path):
+    """A bare HF causal LM (no adapter, no tokenizer): the profile is calibrated on sequences sampled
+    from the model, cached; given calibration ids, those are used (another cache entry)."""
+    import transformers
+
+    from ctxstream.model import ModelAdapter
+
+    hf = ModelAdapter.tiny_random(seed=3).model
+    assert isinstance(hf, transformers.PreTrainedModel)
+    codec = Codec.for_model(hf, cache_dir=tmp_path)
+    k = torch.randn(codec.info.num_layers, codec.info.num_kv_heads, 40, codec.info.head_dim)
+    v = torch.randn_like(k)
+    k2, v2 = codec.decode(codec.encode(k, v, level=codec.levels[0]))
+    assert k2.shape == k.shape and (k2.float() - k).abs().mean() < 0.5 * k.abs().mean()
+    assert len(list((tmp_path / "profiles").glob("*.ctxp"))) == 1
+    again = Codec.for_model(hf, cache_dir=tmp_path)  # read back from the cache, not rebuilt
+    assert again.profile.id == codec.profile.id
+    ids = [i % codec.info.vocab_size for i in range(3 * 1280)]
+    other = Codec.for_model(hf, cache_dir=tmp_path, calibration_ids=ids)
+    assert other.profile.id != codec.profile.id and len(list((tmp_path / "profiles").glob("*.ctxp"))) == 2

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -163,14 +163,19 @@ class Codec:
         self._level_tables: dict[str, _LevelTables] = {}
 
     @classmethod
-    def for_model(cls, model, *, profile: Profile | bytes | None = None, cache_dir=None,
+    def for_model(cls, model, *, tokenizer=None, calibration_ids: Sequence[int] | None = None,
+                  profile: Profile | bytes | None = None, cache_dir=None,
                   limits: DecodeLimits | None = None) -> "Codec":
-        """Codec of a :class:`ModelAdapter` (or a bare HF model); the profile is built once and cached."""
-        adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model, None, type(model).__name__)
+        """Codec of a :class:`ModelAdapter` or a bare transformers causal LM (with an optional
+        ``tokenizer``); the profile is built once per model and calibration source, and cached.
+
+        Calibration tokens: ``calibration_ids`` if given, else the stdlib's pydoc text through the
+        tokenizer, else (no tokenizer) sequences sampled from the model itself."""
+        adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model, tokenizer, type(model).__name__)
         if isinstance(profile, (bytes, bytearray, memoryview)):
             profile = Profile.from_bytes(bytes(profile))
         if profile is None:
-            profile = profile_for(adapter, cache_dir)
+            profile = profile_for(adapter, cache_dir, token_ids=calibration_ids)
         return cls(adapter.info, profile, limits=limits)
 
     # ------------------------------------------------------------------------------- levels

@@ -28,6 +28,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import msgpack
 import numpy as np
@@ -169,16 +170,34 @@ def calibration_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
+def dev_calibration_text(data_dir) -> str:
+    """The DEV split's texts (tinyshakespeare, first half of WikiText-2), joined: calibration text
+    that is never scored on the eval split."""
+    from ..corpora import split_texts
+
+    return "\n\n".join(split_texts("dev", data_dir))
+
+
 # ----------------------------------------------------------------------------------- building
 def build_profile(adapter: ModelAdapter, *, context_tokens: int = DEFAULT_BUILD["context_tokens"],
                   continuation_tokens: int = DEFAULT_BUILD["continuation_tokens"],
                   segments: int = DEFAULT_BUILD["segments"], ridge: float = DEFAULT_BUILD["ridge"],
-                  deadzone: float = DEFAULT_BUILD["deadzone"], text: str | None = None) -> Profile:
-    """Measure a model's KV statistics and loss sensitivity on calibration text (one pass per segment)."""
+                  deadzone: float = DEFAULT_BUILD["deadzone"], text: str | None = None,
+                  token_ids: Sequence[int] | None = None, text_name: str = "custom") -> Profile:
+    """Measure a model's KV statistics and loss sensitivity on calibration tokens (one pass per segment).
+
+    The tokens are ``token_ids`` if given, else ``text`` (default: :func:`calibration_text`) tokenized
+    by the adapter's tokenizer, else -- a bare model without a tokenizer -- sequences sampled from the
+    model itself (:func:`sampled_calibration_ids`)."""
     info = adapter.info
     L, H, D = info.num_layers, info.num_kv_heads, info.head_dim
-    ids = adapter.tokenize(text if text is not None else calibration_text())
     seg_len = context_tokens + continuation_tokens
+    if token_ids is not None:
+        ids = [int(t) for t in token_ids]
+    elif adapter.tokenizer is not None:
+        ids = adapter.tokenize(text if text is not None else calibration_text())
+    else:
+        ids = sampled_calibration_ids(adapter, segments, seg_len)
     segments = max(1, min(segments, len(ids) // seg_len))
     if len(ids) < seg_len:
         raise ValueError(f"calibration text has {len(ids)} tokens, need {seg_len}")
@@ -213,7 +232,8 @@ def build_profile(adapter: ModelAdapter, *, context_tokens: int = DEFAULT_BUILD[
         sums += x.sum(3)
         outer += torch.einsum("kltd,klte->klde", x.flatten(1, 2), x.flatten(1, 2)).view(2, L, H, D, D)
         fisher += torch.einsum("kltd,klte->klde", g.flatten(1, 2), g.flatten(1, 2)).view(2, L, H, D, D)
-        samples.append(x.float())
+        if s < 8:  # the class tables need a sample, not every segment
+            samples.append(x.float())
         n += x.shape[3]
     mean = sums / n
     cov = outer / n - torch.einsum("klhd,klhe->klhde", mean, mean)
@@ -238,7 +258,7 @@ def build_profile(adapter: ModelAdapter, *, context_tokens: int = DEFAULT_BUILD[
         fingerprint=info.fingerprint,
         mean=mean.float().numpy(), analysis=analysis.float().numpy(), synthesis=synthesis.float().numpy(),
         coef_std=coef_std.float().numpy(), freqs=freqs, recon=recon,
-        calibration={"text": "pydoc_data.topics" if text is None else "custom", "segments": segments,
+        calibration={"text": "pydoc_data.topics" if text is None else text_name, "segments": segments,
                      "context_tokens": context_tokens, "continuation_tokens": continuation_tokens,
                      "ridge": ridge, "deadzone": deadzone, "classes": NUM_CLASSES, "class_min_log2": CLASS_MIN_LOG2},
     )
@@ -274,11 +294,104 @@ def _class_tables(x: torch.Tensor, mean, analysis, coef_std, deadzone: float) ->
     return freqs, recon
 
 
+@torch.no_grad()
+def group_sensitivity(adapter: ModelAdapter, profile: Profile, text: str, *, step: float = 1.0, segments: int = 2,
+                      context_tokens: int = 1024, continuation_tokens: int = 256) -> np.ndarray:
+    """Measured loss per unit of metric error of each (K|V, layer) group: ``[2, layers]``.
+
+    For each group alone, its coefficients are quantised at ``step`` (plain rounding), the
+    continuation's cross-entropy rise ``dCE`` is measured, and divided by the squared coefficient
+    error ``E`` it caused. If the Fisher metric were exact, ``dCE / E`` would be the same for every
+    group; its spread is what the metric gets wrong (errors compound across layers, softmax
+    saturation, cross-head effects the per-head metric cannot see).
+    """
+    from transformers import DynamicCache
+
+    info = adapter.info
+    L = info.num_layers
+    ids = adapter.tokenize(text)
+    seg_len = context_tokens + continuation_tokens
+    stride = len(ids) // segments
+    cos, sin = rope_cos_sin(info, torch.arange(context_tokens))
+    mean = torch.from_numpy(profile.mean)[:, :, :, None]
+    ana, syn = torch.from_numpy(profile.analysis), torch.from_numpy(profile.synthesis)
+    dce = np.zeros((2, L))
+    err = np.zeros((2, L))
+
+    def ce(kpre_all, v_all):
+        cache = DynamicCache(config=adapter.model.config)
+        for layer in range(L):
+            cache.update(apply_rope(kpre_all[layer], cos, sin)[None].to(adapter.device, adapter.dtype),
+                         v_all[layer][None].to(adapter.device, adapter.dtype), layer)
+        logits = adapter.model(input_ids=torch.tensor([cont], device=adapter.device),
+                               **cache_kw(adapter.model, cache)).logits[0]
+        return float(torch.nn.functional.cross_entropy(logits[:-1].float(),
+                                                       torch.tensor(cont[1:], device=logits.device)))
+
+    for s in range(segments):
+        seg = ids[s * stride : s * stride + seg_len]
+        ctx, cont = seg[:context_tokens], seg[context_tokens:]
+        k, v = adapter.compute_kv(ctx)
+        x = torch.stack([invert_rope(k.cpu().float(), cos, sin, info.attention_scaling), v.cpu().float()])
+        base = ce(x[0], x[1])
+        for kv in range(2):
+            for layer in range(L):
+                coef = (x[kv, layer] - mean[kv, layer]) @ ana[kv, layer]
+                q = torch.round(coef / step) * step
+                q[:, :SINK_TOKENS] = coef[:, :SINK_TOKENS]  # the sink is stored exactly
+                err[kv, layer] += float((q - coef).pow(2).sum())
+                y = x.clone()
+                y[kv, layer] = q @ syn[kv, layer] + mean[kv, layer]
+                dce[kv, layer] += ce(y[0], y[1]) - base
+    return dce / np.maximum(err, 1e-30)
+
+
+def rescale_profile(profile: Profile, sensitivity: np.ndarray, *, power: float = 0.5,
+                    clip: tuple[float, float] = (0.25, 4.0)) -> Profile:
+    """Bit allocation across (K|V, layer) under one step: group ``g``'s coefficients are scaled by
+    ``a_g = (w_g / geomean(w)) ** power`` (``w`` = :func:`group_sensitivity`), so a uniform step is
+    ``1 / a_g`` finer in its original units. ``power = 0.5`` is the high-rate optimum (equal
+    marginal loss per bit: step ``~ 1 / sqrt(w)``). The class tables are of unit-variance
+    coefficients, so they stay valid."""
+    w = np.maximum(np.asarray(sensitivity, np.float64), 1e-12)
+    w = np.where(np.asarray(sensitivity) > 0, w, np.nan)
+    floor = np.nanpercentile(w, 10)
+    w = np.where(np.isnan(w), floor, np.maximum(w, floor))
+    a = np.clip((w / np.exp(np.log(w).mean())) ** power, *clip).astype(np.float32)  # [2, L]
+    a5 = a[:, :, None, None, None]
+    cal = dict(profile.calibration, rd_power=power, rd_scales=[[float(x) for x in row] for row in a])
+    return Profile(fingerprint=profile.fingerprint, mean=profile.mean, analysis=profile.analysis * a5,
+                   synthesis=profile.synthesis / a5, coef_std=profile.coef_std * a[:, :, None, None],
+                   freqs=profile.freqs, recon=profile.recon, calibration=cal)
+
+
 # ------------------------------------------------------------------------------------- caching
-def profile_for(adapter: ModelAdapter, cache_dir: Path | None = None) -> Profile:
-    """The model's profile from ``cache_dir/profiles/<fingerprint>.ctxp``, built and saved if missing."""
+def sampled_calibration_ids(adapter: ModelAdapter, segments: int, tokens: int, seed: int = 0,
+                            piece: int = 128) -> list[int]:
+    """``segments * tokens`` ids sampled from the model (top-k 50, seeded): calibration data for a model
+    given without a tokenizer, drawn from its own distribution. Sampled as a batch of independent
+    ``piece``-token sequences, concatenated (like documents one after another), so the cost is
+    ``piece`` generation steps, not ``tokens``."""
+    total = segments * tokens
+    count = -(-total // piece)
+    gen = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, adapter.info.vocab_size, (count, 1), generator=gen).to(adapter.device)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = adapter.model.generate(input_ids=start, attention_mask=torch.ones_like(start), do_sample=True,
+                                     top_k=50, max_new_tokens=piece - 1, min_new_tokens=piece - 1,
+                                     pad_token_id=0)
+    return [int(t) for t in out.reshape(-1).tolist()[:total]]
+
+
+def profile_for(adapter: ModelAdapter, cache_dir: Path | None = None,
+                token_ids: Sequence[int] | None = None) -> Profile:
+    """The model's profile from ``cache_dir/profiles/<fingerprint>-<build>.ctxp``, built and saved if
+    missing; ``token_ids``: calibration tokens (see :func:`build_profile`), part of the cache key."""
     folder = (Path(cache_dir) if cache_dir else default_cache_dir()) / "profiles"
-    build = xxhash.xxh3_64_hexdigest(f"{PROFILE_VERSION}{sorted(DEFAULT_BUILD.items())}".encode())[:8]
+    source = ("ids", xxhash.xxh3_64_hexdigest(repr(list(token_ids)).encode())) if token_ids is not None else \
+        ("text",) if adapter.tokenizer is not None else ("sampled",)
+    build = xxhash.xxh3_64_hexdigest(f"{PROFILE_VERSION}{sorted(DEFAULT_BUILD.items())}{source}".encode())[:8]
     path = folder / f"{adapter.info.fingerprint}-{build}.ctxp"
     if path.is_file():
         try:
@@ -287,7 +400,7 @@ def profile_for(adapter: ModelAdapter, cache_dir: Path | None = None) -> Profile
                 return prof
         except (MalformedError, ChecksumError, VersionError) as exc:
             log.warning("rebuilding unreadable profile %s: %s", path, exc)
-    prof = build_profile(adapter)
+    prof = build_profile(adapter, token_ids=token_ids)
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".profile-")
     with os.fdopen(fd, "wb") as fh:
