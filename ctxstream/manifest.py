@@ -8,14 +8,22 @@ JSON shape (``Manifest.to_json`` / ``Manifest.from_json``)::
      "chunks": [{"index": 0, "id": "<chunk id>", "start": 0, "token_ids": [...],
                  "sizes": {"q0": 123, ...}, "checksums": {"q0": "<xxh3-64 hex>", ...}}, ...]}
 
-Chunk ids form a chain of prefix hashes over (model fingerprint, tenant, token ids): chunk i's id
-hashes chunk i-1's id and chunk i's tokens, so two contexts sharing a prefix share its chunks and
-two tenants never share one. The context id is the id of its last chunk.
+Chunk ids form a chain of keyed prefix hashes (BLAKE2b keyed by the server's id key) over (model
+fingerprint, tenant, token ids): chunk i's id hashes chunk i-1's id and chunk i's tokens, so two
+contexts of one tenant sharing a prefix share its chunks, two tenants never share one, and nobody
+without the server's key can compute an id from a document. An id is 24 hex digits of chain hash
+followed by an 8-hex-digit owner tag (a keyed hash of the tenant and the chain hash):
+:func:`owned_by` tells whether an id belongs to a tenant without looking anything up, so a probe
+of another tenant's id and of an id that does not exist take the same path. The context id is the
+id of its last chunk.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -24,24 +32,63 @@ import xxhash
 from ctxstream.errors import CtxstreamError
 
 MANIFEST_VERSION = 1
-ID_HEX = 32  # 128-bit ids
+ID_HEX = 32  # 128-bit ids: 96-bit keyed chain hash + 32-bit owner tag
+_BODY_BYTES, _TAG_BYTES = 12, 4
+ID_KEY_BYTES = 32
 
 
 class ManifestError(CtxstreamError, ValueError):
     """A manifest that does not parse or is inconsistent."""
 
 
-def chunk_ids(fingerprint: str, tenant: str, token_ids: Sequence[int], chunk_tokens: int) -> list[str]:
-    """Prefix-hash chain of ids, one per chunk of ``chunk_tokens`` tokens (the last may be shorter)."""
-    ids, prev = [], f"ctxstream/v{MANIFEST_VERSION}/{fingerprint}/{tenant}"
+def id_key(secret: str | bytes) -> bytes:
+    """The 32-byte BLAKE2b key ids are computed with, derived from a server secret (>= 16 bytes)."""
+    raw = secret.encode() if isinstance(secret, str) else bytes(secret)
+    if len(raw) < 16:
+        raise ValueError("the id secret must be at least 16 bytes")
+    return hashlib.blake2b(raw, digest_size=ID_KEY_BYTES, person=b"ctxstream-idkey").digest()
+
+
+def _lp(data: bytes) -> bytes:  # length-prefixed: no two (fingerprint, tenant) pairs encode alike
+    return struct.pack("<I", len(data)) + data
+
+
+def _owner_tag(key: bytes, tenant: str, body: bytes) -> str:
+    h = hashlib.blake2b(key=key, digest_size=_TAG_BYTES, person=b"ctxstream-owner")
+    h.update(_lp(tenant.encode()))
+    h.update(body)
+    return h.hexdigest()
+
+
+def chunk_ids(key: bytes, fingerprint: str, tenant: str, token_ids: Sequence[int], chunk_tokens: int) -> list[str]:
+    """Keyed prefix-hash chain of ids, one per chunk of ``chunk_tokens`` tokens (the last may be shorter).
+
+    ``key`` is :func:`id_key` of the server secret. Token ids must lie in ``[0, 2**63)``."""
+    if len(key) != ID_KEY_BYTES:
+        raise ValueError(f"id key must be {ID_KEY_BYTES} bytes (see id_key)")
+    root = hashlib.blake2b(key=key, digest_size=_BODY_BYTES, person=b"ctxstream-root")
+    root.update(_lp(f"ctxstream/v{MANIFEST_VERSION}".encode()) + _lp(fingerprint.encode()) + _lp(tenant.encode()))
+    prev = root.digest()
+    ids = []
     for s in range(0, len(token_ids), chunk_tokens):
-        h = xxhash.xxh3_128()
-        h.update(prev.encode())
-        h.update(b"|")
-        h.update(",".join(str(int(t)) for t in token_ids[s : s + chunk_tokens]).encode())
-        prev = h.hexdigest()
-        ids.append(prev)
+        toks = token_ids[s : s + chunk_tokens]
+        h = hashlib.blake2b(key=key, digest_size=_BODY_BYTES, person=b"ctxstream-chunk")
+        h.update(prev)
+        h.update(struct.pack(f"<{len(toks)}q", *(int(t) for t in toks)))
+        prev = h.digest()
+        ids.append(prev.hex() + _owner_tag(key, tenant, prev))
     return ids
+
+
+def owned_by(key: bytes, tenant: str, ctx_id: str) -> bool:
+    """Whether ``ctx_id`` (32 lowercase hex) carries ``tenant``'s owner tag: one keyed hash, no lookup."""
+    if not isinstance(ctx_id, str) or len(ctx_id) != ID_HEX:
+        return False
+    try:
+        body = bytes.fromhex(ctx_id[: 2 * _BODY_BYTES])
+    except ValueError:
+        return False
+    return hmac.compare_digest(_owner_tag(key, tenant, body), ctx_id[2 * _BODY_BYTES :])
 
 
 def checksum_hex(data: bytes | memoryview) -> str:

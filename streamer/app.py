@@ -22,7 +22,7 @@ from .ingest import ContextService
 from .metrics import Metrics
 from .settings import Settings
 from .state import StreamerState
-from .storage import Store, StoreError, make_store
+from .storage import Store, StoreError, StoreFullError, make_store
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,8 @@ def create_app(settings: Settings | None = None, *, adapter: ModelAdapter | None
         await st_store.ping()
         executor = ThreadPoolExecutor(settings.encode_workers, thread_name_prefix="ctxstream-encode")
         service = ContextService(ad, cd, st_store, chunk_tokens=settings.chunk_tokens, executor=executor,
-                                 metrics=metrics)
+                                 metrics=metrics, id_secret=settings.id_secret)
+        await service.open()  # the id key; finishes deletes a crash interrupted
         app.state.streamer = StreamerState(settings=settings, adapter=ad, codec=cd, store=st_store, service=service,
                                            executor=executor, metrics=metrics, started=time.time())
         if not settings.tokens:
@@ -120,6 +121,13 @@ def create_app(settings: Settings | None = None, *, adapter: ModelAdapter | None
                   description="Uploads contexts, encodes their KV at every codec level, streams the chunks.")
     for router in ROUTERS:
         app.include_router(router)
+
+    @app.exception_handler(StoreFullError)
+    async def store_full(request, exc: StoreFullError):
+        # a store that cannot hold an upload refuses it (nothing acknowledged is evicted): 507 with the reason
+        log.warning("%s %s: store full: %s", request.method, request.url.path, exc)
+        metrics.inc("store_errors_total")
+        return JSONResponse({"detail": f"insufficient storage: {exc}"}, status_code=507)
 
     @app.exception_handler(StoreError)
     async def store_unavailable(request, exc: StoreError):

@@ -2,15 +2,33 @@
 
 Model work and encoding run in a thread pool (``encode_workers`` threads), never on the event loop,
 so fetches keep flowing while a large upload encodes. A chunk already stored (same id: same model,
-tenant and token prefix) is not re-encoded. Contexts and chunks are kept in the store as described
-in :mod:`ctxstream.streamer.records`.
+tenant and token prefix) whose bytes verify against its record's checksums is not re-encoded.
+Contexts and chunks are kept in the store as described in :mod:`ctxstream.streamer.records`.
+
+Consistency rules (one streamer process per store for writes; ``_commit_lock`` orders commits and
+deletes inside it):
+
+* An upload *pins* its chunk ids from its first read to its end: a ``DELETE`` never removes the
+  bytes or the record of a pinned chunk, so a chunk found present stays present until the commit.
+* At commit every chunk's bytes at every level are checked to be in the store (``contains``); a
+  chunk gone meanwhile (another process deleted it, a tier lost it) makes the upload fail with 409,
+  never answer 201 for a context it cannot serve. Chunk records are written first, the context
+  record last: a crash in between leaves unreachable chunk references, never a partial context.
+* ``DELETE`` writes a tombstone (a copy of the context record), removes the context record (from
+  then on the context is 404), releases each chunk (its reference first, then the bytes nobody else
+  uses), and removes the tombstone. :meth:`ContextService.open` finishes every tombstone left by a
+  crash, so a killed delete never leaves a context that answers 200 with chunks that are 404.
+* An upload that fails after storing bytes removes the bytes no committed context and no other
+  in-flight upload uses (a full memory store is emptied of a refused upload's chunks).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
+from collections import Counter
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Sequence
@@ -19,12 +37,13 @@ import torch
 
 from ctxstream.errors import CtxstreamError
 from ctxstream.codec import Codec
-from ctxstream.manifest import ChunkEntry, Manifest, checksum_hex, chunk_ids
+from ctxstream.manifest import ChunkEntry, Manifest, checksum_hex, chunk_ids, id_key, owned_by
 from ctxstream.model import ModelAdapter
 
 from .metrics import Metrics
-from .records import ChunkRecord, ContextRecord, RouteEntry, chunk_key, chunkrec_key, ctx_key
-from .storage import Store
+from .records import (ID_SECRET_KEY, ChunkRecord, ContextRecord, RouteEntry, chunk_key, chunkrec_key, ctx_key,
+                      tomb_key, valid_id)
+from .storage import Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +60,10 @@ class IngestResult:
 
 
 class ContextService:
-    """Creates, reads and deletes contexts in a :class:`Store`."""
+    """Creates, reads and deletes contexts in a :class:`Store`. Call :meth:`open` before use."""
 
     def __init__(self, adapter: ModelAdapter, codec: Codec, store: Store, *, chunk_tokens: int,
-                 executor: Executor, metrics: Metrics | None = None):
+                 executor: Executor, metrics: Metrics | None = None, id_secret: str | bytes | None = None):
         self.adapter = adapter
         self.codec = codec
         self.store = store
@@ -54,9 +73,56 @@ class ContextService:
         self.info = adapter.info
         self.levels = codec.all_levels
         self._commit_lock = asyncio.Lock()
+        self._pins: Counter[str] = Counter()  # chunk id -> uploads in flight that use it
+        self.id_key: bytes | None = id_key(id_secret) if id_secret else None
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    # ------------------------------------------------------------------------------ start
+    async def open(self) -> int:
+        """Load (or create) the id key and finish the deletes a crash interrupted; returns how many.
+
+        Without a secret in the settings, a durable store keeps one under ``meta.id-secret`` (created
+        once, put-if-absent, so streamers sharing a Redis agree); a memory-only store gets a random one."""
+        if self.id_key is None:
+            if self.store.durable:
+                await self.store.add(ID_SECRET_KEY, secrets.token_hex(32).encode())
+                raw = await self.store.get(ID_SECRET_KEY)
+                if raw is None:
+                    raise StoreError(f"the id secret ({ID_SECRET_KEY}) could not be read back from the store")
+                self.id_key = id_key(raw)
+            else:
+                self.id_key = id_key(secrets.token_bytes(32))
+        finished = 0
+        for key in await self.store.keys("tomb."):
+            ctx_id = key[len("tomb."):]
+            if not valid_id(ctx_id):
+                continue
+            async with self._commit_lock:
+                raw = await self.store.get(key)
+                if raw is None:
+                    continue
+                await self.store.delete(ctx_key(ctx_id))
+                await self._release(ctx_id, ContextRecord.from_bytes(raw))
+                await self.store.delete(key)
+                finished += 1
+        if finished:
+            log.warning("finished %d context deletes interrupted by a crash", finished)
+        return finished
+
+    def ids(self, tenant: str, token_ids: Sequence[int]) -> list[str]:
+        """The chunk ids of ``token_ids`` uploaded by ``tenant`` (the last one is the context id)."""
+        return chunk_ids(self._key(), self.info.fingerprint, tenant, token_ids, self.chunk_tokens)
+
+    def owns(self, tenant: str, ctx_id: str) -> bool:
+        """Whether ``ctx_id`` carries ``tenant``'s owner tag (no store access)."""
+        return owned_by(self._key(), tenant, ctx_id)
+
+    def _key(self) -> bytes:
+        if self.id_key is None:
+            raise RuntimeError("ContextService.open() was not called")
+        return self.id_key
 
     # ------------------------------------------------------------------------------ ingest
     async def tokenize(self, text: str) -> list[int]:
@@ -73,22 +139,30 @@ class ContextService:
             raise ValueError(f"{len(token_ids)} token ids for KV of {keys.shape[2]} tokens")
         return await self._ingest(tenant, list(token_ids), (keys, values))
 
-    async def _missing(self, ids: list[str]) -> tuple[list[ChunkRecord | None], list[int]]:
-        records: list[ChunkRecord | None] = []
-        missing: list[int] = []
-        for i, cid in enumerate(ids):
-            raw = await self.store.get(chunkrec_key(cid))
-            rec = ChunkRecord.from_bytes(raw) if raw is not None else None
-            complete = rec is not None and set(rec.sizes) >= set(self.levels)
-            if complete:
-                for lv in self.levels:
-                    if not await self.store.contains(chunk_key(cid, lv, self.codec.level_id(lv))):
-                        complete = False
-                        break
-            records.append(rec if complete else None)
-            if not complete:
-                missing.append(i)
-        return records, missing
+    def _blob_key(self, cid: str, level: str, checksum: str) -> str:
+        return chunk_key(cid, level, self.codec.level_id(level), checksum)
+
+    async def _chunkrec(self, cid: str) -> ChunkRecord | None:
+        raw = await self.store.get(chunkrec_key(cid))
+        return ChunkRecord.from_bytes(raw) if raw is not None else None
+
+    async def _verified(self, cid: str) -> ChunkRecord | None:
+        """The chunk's record if its reusable encoding is stored at every level with the recorded size and
+        checksum; None otherwise (a level's bytes that do not match their checksum are removed)."""
+        rec = await self._chunkrec(cid)
+        if rec is None or not set(rec.sizes) >= set(self.levels) or not set(rec.checksums) >= set(self.levels):
+            return None
+        ok = True
+        for lv in self.levels:
+            key = self._blob_key(cid, lv, rec.checksums[lv])
+            blob = await self.store.get(key)
+            if blob is None:
+                ok = False
+            elif len(blob) != rec.sizes[lv] or checksum_hex(blob) != rec.checksums[lv]:
+                log.warning("chunk %s level %s: stored bytes do not match their checksum; removed", cid, lv)
+                await self.store.delete(key)
+                ok = False
+        return rec if ok else None
 
     def _encode_chunk(self, keys: torch.Tensor, values: torch.Tensor, start: int,
                       importance: torch.Tensor | None) -> tuple[dict[str, bytes], float]:
@@ -107,44 +181,69 @@ class ContextService:
         if not token_ids:
             raise ValueError("a context needs at least one token")
         ct = self.chunk_tokens
-        ids = chunk_ids(self.info.fingerprint, tenant, token_ids, ct)
-        records, missing = await self._missing(ids)
-        if missing:
-            if kv is None:
-                end = min(len(token_ids), (missing[-1] + 1) * ct)
-                keys, values, importance, secs = await self._run(self._compute_kv, token_ids[:end])
-                self.metrics.observe("model_seconds", secs)
-            else:  # uploaded KV: no queries to measure importance with, every token is coded alike
-                keys, values = kv
-                importance = None
-            for i in missing:
-                s, e = i * ct, min(len(token_ids), (i + 1) * ct)
-                imp = importance[s:e] if importance is not None else None
-                blobs, secs = await self._run(self._encode_chunk, keys[:, :, s:e], values[:, :, s:e], s, imp)
-                self.metrics.observe("encode_seconds", secs)
-                for lv, blob in blobs.items():
-                    await self.store.put(chunk_key(ids[i], lv, self.codec.level_id(lv)), blob)
-                records[i] = ChunkRecord(start=s, tokens=e - s, sizes={lv: len(b) for lv, b in blobs.items()},
-                                         checksums={lv: checksum_hex(b) for lv, b in blobs.items()})
-                self.metrics.inc("chunks_encoded_total")
+        ids = self.ids(tenant, token_ids)
         ctx_id = ids[-1]
-        missing_set = set(missing)
-        entries, route = [], []
+        self._pins.update(ids)
+        written: dict[int, dict[str, str]] = {}  # chunk index -> {level: checksum} of bytes this upload stored
+        committed = False
+        try:
+            records: list[ChunkRecord | None] = [await self._verified(cid) for cid in ids]
+            missing = [i for i, rec in enumerate(records) if rec is None]
+            if missing:
+                if kv is None:
+                    end = min(len(token_ids), (missing[-1] + 1) * ct)
+                    keys, values, importance, secs = await self._run(self._compute_kv, token_ids[:end])
+                    self.metrics.observe("model_seconds", secs)
+                else:  # uploaded KV: no queries to measure importance with, every token is coded alike
+                    keys, values = kv
+                    importance = None
+                for i in missing:
+                    s, e = i * ct, min(len(token_ids), (i + 1) * ct)
+                    imp = importance[s:e] if importance is not None else None
+                    blobs, secs = await self._run(self._encode_chunk, keys[:, :, s:e], values[:, :, s:e], s, imp)
+                    self.metrics.observe("encode_seconds", secs)
+                    sums = {lv: checksum_hex(b) for lv, b in blobs.items()}
+                    written[i] = {}
+                    for lv, blob in blobs.items():
+                        await self.store.put(self._blob_key(ids[i], lv, sums[lv]), blob)
+                        written[i][lv] = sums[lv]
+                    records[i] = ChunkRecord(start=s, tokens=e - s, sizes={lv: len(b) for lv, b in blobs.items()},
+                                             checksums=sums)
+                    self.metrics.inc("chunks_encoded_total")
+            manifest = await self._commit(tenant, ctx_id, ids, token_ids, records, written)
+            committed = True
+        finally:
+            if not committed and written:
+                await self._discard(ids, written)
+            self._pins.subtract(ids)
+            for cid in ids:
+                if self._pins[cid] <= 0:
+                    del self._pins[cid]
+        self.metrics.inc("chunks_reused_total", len(ids) - len(missing))
+        return IngestResult(manifest, len(missing), len(ids) - len(missing), time.perf_counter() - t0)
+
+    async def _commit(self, tenant: str, ctx_id: str, ids: list[str], token_ids: list[int],
+                      records: list[ChunkRecord], written: dict[int, dict[str, str]]) -> Manifest:
+        ct = self.chunk_tokens
+        entries, route, updates, stale = [], [], [], []
         async with self._commit_lock:
             for i, cid in enumerate(ids):
-                # re-read: a concurrent upload or delete may have changed the refs meanwhile
-                raw = await self.store.get(chunkrec_key(cid))
-                fresh = ChunkRecord.from_bytes(raw) if raw is not None else None
-                if i in missing_set:
-                    rec = records[i]
-                    rec.refs = fresh.refs if fresh is not None else []
-                elif fresh is None:
-                    raise ConcurrentChangeError(f"chunk {i} was deleted while this upload ran; retry the upload")
-                else:
-                    rec = fresh
-                if ctx_id not in rec.refs:
-                    rec.refs.append(ctx_id)
-                await self.store.put(chunkrec_key(cid), rec.to_bytes())
+                rec = records[i]
+                # the bytes this context will name must be there now: another process's delete or a lost
+                # tier could have removed them since they were found or written
+                for lv in self.levels:
+                    if not await self.store.contains(self._blob_key(cid, lv, rec.checksums[lv])):
+                        raise ConcurrentChangeError(f"chunk {i} ({lv}) was removed while this upload ran; "
+                                                    "retry the upload")
+                fresh = await self._chunkrec(cid)
+                out = fresh if fresh is not None else ChunkRecord(rec.start, rec.tokens, {}, {})
+                if i in written or not set(out.checksums) >= set(self.levels):
+                    out.sizes, out.checksums = dict(rec.sizes), dict(rec.checksums)  # the newest verified encoding
+                before = out.refs.get(ctx_id)
+                out.refs[ctx_id] = {lv: rec.checksums[lv] for lv in self.levels}
+                if before:  # a re-upload of this context that re-encoded: its old bytes may now be unused
+                    stale += [(cid, lv, c) for lv, c in before.items() if (lv, c) not in out.live_checksums()]
+                updates.append((cid, out))
                 sizes = {lv: rec.sizes[lv] for lv in self.levels}
                 sums = {lv: rec.checksums[lv] for lv in self.levels}
                 s = i * ct
@@ -154,9 +253,34 @@ class ContextService:
             manifest = Manifest(id=ctx_id, model=self.info.name, fingerprint=self.info.fingerprint,
                                 profile=self.codec.profile.id if self.codec.profile else "", chunk_tokens=ct,
                                 levels=tuple(self.levels), chunks=tuple(entries))
+            for cid, out in updates:  # chunk records first, the context record last
+                await self.store.put(chunkrec_key(cid), out.to_bytes())
             await self.store.put(ctx_key(ctx_id), ContextRecord(tenant, manifest.to_json(), route).to_bytes())
-        self.metrics.inc("chunks_reused_total", len(ids) - len(missing))
-        return IngestResult(manifest, len(missing), len(ids) - len(missing), time.perf_counter() - t0)
+            for cid, lv, c in stale:
+                if self._pins[cid] <= 1:
+                    await self.store.delete(self._blob_key(cid, lv, c))
+        return manifest
+
+    async def _discard(self, ids: list[str], written: dict[int, dict[str, str]]) -> None:
+        """After a failed upload: remove the bytes it stored that no committed context and no other
+        in-flight upload uses (best effort: a store that is down keeps them as orphans)."""
+        try:
+            async with self._commit_lock:
+                for i, sums in written.items():
+                    cid = ids[i]
+                    if self._pins[cid] > 1:  # another upload in flight uses this chunk
+                        continue
+                    fresh = await self._chunkrec(cid)
+                    live = fresh.live_checksums() if fresh is not None and fresh.refs else set()
+                    for lv, c in sums.items():
+                        if (lv, c) not in live:
+                            await self.store.delete(self._blob_key(cid, lv, c))
+                    if fresh is not None and not fresh.refs:  # a record only a pinned delete kept
+                        for lv, c in fresh.live_checksums():
+                            await self.store.delete(self._blob_key(cid, lv, c))
+                        await self.store.delete(chunkrec_key(cid))
+        except StoreError as exc:
+            log.warning("could not remove the chunks of a failed upload (%s); they stay as orphans", exc)
 
     # ------------------------------------------------------------------------------ read / delete
     async def record(self, ctx_id: str) -> ContextRecord | None:
@@ -164,22 +288,34 @@ class ContextService:
         return ContextRecord.from_bytes(raw) if raw is not None else None
 
     async def delete(self, ctx_id: str) -> bool:
-        """Drop the context, and each of its chunks that no other context references."""
+        """Drop the context, and the chunk bytes no other context (or upload in flight) uses."""
         async with self._commit_lock:
-            rec = await self.record(ctx_id)
-            if rec is None:
+            raw = await self.store.get(ctx_key(ctx_id))
+            if raw is None:
                 return False
-            for entry in rec.route:
-                raw = await self.store.get(chunkrec_key(entry.chunk_id))
-                if raw is None:
-                    continue
-                crec = ChunkRecord.from_bytes(raw)
-                crec.refs = [r for r in crec.refs if r != ctx_id]
-                if crec.refs:
-                    await self.store.put(chunkrec_key(entry.chunk_id), crec.to_bytes())
-                else:
-                    for lv in set(crec.sizes) | set(self.levels):
-                        await self.store.delete(chunk_key(entry.chunk_id, lv, self.codec.level_id(lv)))
-                    await self.store.delete(chunkrec_key(entry.chunk_id))
+            await self.store.put(tomb_key(ctx_id), raw)  # a crash from here on is finished by open()
             await self.store.delete(ctx_key(ctx_id))
+            await self._release(ctx_id, ContextRecord.from_bytes(raw))
+            await self.store.delete(tomb_key(ctx_id))
             return True
+
+    async def _release(self, ctx_id: str, rec: ContextRecord) -> None:
+        """Remove ``ctx_id``'s reference from each of its chunks, then the bytes nothing uses any more.
+        Idempotent: running it again after a crash half-way finishes the job."""
+        for entry in rec.route:
+            cid = entry.chunk_id
+            crec = await self._chunkrec(cid)
+            if crec is None:
+                continue
+            used = crec.refs.pop(ctx_id, None) or {}
+            mine = set(used.items()) | {(lv, c) for lv, (_size, c) in entry.levels.items()}
+            if self._pins[cid] > 0:  # an upload in flight uses this chunk: keep every byte of it
+                await self.store.put(chunkrec_key(cid), crec.to_bytes())
+            elif crec.refs:
+                await self.store.put(chunkrec_key(cid), crec.to_bytes())  # the reference first, then the bytes
+                for lv, c in mine - crec.live_checksums():
+                    await self.store.delete(self._blob_key(cid, lv, c))
+            else:
+                for lv, c in mine | crec.live_checksums():
+                    await self.store.delete(self._blob_key(cid, lv, c))
+                await self.store.delete(chunkrec_key(cid))

@@ -91,13 +91,15 @@ def unpack_kv(data: bytes | bytearray, info: ModelInfo, *, max_tokens: int) -> t
     if not isinstance(header, dict):
         raise KVFormatError(400, "KV header is not a map")
     dtype, shape = header.get("dtype"), header.get("shape")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:  # a list or map here is unhashable
         raise KVFormatError(422, f"KV dtype {dtype!r} not supported; use one of {', '.join(DTYPES)}")
     if (not isinstance(shape, list) or len(shape) != 4
             or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in shape)):
         raise KVFormatError(400, f"KV shape {shape!r} must be 4 non-negative ints [layers, kv_heads, tokens, head_dim]")
     L, H, T, D = shape
     fp = header.get("fingerprint")
+    if fp is not None and not isinstance(fp, str):
+        raise KVFormatError(400, f"KV fingerprint must be a string, not {type(fp).__name__}")
     if fp is not None and fp != info.fingerprint:
         raise KVFormatError(422, f"KV is for model fingerprint {fp!r}; this server serves {info.name} ({info.fingerprint})")
     if (L, H, D) != (info.num_layers, info.num_kv_heads, info.head_dim):
@@ -122,4 +124,8 @@ def unpack_kv(data: bytes | bytearray, info: ModelInfo, *, max_tokens: int) -> t
     values = torch.frombuffer(buf, dtype=tdt, count=n, offset=off + n * tdt.itemsize).view(L, H, T, D)
     if not (torch.isfinite(keys).all() and torch.isfinite(values).all()):
         raise KVFormatError(422, "KV contains NaN or infinity")
+    if tdt != torch.float16:  # every level is coded from float16: what the cast turns into inf is refused
+        for name, t in (("keys", keys), ("values", values)):
+            if not torch.isfinite(t.to(torch.float16)).all():
+                raise KVFormatError(422, f"KV {name} hold values beyond the float16 range (|x| > 65504)")
     return [int(x) for x in ids], keys, values

@@ -66,7 +66,12 @@ class Settings(BaseSettings):
     # limits
     max_upload_bytes: int = Field(256 << 20, gt=0)
     max_tokens: int = Field(16384, gt=0)
-    max_concurrent_uploads: int = Field(2, ge=1)
+    max_concurrent_uploads: int = Field(2, ge=1)  # uploads encoding at once (a slot is taken after the body is read)
+    max_uploads_per_tenant: int = Field(2, ge=1)  # one tenant's uploads in flight (receiving, encoding)
+    body_timeout_s: float = Field(30.0, gt=0)  # the whole request body must arrive within this (else 408)
+    max_json_bytes: int = Field(4 << 20, gt=0)  # a JSON upload body ({"text"} / {"token_ids"}) is refused above this
+    # ids are keyed with this secret; None: a durable store keeps a generated one (meta.id-secret)
+    id_secret: str | None = Field(None, min_length=16, repr=False)
     stream_piece_bytes: int = Field(256 << 10, ge=4096)  # response body piece size (256 KiB: fastest here)
     log_level: str = "warning"
 

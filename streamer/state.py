@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ctxstream.codec import Codec
 from ctxstream.model import ModelAdapter
@@ -23,5 +24,6 @@ class StreamerState:
     service: ContextService
     executor: ThreadPoolExecutor
     metrics: Metrics
-    uploads_in_progress: int = 0
+    uploads_in_progress: int = 0  # uploads holding an encoding slot (their bodies read)
+    tenant_uploads: Counter = field(default_factory=Counter)  # tenant -> its uploads in flight (receiving too)
     started: float = 0.0

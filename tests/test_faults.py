@@ -36,7 +36,7 @@ import pytest
 import torch
 
 from conftest import TOKENS, auth, free_port
-from ctxstream.manifest import checksum_hex, chunk_ids
+from ctxstream.manifest import checksum_hex, chunk_ids, id_key
 from ctxstream.loader import ContextLoader
 from ctxstream.policies import TEXT
 from ctxstream.streamer.records import chunk_key
@@ -46,6 +46,8 @@ from ctxstream.streamer.storage import frame
 from ctxstream.traces.shaping import RateShaper
 
 CT = 64  # chunk tokens of every server here
+ID_SECRET = "test-id-secret-0123456789"  # given to the process servers, so a test can compute the ids
+ID_KEY = id_key(ID_SECRET)
 
 
 def tokens(n: int, seed: int) -> list[int]:
@@ -88,7 +90,7 @@ def assert_kv_exact(adapter, result, ids: list[int]) -> None:
 
 def process_server(data_dir: Path, **overrides):
     fields = dict(model="tiny-random", store="disk", data_dir=data_dir, tokens=TOKENS, chunk_tokens=CT, fsync=True,
-                  log_level="warning")
+                  log_level="warning", id_secret=ID_SECRET)
     fields.update(overrides)
     return serve_in_background(Settings(**fields), mode="process")
 
@@ -240,7 +242,7 @@ def test_server_killed_during_an_upload_never_serves_a_partial_context(tmp_path)
     srv2 = process_server(data)
     try:
         verify_context(srv2.url, done)  # the completed upload survived, byte for byte
-        big_id = chunk_ids(httpx.get(srv2.url + "/v1/info").json()["fingerprint"], "acme", big, CT)[-1]
+        big_id = chunk_ids(ID_KEY, httpx.get(srv2.url + "/v1/info").json()["fingerprint"], "acme", big, CT)[-1]
         r = httpx.get(f"{srv2.url}/v1/contexts/{big_id}", headers=auth())
         assert r.status_code == 404  # the interrupted context does not exist: never half-served
         assert not list(data.rglob(".tmp-*"))  # interrupted writes were cleaned up on restart
@@ -318,7 +320,7 @@ async def test_redis_killed_and_restarted(make_streamer, own_redis, tiny_adapter
     r = upload_ids(tiered.url, b_ids)
     assert r.status_code == 503 and "store unavailable" in r.json()["detail"] and r.headers["retry-after"] == "1"
     assert httpx.get(tiered.url + "/healthz").status_code == 503
-    b_id = chunk_ids(tiny_adapter.info.fingerprint, "acme", b_ids, CT)[-1]
+    b_id = tiered.app.state.streamer.service.ids("acme", b_ids)[-1]
     assert httpx.get(f"{tiered.url}/v1/contexts/{b_id}", headers=auth()).status_code == 503
     own_redis.start()  # same port, same folder: the AOF is replayed
     assert httpx.get(tiered.url + "/healthz").status_code == 200  # the client reconnects by itself
@@ -377,7 +379,7 @@ def test_disk_full_refuses_uploads_with_503_and_keeps_what_is_stored(make_stream
     assert stored and failed is not None, "the 2 MiB disk never filled"
     ids, r = failed
     assert r.status_code == 503 and "No space left" in r.json()["detail"], (r.status_code, r.text)
-    failed_id = chunk_ids(tiny_adapter.info.fingerprint, "acme", ids, CT)[-1]
+    failed_id = srv.app.state.streamer.service.ids("acme", ids)[-1]
     assert httpx.get(f"{srv.url}/v1/contexts/{failed_id}", headers=auth()).status_code == 404  # not half there
     for body in stored:
         verify_context(srv.url, body)  # everything stored before the disk filled is served intact
@@ -397,7 +399,8 @@ async def test_corrupted_and_truncated_on_disk_are_recomputed_by_the_loader(make
     ids = tokens(4 * CT, seed=8)
     body = upload_ids(srv.url, ids).json()
     st = srv.app.state.streamer
-    paths = [st.store._path(chunk_key(c["id"], "fp16", st.codec.level_id("fp16"))) for c in body["manifest"]["chunks"]]
+    paths = [st.store._path(chunk_key(c["id"], "fp16", st.codec.level_id("fp16"), c["checksums"]["fp16"]))
+             for c in body["manifest"]["chunks"]]
     raw = bytearray(paths[1].read_bytes())
     raw[len(raw) // 2] ^= 0x01  # one bit
     paths[1].write_bytes(raw)
@@ -420,7 +423,7 @@ async def test_corrupted_and_truncated_in_redis_are_recomputed_by_the_loader(mak
     import redis
 
     client = redis.Redis.from_url(redis_url)
-    keys = [st.settings.redis_prefix + chunk_key(c["id"], "fp16", st.codec.level_id("fp16"))
+    keys = [st.settings.redis_prefix + chunk_key(c["id"], "fp16", st.codec.level_id("fp16"), c["checksums"]["fp16"])
             for c in body["manifest"]["chunks"]]
     blob = client.get(keys[0])
     client.setrange(keys[0], len(blob) - 50, b"\xff")  # one byte of the payload
@@ -435,9 +438,11 @@ async def test_corrupted_and_truncated_in_redis_are_recomputed_by_the_loader(mak
     client.close()
 
 
-async def test_wrong_bytes_with_valid_store_framing_are_caught_end_to_end(make_streamer, tiny_adapter, tiny_codec):
+async def test_wrong_bytes_with_valid_store_framing_are_never_served_and_a_reupload_repairs_them(
+        make_streamer, tiny_adapter, tiny_codec):
     """An object whose store checksum verifies but whose bytes are not what the manifest promised (a bug,
-    a stale tier, tampering): the server cannot tell; the loader's manifest checksum can."""
+    a stale tier, tampering): the chunk route compares the manifest's checksum and answers 404 ``damaged``
+    (the loader recomputes), and a re-upload does not count the chunk as present: it re-encodes it."""
     from ctxstream.streamer.storage import MemoryStore
 
     store = MemoryStore(64 << 20)
@@ -445,18 +450,25 @@ async def test_wrong_bytes_with_valid_store_framing_are_caught_end_to_end(make_s
     ids = tokens(3 * CT, seed=10)
     body = upload_ids(srv.url, ids).json()
     st = srv.app.state.streamer
-    key = chunk_key(body["manifest"]["chunks"][1]["id"], "fp16", st.codec.level_id("fp16"))
+    c1 = body["manifest"]["chunks"][1]
+    key = chunk_key(c1["id"], "fp16", st.codec.level_id("fp16"), c1["checksums"]["fp16"])
     good = await store.get(key)
     assert good is not None, (key, sorted(store._items)[:8])
     bad = bytearray(good)
-    bad[-20] ^= 0x10  # same size, different bytes: the store re-checksums on put
+    bad[-20] ^= 0x10  # same size, different bytes: the store re-checksums on put, so its framing verifies
     await store.put(key, bytes(bad))
     assert frame(key, bytes(bad)) != frame(key, good)
-    r = httpx.get(f"{srv.url}/v1/contexts/{body['id']}/chunks/1", params={"level": "fp16"}, headers=auth())
-    assert r.status_code == 200 and checksum_hex(r.content) != r.headers["x-checksum-xxh3"]  # served, but flagged
+    for rng in (None, "bytes=0-99"):
+        r = httpx.get(f"{srv.url}/v1/contexts/{body['id']}/chunks/1", params={"level": "fp16"},
+                      headers={**auth(), **({"Range": rng} if rng else {})})
+        assert r.status_code == 404 and "damaged" in r.json()["detail"], (rng, r.status_code)
     async with make_loader(srv.url, tiny_adapter, tiny_codec) as cl:
         res = await cl.load(body["id"])
     row = res.report.chunks[1]
     assert row.choice == "fp16" and row.final == TEXT and row.recovered == "recomputed"
-    assert "checksum" in row.error
+    assert "404" in row.error
     assert_kv_exact(tiny_adapter, res, ids)  # the bad bytes never reached the cache
+    again = upload_ids(srv.url, ids).json()  # the damaged chunk is not "present": it is encoded again
+    assert again["new_chunks"] == 1 and again["reused_chunks"] == 2, again
+    assert await store.get(key) == good  # same context, same encoding: the object is repaired in place
+    verify_context(srv.url, again)

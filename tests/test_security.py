@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from conftest import auth
-from ctxstream.manifest import chunk_ids
+from ctxstream.manifest import chunk_ids, id_key, owned_by
 from ctxstream.streamer.kvformat import CONTENT_TYPE
 from ctxstream.streamer.records import valid_id
 from ctxstream.streamer.storage import DiskStore, InvalidKeyError, MemoryStore, validate_key
@@ -50,17 +50,46 @@ def raw_request(srv, raw_path: str, method: str = "GET", headers: dict | None = 
 
 
 # --------------------------------------------------------------------------- tenants
-def test_probing_another_tenants_context_looks_exactly_like_a_missing_one(streamer):
-    mine = upload(streamer, "acme")["id"]
+class RecordingStore(MemoryStore):
+    """The real memory store, recording every read it serves (key, bytes returned)."""
+
+    def __init__(self):
+        super().__init__(64 << 20)
+        self.reads: list[tuple[str, str, int | None]] = []
+
+    async def get(self, key):
+        value = await super().get(key)
+        self.reads.append(("get", key, None if value is None else len(value)))
+        return value
+
+    async def get_with_tier(self, key):
+        value = await super().get(key)
+        self.reads.append(("get", key, None if value is None else len(value)))
+        return value, ("memory" if value is not None else None)
+
+    async def contains(self, key):
+        found = await super().contains(key)
+        self.reads.append(("contains", key, int(found)))
+        return found
+
+
+def test_probing_another_tenants_context_looks_exactly_like_a_missing_one(make_streamer):
+    """Same status, body (modulo the id) and headers, and the same work: another tenant's existing id
+    and an id that exists nowhere are both refused before the store is read (the owner tag), so no
+    timing difference can tell them apart."""
+    store = RecordingStore()
+    srv = make_streamer(store_obj=store)
+    mine = upload(srv, "acme")["id"]
     missing = "0123456789abcdef" * 2
     assert valid_id(missing)
 
     def probe(method, path_tmpl, **kw):
         out = []
         for cid in (mine, missing):
-            r = httpx.request(method, streamer.url + path_tmpl.format(cid), headers=auth("umbrella"), **kw)
+            store.reads.clear()
+            r = httpx.request(method, srv.url + path_tmpl.format(cid), headers=auth("umbrella"), **kw)
             headers = {k: v for k, v in r.headers.items() if k not in ("date",)}
-            out.append((r.status_code, r.content.replace(cid.encode(), b"<id>"), headers))
+            out.append((r.status_code, r.content.replace(cid.encode(), b"<id>"), headers, list(store.reads)))
         return out
 
     for method, path, kw in (("GET", "/v1/contexts/{}", {}),
@@ -71,21 +100,46 @@ def test_probing_another_tenants_context_looks_exactly_like_a_missing_one(stream
         theirs, nothing = probe(method, path, **kw)
         assert theirs[0] == 404, (method, path, theirs)
         assert theirs == nothing, (method, path, theirs, nothing)
+        assert theirs[3] == [], (method, path, theirs[3])  # not one store read for either
     # and the owner still has it, untouched by the probes (the DELETE above did nothing)
-    assert httpx.get(f"{streamer.url}/v1/contexts/{mine}", headers=auth("acme")).status_code == 200
+    assert httpx.get(f"{srv.url}/v1/contexts/{mine}", headers=auth("acme")).status_code == 200
 
 
-def test_ids_are_salted_per_tenant_so_uploads_leak_nothing(streamer, tiny_adapter):
-    a = upload(streamer, "acme")
-    u = upload(streamer, "umbrella")  # the same text: a shared store, but no shared chunk and no dedup signal
+SECRET_1, SECRET_2 = "first-server-secret-0001", "second-server-secret-002"
+
+
+def test_ids_are_keyed_by_the_server_secret_and_salted_per_tenant(make_streamer, tiny_adapter):
+    """Nobody without the server's secret can compute the id of a document (the old ids hashed only
+    public inputs: model fingerprint, tenant name, tokens); tenants never share a chunk."""
+    one = make_streamer(id_secret=SECRET_1)
+    a = upload(one, "acme")
+    u = upload(one, "umbrella")  # the same text: a shared store, but no shared chunk and no dedup signal
     assert u["reused_chunks"] == 0 and u["new_chunks"] == len(u["manifest"]["chunks"])
     ids = tiny_adapter.tokenize(TEXT)
-    fp = tiny_adapter.info.fingerprint
-    assert [c["id"] for c in a["manifest"]["chunks"]] == chunk_ids(fp, "acme", ids, 64)
-    assert [c["id"] for c in u["manifest"]["chunks"]] == chunk_ids(fp, "umbrella", ids, 64)
-    assert not set(chunk_ids(fp, "acme", ids, 64)) & set(chunk_ids(fp, "umbrella", ids, 64))
+    fp, key = tiny_adapter.info.fingerprint, id_key(SECRET_1)
+    a_ids, u_ids = [c["id"] for c in a["manifest"]["chunks"]], [c["id"] for c in u["manifest"]["chunks"]]
+    assert a_ids == chunk_ids(key, fp, "acme", ids, 64) and u_ids == chunk_ids(key, fp, "umbrella", ids, 64)
+    assert not set(a_ids) & set(u_ids)
+    assert all(owned_by(key, "acme", c) and not owned_by(key, "umbrella", c) for c in a_ids)
+    assert all(owned_by(key, "umbrella", c) and not owned_by(key, "acme", c) for c in u_ids)
+    # the same secret gives the same ids (restarts, streamers sharing a store); another secret unrelated ones
+    assert upload(make_streamer(id_secret=SECRET_1), "acme")["id"] == a["id"]
+    other = upload(make_streamer(id_secret=SECRET_2), "acme")
+    assert not {c["id"] for c in other["manifest"]["chunks"]} & set(a_ids)
+    assert chunk_ids(id_key(SECRET_2), fp, "acme", ids, 64)[-1] == other["id"] != a["id"]
     # a second upload by the same tenant does dedup (so the zero above is the salt, not a cache miss)
-    assert upload(streamer, "acme")["reused_chunks"] == len(a["manifest"]["chunks"])
+    assert upload(one, "acme")["reused_chunks"] == len(a["manifest"]["chunks"])
+
+
+def test_a_durable_store_keeps_its_generated_id_secret(make_streamer, tmp_path):
+    """Without a secret in the settings, a disk store generates one once and keeps it: after a restart
+    the same upload has the same id and reuses every chunk; a fresh store has other ids."""
+    srv = make_streamer(store="disk", data_dir=tmp_path / "d1")
+    first = upload(srv)
+    srv.stop()
+    again = upload(make_streamer(store="disk", data_dir=tmp_path / "d1"))
+    assert again["id"] == first["id"] and again["new_chunks"] == 0
+    assert upload(make_streamer(store="disk", data_dir=tmp_path / "d2"))["id"] != first["id"]
 
 
 # --------------------------------------------------------------------------- writes need a token

@@ -16,6 +16,7 @@ from ctxstream.streamer.storage import (
     MemoryStore,
     RedisStore,
     StoreError,
+    StoreFullError,
     TieredStore,
     frame,
     make_store,
@@ -175,7 +176,7 @@ async def test_disk_foreign_and_temp_files_on_restart(tmp_path):
 
 # ------------------------------------------------------------------------- memory
 async def test_memory_lru_is_byte_bounded():
-    s = MemoryStore(max_bytes=1000)
+    s = MemoryStore(max_bytes=1000, evict=True)  # a cache tier (in front of a durable one)
     for i in range(5):
         await s.put(f"m.{i}", b"x" * 300)
         assert s.nbytes <= 1000
@@ -185,6 +186,21 @@ async def test_memory_lru_is_byte_bounded():
     assert await s.contains("m.2") and not await s.contains("m.3")
     await s.put("huge", b"z" * 1001)  # larger than the whole tier: not kept, nothing evicted
     assert not await s.contains("huge") and len(s) == 3
+
+
+async def test_memory_store_refuses_what_it_cannot_hold_and_keeps_everything_acknowledged():
+    """The only/last tier never evicts: a put that does not fit raises StoreFullError and changes nothing."""
+    s = MemoryStore(max_bytes=1000)
+    for i in range(3):
+        await s.put(f"m.{i}", b"x" * 300)
+    with pytest.raises(StoreFullError, match="memory store full"):
+        await s.put("m.3", b"y" * 300)
+    assert [await s.get(f"m.{i}") for i in range(3)] == [b"x" * 300] * 3 and not await s.contains("m.3")
+    with pytest.raises(StoreFullError):  # growing an existing object past the limit keeps the old value
+        await s.put("m.0", b"z" * 500)
+    assert await s.get("m.0") == b"x" * 300 and s.nbytes == 900
+    await s.put("m.0", b"z" * 400)  # fits: replaced
+    assert await s.get("m.0") == b"z" * 400 and s.nbytes == 1000
 
 
 # ------------------------------------------------------------------------- redis

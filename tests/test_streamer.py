@@ -13,7 +13,7 @@ import torch
 
 from conftest import TOKENS, auth, metric
 from ctxstream.codec import Codec, Profile
-from ctxstream.manifest import Manifest, checksum_hex, chunk_ids
+from ctxstream.manifest import Manifest, checksum_hex
 from ctxstream.streamer.kvformat import CONTENT_TYPE, pack_kv
 from ctxstream.streamer.records import chunk_key
 
@@ -41,7 +41,7 @@ def test_upload_manifest_fetch_every_chunk_every_level(streamer, tiny_adapter, t
     body = r.json()
     tokens = tiny_adapter.tokenize(TEXT)
     ct = streamer.settings.chunk_tokens
-    ids = chunk_ids(tiny_adapter.info.fingerprint, "acme", tokens, ct)
+    ids = streamer.app.state.streamer.service.ids("acme", tokens)
     assert body["id"] == ids[-1] and body["new_chunks"] == len(ids) == 5 and body["reused_chunks"] == 0
     got = httpx.get(f"{streamer.url}/v1/contexts/{body['id']}", headers=auth())
     assert got.status_code == 200
@@ -327,10 +327,10 @@ def test_corrupted_or_truncated_file_on_disk_is_never_served(make_streamer, tmp_
     srv = make_streamer(store="disk", data_dir=tmp_path / "d")
     body = upload_text(srv).json()
     store = srv.app.state.streamer.store
-    c0, c1 = (c["id"] for c in body["manifest"]["chunks"][:2])
+    c0, c1 = body["manifest"]["chunks"][:2]
     codec = srv.app.state.streamer.codec
-    flipped = store._path(chunk_key(c0, "q2", codec.level_id("q2")))
-    cut = store._path(chunk_key(c1, "fp16", codec.level_id("fp16")))
+    flipped = store._path(chunk_key(c0["id"], "q2", codec.level_id("q2"), c0["checksums"]["q2"]))
+    cut = store._path(chunk_key(c1["id"], "fp16", codec.level_id("fp16"), c1["checksums"]["fp16"]))
     raw = bytearray(flipped.read_bytes())
     raw[len(raw) // 2] ^= 0x40
     flipped.write_bytes(raw)
@@ -397,9 +397,9 @@ def test_settings_and_cli(tmp_path, capsys):
     with pytest.raises(ValidationError):
         Settings(bogus=1)
     os.environ["PORT"] = "1234"
-    os.environ["CTXSTREAM_PORT"] = "1234"
+    os.environ["CTXSTREAM_PORT"] = "4321"
     try:
-        assert Settings().port == 8000  # the environment is not read
+        assert Settings().port == 4321  # only CTXSTREAM_* variables are read, a plain PORT is not
     finally:
         del os.environ["PORT"], os.environ["CTXSTREAM_PORT"]
     assert isinstance(args, argparse.Namespace)
@@ -412,7 +412,7 @@ def test_cli_upload(streamer, tmp_path, capsys, tiny_adapter):
     f.write_text(TEXT)
     assert main(["upload", "--server", streamer.url, str(f), "--token", "tok-acme-0001"]) == 0
     ctx_id = capsys.readouterr().out.strip()
-    assert ctx_id == chunk_ids(tiny_adapter.info.fingerprint, "acme", tiny_adapter.tokenize(TEXT), 64)[-1]
+    assert ctx_id == streamer.app.state.streamer.service.ids("acme", tiny_adapter.tokenize(TEXT))[-1]
     assert main(["upload", "--server", streamer.url, str(f), "--token", "tok-acme-0001", "--json"]) == 0
     assert Manifest.from_json(capsys.readouterr().out).id == ctx_id
     assert main(["upload", "--server", streamer.url, str(f), "--token", "nope-nope-nope"]) == 1

@@ -54,9 +54,15 @@ def check_id(ctx_id: str, what: str = "context id") -> str:
 
 
 async def visible_record(request: Request, ctx_id: str, tenant: str | None) -> ContextRecord:
-    """The context record if the caller may see it; 404 otherwise (also for another tenant's id)."""
+    """The context record if the caller may see it; 404 otherwise (also for another tenant's id).
+
+    An id without the caller's owner tag is answered 404 before the store is asked, so another
+    tenant's existing id and an id that exists nowhere take exactly the same path."""
     check_id(ctx_id)
-    rec = await state(request).service.record(ctx_id)
+    svc = state(request).service
+    if tenant is not None and not svc.owns(tenant, ctx_id):
+        raise HTTPException(404, f"no context {ctx_id}")
+    rec = await svc.record(ctx_id)
     if rec is None or (tenant is not None and rec.tenant != tenant):
         raise HTTPException(404, f"no context {ctx_id}")
     return rec

@@ -13,6 +13,7 @@ from .base import (
     InvalidKeyError,
     Store,
     StoreError,
+    StoreFullError,
     checksum64,
     frame,
     unframe,
@@ -28,7 +29,7 @@ from .tiered import TieredStore
 TIER_NAMES = ("memory", "disk", "redis", "redis-cluster")
 
 __all__ = [
-    "Store", "StoreError", "InvalidKeyError", "CorruptObjectError", "MemoryStore", "DiskStore", "RedisStore", "RedisClusterStore", "parse_cluster_nodes",
+    "Store", "StoreError", "StoreFullError", "InvalidKeyError", "CorruptObjectError", "MemoryStore", "DiskStore", "RedisStore", "RedisClusterStore", "parse_cluster_nodes",
     "TieredStore", "DeviceMemoryStore", "make_store", "parse_store_spec", "validate_key", "frame", "unframe", "checksum64", "TIER_NAMES",
 ]
 
@@ -50,9 +51,10 @@ def make_store(spec: str, *, data_dir: str | os.PathLike = "./ctxstream-data", r
                redis_prefix: str = "ctxstream:", memory_bytes: int = 512 << 20, fsync: bool = True,
                redis_cluster_nodes: str = "", redis_cluster_wait_replicas: int = 1) -> Store:
     tiers: list[Store] = []
-    for name in parse_store_spec(spec):
-        if name == "memory":
-            tiers.append(MemoryStore(memory_bytes))
+    names = parse_store_spec(spec)
+    for i, name in enumerate(names):
+        if name == "memory":  # a cache in front of another tier may evict; the last tier must refuse instead
+            tiers.append(MemoryStore(memory_bytes, evict=i < len(names) - 1))
         elif name == "disk":
             tiers.append(DiskStore(data_dir, fsync=fsync))
         elif name == "redis-cluster":

@@ -8,6 +8,19 @@ payload; the disk and Redis tiers persist it in a small fixed header (no pickle)
 
 all little-endian. A reader checks magic, version, key, length and checksum; a failing object is
 never served: the tier treats it as missing (and removes or quarantines it, with a log line).
+
+The contract every tier keeps (:class:`Store`):
+
+* ``put`` returns only once the object is held; a tier that cannot hold it raises
+  :class:`StoreFullError` (capacity; the API answers 507) or :class:`StoreError` (I/O, connection:
+  503). It never acknowledges an object and then drops it to make room, except a tier created as a
+  cache in front of another tier (``MemoryStore(evict=True)`` inside a :class:`TieredStore`).
+* Every backend failure surfaces as :class:`StoreError` (never the driver's own exception type),
+  from every method, ``stats`` and ``ping`` included.
+* ``add(key, value)`` stores only when the key is absent (True if it stored); backends with an
+  atomic put-if-absent (Redis ``SET NX``) override the default ``contains`` + ``put``.
+* ``keys(prefix)`` lists the keys starting with ``prefix`` (default: from :meth:`Store.sizes`;
+  backends that can list without reading every object override it).
 """
 
 from __future__ import annotations
@@ -31,6 +44,10 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}\Z")  # \Z: "$" would ac
 
 class StoreError(CtxstreamError):
     """A storage backend failed (I/O, connection)."""
+
+
+class StoreFullError(StoreError):
+    """The tier cannot hold the object (capacity), and it will not evict what it has acknowledged."""
 
 
 class InvalidKeyError(CtxstreamError, ValueError):
@@ -136,6 +153,18 @@ class Store(abc.ABC):
     async def ping(self) -> None:
         """Raise :class:`StoreError` if the backend is unusable."""
         return None
+
+    async def add(self, key: str, value: bytes) -> bool:
+        """Store ``value`` only if ``key`` is absent; True if stored. Not atomic here: override it
+        where the backend has a put-if-absent."""
+        if await self.contains(key):
+            return False
+        await self.put(key, value)
+        return True
+
+    async def keys(self, prefix: str) -> list[str]:
+        """The keys that start with ``prefix``."""
+        return [k for k in await self.sizes() if k.startswith(prefix)]
 
     async def sizes(self) -> dict[str, int]:
         """Every key this tier holds and its payload bytes (objects that fail verification are left

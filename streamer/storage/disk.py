@@ -9,6 +9,8 @@ Writes go to a temp file in the target folder, are fsynced, renamed over the tar
 is fsynced. On start the index (key -> size) is rebuilt from the files; headers are checked then
 (magic, version, key, length against the file size: a truncated file is caught here) and the full
 checksum on every read. A file failing either check is moved to ``quarantine/`` and treated as missing.
+Any other ``OSError`` (a directory where a file belongs, EIO, EACCES, ENOSPC) is raised as
+:class:`StoreError` (the API answers 503), never as the bare ``OSError``.
 """
 
 from __future__ import annotations
@@ -123,13 +125,15 @@ class DiskStore(Store):
         except CorruptObjectError as exc:
             self._quarantine(path, key, exc)
             return None
+        except OSError as exc:
+            raise StoreError(f"disk store: cannot read {key}: {exc}") from exc
 
     def _write(self, key: str, value: bytes) -> None:
         path = self._path(key)
-        path.parent.mkdir(exist_ok=True)
         tmp = path.parent / f"{_TMP_PREFIX}{os.getpid()}-{time.time_ns()}-{key[:60]}"
         data = frame(key, value)
         try:
+            path.parent.mkdir(exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 view = memoryview(data)
@@ -156,6 +160,8 @@ class DiskStore(Store):
             return True
         except FileNotFoundError:
             return False
+        except OSError as exc:
+            raise StoreError(f"disk store: cannot remove {key}: {exc}") from exc
 
     # ------------------------------------------------------------------------------ async API
     async def get(self, key: str) -> bytes | None:
@@ -178,8 +184,12 @@ class DiskStore(Store):
 
     async def delete(self, key: str) -> bool:
         validate_key(key)
+        removed = await asyncio.to_thread(self._remove, key)
         self._index.pop(key, None)
-        return await asyncio.to_thread(self._remove, key)
+        return removed
+
+    async def keys(self, prefix: str) -> list[str]:
+        return [k for k in self._index if k.startswith(prefix)]
 
     async def sizes(self) -> dict[str, int]:
         """The index, built from verified headers at open and kept by every write."""

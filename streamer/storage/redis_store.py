@@ -6,6 +6,7 @@ under ``prefix + key``; a value that fails verification is deleted and treated a
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from .base import CorruptObjectError, InvalidKeyError, Store, StoreError, frame, unframe, validate_key
@@ -47,8 +48,27 @@ class RedisStore(Store):
     async def contains(self, key: str) -> bool:
         return bool(await self._call(self._redis.exists, self._k(key)))
 
+    async def add(self, key: str, value: bytes) -> bool:
+        return bool(await self._call(functools.partial(self._redis.set, nx=True), self._k(key), frame(key, value)))
+
     async def delete(self, key: str) -> bool:
         return bool(await self._call(self._redis.delete, self._k(key)))
+
+    async def _scan(self, match: str) -> list[str]:
+        import redis.exceptions
+
+        n = len(self.prefix)
+        out = []
+        try:
+            async for raw in self._redis.scan_iter(match=match, count=1000):
+                out.append((raw.decode(errors="replace") if isinstance(raw, bytes) else raw)[n:])
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise StoreError(f"redis store ({self.url}): {exc}") from exc
+        return out
+
+    async def keys(self, prefix: str) -> list[str]:
+        validate_key(prefix)  # a key prefix: no glob characters can reach MATCH
+        return [k for k in await self._scan(self.prefix + prefix + "*") if k.startswith(prefix)]
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -57,24 +77,12 @@ class RedisStore(Store):
         await self._call(self._redis.ping)
 
     async def stats(self) -> dict[str, dict[str, int]]:
-        n = 0
-        async for _ in self._redis.scan_iter(match=self.prefix + "*", count=1000):
-            n += 1
-        return {self.name: {"objects": n}}
+        return {self.name: {"objects": len(await self._scan(self.prefix + "*"))}}
 
     async def sizes(self) -> dict[str, int]:
         """Keys under this store's prefix, each read and verified (a corrupt one is deleted by get)."""
-        import redis.exceptions
-
         out: dict[str, int] = {}
-        n = len(self.prefix)
-        keys = []
-        try:
-            async for raw in self._redis.scan_iter(match=self.prefix + "*", count=1000):
-                keys.append((raw.decode(errors="replace") if isinstance(raw, bytes) else raw)[n:])
-        except redis.exceptions.RedisError as exc:
-            raise StoreError(f"redis store ({self.url}): {exc}") from exc
-        for key in keys:
+        for key in await self._scan(self.prefix + "*"):
             try:
                 validate_key(key)
             except InvalidKeyError:  # not written by a store: not ours to list
@@ -89,5 +97,5 @@ class RedisStore(Store):
 
         try:
             return await fn(*args)
-        except redis.exceptions.RedisError as exc:
+        except (redis.exceptions.RedisError, OSError) as exc:
             raise StoreError(f"redis store ({self.url}): {exc}") from exc

@@ -51,6 +51,22 @@ class TieredStore(Store):
                 return True
         return False
 
+    async def add(self, key: str, value: bytes) -> bool:
+        """Put-if-absent decided by the slowest tier (the durable one); the winner's value fills the rest."""
+        validate_key(key)
+        stored = await self.tiers[-1].add(key, value)
+        held = value if stored else await self.tiers[-1].get(key)
+        if held is not None:
+            for tier in reversed(self.tiers[:-1]):
+                await tier.put(key, held)
+        return stored
+
+    async def keys(self, prefix: str) -> list[str]:
+        out: set[str] = set()
+        for tier in self.tiers:
+            out.update(await tier.keys(prefix))
+        return sorted(out)
+
     async def delete(self, key: str) -> bool:
         validate_key(key)
         found = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -10,6 +11,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from ctxstream.codec import CodecError
+from ctxstream.manifest import checksum_hex
 
 from ...ingest import ConcurrentChangeError
 from ...kvformat import CONTENT_TYPE as KV_CONTENT_TYPE
@@ -39,20 +41,35 @@ _UPLOAD_DOC = {
 }
 
 
-async def _read_body(request: Request, limit: int) -> bytearray:
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytearray:
+    """The whole body, refused with 413 above ``limit`` (declared or streamed) and 408 when it has not
+    arrived within ``timeout_s`` (a trickling client holds nothing but its own tenant's upload count)."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        try:
-            if int(declared) > limit:
-                raise HTTPException(413, f"upload of {declared} bytes exceeds the limit of {limit} bytes")
-        except ValueError:
-            raise HTTPException(400, "bad Content-Length") from None
+        if not declared.isascii() or not declared.strip().isdigit() or len(declared.strip()) > 18:
+            raise HTTPException(400, "bad Content-Length")
+        if int(declared) > limit:
+            raise HTTPException(413, f"upload of {declared.strip()} bytes exceeds the limit of {limit} bytes")
     body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > limit:
-            raise HTTPException(413, f"upload exceeds the limit of {limit} bytes")
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for piece in request.stream():
+                body += piece
+                if len(body) > limit:
+                    raise HTTPException(413, f"upload exceeds the limit of {limit} bytes")
+    except TimeoutError:
+        raise HTTPException(408, f"the request body did not arrive within {timeout_s:g} s",
+                            headers={"Connection": "close"}) from None
     return body
+
+
+def _parse_json(body: bytes):
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise HTTPException(400, "JSON body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HTTPException(400, f"body is not JSON: {exc}") from None
 
 
 def _token_ids_from_json(payload, vocab: int) -> tuple[str | None, list[int] | None]:
@@ -64,6 +81,10 @@ def _token_ids_from_json(payload, vocab: int) -> tuple[str | None, list[int] | N
     if text is not None:
         if not isinstance(text, str):
             raise HTTPException(400, '"text" must be a string')
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # JSON "\ud800" decodes to a lone surrogate: no tokenizer takes it
+            raise HTTPException(400, f'"text" is not valid Unicode: {exc.reason} at {exc.start}') from None
         return text, None
     if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
         raise HTTPException(400, '"token_ids" must be a list of integers')
@@ -81,22 +102,29 @@ async def upload_context(request: Request):
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype not in ("application/json", KV_CONTENT_TYPE, "application/octet-stream"):
         raise HTTPException(415, f"Content-Type must be application/json or {KV_CONTENT_TYPE}")
-    if st.uploads_in_progress >= s.max_concurrent_uploads:
+    # one tenant's uploads in flight (receiving included) are bounded per tenant: a tenant trickling bodies
+    # runs out of its own count, never of anybody else's
+    if st.tenant_uploads[tenant] >= s.max_uploads_per_tenant:
         st.metrics.inc("uploads_total", kind=ctype, outcome="busy")
-        raise HTTPException(429, f"{st.uploads_in_progress} uploads in progress (limit "
-                                 f"{s.max_concurrent_uploads}); retry later", headers={"Retry-After": "1"})
-    st.uploads_in_progress += 1
-    st.metrics.set("uploads_in_progress", st.uploads_in_progress)
+        raise HTTPException(429, f"{st.tenant_uploads[tenant]} uploads of this tenant in progress (limit "
+                                 f"{s.max_uploads_per_tenant}); retry later", headers={"Retry-After": "1"})
+    st.tenant_uploads[tenant] += 1
     t0 = time.perf_counter()
     outcome = "error"
+    slot = False
     try:
-        body = await _read_body(request, s.max_upload_bytes)
+        limit = min(s.max_upload_bytes, s.max_json_bytes) if ctype == "application/json" else s.max_upload_bytes
+        body = await _read_body(request, limit, s.body_timeout_s)
+        # an encoding slot is taken only now, with the whole body in hand
+        if st.uploads_in_progress >= s.max_concurrent_uploads:
+            raise HTTPException(429, f"{st.uploads_in_progress} uploads in progress (limit "
+                                     f"{s.max_concurrent_uploads}); retry later", headers={"Retry-After": "1"})
+        st.uploads_in_progress += 1
+        slot = True
+        st.metrics.set("uploads_in_progress", st.uploads_in_progress)
         svc = st.service
         if ctype == "application/json":
-            try:
-                payload = json.loads(body)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise HTTPException(400, f"body is not JSON: {exc}") from None
+            payload = await asyncio.to_thread(_parse_json, bytes(body))  # bounded above; off the event loop
             text, ids = _token_ids_from_json(payload, st.adapter.info.vocab_size)
             if text is not None:
                 if len(text) > 64 * s.max_tokens:  # cheap guard before tokenizing
@@ -120,10 +148,16 @@ async def upload_context(request: Request):
         raise HTTPException(422, f"cannot encode this KV: {exc}") from None
     except HTTPException as exc:
         outcome = f"rejected_{exc.status_code}"
+        if exc.status_code == 429:
+            outcome = "busy"
         raise
     finally:
-        st.uploads_in_progress -= 1
-        st.metrics.set("uploads_in_progress", st.uploads_in_progress)
+        st.tenant_uploads[tenant] -= 1
+        if st.tenant_uploads[tenant] <= 0:
+            del st.tenant_uploads[tenant]
+        if slot:
+            st.uploads_in_progress -= 1
+            st.metrics.set("uploads_in_progress", st.uploads_in_progress)
         st.metrics.inc("uploads_total", kind=ctype, outcome=outcome)
     st.metrics.observe("upload_seconds", time.perf_counter() - t0)
     m = result.manifest
@@ -154,8 +188,10 @@ async def get_chunk(ctx_id: str, index: int, request: Request,
         raise HTTPException(404, f"context {ctx_id} has chunks 0..{len(rec.route) - 1}, not {index}")
     entry = rec.route[index]
     size, checksum = entry.levels[level]
-    data, tier = await st.store.get_with_tier(chunk_key(entry.chunk_id, level, st.codec.level_id(level)))
-    if data is None or len(data) != size:
+    data, tier = await st.store.get_with_tier(chunk_key(entry.chunk_id, level, st.codec.level_id(level), checksum))
+    # the manifest's checksum is compared here too: bytes that pass the store framing but are not the
+    # bytes this context was committed with (a bug, a stale tier, tampering) are never served
+    if data is None or len(data) != size or checksum_hex(data) != checksum:
         log.warning("chunk %s level %s of context %s is missing or damaged in the store", entry.chunk_id, level, ctx_id)
         raise HTTPException(404, f"chunk {index} ({level}) of context {ctx_id} is missing or damaged in the store; "
                                  "upload the context again")
