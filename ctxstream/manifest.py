@@ -6,7 +6,8 @@ JSON shape (``Manifest.to_json`` / ``Manifest.from_json``)::
      "profile": "<codec profile id>", "tokens": 1234, "chunk_tokens": 256,
      "levels": ["fp16", "q0", ..., "q4", "quant8"],
      "chunks": [{"index": 0, "id": "<chunk id>", "start": 0, "token_ids": [...],
-                 "sizes": {"q0": 123, ...}, "checksums": {"q0": "<xxh3-64 hex>", ...}}, ...]}
+                 "sizes": {"q0": 123, ...}, "checksums": {"q0": "<xxh3-64 hex>", ...},
+                 "quality": {"q0": 0.0004, ...}}, ...]}   # optional: estimated relative dppl per level
 
 Chunk ids form a chain of keyed prefix hashes (BLAKE2b keyed by the server's id key) over (model
 fingerprint, tenant, token ids): chunk i's id hashes chunk i-1's id and chunk i's tokens, so two
@@ -103,6 +104,9 @@ class ChunkEntry:
     token_ids: tuple[int, ...]
     sizes: dict[str, int] = field(default_factory=dict)  # level -> encoded bytes
     checksums: dict[str, str] = field(default_factory=dict)  # level -> xxh3-64 hex of the encoded bytes
+    # level -> estimated relative perplexity increase of loading this chunk at that level (the rest
+    # exact), measured at ingest (ctxstream.codec.quality); empty when not measured (e.g. a reused chunk)
+    quality: dict[str, float] = field(default_factory=dict)
 
     @property
     def tokens(self) -> int:
@@ -160,7 +164,10 @@ class Manifest:
                     index=int(c["index"]), id=str(c["id"]), start=int(c["start"]), token_ids=toks,
                     sizes={str(k): int(v) for k, v in dict(c["sizes"]).items()},
                     checksums={str(k): str(v) for k, v in dict(c["checksums"]).items()},
+                    quality={str(k): float(v) for k, v in dict(c.get("quality") or {}).items()},
                 )
+                if any(not (0.0 <= q < float("inf")) for q in entry.quality.values()):  # NaN fails too
+                    raise ManifestError(f"chunk {i}: quality estimates must be finite and >= 0")
                 if entry.index != i or entry.start != pos or not toks:
                     raise ManifestError(f"chunk {i}: index/start/tokens inconsistent")
                 if any(s < 0 for s in entry.sizes.values()):
