@@ -1,5 +1,7 @@
 """docker-compose.yml and Dockerfile, checked without a Docker engine: structure, health checks,
-volumes, and that the container command is a valid ``ctxstream serve`` invocation."""
+volumes, that the container commands are valid ``ctxstream serve`` invocations, and the ``cluster``
+profile (six cluster-mode Redis nodes, the one-shot ``redis-cli --cluster create``, three streamers
+on the cluster, nginx as their one address)."""
 
 from __future__ import annotations
 
@@ -33,22 +35,35 @@ def _check_healthcheck(hc: dict) -> None:
     assert isinstance(hc["retries"], int) and hc["retries"] > 0
 
 
+CLUSTER_NODES = [f"redis-c{i}" for i in range(1, 7)]
+
+
+def _profiles(svc: dict) -> list[str]:
+    return svc.get("profiles", [])
+
+
 def test_compose_schema(compose):
     allowed_top = {"name", "services", "volumes", "networks", "configs", "secrets"}
-    assert set(compose) <= allowed_top and {"services", "volumes"} <= set(compose)
+    assert {k for k in compose if not k.startswith("x-")} <= allowed_top and {"services", "volumes"} <= set(compose)
     services = compose["services"]
-    assert set(services) == {"streamer", "redis"}
+    assert {n for n, svc in services.items() if not _profiles(svc)} == {"streamer", "redis"}  # `docker compose up`
+    assert {n for n, svc in services.items() if "cluster" in _profiles(svc)} == {
+        *CLUSTER_NODES, "redis-cluster-init", "streamer-cluster", "lb"}
     allowed_service = {"image", "build", "command", "ports", "depends_on", "volumes", "healthcheck", "restart",
-                       "environment", "networks", "deploy"}
+                       "environment", "networks", "deploy", "profiles", "configs"}
     declared_volumes = set(compose["volumes"])
     for name, svc in services.items():
         assert set(svc) <= allowed_service, (name, set(svc) - allowed_service)
         assert "image" in svc or "build" in svc
-        _check_healthcheck(svc["healthcheck"])
+        if svc.get("restart") != "no":  # long-running services say when they are up; one-shot jobs exit
+            _check_healthcheck(svc["healthcheck"])
         for vol in svc.get("volumes", []):
             source, target = vol.split(":")[:2]
             assert target.startswith("/")
             assert source in declared_volumes, f"{name} uses undeclared volume {source}"
+        for dep, cond in svc.get("depends_on", {}).items():
+            assert dep in services and set(_profiles(services[dep])) <= set(_profiles(svc)), (name, dep)
+            assert cond["condition"] in ("service_healthy", "service_completed_successfully")
     assert services["redis"]["image"].startswith("redis:")
     assert any(v.endswith(":/data") for v in services["redis"]["volumes"])
     assert "redis-cli" in services["redis"]["healthcheck"]["test"]
@@ -56,7 +71,49 @@ def test_compose_schema(compose):
     assert streamer["depends_on"]["redis"]["condition"] == "service_healthy"
     assert streamer["build"]["dockerfile"] == "Dockerfile"
     assert any("/healthz" in part for part in streamer["healthcheck"]["test"])
-    assert all(re.fullmatch(r"\d+:\d+", p) for p in streamer["ports"])
+    hosts = [p.split(":")[0] for svc in services.values() for p in svc.get("ports", [])]
+    assert all(re.fullmatch(r"\d+:\d+", p) for svc in services.values() for p in svc.get("ports", []))
+    assert len(hosts) == len(set(hosts)), "two services publish the same host port"
+
+
+def test_cluster_profile_nodes_init_streamers_and_one_address(compose):
+    from ctxstream.cli import build_parser
+    from ctxstream.streamer.settings import Settings
+    from ctxstream.streamer.storage import parse_cluster_nodes
+
+    services = compose["services"]
+    volumes = set()
+    for name in CLUSTER_NODES:  # six cluster-mode nodes, each with its own AOF volume, announcing its name
+        node = services[name]
+        cmd = [str(c) for c in node["command"]]
+        assert node["image"].startswith("redis:") and cmd[0] == "redis-server"
+        opts = dict(zip(cmd[1::2], cmd[2::2]))
+        assert opts["--cluster-enabled"] == "yes" and opts["--appendonly"] == "yes"
+        assert opts["--cluster-config-file"].startswith("/data/") and opts["--cluster-announce-hostname"] == name
+        (vol,) = node["volumes"]
+        assert vol.endswith(":/data")
+        volumes.add(vol.split(":")[0])
+    assert len(volumes) == 6
+    init = services["redis-cluster-init"]
+    script = init["command"][-1]
+    assert "--cluster create" in script and "--cluster-replicas 1" in script and "--cluster-yes" in script
+    assert all(n in script for n in CLUSTER_NODES) and set(init["depends_on"]) == set(CLUSTER_NODES)
+    sc = services["streamer-cluster"]
+    assert sc["depends_on"]["redis-cluster-init"]["condition"] == "service_completed_successfully"
+    assert sc["deploy"]["replicas"] >= 2 and "ports" not in sc  # reached through the lb only
+    args = build_parser().parse_args([interpolate(str(c)) for c in sc["command"]][1:])
+    s = Settings.from_args(args)
+    assert "redis-cluster" in s.store.split("+") and "disk" not in s.store.split("+")  # replicas share no disk
+    assert [h for h, _ in parse_cluster_nodes(s.redis_cluster_nodes)] == CLUSTER_NODES
+    assert s.redis_cluster_wait_replicas == 1
+    lb = services["lb"]
+    assert lb["depends_on"]["streamer-cluster"]["condition"] == "service_healthy"
+    (cfg,) = lb["configs"]
+    conf = compose["configs"][cfg["source"]]["content"]
+    assert f"server streamer-cluster:{s.port};" in conf and "proxy_pass http://streamers;" in conf
+    listen = re.search(r"listen (\d+);", conf).group(1)
+    assert lb["ports"][0].split(":")[1] == listen
+    assert "proxy_buffering off;" in conf  # chunks stream through, not buffered whole
 
 
 def test_container_command_is_a_valid_ctxstream_serve(compose):
