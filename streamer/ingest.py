@@ -37,6 +37,7 @@ import torch
 
 from ctxstream.errors import CtxstreamError
 from ctxstream.codec import Codec
+from ctxstream.codec.quality import QualityEstimator
 from ctxstream.manifest import ChunkEntry, Manifest, checksum_hex, chunk_ids, id_key, owned_by
 from ctxstream.model import ModelAdapter
 
@@ -72,6 +73,7 @@ class ContextService:
         self.metrics = metrics or Metrics()
         self.info = adapter.info
         self.levels = codec.all_levels
+        self.quality = QualityEstimator(codec)  # per-chunk quality estimates for the manifest
         self._commit_lock = asyncio.Lock()
         self._pins: Counter[str] = Counter()  # chunk id -> uploads in flight that use it
         self.id_key: bytes | None = id_key(id_secret) if id_secret else None
@@ -165,10 +167,14 @@ class ContextService:
         return rec if ok else None
 
     def _encode_chunk(self, keys: torch.Tensor, values: torch.Tensor, start: int,
-                      importance: torch.Tensor | None) -> tuple[dict[str, bytes], float]:
+                      importance: torch.Tensor | None, share: torch.Tensor | None,
+                      context_tokens: int) -> tuple[dict[str, bytes], dict[str, float], float]:
+        """Every level's bytes and its estimated quality cost (see ``ctxstream.codec.quality``)."""
         t0 = time.perf_counter()
         out = {lv: self.codec.encode(keys, values, lv, start=start, importance=importance) for lv in self.levels}
-        return out, time.perf_counter() - t0
+        quality = self.quality.estimate(keys, values, start, importance=importance, attention_share=share,
+                                        context_tokens=context_tokens)
+        return out, quality, time.perf_counter() - t0
 
     def _compute_kv(self, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
         """KV of the tokens and each token's importance (attention it receives), for the codec."""
@@ -185,6 +191,7 @@ class ContextService:
         ctx_id = ids[-1]
         self._pins.update(ids)
         written: dict[int, dict[str, str]] = {}  # chunk index -> {level: checksum} of bytes this upload stored
+        quality: dict[int, dict[str, float]] = {}  # chunk index -> estimated dppl per level (chunks encoded here)
         committed = False
         try:
             records: list[ChunkRecord | None] = [await self._verified(cid) for cid in ids]
@@ -197,10 +204,13 @@ class ContextService:
                 else:  # uploaded KV: no queries to measure importance with, every token is coded alike
                     keys, values = kv
                     importance = None
+                total = float(importance.sum()) if importance is not None else 0.0
                 for i in missing:
                     s, e = i * ct, min(len(token_ids), (i + 1) * ct)
                     imp = importance[s:e] if importance is not None else None
-                    blobs, secs = await self._run(self._encode_chunk, keys[:, :, s:e], values[:, :, s:e], s, imp)
+                    share = imp / total if imp is not None and total > 0 else None
+                    blobs, quality[i], secs = await self._run(self._encode_chunk, keys[:, :, s:e], values[:, :, s:e],
+                                                              s, imp, share, len(token_ids))
                     self.metrics.observe("encode_seconds", secs)
                     sums = {lv: checksum_hex(b) for lv, b in blobs.items()}
                     written[i] = {}
@@ -210,7 +220,7 @@ class ContextService:
                     records[i] = ChunkRecord(start=s, tokens=e - s, sizes={lv: len(b) for lv, b in blobs.items()},
                                              checksums=sums)
                     self.metrics.inc("chunks_encoded_total")
-            manifest = await self._commit(tenant, ctx_id, ids, token_ids, records, written)
+            manifest = await self._commit(tenant, ctx_id, ids, token_ids, records, written, quality)
             committed = True
         finally:
             if not committed and written:
@@ -223,7 +233,8 @@ class ContextService:
         return IngestResult(manifest, len(missing), len(ids) - len(missing), time.perf_counter() - t0)
 
     async def _commit(self, tenant: str, ctx_id: str, ids: list[str], token_ids: list[int],
-                      records: list[ChunkRecord], written: dict[int, dict[str, str]]) -> Manifest:
+                      records: list[ChunkRecord], written: dict[int, dict[str, str]],
+                      quality: dict[int, dict[str, float]] | None = None) -> Manifest:
         ct = self.chunk_tokens
         entries, route, updates, stale = [], [], [], []
         async with self._commit_lock:
@@ -248,7 +259,8 @@ class ContextService:
                 sums = {lv: rec.checksums[lv] for lv in self.levels}
                 s = i * ct
                 toks = tuple(token_ids[s : s + ct])
-                entries.append(ChunkEntry(index=i, id=cid, start=s, token_ids=toks, sizes=sizes, checksums=sums))
+                entries.append(ChunkEntry(index=i, id=cid, start=s, token_ids=toks, sizes=sizes, checksums=sums,
+                                          quality=(quality or {}).get(i, {})))
                 route.append(RouteEntry(cid, s, len(toks), {lv: (sizes[lv], sums[lv]) for lv in self.levels}))
             manifest = Manifest(id=ctx_id, model=self.info.name, fingerprint=self.info.fingerprint,
                                 profile=self.codec.profile.id if self.codec.profile else "", chunk_tokens=ct,

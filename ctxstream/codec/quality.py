@@ -1,0 +1,170 @@
+"""Quality cost of each codec level, estimated per chunk from the context's own KV and attention.
+
+The estimate of level ``l`` for a chunk is ``scale_l * sum_t a_t * e_t(l)``:
+
+* ``e_t(l)`` is token ``t``'s quantisation error in the profile's loss-weighted metric (the
+  empirical Fisher of the next-token loss, see ``profile.py``): the squared error of its transform
+  coefficients, summed over layers, heads, K and V, with the step the level uses for that token
+  (finer for the most attended tokens, zero for the fp16 sink). For ``quant8``/``fp16`` the error
+  of the actual reconstruction, taken into the same metric;
+* ``a_t`` is the token's share of the attention the context's sampled queries pay
+  (``ModelAdapter.compute_kv_with_importance``), so a chunk the context barely looks at costs
+  little, and the shares of a long context sum to 1 like those of a short one;
+* ``scale_l`` turns it into a relative perplexity increase; it is the model's *prior*: measured
+  once per model and level on calibration text (:func:`measure_prior`, stored in the profile).
+
+The per-chunk estimates of a context add up to the estimate for loading the whole context at that
+level; a plan that mixes levels costs the sum of its chunks' estimates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import numpy as np
+import torch
+
+from ..model import invert_rope, rope_cos_sin
+from .profile import SINK_TOKENS, Profile
+
+
+def _prior_key(spec) -> str:
+    """Key of a level's prior entry: its name and the parameters that shape its error."""
+    return f"{spec.name}/{spec.kind}/{spec.step:g}/{spec.fine_frac:g}/{spec.fine_shift}"
+
+
+@dataclass(frozen=True)
+class LevelPrior:
+    dppl: float  # mean relative perplexity increase of a whole context at this level (calibration text)
+    scale: float  # dppl per unit of attention-weighted metric error
+
+
+def priors(profile: Profile | None, specs: Iterable) -> dict[str, LevelPrior]:
+    """The profile's per-level priors for ``specs`` (levels whose parameters it was not measured for
+    are left out)."""
+    table = (profile.calibration.get("quality") or {}) if profile is not None else {}
+    out = {}
+    for s in specs:
+        e = table.get(_prior_key(s))
+        if e is not None:
+            out[s.name] = LevelPrior(float(e["dppl"]), float(e["scale"]))
+    return out
+
+
+class QualityEstimator:
+    """Per-chunk, per-level estimate of the relative perplexity increase (``codec.quality``)."""
+
+    def __init__(self, codec):
+        self.codec = codec
+        self.info = codec.info
+        p = codec.profile
+        self._mean = torch.from_numpy(p.mean)[:, :, :, None] if p is not None else None  # [2, L, H, 1, D]
+        self._ana = torch.from_numpy(p.analysis) if p is not None else None
+        self.priors = priors(p, (codec.spec(lv) for lv in codec.all_levels))
+
+    @property
+    def available(self) -> bool:
+        return bool(self.priors)
+
+    def prior(self) -> dict[str, float]:
+        """The model's per-level prior: relative perplexity increase of a context loaded at that level."""
+        return {lv: p.dppl for lv, p in self.priors.items()}
+
+    def errors(self, keys: torch.Tensor, values: torch.Tensor, start: int, importance: torch.Tensor | None,
+               levels: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """``{level: e [tokens]}``: each token's squared error in the loss-weighted metric."""
+        codec = self.codec
+        levels = list(levels or self.priors)
+        k = keys.detach().to("cpu", torch.float32)
+        v = values.detach().to("cpu", torch.float32)
+        L, H, T, D = k.shape
+        cos, sin = rope_cos_sin(self.info, torch.arange(start, start + T))
+        n_sink = max(0, min(T, SINK_TOKENS - start))
+        pre = torch.stack([invert_rope(k, cos, sin, self.info.attention_scaling), v])  # [2, L, H, T, D]
+        coef = torch.einsum("klhtd,klhde->klhte", pre - self._mean, self._ana)
+        out: dict[str, torch.Tensor] = {}
+        for lv in levels:
+            spec = codec.spec(lv)
+            if spec.kind == "tc":
+                step = torch.full((T,), spec.step)
+                fine = codec._fine_tokens(spec, importance, start, T)
+                if fine:
+                    step[fine] = spec.step / spec.fine_factor
+                y = coef / step[:, None]
+                e = ((y - torch.round(y)) * step[:, None]).pow(2)
+            else:
+                rec = []
+                for x in (k, v):
+                    if spec.kind == "quant8":
+                        scale = (x.abs().amax(-1, keepdim=True) / 127.0).to(torch.float16).float()
+                        rec.append(torch.where(scale > 0, (x / scale.clamp_min(1e-30)).round().clamp(-127, 127) * scale, 0.0))
+                    else:
+                        rec.append(x.to(torch.float16).float())
+                dpre = torch.stack([invert_rope(rec[0], cos, sin, self.info.attention_scaling), rec[1]]) - pre
+                e = torch.einsum("klhtd,klhde->klhte", dpre, self._ana).pow(2)
+            et = e.sum((0, 1, 2, 4))  # [T]
+            et[:n_sink] = 0.0
+            out[lv] = et
+        return out
+
+    def estimate(self, keys: torch.Tensor, values: torch.Tensor, start: int, *,
+                 importance: torch.Tensor | None = None, attention_share: torch.Tensor | None = None,
+                 context_tokens: int | None = None) -> dict[str, float]:
+        """``{level: estimated relative perplexity increase}`` of loading this chunk at that level
+        (every other chunk exact). ``importance``: the chunk's slice of the context's importance (as
+        the codec takes it); ``attention_share``: each token's share of the context's total
+        importance (``importance[s:e] / importance.sum()``); without it every token of a
+        ``context_tokens``-token context (default: this chunk alone) gets an equal share."""
+        if not self.available:
+            return {}
+        T = keys.shape[2]
+        if attention_share is None:
+            attention_share = torch.full((T,), 1.0 / max(T, context_tokens or T))
+        a = torch.as_tensor(attention_share, dtype=torch.float32).flatten()
+        errs = self.errors(keys, values, start, importance, self.priors)
+        return {lv: float(self.priors[lv].scale * float((a * e).sum())) for lv, e in errs.items()}
+
+
+def measure_prior(adapter, codec, windows: list[list[int]], context_tokens: int) -> dict[str, dict]:
+    """Per level: the mean relative perplexity increase of ``windows`` (each ``context_tokens``
+    tokens of context, the rest scored) loaded at that level, and the scale from attention-weighted
+    metric error to it. The entry for the profile's ``calibration["quality"]``."""
+    from ..model import cache_kw
+
+    est = QualityEstimator.__new__(QualityEstimator)
+    est.codec, est.info = codec, codec.info
+    est._mean = torch.from_numpy(codec.profile.mean)[:, :, :, None]
+    est._ana = torch.from_numpy(codec.profile.analysis)
+    levels = list(codec.all_levels)
+    d = {lv: [] for lv in levels}
+    x = {lv: [] for lv in levels}
+
+    @torch.no_grad()
+    def ce(ids, k, v):
+        cache = adapter.make_cache(k.to(adapter.dtype), v.to(adapter.dtype))
+        cont = ids[context_tokens:]
+        logits = adapter.model(input_ids=torch.tensor([cont], device=adapter.device),
+                               **cache_kw(adapter.model, cache)).logits[0]
+        return float(torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(cont[1:], device=logits.device)))
+
+    for ids in windows:
+        k, v, imp = adapter.compute_kv_with_importance(ids[:context_tokens])
+        base = ce(ids, k, v)
+        share = imp / imp.sum()
+        errs = est.errors(k, v, 0, imp, levels)
+        for lv in levels:
+            k2, v2 = codec.decode(codec.encode(k, v, lv, importance=imp))
+            d[lv].append(math.exp(ce(ids, k2, v2) - base) - 1)
+            x[lv].append(float((share * errs[lv]).sum()))
+    out = {}
+    for lv in levels:
+        dm, xm = float(np.mean(d[lv])), float(np.mean(x[lv]))
+        # Floor at a tiny positive value: a level whose measured cost is noise (fp16) still orders by error.
+        out[_prior_key(codec.spec(lv))] = {"dppl": dm, "scale": max(dm, 1e-6) / max(xm, 1e-30),
+                                            "per_window": [float(t) for t in d[lv]]}
+    return out
+
+
+__all__ = ["QualityEstimator", "LevelPrior", "priors", "measure_prior"]
