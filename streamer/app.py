@@ -83,7 +83,8 @@ def build_store(settings: Settings) -> Store:
     return make_store(settings.store, data_dir=settings.data_dir, redis_url=settings.redis_url,
                       redis_prefix=settings.redis_prefix, memory_bytes=settings.memory_bytes, fsync=settings.fsync,
                       redis_cluster_nodes=settings.redis_cluster_nodes,
-                      redis_cluster_wait_replicas=settings.redis_cluster_wait_replicas)
+                      redis_cluster_wait_replicas=settings.redis_cluster_wait_replicas,
+                      redis_cluster_retry_s=settings.redis_cluster_retry_s)
 
 
 def create_app(settings: Settings | None = None, *, adapter: ModelAdapter | None = None, codec: Codec | None = None,

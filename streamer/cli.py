@@ -30,6 +30,8 @@ def register(sub) -> None:
                    help="Redis Cluster startup nodes for the redis-cluster tier")
     p.add_argument("--redis-cluster-wait-replicas", dest="redis_cluster_wait_replicas", type=int, default=None,
                    help="replicas that must have a write before it is acknowledged (default 1; 0: master only)")
+    p.add_argument("--redis-cluster-retry-s", dest="redis_cluster_retry_s", type=float, default=None,
+                   help="seconds an operation retries through a failover before answering 503 (default 5)")
     p.add_argument("--memory-bytes", dest="memory_bytes", type=int, default=None, help="memory tier size (bytes)")
     p.add_argument("--model", default=None,
                    help="model name or path (default: the default model); tiny-random for tests")

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     # how many replicas must have a write before it is acknowledged (0: the master alone)
     redis_cluster_nodes: str = ""
     redis_cluster_wait_replicas: int = Field(1, ge=0, le=16)
+    # how long one operation retries through a failover before the API answers 503 (set it above the
+    # cluster's failover time, about cluster-node-timeout + 1-2 s, to hide failovers from loaders)
+    redis_cluster_retry_s: float = Field(5.0, ge=0, le=600)
     memory_bytes: int = Field(512 << 20, gt=0)
     fsync: bool = True
     # model and codec

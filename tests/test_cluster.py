@@ -144,8 +144,8 @@ def test_cli_flag_and_environment_reach_the_settings(monkeypatch):
     args = build_parser().parse_args(["serve", "--store", "memory+disk+redis-cluster", "--redis-cluster-nodes",
                                       "n1:7000,n2:7000", "--redis-cluster-wait-replicas", "0"])
     s = Settings.from_args(args)
-    assert (s.store, s.redis_cluster_nodes, s.redis_cluster_wait_replicas) == (
-        "memory+disk+redis-cluster", "n1:7000,n2:7000", 0)
+    assert (s.store, s.redis_cluster_nodes, s.redis_cluster_wait_replicas, s.redis_cluster_retry_s) == (
+        "memory+disk+redis-cluster", "n1:7000,n2:7000", 0, 5.0)
     monkeypatch.setenv("CTXSTREAM_REDIS_CLUSTER_NODES", "e1:7000")
     assert Settings(store="redis-cluster").redis_cluster_nodes == "e1:7000"
 
@@ -194,10 +194,14 @@ def cluster_streamer(make_streamer, cluster, **kw):
     return make_streamer(store="redis-cluster", redis_cluster_nodes=cluster.nodes_spec, chunk_tokens=CT, **kw)
 
 
+@pytest.mark.parametrize("retry_s", [5.0, 0.2], ids=["store-rides-out-failover", "503-then-loader-recovers"])
 async def test_master_killed_during_fetches_loads_complete_and_acknowledged_contexts_stay_whole(
-        make_streamer, healthy_cluster, tiny_adapter, tiny_codec):
+        make_streamer, healthy_cluster, tiny_adapter, tiny_codec, retry_s):
+    """retry_s 5 s (above this cluster's 2-3 s failover): the streamer's store retries until the replica
+    has taken over, the loader sees slow chunks only. 0.2 s (a failover longer than the store waits, as
+    with Redis' default 15 s node timeout): 503s, which the loader refetches, then recomputes."""
     c = healthy_cluster
-    srv = cluster_streamer(make_streamer, c)
+    srv = cluster_streamer(make_streamer, c, redis_cluster_retry_s=retry_s)
     store = srv.app.state.streamer.store
     bodies = [upload_ids(srv.url, tokens(4 * CT, seed=40 + i)).json() for i in range(3)]
     ids = tokens(8 * CT, seed=50)
@@ -224,8 +228,11 @@ async def test_master_killed_during_fetches_loads_complete_and_acknowledged_cont
     assert all(r.final in ("fp16", TEXT) for r in rep.chunks), [r.final for r in rep.chunks]
     assert store.retried > killed["retried_before"], "no store operation needed a retry: the kill was not seen"
     assert set(how.values()) <= {None, "refetch", "recomputed"}, how
+    if retry_s < 1:  # the failover outlasted the store's retries: the loader saw 503s and says how it recovered
+        assert set(how.values()) & {"refetch", "recomputed"}, how
+        assert all("503" in (r.error or "") for r in rep.chunks if r.recovered), [r.error for r in rep.chunks]
     assert_kv_exact(tiny_adapter, res, ids)
-    print(f"\nmaster killed during fetches: chunks {[r.final for r in rep.chunks]}, recovered {how}, "
+    print(f"\nmaster killed during fetches (store retry_s {retry_s}): chunks {[r.final for r in rep.chunks]}, recovered {how}, "
           f"the streamer's store retried {store.retried - killed['retried_before']} operations")
     c.wait_failover(victim)
     for b in bodies + [body]:  # every acknowledged context, after the failover: complete and exact

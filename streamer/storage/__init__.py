@@ -49,7 +49,8 @@ def parse_store_spec(spec: str) -> list[str]:
 
 def make_store(spec: str, *, data_dir: str | os.PathLike = "./ctxstream-data", redis_url: str = "redis://127.0.0.1:6379/0",
                redis_prefix: str = "ctxstream:", memory_bytes: int = 512 << 20, fsync: bool = True,
-               redis_cluster_nodes: str = "", redis_cluster_wait_replicas: int = 1) -> Store:
+               redis_cluster_nodes: str = "", redis_cluster_wait_replicas: int = 1,
+               redis_cluster_retry_s: float = 5.0) -> Store:
     tiers: list[Store] = []
     names = parse_store_spec(spec)
     for i, name in enumerate(names):
@@ -58,7 +59,8 @@ def make_store(spec: str, *, data_dir: str | os.PathLike = "./ctxstream-data", r
         elif name == "disk":
             tiers.append(DiskStore(data_dir, fsync=fsync))
         elif name == "redis-cluster":
-            tiers.append(RedisClusterStore(redis_cluster_nodes, prefix=redis_prefix, wait_replicas=redis_cluster_wait_replicas))
+            tiers.append(RedisClusterStore(redis_cluster_nodes, prefix=redis_prefix, wait_replicas=redis_cluster_wait_replicas,
+                                           retry_s=redis_cluster_retry_s))
         else:
             tiers.append(RedisStore(redis_url, prefix=redis_prefix))
     return tiers[0] if len(tiers) == 1 else TieredStore(tiers)

@@ -118,8 +118,11 @@ class RedisClusterStore(Store):
             return unframe(blob, key)
         except CorruptObjectError as exc:
             self.corrupted += 1
-            log.warning("redis-cluster store: %s failed verification (%s); deleted", k, exc)
-            await self._write(k, "DEL", k)
+            log.warning("redis-cluster store: %s failed verification (%s); deleting it", k, exc)
+            try:
+                await self._write(k, "DEL", k)
+            except StoreError as err:  # not served either way; the next read finds it again and retries
+                log.warning("redis-cluster store: deleting corrupt %s: %s", k, err)
             return None
 
     async def put(self, key: str, value: bytes) -> None:
