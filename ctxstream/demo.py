@@ -1,13 +1,15 @@
 """``ctxstream demo``: the whole system on one machine, end to end (the README's main job).
 
 1. loads the default model and starts a streamer on loopback with the embedded disk store;
-2. uploads a real long context (a LongChat topic-retrieval record from ``shared/data``; the
-   stdlib's pydoc text when that folder is missing) — the server computes its KV and encodes every
-   chunk at every level;
+2. uploads a real long context (by default a WikiText-2 article from ``shared/data``, asked for its
+   title, which the default model answers right; ``--context longchat`` takes a LongChat topic
+   record instead; the stdlib's pydoc text when the data folder is missing) — the server computes
+   its KV and encodes every chunk at every level;
 3. asks a question about it: the loader streams the KV through an in-process link that follows a
    real bandwidth trace (a Mahimahi/Pensieve trace from ``shared/data/traces``; a synthetic trace
    otherwise), choosing per chunk a level or recompute to meet the SLO, and prints each choice;
-4. prints the answer, and what the load would have cost as plain recompute.
+4. prints the streamed answer next to the answer from the exact KV (a local prefill of the same
+   text), whether they agree, and whether the reference answer is in it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ def register(sub) -> None:
     p.add_argument("--trace", default="mahimahi/TMobile-LTE-short.down",
                    help="trace file, relative to DATA_DIR/traces or absolute")
     p.add_argument("--trace-start", type=float, default=20.0, help="start offset into the trace, seconds")
+    p.add_argument("--context", default="wikitext", choices=["wikitext", "longchat"],
+                   help="wikitext: an eval-split WikiText-2 article, asked its title; longchat: a topic record")
+    p.add_argument("--article", default=DEFAULT_ARTICLE, help="title of the WikiText-2 article (--context wikitext)")
     p.add_argument("--topics", type=int, default=5, choices=[1, 5, 10, 15], help="LongChat record size")
     p.add_argument("--policy", default="mpc", help="slo, mpc, text, fp16, quant8, fixed:<level>")
     p.add_argument("--slo", type=float, default=None, help="TTFT target in s (default: 0.6 x recompute time)")
@@ -38,9 +43,21 @@ def register(sub) -> None:
     p.set_defaults(func=run_demo)
 
 
-def _context_and_question(data_dir: Path, topics: int) -> tuple[str, str, str]:
+DEFAULT_ARTICLE = "The Heart of Ezra Greer"
+TITLE_QUESTION = "What is the title of the article above? Answer with the title only."
+
+
+def _context_and_question(data_dir: Path, kind: str, topics: int, article: str) -> tuple[str, str, str]:
+    """(context text, question, reference answer)."""
+    if kind == "wikitext" and (data_dir / "corpora" / "wikitext2").is_dir():
+        from .corpora import wikitext_articles
+
+        for text in wikitext_articles(data_dir):
+            if text.lstrip().startswith(f"= {article} ="):
+                return text, TITLE_QUESTION, article
+        raise SystemExit(f"no WikiText-2 article titled {article!r} in {data_dir}")
     path = data_dir / "corpora" / "longchat" / "topics" / "testcases" / f"{topics}_topics.jsonl"
-    if path.is_file():
+    if kind == "longchat" and path.is_file():
         case = json.loads(path.read_text().splitlines()[0])
         prompt = case["prompt"]
         cut = prompt.index("Now the record ends.") + len("Now the record ends.")
@@ -49,8 +66,20 @@ def _context_and_question(data_dir: Path, topics: int) -> tuple[str, str, str]:
         return prompt[:cut], prompt[cut:].strip(), expected
     from .codec.profile import calibration_text
 
+    print(f"  ({data_dir} has no {kind} data: using the stdlib's pydoc text)")
     text = calibration_text()[:12000]
-    return text, "Which Python statement is described first? Answer in a few words.", "(no reference)"
+    return text, "Which Python statement is described first? Answer in a few words.", ""
+
+
+def _exact_answer(adapter, context_ids: list[int], prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy answer from the exact KV: the model prefills context + prompt itself."""
+    import torch
+
+    ids = torch.tensor([list(context_ids) + list(prompt)], device=adapter.device)
+    with torch.no_grad():
+        out = adapter.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                     max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, ids.shape[1]:].tolist()
 
 
 def _trace(data_dir: Path, name: str):
@@ -87,7 +116,7 @@ def run_demo(args: argparse.Namespace) -> int:
               f"streamer at {server.url}, disk store in {store_dir} ({time.perf_counter() - t0:.1f} s)")
 
         print("== 2. upload a context")
-        context, question, expected = _context_and_question(args.data_dir, args.topics)
+        context, question, expected = _context_and_question(args.data_dir, args.context, args.topics, args.article)
         import urllib.request
 
         req = urllib.request.Request(f"{server.url}/v1/contexts", data=json.dumps({"text": context}).encode(),
@@ -114,23 +143,43 @@ def run_demo(args: argparse.Namespace) -> int:
             async with ContextLoader(server.url, model=adapter, policy=args.policy, slo_s=args.slo,
                                      token="demo-token", codec=codec) as cl:
                 manifest = await cl.fetch_manifest(up["id"])
+                cal = await cl.calibrate()  # this machine's speeds: measured once, cached, off the SLO clock
+                recompute_s = cal.recompute.seconds(manifest.tokens, 0)
                 if cl.slo_s is None:  # a target recompute alone cannot meet
-                    cl.slo_s = round(0.6 * cl.calibration.recompute.seconds(manifest.tokens, 0), 2)
+                    cl.slo_s = round(0.6 * recompute_s, 2)
                 print(f"  policy {args.policy}, SLO {cl.slo_s:.2f} s; recomputing the whole context here "
-                      f"would take ~{cl.calibration.recompute.seconds(manifest.tokens, 0):.2f} s")
+                      f"would take ~{recompute_s:.2f} s")
                 cl.shaper = TraceShaper(trace, start_s=args.trace_start)
                 cl.progress = progress_printer(sys.stdout)
                 prompt = chat_prompt_ids(adapter, question, manifest.token_ids)
-                return await cl.load(up["id"], prompt_ids=prompt)
+                return await cl.load(up["id"], prompt_ids=prompt), manifest.token_ids, prompt
 
         torch.set_num_threads(2)
-        result = asyncio.run(ask())
+        result, context_ids, prompt = asyncio.run(ask())
         ids = result.generate(args.max_new_tokens)
         rep = result.report
         print("== 4. answer")
-        print(f"  {adapter.detokenize(ids).strip()}")
-        print(f"  (reference: {expected})")
+        streamed = adapter.detokenize(ids).strip()
+        exact_ids = _exact_answer(adapter, context_ids, prompt, args.max_new_tokens)
+        exact = adapter.detokenize(exact_ids).strip()
+        print(f"  streamed KV: {streamed}")
+        print(f"  exact KV:    {exact}")
+        print(f"  the streamed answer {'equals' if ids == exact_ids else 'differs from'} the exact one "
+              f"(first {_common_prefix(ids, exact_ids)} of {len(exact_ids)} tokens the same)")
+        if expected:
+            print(f"  reference: {expected} -- in the streamed answer: "
+                  f"{'yes' if expected.lower() in streamed.lower() else 'no'}, in the exact one: "
+                  f"{'yes' if expected.lower() in exact.lower() else 'no'}")
         print(f"  TTFT {rep.ttft_s:.2f} s, SLO {'met' if rep.slo_met else 'missed'}; choices: "
               + ", ".join(f"{c.final}" for c in rep.chunks))
     print(f"demo done in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     def _check_store(cls, v: str) -> str:
         return "+".join(parse_store_spec(v))
 
+    @field_validator("metrics_token", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v):
+        return None if v == "" else v  # CTXSTREAM_METRICS_TOKEN= (empty) leaves /metrics open
+
     @field_validator("tokens")
     @classmethod
     def _check_tokens(cls, v: dict[str, str]) -> dict[str, str]:

