@@ -218,6 +218,17 @@ def main() -> None:  # noqa: C901 - one linear script
     settings = Settings(store="memory", memory_bytes=1 << 40, tokens={TOKEN: "bench"}, chunk_tokens=C,
                         max_tokens=max(32768, Tmax), max_upload_bytes=1 << 34, body_timeout_s=1800.0,
                         encode_workers=min(8, os.cpu_count() or 1))
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"gpu-ttft-{slug}.json")
+
+    def save() -> None:  # after every stage: a run cut short still leaves what it measured
+        targets(res, contexts, rates, questions, levels)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        outs = [path] + ([os.path.join(os.environ["OUT"], os.path.basename(path))] if os.environ.get("OUT") else [])
+        for p in outs:
+            with open(p, "w") as fh:
+                json.dump(res, fh, indent=1)
+
     srv = serve_in_background(settings, adapter=adapter, codec=codec)
     try:
         t0 = time.perf_counter()
@@ -231,28 +242,30 @@ def main() -> None:  # noqa: C901 - one linear script
                  for T in contexts}
         levels = [lv for lv in levels if lv in manifests[Tmax]["levels"]]
         res["sizes_bytes"] = sizes[Tmax]
+        res["sizes_by_context"] = {str(T): sizes[T] for T in contexts}
         kv_bytes = {T: 2 * adapter.info.num_layers * adapter.info.num_kv_heads * T * adapter.info.head_dim * 2
                     for T in contexts}
         res["bits_per_element"] = {lv: 8 * sum(sizes[Tmax][lv]) / (kv_bytes[Tmax] / 2) for lv in levels}
         print(f"uploaded and encoded in {res['upload_encode_s']:.1f}s; bits/element:",
               {lv: round(b, 2) for lv, b in res["bits_per_element"].items()}, flush=True)
-        asyncio.run(grid(args, res, srv.url, adapter, codec, cid, sizes, contexts, rates, question_of, levels))
         if not args.no_micro and dev.type == "cuda":
-            micro(args, res, srv.url, adapter, codec, cid, sizes, contexts, question_of, levels, dev, kv_bytes)
+            try:
+                micro(args, res, srv.url, adapter, codec, cid, sizes, contexts, question_of, levels, dev, kv_bytes)
+            except Exception as exc:  # noqa: BLE001 - recorded; the TTFT grid still runs
+                import traceback
+
+                traceback.print_exc()
+                res["micro_error"] = repr(exc)
+            save()
+        asyncio.run(grid(args, res, srv.url, adapter, codec, cid, sizes, contexts, rates, question_of, levels, save))
     finally:
         srv.stop()
-    targets(res, contexts, rates, questions, levels)
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"gpu-ttft-{slug}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    for p in [path] + ([os.path.join(os.environ["OUT"], os.path.basename(path))] if os.environ.get("OUT") else []):
-        with open(p, "w") as fh:
-            json.dump(res, fh, indent=1)
+    save()
     print_tables(res, contexts, questions, levels)
     print(f"-> {path}")
 
 
-async def grid(args, res, url, adapter, codec, cid, sizes, contexts, rates, question_of, levels) -> None:
+async def grid(args, res, url, adapter, codec, cid, sizes, contexts, rates, question_of, levels, save) -> None:
     """The TTFT grid through ContextLoader (one loader per policy, reused across cells)."""
     lctx = LoaderContext(persist=False)
     t0 = time.perf_counter()
@@ -286,10 +299,11 @@ async def grid(args, res, url, adapter, codec, cid, sizes, contexts, rates, ques
         return {"ttft_s": median(ttfts), "ttft_all_s": ttfts, "load_s": median([x.load_s for x in reps]),
                 "first_token_s": median([x.first_token_s for x in reps]), "mb": last.bytes / 1e6,
                 "choices": compress([c.final for c in last.chunks]), "sink": last.sink,
+                "decide_ms": 1e3 * sum(c.decide_s for c in last.chunks),
                 "slo_met": None if slo_s is None else sum(t <= slo_s for t in ttfts) / len(ttfts),
                 "failures": sum(len(x.failures) for x in reps)}
 
-    rows = []
+    rows = res["ttft"] = []
     for Q in question_of:
         for T in contexts:
             rec = await run("text", T, Q, None, None)
@@ -310,7 +324,7 @@ async def grid(args, res, url, adapter, codec, cid, sizes, contexts, rates, ques
                 print(f"  {gbps:g} Gbit/s: " + ", ".join(
                     f"{k} {row[k]['ttft_s'] * 1e3:.0f}" for k in [*levels, "slo", "mpc"]
                     if not row[k].get("skipped")) + f" ms; mpc {row['mpc']['choices']}", flush=True)
-    res["ttft"] = rows
+            save()
     for cl in loaders.values():
         await cl.close()
     res["grid_s"] = time.perf_counter() - t0
@@ -372,16 +386,6 @@ def micro(args, res, url, adapter, codec, cid, sizes, contexts, question_of, lev
                 prep[f"q{Q}/{T}/{lv}"] = {"load_s": median(t_load), "seq_s": median(t_seq), "pipe_s": median(t_pipe),
                                           "hidden_share": float(np.median(diffs)) / median(t_load)}
     res["prepared_path"] = prep
-    # the earlier bench's TTFT of a level: transfer at the rate + the pipelined prefill of prepared chunks
-    for row in res["ttft"]:
-        for lv in levels:
-            cell = row[lv]
-            if cell.get("skipped"):
-                continue
-            p = prep[f"q{row['question']}/{row['tokens']}/{lv}"]
-            ref = sum(sizes[row["tokens"]][lv]) * 8 / (row["gbps"] * 1e9) + p["pipe_s"]
-            cell["prepared_path_s"] = ref
-            cell["product_vs_prepared"] = cell["ttft_s"] / ref
 
     # decode throughput (GB/s of bf16 KV produced), q2, one chunk; bitstream already on the GPU
     c0 = pinned["q2"][0]
@@ -412,9 +416,22 @@ def micro(args, res, url, adapter, codec, cid, sizes, contexts, question_of, lev
 
 def targets(res, contexts, rates, questions, levels) -> None:
     """The issue's targets, checked on this run's numbers."""
+    prep = res.get("prepared_path", {})
+    # the earlier bench's TTFT of a level: transfer at the rate + the pipelined prefill of prepared chunks
+    for row in res.get("ttft", []):
+        for lv in levels:
+            cell = row.get(lv, {})
+            p = prep.get(f"q{row['question']}/{row['tokens']}/{lv}")
+            if cell.get("skipped") or p is None or "ttft_s" not in cell:
+                continue
+            ref = sum(res["sizes_by_context"][str(row["tokens"])][lv]) * 8 / (row["gbps"] * 1e9) + p["pipe_s"]
+            cell["prepared_path_s"] = ref
+            cell["product_vs_prepared"] = cell["ttft_s"] / ref
     within = [lv for lv in levels if DEFAULT_QUALITY.get(lv, 0.0) >= 1.0 - MAX_LOSS - 1e-12]
     cells, ok = [], True
     for row in res.get("ttft", []):
+        if "mpc" not in row:
+            continue
         cands = {"recompute": row["recompute"]["ttft_s"]}
         cands.update({lv: row[lv]["ttft_s"] for lv in within if not row[lv].get("skipped")})
         best_k = min(cands, key=cands.get)

@@ -28,6 +28,7 @@ import os
 import platform
 import sys
 import time
+import subprocess
 import urllib.request
 from pathlib import Path
 
@@ -37,6 +38,7 @@ import torch  # noqa: E402
 import xxhash  # noqa: E402
 
 from ctxstream.codec import Codec  # noqa: E402
+from ctxstream.hostinfo import host_info  # noqa: E402
 from ctxstream.model import ModelAdapter, default_cache_dir  # noqa: E402
 from ctxstream.loader import ContextLoader, LoaderContext  # noqa: E402
 from ctxstream.loader.calibration import run_model  # noqa: E402
@@ -128,6 +130,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="write the rows here")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows already in --json that this run does not redo (same tokens, rate, policy)")
+    ap.add_argument("--busy", type=int, default=0,
+                    help="start this many CPU-bound processes (a Python busy loop each) beside the run: a busy host; "
+                         "the loader must still meet the feasible SLOs (calibration is cached, corrected online)")
     ap.add_argument("--store-dir", type=Path, default=None,
                     help="streamer disk store, kept between runs (default ~/.cache/ctxstream/bench-loader/<codec hash>)")
     args = ap.parse_args(argv)
@@ -154,6 +159,25 @@ def main(argv=None) -> int:
     max_pos = int(getattr(adapter.model.config, "max_position_embeddings", 1 << 30))
     rows: list[dict] = []
     meta: dict = {}
+    hogs: list[subprocess.Popen] = []
+    try:
+        _run(args, settings, adapter, codec, windows, lengths, rates, policies, max_pos, rows, meta, hogs)
+    finally:
+        for h in hogs:  # only the processes this run started
+            h.terminate()
+            h.wait()
+    meta.update({"machine": f"{platform.machine()} {os.cpu_count()}-core CPU VM (shared)", "torch_threads":
+                 torch.get_num_threads(), "model": adapter.info.name, "profile": codec.profile.id,
+                 "contexts": source, "model_window": max_pos, "slo_per_1k_s": args.slo_per_1k, "cap_s": args.cap_s,
+                 "quick": args.quick, "prior": args.prior, "busy_processes": args.busy, "host": host_info(),
+                 "level_quality": level_quality(rows),
+                 "seconds": round(time.perf_counter() - t_all, 1), "date": time.strftime("%Y-%m-%d %H:%M:%S")})
+    return _finish(args, rows, meta, max_pos)
+
+
+def _run(args, settings, adapter, codec, windows, lengths, rates, policies, max_pos, rows, meta, hogs) -> None:
+    from ctxstream.streamer.server import serve_in_background
+
     with serve_in_background(settings, mode="process") as srv:
         url = srv.url
         uploads = {}
@@ -171,6 +195,11 @@ def main(argv=None) -> int:
                 cal = cl.calibration
                 meta["calibration"] = cal.summary()
                 manifests = {L: await cl.fetch_manifest(uploads[L]) for L in lengths}
+            # the busy host starts now: after the calibration (cached per machine, as a user's would be),
+            # before every timed load; the loader corrects its estimates online
+            hogs.extend(subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy))
+            if hogs:
+                meta["load_at_start"] = os.getloadavg()
             for L in lengths:
                 cont = windows[L][L:]
                 slo_s = args.slo_per_1k * L / 1024
@@ -207,11 +236,9 @@ def main(argv=None) -> int:
                         print(line(row), file=sys.stderr, flush=True)
 
         asyncio.run(run_all())
-    meta.update({"machine": f"{platform.machine()} {os.cpu_count()}-core CPU VM (shared)", "torch_threads":
-                 torch.get_num_threads(), "model": adapter.info.name, "profile": codec.profile.id,
-                 "contexts": source, "model_window": max_pos, "slo_per_1k_s": args.slo_per_1k, "cap_s": args.cap_s, "quick": args.quick, "prior": args.prior,
-                 "level_quality": level_quality(rows),
-                 "seconds": round(time.perf_counter() - t_all, 1), "date": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+
+def _finish(args, rows, meta, max_pos) -> int:
     if args.merge and args.json and args.json.is_file():
         old = json.loads(args.json.read_text())
         key = lambda r: (r["tokens"], r["rate_bps"], r["policy"])  # noqa: E731

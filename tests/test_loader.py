@@ -431,7 +431,7 @@ def test_calibration_once_per_machine_on_disk_for_any_context_length(tiny, tmp_p
     first = LoaderContext(cache_dir=tmp_path, calibration_prefixes=(64, 256))
     cal = first.calibration(adapter, "cpu", codec)
     assert {"fp16", "quant8", "q2"} <= set(cal.decode.s_per_token)
-    assert list((tmp_path / "calibration").glob(f"{adapter.info.fingerprint}-cpu-cpu.json"))
+    assert list((tmp_path / "calibration").glob(f"{adapter.info.fingerprint}-cpu-*.json"))
     # any context length: the fit extrapolates (grows with the prefix), no new measurement
     assert cal.recompute_s(256, 16384) >= cal.recompute_s(256, 4096) >= cal.recompute_s(256, 0) > 0
 
