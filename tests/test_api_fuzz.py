@@ -9,11 +9,13 @@ byte-wise.
 
 from __future__ import annotations
 
+import json
 import resource
 import time
 
 import httpx
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -153,3 +155,77 @@ def test_server_is_healthy_after_the_fuzzing(api_server):
     assert httpx.get(api_server.url + "/healthz").json()["status"] == "ok"
     r = httpx.get(f"{api_server.url}/v1/contexts/{api_server.context['id']}", headers=auth())
     assert r.status_code == 200 and r.json() == api_server.context["manifest"]
+
+
+# --------------------------------------------------------------------------- hostile JSON and KV headers
+# What the OpenAPI-driven cases above never produce: deep nesting, unicode edge cases (lone surrogates,
+# NUL, BOM, non-characters, bidi overrides, combining runs) and wrong-typed fields.
+UNICODE_EDGES = ["\ud800", "\udfff", "a\udc00b", "\ud83d", "\x00", "\ufeff", "\uffff", "\U0010ffff", "\u202e",
+                 "e" + "\u0301" * 500, "\u0000" * 10, "\r\n\t", "\U0001f600", "\ufffd", "\u2028\u2029"]
+unicode_text = st.lists(st.one_of(st.sampled_from(UNICODE_EDGES), st.text(max_size=20),
+                                  st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)),
+                        max_size=8).map("".join)
+json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=False),
+                         unicode_text)
+json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4)
+                           | st.dictionaries(unicode_text, inner, max_size=4), max_leaves=20)
+wrong_token_lists = st.lists(st.one_of(st.integers(-2**64, 2**64), st.floats(), st.booleans(), st.text(max_size=3),
+                                       st.none(), st.lists(st.integers(0, 9), max_size=2)), max_size=12)
+
+
+def _nested(depth: int, opener: str) -> bytes:
+    close = {"[": "]", "{": "}"}
+    if opener == "{":
+        return ('{"a":' * depth + "1" + "}" * depth).encode()
+    return (opener * depth + close[opener] * depth).encode()
+
+
+hostile_json = st.one_of(
+    st.builds(_nested, st.integers(1, 60_000), st.sampled_from("[{")),
+    st.builds(lambda d, o: b'{"token_ids": ' + _nested(d, o) + b"}", st.integers(1, 60_000), st.sampled_from("[{")),
+    st.builds(lambda t: json.dumps({"text": t}).encode(), unicode_text),  # ensure_ascii: lone surrogates as \udXXX
+    st.builds(lambda t: json.dumps({"text": t}, ensure_ascii=False).encode("utf-8", "surrogatepass"), unicode_text),
+    st.builds(lambda v: json.dumps({"token_ids": v}).encode(), wrong_token_lists),
+    st.builds(lambda v: json.dumps(v).encode(), json_values),
+    st.builds(lambda v, w: json.dumps({"text": v, "token_ids": w}).encode(), json_values, json_values),
+    st.binary(max_size=64),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=hostile_json)
+def test_hostile_json_uploads_never_5xx(api_server, body):
+    r = httpx.post(api_server.url + "/v1/contexts", content=body,
+                   headers={**auth(), "Content-Type": "application/json"}, timeout=30)
+    assert r.status_code in (201, 400, 413, 422, 429), (body[:80], r.status_code, r.text[:300])
+    if r.status_code != 201:
+        assert r.json()["detail"]
+
+
+header_values = st.one_of(json_values, st.binary(max_size=8), st.sampled_from(["float16", "bfloat16", "float32"]),
+                          st.lists(st.integers(-3, 40), min_size=4, max_size=4))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_kv_headers_with_wrong_typed_fields_never_5xx(api_server, tiny_adapter, data):
+    """A valid body behind a header whose ``dtype`` / ``shape`` / ``fingerprint`` (or extra keys) take any
+    msgpack type: lists and maps (unhashable), ints, floats, bytes, nested values."""
+    import msgpack
+
+    i = tiny_adapter.info
+    t = data.draw(st.integers(1, 4))
+    k = torch.zeros(i.num_layers, i.num_kv_heads, t, i.head_dim, dtype=torch.float16)
+    good = pack_kv(list(range(3, 3 + t)), k, k, fingerprint=i.fingerprint)
+    hlen = int.from_bytes(good[8:12], "little")
+    header = msgpack.unpackb(good[12 : 12 + hlen])
+    for name in data.draw(st.lists(st.sampled_from(["dtype", "shape", "fingerprint", "extra"]), min_size=1,
+                                   max_size=3, unique=True)):
+        header[name] = data.draw(header_values)
+    head = msgpack.packb(header, use_bin_type=True, unicode_errors="surrogatepass")  # lone surrogates sent as is
+    body = good[:8] + len(head).to_bytes(4, "little") + head + good[12 + hlen :]
+    r = httpx.post(api_server.url + "/v1/contexts", content=body, headers={**auth(), "Content-Type": CONTENT_TYPE},
+                   timeout=30)
+    assert r.status_code in (201, 400, 413, 422, 429), (header, r.status_code, r.text[:300])
+    if r.status_code != 201:
+        assert r.json()["detail"]

@@ -27,7 +27,7 @@ def test_quick_soak_loses_nothing_across_kills(tmp_path):
     assert out.exists(), r.stdout[-2000:] + r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert r.returncode == 0, (res["failure_examples"], r.stdout[-2000:])
-    assert res["kills"] >= 3 and res["uploads"] >= 10 and res["deletes"] >= 3 and res["chunk_fetches"] >= 50, res
+    assert res["kills"] >= 2 and res["uploads"] >= 10 and res["deletes"] >= 3 and res["chunk_fetches"] >= 50, res
     assert res["checked_present"] >= 1 and res["checked_deleted"] >= 1
     assert res["losses"] == 0 and res["failures"] == 0 and res["unexpected_contexts"] == 0
     assert res["tombstones_left"] == 0  # every interrupted delete was finished at a restart
