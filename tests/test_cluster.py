@@ -29,7 +29,14 @@ import test_storage as contract
 from ctxstream.policies import TEXT
 from ctxstream.streamer.settings import Settings
 from ctxstream.traces.shaping import RateShaper
-from ctxstream.streamer.storage import InvalidKeyError, RedisClusterStore, StoreError, make_store, parse_cluster_nodes
+from ctxstream.streamer.storage import (
+    InvalidKeyError,
+    RedisClusterStore,
+    StoreError,
+    StoreFullError,
+    make_store,
+    parse_cluster_nodes,
+)
 from ctxstream.streamer.storage.localcluster import LocalRedisCluster, binaries
 from test_faults import CT, assert_kv_exact, encoded, make_loader, tokens, upload_ids, verify_context
 
@@ -61,7 +68,8 @@ def healthy_cluster(cluster):
 
 @pytest.fixture(params=CLUSTER_SPECS)
 async def store(request, healthy_cluster, tmp_path):
-    s = make_store(request.param, data_dir=tmp_path / "data", fsync=False, redis_cluster_nodes=healthy_cluster.nodes_spec)
+    s = make_store(request.param, data_dir=tmp_path / "data", fsync=False,
+                   redis_cluster_nodes=healthy_cluster.nodes_spec)
     yield s
     await s.close()
 
@@ -163,6 +171,22 @@ async def test_unreachable_cluster_is_a_store_error_not_a_hang():
     await s.close()
 
 
+async def test_a_full_master_refuses_writes_as_store_full(healthy_cluster):
+    c = healthy_cluster
+    s = RedisClusterStore(c.nodes_spec, prefix="full:")
+    master = c.master_of("full:{f.1}")
+    with c.client(master) as m:
+        m.config_set("maxmemory", "1mb")  # below what the node already uses: every write is refused (noeviction)
+        try:
+            with pytest.raises(StoreFullError, match="maxmemory"):
+                await s.put("f.1", os.urandom(100_000))
+        finally:
+            m.config_set("maxmemory", "0")
+    await s.put("f.1", b"room again")
+    assert await s.get("f.1") == b"room again"
+    await s.close()
+
+
 # ------------------------------------------------------------------------------ acknowledged = on a replica
 async def test_acknowledged_writes_are_on_a_replica_and_unreplicated_ones_are_refused(healthy_cluster):
     c = healthy_cluster
@@ -232,7 +256,8 @@ async def test_master_killed_during_fetches_loads_complete_and_acknowledged_cont
         assert set(how.values()) & {"refetch", "recomputed"}, how
         assert all("503" in (r.error or "") for r in rep.chunks if r.recovered), [r.error for r in rep.chunks]
     assert_kv_exact(tiny_adapter, res, ids)
-    print(f"\nmaster killed during fetches (store retry_s {retry_s}): chunks {[r.final for r in rep.chunks]}, recovered {how}, "
+    print(f"\nmaster killed during fetches (store retry_s {retry_s}): chunks {[r.final for r in rep.chunks]}, "
+          f"recovered {how}, "
           f"the streamer's store retried {store.retried - killed['retried_before']} operations")
     c.wait_failover(victim)
     for b in bodies + [body]:  # every acknowledged context, after the failover: complete and exact

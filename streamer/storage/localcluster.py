@@ -21,6 +21,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from redis.exceptions import RedisError
+
 from .base import StoreError
 
 
@@ -157,7 +159,7 @@ class LocalRedisCluster:
             try:
                 with self.client(p) as c:
                     text = c.execute_command("CLUSTER NODES")  # redis-py parses it: {addr: {...}}
-            except Exception as exc:  # noqa: BLE001 - try the next node
+            except RedisError as exc:  # a node going down or starting: try the next one
                 last = exc
                 continue
             return [{"id": n["node_id"], "port": int(addr.rsplit(":", 1)[1].split("@")[0]),
@@ -206,11 +208,8 @@ class LocalRedisCluster:
                         before = set(self._masters_before) if self._masters_before else set()
                         new = [n["port"] for n in live_masters if n["port"] not in before]
                         return new[0] if new else live_masters[0]["port"]
-            except (ClusterLaunchError, StopIteration, OSError):
+            except (ClusterLaunchError, StopIteration, RedisError):  # mid-reconfiguration: ask again
                 pass
-            except Exception as exc:  # noqa: BLE001 - redis errors while the cluster reconfigures
-                if "redis" not in type(exc).__module__:
-                    raise
             time.sleep(0.05)
         raise ClusterLaunchError(f"no failover of {dead_port} within {timeout} s")
 
@@ -223,7 +222,7 @@ class LocalRedisCluster:
                 why = self._health()
                 if why is None:
                     return
-            except Exception as exc:  # noqa: BLE001 - a node still starting; asked again below
+            except RedisError as exc:  # a node still starting: asked again below
                 why = repr(exc)
             time.sleep(0.05)
         raise ClusterLaunchError(f"cluster not healthy after {timeout or self.timeout} s: {why}")
@@ -261,7 +260,7 @@ class LocalRedisCluster:
                 with self.client(port) as c:
                     c.ping()
                 return
-            except Exception as exc:  # noqa: BLE001 - not listening yet
+            except RedisError as exc:  # not listening yet
                 if not self.alive(port) or time.monotonic() > deadline:
                     self.stop()
                     log = self.folder / str(port) / "redis.log"

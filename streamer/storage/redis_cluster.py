@@ -27,6 +27,10 @@ not acknowledged). While a shard has fewer live replicas than ``wait_replicas`` 
 down and not yet back as a replica), writes to that shard are refused with ``StoreError``:
 durability over write availability. ``wait_replicas=0`` turns this off (writes are acknowledged by
 the master alone and the loss window above applies).
+
+Capacity. A master at ``maxmemory`` refuses writes (``OOM ... used memory > 'maxmemory'``):
+:class:`StoreFullError`, HTTP 507. Run the cluster with ``maxmemory-policy noeviction``: an evicting
+policy would drop acknowledged objects.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import logging
 import re
 import time
 
-from .base import CorruptObjectError, InvalidKeyError, Store, StoreError, frame, unframe, validate_key
+from .base import CorruptObjectError, InvalidKeyError, Store, StoreError, StoreFullError, frame, unframe, validate_key
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +210,8 @@ class RedisClusterStore(Store):
                 await asyncio.sleep(delay)
                 delay = min(0.25, delay * 2)
                 await self._refresh()
+            except rx.OutOfMemoryError as exc:  # maxmemory reached (noeviction): the tier is full, the API says 507
+                raise StoreFullError(f"redis-cluster store ({self.where}): {what} {k}: {exc}") from exc
             except rx.RedisError as exc:
                 raise StoreError(f"redis-cluster store ({self.where}): {what} {k}: {exc}") from exc
 
