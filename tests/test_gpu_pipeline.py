@@ -155,3 +155,29 @@ def test_side_stream_runs_ahead_of_the_model(gpu_adapter, tiny_codec, chunks):
     gpu_adapter.extend(cache, QUESTION)
     src.finish()
     assert cache.pending_layers == []
+
+
+def test_gpu_sink_prepared_at_receive_matches_the_cpu_sink(gpu_adapter, tiny_codec, chunks):
+    """The loader's GPU sink (chunks pinned + prepared as they arrive, a recompute between them,
+    the rest decoded layer-wise during the question) against the CPU sink on the same model."""
+    from ctxstream.loader.sink import CpuSink, GpuSink
+
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, gpu_adapter.info.vocab_size, (300,), generator=g).tolist()
+    bounds = [(0, 100), (100, 200), (200, 260), (260, 300)]
+    out = {}
+    for kind, make in (("cpu", CpuSink), ("gpu", GpuSink)):
+        sink = make(gpu_adapter, tiny_codec)
+        for i, ((a, b), blob) in enumerate(zip(bounds, chunks)):
+            if i == 1:
+                sink.recompute(ids[a:b])
+            else:
+                sink.add_blob(blob, a, b - a, verified=False)
+        cache = sink.finish()
+        assert cache.get_seq_length() == 300
+        out[kind] = gpu_adapter.extend(cache, QUESTION).float().cpu()
+        sink.close()
+        out[kind + "_kv"] = ModelAdapter.cache_to_tensors(cache, 0, 300)[0].float().cpu()
+    ref = out["cpu_kv"]
+    assert (out["gpu_kv"] - ref).abs().max().item() <= 0.02 * ref.abs().max().item() + 1e-3
+    assert (out["gpu"] - out["cpu"]).abs().max().item() <= 0.05 * out["cpu"].abs().max().item() + 1e-3

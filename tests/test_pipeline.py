@@ -91,3 +91,48 @@ def test_layer_groups():
         layer_groups(3, [[0], [2], [1]])
     with pytest.raises(ValueError):
         layer_groups(3, 0)
+
+
+def test_sink_with_a_recompute_in_the_middle_gives_the_plain_logits(tiny_adapter, tiny_codec, context):
+    """The CPU sink: chunk 0 fetched, chunk 1 recomputed (applies chunk 0 first), chunk 2 fetched and
+    left pending: the model gets [applied prefix | pending layers] through a PipelinedCache."""
+    from ctxstream.loader.pipeline import StackedSource
+    from ctxstream.loader.sink import CpuSink
+
+    ids, blobs, _, _ = context
+    sink = CpuSink(tiny_adapter, tiny_codec)
+    sink.add_blob(blobs[0], 0, 64, verified=False)
+    assert sink.pending_tokens == 64 and sink.cache.get_seq_length() == 0
+    sink.recompute(ids[64:128])
+    assert sink.pending_tokens == 0 and sink.cache.get_seq_length() == 128
+    sink.add_blob(blobs[2], 128, 22, verified=False)
+    with pytest.raises(Exception, match="sink is at"):
+        sink.add_blob(blobs[2], 128, 22, verified=False)  # out of order
+    cache = sink.finish()
+    assert isinstance(cache, PipelinedCache) and isinstance(cache.source, StackedSource)
+    assert cache.get_seq_length() == 150 and cache.pending_layers == [0, 1]
+    logits = tiny_adapter.extend(cache, QUESTION)
+    sink.close()
+    # reference: chunk 0 decoded, chunk 1 recomputed on it, chunk 2 decoded, then the question
+    k0, v0 = tiny_codec.decode(blobs[0])
+    ref = tiny_adapter.make_cache(k0, v0)
+    tiny_adapter.extend(ref, ids[64:128])
+    k2, v2 = tiny_codec.decode(blobs[2])
+    for layer in range(tiny_adapter.info.num_layers):
+        ref.update(k2[layer][None], v2[layer][None], layer)
+    torch.testing.assert_close(logits, tiny_adapter.extend(ref, QUESTION), rtol=0, atol=1e-5)
+
+
+def test_materialize_without_a_forward_pass(tiny_adapter, tiny_codec, context):
+    from ctxstream.loader.sink import CpuSink
+
+    _, blobs, _, _ = context
+    sink = CpuSink(tiny_adapter, tiny_codec)
+    for b, (s, n) in zip(blobs, [(0, 64), (64, 64), (128, 22)]):
+        sink.add_blob(b, s, n, verified=False)
+    cache = sink.finish()
+    cache.materialize(tiny_adapter.dtype, tiny_adapter.device)
+    assert cache.pending_layers == [] and cache.get_seq_length() == 150
+    k, v = tiny_adapter.cache_to_tensors(cache)
+    ref = torch.cat([tiny_codec.decode(b)[0] for b in blobs], 2)
+    torch.testing.assert_close(k, ref, rtol=0, atol=0)
