@@ -100,7 +100,8 @@ class DecodeModel:
     s_per_chunk: dict[str, float]
     bytes_per_token: dict[str, float]
     seconds_taken: float = 0.0
-    apply_s_per_token: float = 0.0  # appending decoded KV to the cache (a copy of everything in it)
+    apply_s_per_token: float = 0.0  # turning ingested chunks into the model's KV (CPU: copies; GPU: decode)
+    apply_s_per_call: float = 0.0  # and its fixed part, once per load (GPU: launches, stream set-up)
 
     def seconds(self, level: str, tokens: int) -> float:
         if level not in self.s_per_token:  # not calibrated: assume the slowest known level
@@ -180,7 +181,7 @@ def calibrate_decode(adapter: ModelAdapter, codec, levels, *, tokens: int = 48, 
     k, v = keys[:, :, start:].cpu(), values[:, :, start:].cpu()
     small = max(1, tokens // 4)
     per_tok, per_chunk, bpt = {}, {}, {}
-    apply_blob = None
+    apply_blob = apply_small = None
     for lv in levels:
         try:
             blob = codec.encode(k, v, lv, start=start)
@@ -204,22 +205,26 @@ def calibrate_decode(adapter: ModelAdapter, codec, levels, *, tokens: int = 48, 
         per_chunk[lv] = max(0.0, times[0] - slope * tokens)
         bpt[lv] = len(blob) / tokens
         if apply_blob is None or lv == "q2":
-            apply_blob = blob
-    best = float("inf")
+            apply_blob, apply_small = blob, blob_s
+    apply_tok, apply_call = 0.0, 0.0
     if apply_blob is not None:
-        for r in range(3):
-            s = sink(adapter, codec)
-            s.begin(start)
-            s.add_blob(apply_blob, start, tokens, verified=False)
-            s.sync()
-            t = time.perf_counter()
-            cache = s.finish()
-            materialize(cache, adapter)
-            s.sync()
-            if r:
-                best = min(best, time.perf_counter() - t)
-    apply = best / tokens if best < float("inf") else 0.0
-    return DecodeModel(per_tok, per_chunk, bpt, time.perf_counter() - t_start, apply)
+        times = []
+        for b, n in ((apply_blob, tokens), (apply_small, small)):
+            best = float("inf")
+            for r in range(3):
+                s = sink(adapter, codec)
+                s.begin(start)
+                s.add_blob(b, start, n, verified=False)
+                s.sync()
+                t = time.perf_counter()
+                materialize(s.finish(), adapter)
+                s.sync()
+                if r:
+                    best = min(best, time.perf_counter() - t)
+            times.append(best)
+        apply_tok = max((times[0] - times[1]) / (tokens - small), times[0] / tokens * 0.25)
+        apply_call = max(0.0, times[0] - apply_tok * tokens)
+    return DecodeModel(per_tok, per_chunk, bpt, time.perf_counter() - t_start, apply_tok, apply_call)
 
 
 def materialize(cache, adapter: ModelAdapter):
@@ -257,7 +262,7 @@ class Calibration:
         t = self.recompute.prompt_s(prompt_tokens, total_tokens) * self.recompute_factor
         if self.decode is not None:
             n = total_tokens if pending_tokens is None else pending_tokens
-            t += self.decode.apply_s_per_token * n * self.decode_factor
+            t += (self.decode.apply_s_per_call + self.decode.apply_s_per_token * n) * self.decode_factor
         return t
 
     def correct(self, what: str, predicted_s: float, actual_s: float) -> None:
@@ -278,6 +283,7 @@ class Calibration:
             d["decode_mb_per_s"] = {lv: round(self.decode.mb_per_s(lv), 2) for lv in self.decode.s_per_token}
             d["decode_tokens_per_s"] = {lv: round(1 / max(s, 1e-12), 1) for lv, s in self.decode.s_per_token.items()}
             d["apply_s_per_token"] = self.decode.apply_s_per_token
+            d["apply_s_per_call"] = self.decode.apply_s_per_call
         return d
 
 

@@ -158,7 +158,9 @@ class LoaderContext:
         missing = self.missing_levels(cal, codec)
         if not missing:
             return False
-        new = calibrate_decode(adapter, codec, missing, sink=self.sink_factory(cal.sink))
+        # the GPU's per-token costs are small next to its per-call ones: a longer sample resolves them
+        tokens = 256 if cal.sink == "gpu" else 48
+        new = calibrate_decode(adapter, codec, missing, sink=self.sink_factory(cal.sink), tokens=tokens)
         if cal.decode is None:
             cal.decode = new
         else:
@@ -168,6 +170,7 @@ class LoaderContext:
             cal.decode.seconds_taken += new.seconds_taken
             if new.apply_s_per_token:
                 cal.decode.apply_s_per_token = new.apply_s_per_token
+                cal.decode.apply_s_per_call = new.apply_s_per_call
         cal.profile = codec.profile.id if codec.profile is not None else cal.profile
         return bool(new.s_per_token)
 
