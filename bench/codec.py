@@ -4,7 +4,8 @@ Per level, on the default model and contexts of the eval split (``--split dev`` 
 
 * bits per KV element, every header, table reference and checksum included; ratio to quant8/fp16;
 * perplexity increase of the next 256 tokens after a 1024-token context when the model is fed the
-  decoded KV instead of the exact KV: exp(CE_decoded) / exp(CE_exact) - 1, mean over contexts;
+  decoded KV instead of the exact KV: exp(CE_decoded) / exp(CE_exact) - 1, mean over contexts; chunks
+  are encoded as the streamer encodes them, with each token's importance (the most attended finer);
 * greedy-continuation agreement: share of 64 greedily generated tokens equal to the exact-KV ones;
 * encode / decode throughput on ONE core, MB/s of fp16 KV (the whole ``encode``/``decode`` call);
 * baselines: fp16, quant8, zstd over the quantised symbols (vs our rANS), transformers'
@@ -30,7 +31,7 @@ from ctxstream.model import cache_kw
 from ctxstream.codec import Codec  # noqa: E402
 from ctxstream.codec.profile import MAX_Q, ZERO_SYMBOL  # noqa: E402
 from ctxstream.corpora import DEFAULT_DATA_DIR, token_windows  # noqa: E402
-from ctxstream.hostinfo import machine  # noqa: E402
+from ctxstream.hostinfo import host_info, machine  # noqa: E402
 from ctxstream.model import ModelAdapter, invert_rope, rope_cos_sin  # noqa: E402
 
 CTX, CONT, GEN = 1024, 256, 64
@@ -128,10 +129,11 @@ def main(argv=None) -> int:
     adapter = ModelAdapter.load(args.model)
     codec = Codec.for_model(adapter)
     contexts = token_windows(adapter.tokenize, args.split, n_ctx, CTX + CONT, args.data_dir)
-    exact = []
-    for ids in contexts:
-        k, v = adapter.compute_kv(ids[:CTX])
+    exact, importance = [], []
+    for ids in contexts:  # as the streamer ingests: KV plus each token's importance (most attended: finer)
+        k, v, imp = adapter.compute_kv_with_importance(ids[:CTX])
         exact.append((k, v, ce_next(adapter, ids, k, v)))
+        importance.append(imp)
     ref_tokens = [greedy(adapter, ids, k, v, gen) for ids, (k, v, _) in zip(contexts, exact)]
 
     rows = []
@@ -139,15 +141,15 @@ def main(argv=None) -> int:
     fp16_bytes = k0.numel() * 2 * 2
     for level in codec.all_levels:
         bits, dppl, agree = [], [], []
-        for ids, (k, v, base), ref in zip(contexts, exact, ref_tokens):
-            blob = codec.encode(k, v, level, start=0)
+        for ids, (k, v, base), ref, imp in zip(contexts, exact, ref_tokens, importance):
+            blob = codec.encode(k, v, level, start=0, importance=imp)
             k2, v2 = codec.decode(blob)
             bits.append(len(blob) * 8 / (2 * k.numel()))
             dppl.append(math.exp(ce_next(adapter, ids, k2, v2) - base) - 1)
             got = greedy(adapter, ids, k2, v2, gen)
             agree.append(float(np.mean([a == b for a, b in zip(got, ref)])))
-        blob = codec.encode(k0, v0, level, start=0)
-        enc_s = timed(lambda: codec.encode(k0, v0, level, start=0), 2 if args.quick else 3)
+        blob = codec.encode(k0, v0, level, start=0, importance=importance[0])
+        enc_s = timed(lambda: codec.encode(k0, v0, level, start=0, importance=importance[0]), 2 if args.quick else 3)
         dec_s = timed(lambda: codec.decode(blob), 2 if args.quick else 5)
         row = {"level": level, "bits_per_element": float(np.mean(bits)), "dppl_pct": 100 * float(np.mean(dppl)),
                "dppl_pct_max": 100 * float(np.max(dppl)), "greedy_agreement": float(np.mean(agree)),
@@ -162,7 +164,7 @@ def main(argv=None) -> int:
     if not args.quick:
         rows += quantized_cache_rows(adapter, contexts, exact)
 
-    meta = {"machine": machine(), "model": adapter.info.name, "fingerprint": adapter.info.fingerprint,
+    meta = {"machine": machine(), "host": host_info(), "model": adapter.info.name, "fingerprint": adapter.info.fingerprint,
             "profile": codec.profile.id, "split": args.split, "contexts": n_ctx, "context_tokens": CTX,
             "ppl_tokens": CONT, "greedy_tokens": gen, "threads": 1, "quick": args.quick}
     print(f"# {meta['model']} on {meta['machine']}; {n_ctx} {args.split} contexts of {CTX} tokens")

@@ -53,6 +53,7 @@ SINK_TOKENS = 1  # absolute positions kept in fp16 (the attention sink)
 _ARRAYS = ("mean", "analysis", "synthesis", "coef_std", "freqs", "recon")
 # How default profiles are built (chosen on the dev split; see README "Codec design"). Part of the
 # cache key, so changing them rebuilds cached profiles.
+PRIOR_WINDOWS = 4  # calibration windows the per-level quality prior is measured on (quality.measure_prior)
 DEFAULT_BUILD = {"context_tokens": 1024, "continuation_tokens": 256, "segments": 8, "ridge": 0.5, "deadzone": 0.0}
 
 
@@ -178,6 +179,29 @@ def dev_calibration_text(data_dir) -> str:
     return "\n\n".join(split_texts("dev", data_dir))
 
 
+def calibration_ids(adapter: ModelAdapter, *, text: str | None = None, token_ids: Sequence[int] | None = None,
+                    segments: int = DEFAULT_BUILD["segments"], tokens: int = 1280) -> list[int]:
+    """Calibration tokens: ``token_ids`` if given, else ``text`` (default: :func:`calibration_text`)
+    tokenized by the adapter's tokenizer, else -- a bare model without a tokenizer -- ``segments``
+    sequences of ``tokens`` sampled from the model itself (:func:`sampled_calibration_ids`)."""
+    if token_ids is not None:
+        return [int(t) for t in token_ids]
+    if adapter.tokenizer is not None:
+        return adapter.tokenize(text if text is not None else calibration_text())
+    return sampled_calibration_ids(adapter, segments, tokens)
+
+
+def prior_windows(ids: Sequence[int], length: int, count: int = PRIOR_WINDOWS) -> list[list[int]]:
+    """``count`` windows of ``length`` tokens for the quality prior, placed between the Fisher
+    segments (at 1/16, 5/16, ... of the text) where the text is long enough, else from its start."""
+    n = len(ids)
+    if n >= 16 * length:
+        starts = [(4 * s + 1) * n // 16 for s in range(count)]
+    else:
+        starts = [s * length for s in range(min(count, max(1, n // length)))]
+    return [list(ids[a : a + length]) for a in starts if a + length <= n]
+
+
 # ----------------------------------------------------------------------------------- building
 def build_profile(adapter: ModelAdapter, *, context_tokens: int = DEFAULT_BUILD["context_tokens"],
                   continuation_tokens: int = DEFAULT_BUILD["continuation_tokens"],
@@ -192,12 +216,7 @@ def build_profile(adapter: ModelAdapter, *, context_tokens: int = DEFAULT_BUILD[
     info = adapter.info
     L, H, D = info.num_layers, info.num_kv_heads, info.head_dim
     seg_len = context_tokens + continuation_tokens
-    if token_ids is not None:
-        ids = [int(t) for t in token_ids]
-    elif adapter.tokenizer is not None:
-        ids = adapter.tokenize(text if text is not None else calibration_text())
-    else:
-        ids = sampled_calibration_ids(adapter, segments, seg_len)
+    ids = calibration_ids(adapter, text=text, token_ids=token_ids, segments=segments, tokens=seg_len)
     segments = max(1, min(segments, len(ids) // seg_len))
     if len(ids) < seg_len:
         raise ValueError(f"calibration text has {len(ids)} tokens, need {seg_len}")
@@ -258,7 +277,7 @@ def build_profile(adapter: ModelAdapter, *, context_tokens: int = DEFAULT_BUILD[
         fingerprint=info.fingerprint,
         mean=mean.float().numpy(), analysis=analysis.float().numpy(), synthesis=synthesis.float().numpy(),
         coef_std=coef_std.float().numpy(), freqs=freqs, recon=recon,
-        calibration={"text": "pydoc_data.topics" if text is None else text_name, "segments": segments,
+        calibration={"text": text_name if text is not None or token_ids is not None else "pydoc_data.topics", "segments": segments,
                      "context_tokens": context_tokens, "continuation_tokens": continuation_tokens,
                      "ridge": ridge, "deadzone": deadzone, "classes": NUM_CLASSES, "class_min_log2": CLASS_MIN_LOG2},
     )
@@ -360,6 +379,7 @@ def rescale_profile(profile: Profile, sensitivity: np.ndarray, *, power: float =
     a = np.clip((w / np.exp(np.log(w).mean())) ** power, *clip).astype(np.float32)  # [2, L]
     a5 = a[:, :, None, None, None]
     cal = dict(profile.calibration, rd_power=power, rd_scales=[[float(x) for x in row] for row in a])
+    cal.pop("quality", None)  # the prior was measured for the old scales
     return Profile(fingerprint=profile.fingerprint, mean=profile.mean, analysis=profile.analysis * a5,
                    synthesis=profile.synthesis / a5, coef_std=profile.coef_std * a[:, :, None, None],
                    freqs=profile.freqs, recon=profile.recon, calibration=cal)
@@ -391,7 +411,11 @@ def profile_for(adapter: ModelAdapter, cache_dir: Path | None = None,
     folder = (Path(cache_dir) if cache_dir else default_cache_dir()) / "profiles"
     source = ("ids", xxhash.xxh3_64_hexdigest(repr(list(token_ids)).encode())) if token_ids is not None else \
         ("text",) if adapter.tokenizer is not None else ("sampled",)
-    build = xxhash.xxh3_64_hexdigest(f"{PROFILE_VERSION}{sorted(DEFAULT_BUILD.items())}{source}".encode())[:8]
+    from .codec import DEFAULT_LEVELS  # the levels the quality prior is measured for (codec imports us)
+    from .quality import with_prior
+
+    build = xxhash.xxh3_64_hexdigest(f"{PROFILE_VERSION}{sorted(DEFAULT_BUILD.items())}{source}"
+                                     f"{PRIOR_WINDOWS}{DEFAULT_LEVELS}".encode())[:8]
     path = folder / f"{adapter.info.fingerprint}-{build}.ctxp"
     if path.is_file():
         try:
@@ -400,7 +424,10 @@ def profile_for(adapter: ModelAdapter, cache_dir: Path | None = None,
                 return prof
         except (MalformedError, ChecksumError, VersionError) as exc:
             log.warning("rebuilding unreadable profile %s: %s", path, exc)
-    prof = build_profile(adapter, token_ids=token_ids)
+    seg_len = DEFAULT_BUILD["context_tokens"] + DEFAULT_BUILD["continuation_tokens"]
+    ids = calibration_ids(adapter, token_ids=token_ids, tokens=seg_len)
+    prof = build_profile(adapter, token_ids=ids, text_name=source[0] if source[0] != "text" else "pydoc_data.topics")
+    prof = with_prior(adapter, prof, DEFAULT_LEVELS, prior_windows(ids, seg_len), DEFAULT_BUILD["context_tokens"])
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".profile-")
     with os.fdopen(fd, "wb") as fh:

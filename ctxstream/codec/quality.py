@@ -133,10 +133,7 @@ def measure_prior(adapter, codec, windows: list[list[int]], context_tokens: int)
     metric error to it. The entry for the profile's ``calibration["quality"]``."""
     from ..model import cache_kw
 
-    est = QualityEstimator.__new__(QualityEstimator)
-    est.codec, est.info = codec, codec.info
-    est._mean = torch.from_numpy(codec.profile.mean)[:, :, :, None]
-    est._ana = torch.from_numpy(codec.profile.analysis)
+    est = QualityEstimator(codec)
     levels = list(codec.all_levels)
     d = {lv: [] for lv in levels}
     x = {lv: [] for lv in levels}
@@ -158,13 +155,39 @@ def measure_prior(adapter, codec, windows: list[list[int]], context_tokens: int)
             k2, v2 = codec.decode(codec.encode(k, v, lv, importance=imp))
             d[lv].append(math.exp(ce(ids, k2, v2) - base) - 1)
             x[lv].append(float((share * errs[lv]).sum()))
+    return fit_prior(codec, {lv: np.mean(x[lv]) for lv in levels}, d)
+
+
+def fit_prior(codec, err: Mapping[str, float], dppl: Mapping[str, list[float]], *, floor: float = 2e-3) -> dict[str, dict]:
+    """Per-level prior entries from each level's mean attention-weighted error ``err`` and measured
+    relative perplexity increases ``dppl``: one power law ``dppl = c * err ** g`` fitted (in logs) to
+    the levels whose mean cost is above the measurement noise (``floor``), so the prior is monotone in
+    the error even where the measured mean is noise (q0, fp16, quant8 at 256 scored tokens)."""
+    xs = np.array([max(float(err[lv]), 1e-30) for lv in err])
+    ds = np.array([float(np.mean(dppl[lv])) for lv in err])
+    above = ds > floor
+    if above.sum() >= 2:
+        g, logc = np.polyfit(np.log(xs[above]), np.log(ds[above]), 1)
+    else:  # too few informative levels: proportional
+        g, logc = 1.0, math.log(max(ds.clip(min=0).sum(), 1e-6) / xs.sum())
     out = {}
-    for lv in levels:
-        dm, xm = float(np.mean(d[lv])), float(np.mean(x[lv]))
-        # Floor at a tiny positive value: a level whose measured cost is noise (fp16) still orders by error.
-        out[_prior_key(codec.spec(lv))] = {"dppl": dm, "scale": max(dm, 1e-6) / max(xm, 1e-30),
-                                            "per_window": [float(t) for t in d[lv]]}
+    for lv, xm, dm in zip(err, xs, ds):
+        prior = float(math.exp(logc) * xm**g)
+        out[_prior_key(codec.spec(lv))] = {"dppl": prior, "scale": prior / xm, "measured": float(dm),
+                                            "error": float(xm), "exponent": float(g),
+                                            "per_window": [float(t) for t in dppl[lv]]}
     return out
 
 
-__all__ = ["QualityEstimator", "LevelPrior", "priors", "measure_prior"]
+def with_prior(adapter, profile: Profile, levels, windows: list[list[int]], context_tokens: int) -> Profile:
+    """``profile`` with the per-level prior of ``levels`` (``LevelSpec``s) measured on ``windows``."""
+    import dataclasses
+
+    from .codec import Codec
+
+    codec = Codec(adapter.info, profile, levels=levels)
+    quality = measure_prior(adapter, codec, windows, context_tokens)
+    return dataclasses.replace(profile, calibration=dict(profile.calibration, quality=quality))
+
+
+__all__ = ["QualityEstimator", "LevelPrior", "priors", "measure_prior", "fit_prior", "with_prior"]

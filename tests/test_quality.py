@@ -1,0 +1,150 @@
+"""Per-chunk quality estimates (ctxstream.codec.quality): the profile's prior, the estimator, the manifest
+field, and what ingest publishes. Real tiny model and codec; the prior is measured, never mocked."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ctxstream.codec import Codec
+from ctxstream.codec.quality import QualityEstimator, fit_prior, priors
+from ctxstream.manifest import ChunkEntry, Manifest, ManifestError
+from ctxstream.model import ModelAdapter
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return ModelAdapter.tiny_random(seed=1, layers=3, kv_heads=2, head_dim=16)
+
+
+@pytest.fixture(scope="module")
+def codec(tiny, tmp_path_factory):
+    return Codec.for_model(tiny, cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def chunk(tiny):
+    ids = tiny.tokenize("Streaming context caches over a network, chunk by chunk. " * 5)
+    return tiny.compute_kv_with_importance(ids)
+
+
+def test_profile_carries_a_prior_for_every_level(codec):
+    est = QualityEstimator(codec)
+    assert set(est.priors) == set(codec.all_levels)
+    prior = est.prior()
+    # measured on calibration windows and fitted monotone in the error: coarser levels cost more
+    tc = [prior[lv] for lv in codec.levels]
+    assert all(a <= b for a, b in zip(tc, tc[1:])), prior
+    assert prior["fp16"] <= prior[codec.levels[0]]
+    entry = next(iter(codec.profile.calibration["quality"].values()))
+    assert len(entry["per_window"]) >= 1 and math.isfinite(entry["measured"])
+
+
+def test_estimates_order_levels_and_follow_attention(codec, chunk):
+    keys, values, imp = chunk
+    est = QualityEstimator(codec)
+    share = imp / imp.sum()
+    q = est.estimate(keys, values, 0, importance=imp, attention_share=share)
+    assert set(q) == set(codec.all_levels)
+    assert all(v >= 0 and math.isfinite(v) for v in q.values())
+    tc = [q[lv] for lv in codec.levels]
+    assert all(a < b for a, b in zip(tc, tc[1:])), q
+    assert q["fp16"] < q[codec.levels[0]]
+    # twice the attention share: twice the estimated cost (the chunk matters twice as much)
+    q2 = est.estimate(keys, values, 0, importance=imp, attention_share=2 * share)
+    for lv in codec.all_levels:
+        assert q2[lv] == pytest.approx(2 * q[lv], rel=1e-5)
+    # tokens nobody attends to cost nothing
+    q0 = est.estimate(keys, values, 0, importance=imp, attention_share=torch.zeros_like(share))
+    assert all(v == 0 for v in q0.values())
+
+
+def test_chunks_of_a_context_add_up_to_the_whole(codec, chunk):
+    keys, values, imp = chunk
+    est = QualityEstimator(codec)
+    share = imp / imp.sum()
+    whole = est.estimate(keys, values, 0, importance=imp, attention_share=share)
+    T, half = keys.shape[2], keys.shape[2] // 2
+    # fine tokens are chosen per chunk, so compare on a level without them (quant8) exactly
+    parts = [est.estimate(keys[:, :, s:e], values[:, :, s:e], s, importance=imp[s:e], attention_share=share[s:e])
+             for s, e in ((0, half), (half, T))]
+    assert sum(p["quant8"] for p in parts) == pytest.approx(whole["quant8"], rel=1e-4)
+
+
+def test_estimate_tracks_the_measured_loss_of_the_chunk(tiny, codec, chunk):
+    """The estimate predicts the real cost: the coarser level, estimated costlier, moves the model's
+    next-token distributions over a continuation further from the exact KV's (mean KL)."""
+    from ctxstream.model import cache_kw
+
+    keys, values, imp = chunk
+    est = QualityEstimator(codec).estimate(keys, values, 0, importance=imp, attention_share=imp / imp.sum())
+    cont = tiny.tokenize(" and the loader picks a level per chunk.")
+
+    def logp(k, v):
+        with torch.no_grad():
+            out = tiny.model(input_ids=torch.tensor([cont]), **cache_kw(tiny.model, tiny.make_cache(k, v)))
+        return torch.log_softmax(out.logits[0].float(), -1)
+
+    ref = logp(keys, values)
+    kl = {}
+    for lv in (codec.levels[0], codec.levels[-1]):
+        got = logp(*codec.decode(codec.encode(keys, values, lv, importance=imp)))
+        kl[lv] = float((ref.exp() * (ref - got)).sum(-1).mean())
+    fine, coarse = codec.levels[0], codec.levels[-1]
+    assert kl[coarse] > kl[fine] and est[coarse] > est[fine], (kl, est)
+
+
+def test_codec_without_prior_estimates_nothing(tiny, codec):
+    import dataclasses
+
+    bare = dataclasses.replace(codec.profile, calibration={k: v for k, v in codec.profile.calibration.items()
+                                                           if k != "quality"})
+    est = QualityEstimator(Codec(tiny.info, bare))
+    assert not est.available and est.priors == {}
+    keys, values = tiny.compute_kv(tiny.tokenize("no prior here"))
+    assert est.estimate(keys, values, 0) == {}
+
+
+def test_prior_is_for_the_level_parameters_it_was_measured_with(tiny, codec):
+    from ctxstream.codec.codec import LevelSpec
+
+    other = Codec(tiny.info, codec.profile, levels=[LevelSpec("q0", 1, "tc", step=0.07, fine_frac=0.05)])
+    assert "q0" not in priors(codec.profile, [other.spec("q0")])  # another step: no borrowed prior
+    assert "quant8" in priors(codec.profile, [other.spec("quant8")])
+
+
+def test_fit_prior_is_monotone_in_the_error_where_measurements_are_noise(codec):
+    err = {lv: 10.0 ** i for i, lv in enumerate(codec.all_levels)}
+    dppl = {lv: [0.0] for lv in codec.all_levels}
+    lv = list(err)
+    dppl[lv[0]] = [0.004]  # a noisy level: measured more than the next one
+    dppl[lv[-2]], dppl[lv[-1]] = [0.02], [0.2]
+    out = fit_prior(codec, err, dppl)
+    vals = [out[k]["dppl"] for k in out]
+    assert all(a < b for a, b in zip(vals, vals[1:]))
+    assert all(e["scale"] > 0 for e in out.values())
+
+
+def _manifest(quality=None):
+    e = ChunkEntry(0, "a" * 32, 0, (1, 2, 3), {"q0": 10}, {"q0": "0" * 16}, quality or {})
+    return Manifest("a" * 32, "m", "f", "p", 3, ("q0",), (e,))
+
+
+def test_manifest_round_trips_quality_and_reads_old_manifests():
+    m = Manifest.from_json(_manifest({"q0": 0.0125}).to_json())
+    assert m.chunks[0].quality == {"q0": 0.0125}
+    d = json.loads(_manifest({"q0": 0.0125}).to_json())
+    del d["chunks"][0]["quality"]  # a manifest written before the field existed
+    assert Manifest.from_dict(d).chunks[0].quality == {}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -0.5, float("inf"), "x"])
+def test_manifest_rejects_bad_quality(bad):
+    d = json.loads(_manifest({"q0": 0.01}).to_json())
+    d["chunks"][0]["quality"] = {"q0": bad}
+    with pytest.raises(ManifestError):
+        Manifest.from_dict(d)
