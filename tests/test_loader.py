@@ -464,7 +464,7 @@ async def test_calibration_is_never_inside_the_load_budget(server, tiny, context
         res = await cl.load(ctx, prompt_ids=[5])
         wall = _time.perf_counter() - t
     assert wall > 1.5 and res.report.ttft_s < wall - 1.4 and res.report.slo_met
-    assert res.report.calibration["sink"] == "cpu"
+    assert res.report.calibration["sink"] == sink_of(adapter)
 
 
 def test_throughput_estimator():
