@@ -23,6 +23,7 @@ from .metrics import Metrics
 from .settings import Settings
 from .state import StreamerState
 from .storage import Store, StoreError, StoreFullError, make_store
+from .storage.observed import ObservedStore
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,9 @@ def create_app(settings: Settings | None = None, *, adapter: ModelAdapter | None
         cd = codec or Codec.for_model(ad, cache_dir=settings.cache_dir)
         if cd.info.fingerprint != ad.info.fingerprint:
             raise ValueError("codec and model adapter are for different models")
-        st_store = store if store is not None else build_store(settings)  # an empty MemoryStore is falsy
+        backend = store if store is not None else build_store(settings)  # an empty MemoryStore is falsy
+        st_store = ObservedStore(backend, lambda op, secs: metrics.observe("store_op_seconds", secs, op=op,
+                                                                           store=backend.name))
         await st_store.ping()
         executor = ThreadPoolExecutor(settings.encode_workers, thread_name_prefix="ctxstream-encode")
         service = ContextService(ad, cd, st_store, chunk_tokens=settings.chunk_tokens, executor=executor,

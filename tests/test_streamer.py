@@ -371,6 +371,7 @@ def test_health_metrics_and_openapi(streamer):
     assert metric(text, "ctxstream_request_seconds_bucket", route="/v1/contexts", method="POST", le="+Inf") == 1
     assert metric(text, "ctxstream_chunk_response_bytes_count", level="fp16") == 1
     assert metric(text, "process_resident_memory_bytes") > 0
+    assert metric(text, "ctxstream_store_op_seconds_count", op="get", store="memory") >= 1
     spec = httpx.get(streamer.url + "/openapi.json").json()
     assert {"/v1/contexts", "/v1/contexts/{ctx_id}", "/v1/contexts/{ctx_id}/chunks/{index}",
             "/v1/profiles/{profile_id}", "/healthz", "/metrics"} <= set(spec["paths"])
