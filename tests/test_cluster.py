@@ -218,6 +218,20 @@ def cluster_streamer(make_streamer, cluster, **kw):
     return make_streamer(store="redis-cluster", redis_cluster_nodes=cluster.nodes_spec, chunk_tokens=CT, **kw)
 
 
+def test_two_streamers_on_one_cluster_share_contexts_and_deletes(make_streamer, healthy_cluster):
+    """What a load balancer in front of several streamers relies on: any of them serves what another
+    stored, and a delete through one is seen by the others (the store alone, no per-process cache tier)."""
+    a, b = cluster_streamer(make_streamer, healthy_cluster), cluster_streamer(make_streamer, healthy_cluster)
+    body = upload_ids(a.url, tokens(3 * CT, seed=70)).json()
+    verify_context(b.url, body)
+    again = upload_ids(b.url, tokens(3 * CT, seed=70))  # the same tokens through the other one: the same id
+    assert again.status_code == 201 and again.json()["id"] == body["id"], again.text[:200]
+    assert again.json()["new_chunks"] == 0  # nothing re-encoded: b found a's chunks in the cluster
+    assert httpx.delete(f"{b.url}/v1/contexts/{body['id']}", headers=auth_acme()).status_code == 204
+    assert httpx.get(f"{a.url}/v1/contexts/{body['id']}", headers=auth_acme()).status_code == 404
+    assert context_records(healthy_cluster) == 0
+
+
 @pytest.mark.parametrize("retry_s", [5.0, 0.2], ids=["store-rides-out-failover", "503-then-loader-recovers"])
 async def test_master_killed_during_fetches_loads_complete_and_acknowledged_contexts_stay_whole(
         make_streamer, healthy_cluster, tiny_adapter, tiny_codec, retry_s):
@@ -306,6 +320,12 @@ async def test_master_killed_during_an_upload_it_is_acknowledged_and_durable_or_
     print(f"\nupload during failover: first answer {out['r'].status_code}; "
           f"store retried {srv.app.state.streamer.store.retried} operations, refused "
           f"{srv.app.state.streamer.store.unreplicated} unreplicated writes")
+
+
+def auth_acme() -> dict[str, str]:
+    from conftest import auth
+
+    return auth("acme")
 
 
 def context_records(cluster) -> int:
