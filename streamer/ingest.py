@@ -311,6 +311,20 @@ class ContextService:
             await self.store.delete(tomb_key(ctx_id))
             return True
 
+    async def finish_delete(self, ctx_id: str, tenant: str) -> bool:
+        """Finish ``tenant``'s delete of ``ctx_id`` that a store failure interrupted (its tombstone is
+        still there); False if there is none."""
+        async with self._commit_lock:
+            raw = await self.store.get(tomb_key(ctx_id))
+            if raw is None:
+                return False
+            rec = ContextRecord.from_bytes(raw)
+            if rec.tenant != tenant or await self.store.contains(ctx_key(ctx_id)):
+                return False
+            await self._release(ctx_id, rec)
+            await self.store.delete(tomb_key(ctx_id))
+            return True
+
     async def _release(self, ctx_id: str, rec: ContextRecord) -> None:
         """Remove ``ctx_id``'s reference from each of its chunks, then the bytes nothing uses any more.
         Idempotent: running it again after a crash half-way finishes the job."""

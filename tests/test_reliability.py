@@ -310,3 +310,33 @@ def test_every_route_with_redis_down_answers_4xx_or_503_and_metrics_stays_up(mak
     assert seen[("POST", "/v1/contexts")] == 503 and seen[("DELETE", "/v1/contexts/{ctx_id}")] == 503
     own_redis.start()
     verify_context(srv.url, body)  # nothing lost, and the DELETE above did nothing
+
+
+def test_a_delete_interrupted_by_a_store_error_is_finished_by_its_retry(make_streamer, tmp_path):
+    """A store failure half-way through a DELETE answers 503 and leaves the context 404 with its
+    tombstone; the owner's retried DELETE finishes it (204) and nothing of the context is left."""
+    from ctxstream.streamer.storage import DiskStore, StoreError
+
+    class FlakyDisk(DiskStore):
+        failures = 0
+
+        async def delete(self, key):
+            if key.startswith("chunk.") and self.failures > 0:
+                self.failures -= 1
+                raise StoreError("disk store: injected EIO")
+            return await super().delete(key)
+
+    store = FlakyDisk(tmp_path / "d", fsync=False)
+    srv = make_streamer(store_obj=store, chunk_tokens=CT)
+    body = upload_ids(srv.url, tokens(3 * CT, seed=55)).json()
+    url = f"{srv.url}/v1/contexts/{body['id']}"
+    store.failures = 1
+    r = httpx.delete(url, headers=auth())
+    assert r.status_code == 503 and "injected EIO" in r.json()["detail"], r.text
+    assert httpx.get(url, headers=auth()).status_code == 404
+    assert httpx.delete(url, headers=auth("umbrella")).status_code == 404  # not another tenant's to finish
+    assert httpx.delete(url, headers=auth()).status_code == 204
+    ids = [c["id"] for c in body["manifest"]["chunks"]]
+    left = [p.name for p in (tmp_path / "d" / "objects").rglob("*") if p.is_file() and any(i in p.name for i in ids)]
+    assert not left, left
+    assert httpx.delete(url, headers=auth()).status_code == 404

@@ -224,6 +224,14 @@ router.add_api_route("/{ctx_id}/chunks/{index}", get_chunk, methods=["HEAD"], in
 
 @router.delete("/{ctx_id}", status_code=204, summary="Delete a context (chunks shared with others stay)")
 async def delete_context(ctx_id: str, request: Request):
-    await visible_record(request, ctx_id, tenant_of(request, write=True))
-    await state(request).service.delete(ctx_id)
+    tenant = tenant_of(request, write=True)
+    svc = state(request).service
+    try:
+        await visible_record(request, ctx_id, tenant)
+    except HTTPException:
+        # the owner retrying a delete a store failure interrupted (record gone, tombstone left): finish it
+        if svc.owns(tenant, ctx_id) and await svc.finish_delete(ctx_id, tenant):
+            return Response(status_code=204)
+        raise
+    await svc.delete(ctx_id)
     return Response(status_code=204)
