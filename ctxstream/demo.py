@@ -28,7 +28,7 @@ from .paths import DEFAULT_DATA_DIR
 def register(sub) -> None:
     p = sub.add_parser("demo", help="start a server, upload a context, stream it under a real trace, answer")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="the shared data folder")
-    p.add_argument("--trace", default="mahimahi/TMobile-LTE-short.down",
+    p.add_argument("--trace", default="5gophers/walking-trace.csv",
                    help="trace file, relative to DATA_DIR/traces or absolute")
     p.add_argument("--trace-start", type=float, default=20.0, help="start offset into the trace, seconds")
     p.add_argument("--context", default="wikitext", choices=["wikitext", "longchat"],
