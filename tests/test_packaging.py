@@ -26,7 +26,7 @@ TOKEN = "tok-wheel-0001"
 def installed(tmp_path_factory) -> tuple[Path, dict]:
     """(folder the wheel is installed in, environment that imports ctxstream from it)."""
     base = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
                     str(base / "dist"), str(ROOT)], check=True, capture_output=True, timeout=600)
     wheel = next((base / "dist").glob("ctxstream-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
