@@ -53,7 +53,7 @@ from ctxstream.hostinfo import host_info
 from ctxstream.loader import ContextLoader, FetchOptions, LoaderContext
 from ctxstream.loader.calibration import run_model, sync_device
 from ctxstream.model import ByteTokenizer, ModelAdapter, cache_kw
-from ctxstream.policies import DEFAULT_QUALITY, TEXT
+from ctxstream.policies import DEFAULT_QUALITY
 from ctxstream.streamer.kvformat import CONTENT_TYPE as KV_CONTENT_TYPE, pack_kv
 from ctxstream.streamer.server import serve_in_background
 from ctxstream.streamer.settings import Settings

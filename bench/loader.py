@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import platform
 import sys
@@ -41,7 +40,6 @@ from ctxstream.codec import Codec  # noqa: E402
 from ctxstream.hostinfo import host_info  # noqa: E402
 from ctxstream.model import ModelAdapter, default_cache_dir  # noqa: E402
 from ctxstream.loader import ContextLoader, LoaderContext  # noqa: E402
-from ctxstream.loader.calibration import run_model  # noqa: E402
 from ctxstream.policies import TEXT  # noqa: E402
 from ctxstream.quality import quality, score  # noqa: E402
 from ctxstream.traces.shaping import RateShaper, format_rate, parse_rate  # noqa: E402
@@ -197,7 +195,9 @@ def _run(args, settings, adapter, codec, windows, lengths, rates, policies, max_
                 manifests = {L: await cl.fetch_manifest(uploads[L]) for L in lengths}
             # the busy host starts now: after the calibration (cached per machine, as a user's would be),
             # before every timed load; the loader corrects its estimates online
-            hogs.extend(subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy))
+            # (each spins until its parent, this process, is gone: none outlives a killed run)
+            hog = "import os\np = os.getppid()\nwhile os.getppid() == p:\n    pass\n"
+            hogs.extend(subprocess.Popen([sys.executable, "-c", hog]) for _ in range(args.busy))
             if hogs:
                 meta["load_at_start"] = os.getloadavg()
             for L in lengths:
