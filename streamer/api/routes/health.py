@@ -62,6 +62,7 @@ async def info(request: Request):
         "levels": list(st.codec.all_levels), "chunk_tokens": s.chunk_tokens,
         "kv_shape": [i.num_layers, i.num_kv_heads, None, i.head_dim], "vocab_size": i.vocab_size,
         "kv_content_type": KV_CONTENT_TYPE, "read_auth": s.read_auth,
-        "limits": {"max_upload_bytes": s.max_upload_bytes, "max_tokens": s.max_tokens,
-                   "max_concurrent_uploads": s.max_concurrent_uploads},
+        "limits": {"max_upload_bytes": s.max_upload_bytes, "max_json_bytes": s.max_json_bytes,
+                   "max_tokens": s.max_tokens, "max_concurrent_uploads": s.max_concurrent_uploads,
+                   "max_uploads_per_tenant": s.max_uploads_per_tenant, "body_timeout_s": s.body_timeout_s},
     }
