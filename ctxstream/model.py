@@ -186,6 +186,12 @@ def _fingerprint(model: torch.nn.Module, config_essentials: dict) -> str:
     return h.hexdigest()[:16]
 
 
+def importance_queries(tokens: int, query_stride: int = 16, window: int = 32) -> list[int]:
+    """Positions whose queries :meth:`ModelAdapter.compute_kv_with_importance` samples: every
+    ``query_stride``-th and the last ``window``."""
+    return sorted(set(range(query_stride - 1, tokens, query_stride)) | set(range(max(0, tokens - window), tokens)))
+
+
 class ModelAdapter:
     """A causal LM with its tokenizer, and the KV operations ctxstream needs.
 
@@ -363,7 +369,7 @@ class ModelAdapter:
         """
         ids = list(int(t) for t in token_ids)
         T = len(ids)
-        pos = sorted(set(range(query_stride - 1, T, query_stride)) | set(range(max(0, T - window), T)))
+        pos = importance_queries(T, query_stride, window)
         sel = torch.tensor(pos, dtype=torch.long)
         captured: dict[int, torch.Tensor] = {}
         layers = self._decoder_layers()
