@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ctxstream.codec import Codec
-from ctxstream.codec.quality import QualityEstimator
+from ctxstream.codec.quality import QualityEstimator, attention_share
 from ctxstream.corpora import DEFAULT_DATA_DIR, token_windows
 from ctxstream.hostinfo import host_info
 from ctxstream.model import ModelAdapter, cache_kw
@@ -87,13 +87,11 @@ def main(argv=None) -> int:
                  for s in sl]
         t_enc = time.perf_counter() - t0
         t0 = time.perf_counter()
-        share = imp / imp.sum()
+        share = attention_share(imp)  # as ingest computes it
         ests = [est.estimate(k[:, :, s], v[:, :, s], s.start, importance=imp[s], attention_share=share[s]) for s in sl]
         t_est = time.perf_counter() - t0
-        # variant: attention per sampled query that can see the token (causal visibility removed)
-        pos = sorted(set(range(15, Tc, 16)) | set(range(max(0, Tc - 32), Tc)))
-        vis = torch.tensor([sum(1 for p in pos if p >= t) for t in range(Tc)], dtype=torch.float32).clamp_min(1)
-        share_v = (imp / vis) / (imp / vis).sum()
+        # variant: the raw share of the sampled queries' attention (no correction for causal visibility)
+        share_v = imp / imp.sum()
         ests_v = [est.estimate(k[:, :, s], v[:, :, s], s.start, importance=imp[s], attention_share=share_v[s]) for s in sl]
         costs.append({"kv_importance_s": t_kv, "encode_all_levels_s": t_enc, "estimate_s": t_est,
                       "estimate_share_of_ingest": t_est / (t_kv + t_enc)})
@@ -104,14 +102,14 @@ def main(argv=None) -> int:
             v2 = torch.cat([d[lv][1] for d in dec], 2)
             meas = math.exp(ce_next(adapter, ids, Tc, k2, v2) - base) - 1
             rows.append({"context": w, "level": lv, "measured": meas, "estimated": sum(e[lv] for e in ests),
-                         "estimated_visible": sum(e[lv] for e in ests_v)})
+                         "estimated_raw_share": sum(e[lv] for e in ests_v)})
         for lv in per_chunk_levels:
             for i, s in enumerate(sl):
                 k2, v2 = k.clone(), v.clone()
                 k2[:, :, s], v2[:, :, s] = dec[i][lv]
                 meas = math.exp(ce_next(adapter, ids, Tc, k2, v2) - base) - 1
                 chunk_rows.append({"context": w, "chunk": i, "level": lv, "measured": meas, "estimated": ests[i][lv],
-                                   "estimated_visible": ests_v[i][lv]})
+                                   "estimated_raw_share": ests_v[i][lv]})
         print(f"context {w + 1}/{len(wins)}: estimate {t_est:.2f}s = {100 * costs[-1]['estimate_share_of_ingest']:.1f}% "
               f"of ingest", file=sys.stderr, flush=True)
     m = np.array([r["measured"] for r in rows])
@@ -123,16 +121,16 @@ def main(argv=None) -> int:
     for lv in levels:
         rs = [r for r in rows if r["level"] == lv]
         mm, ee = np.array([r["measured"] for r in rs]), np.array([r["estimated"] for r in rs])
-        ev = np.array([r["estimated_visible"] for r in rs])
-        summary["per_level"][lv] = {"spearman": spearman(mm, ee), "spearman_visible": spearman(mm, ev), "measured_mean": float(mm.mean()),
+        ev = np.array([r["estimated_raw_share"] for r in rs])
+        summary["per_level"][lv] = {"spearman": spearman(mm, ee), "spearman_raw_share": spearman(mm, ev), "measured_mean": float(mm.mean()),
                                     "estimated_mean": float(ee.mean()), "prior": est.priors[lv].dppl}
     if chunk_rows:
         summary["per_chunk_spearman"] = {lv: spearman([r["measured"] for r in chunk_rows if r["level"] == lv],
                                                       [r["estimated"] for r in chunk_rows if r["level"] == lv])
                                          for lv in per_chunk_levels}
-        summary["per_chunk_spearman_visible"] = {
+        summary["per_chunk_spearman_raw_share"] = {
             lv: spearman([r["measured"] for r in chunk_rows if r["level"] == lv],
-                         [r["estimated_visible"] for r in chunk_rows if r["level"] == lv]) for lv in per_chunk_levels}
+                         [r["estimated_raw_share"] for r in chunk_rows if r["level"] == lv]) for lv in per_chunk_levels}
     summary["estimate_share_of_ingest_mean"] = float(np.mean([c["estimate_share_of_ingest"] for c in costs]))
     print(f"# {args.split}, {len(wins)} contexts of {Tc} tokens, chunks of {ct}; profile {codec.profile.id}")
     print(f"pooled Spearman (all levels) {summary['pooled_spearman']:.3f}; transform levels only "
@@ -143,8 +141,8 @@ def main(argv=None) -> int:
               f"{s['spearman']:10.3f}")
     for lv, r in summary.get("per_chunk_spearman", {}).items():
         print(f"one chunk at {lv}: Spearman over (context, chunk) {r:.3f}; "
-              f"visibility-normalised {summary['per_chunk_spearman_visible'][lv]:.3f}")
-    print("per level, visibility-normalised:", {lv: round(s["spearman_visible"], 3) for lv, s in summary["per_level"].items()})
+              f"raw attention share {summary['per_chunk_spearman_raw_share'][lv]:.3f}")
+    print("per level, raw attention share:", {lv: round(s["spearman_raw_share"], 3) for lv, s in summary["per_level"].items()})
     out = args.out or ROOT / "bench" / "results" / f"quality-estimate-{args.split}.json"
     out.write_text(json.dumps({"machine": host_info(), "split": args.split, "contexts": len(wins), "tokens": Tc,
                                "chunk_tokens": ct, "scored_tokens": CONT, "profile": codec.profile.id,

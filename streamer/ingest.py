@@ -37,7 +37,7 @@ import torch
 
 from ctxstream.errors import CtxstreamError
 from ctxstream.codec import Codec
-from ctxstream.codec.quality import QualityEstimator
+from ctxstream.codec.quality import QualityEstimator, attention_share
 from ctxstream.manifest import ChunkEntry, Manifest, checksum_hex, chunk_ids, id_key, owned_by
 from ctxstream.model import ModelAdapter
 
@@ -204,11 +204,11 @@ class ContextService:
                 else:  # uploaded KV: no queries to measure importance with, every token is coded alike
                     keys, values = kv
                     importance = None
-                total = float(importance.sum()) if importance is not None else 0.0
+                shares = attention_share(importance) if importance is not None else None
                 for i in missing:
                     s, e = i * ct, min(len(token_ids), (i + 1) * ct)
                     imp = importance[s:e] if importance is not None else None
-                    share = imp / total if imp is not None and total > 0 else None
+                    share = shares[s:e] if shares is not None else None
                     blobs, quality[i], secs = await self._run(self._encode_chunk, keys[:, :, s:e], values[:, :, s:e],
                                                               s, imp, share, len(token_ids))
                     self.metrics.observe("encode_seconds", secs)

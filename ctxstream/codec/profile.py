@@ -54,6 +54,7 @@ _ARRAYS = ("mean", "analysis", "synthesis", "coef_std", "freqs", "recon")
 # How default profiles are built (chosen on the dev split; see README "Codec design"). Part of the
 # cache key, so changing them rebuilds cached profiles.
 PRIOR_WINDOWS = 4  # calibration windows the per-level quality prior is measured on (quality.measure_prior)
+PRIOR_VERSION = 2  # how the prior is measured (2: attention shares per visible query); part of the cache key
 DEFAULT_BUILD = {"context_tokens": 1024, "continuation_tokens": 256, "segments": 8, "ridge": 0.5, "deadzone": 0.0}
 
 
@@ -415,7 +416,7 @@ def profile_for(adapter: ModelAdapter, cache_dir: Path | None = None,
     from .quality import with_prior
 
     build = xxhash.xxh3_64_hexdigest(f"{PROFILE_VERSION}{sorted(DEFAULT_BUILD.items())}{source}"
-                                     f"{PRIOR_WINDOWS}{DEFAULT_LEVELS}".encode())[:8]
+                                     f"{PRIOR_VERSION}{PRIOR_WINDOWS}{DEFAULT_LEVELS}".encode())[:8]
     path = folder / f"{adapter.info.fingerprint}-{build}.ctxp"
     if path.is_file():
         try:

@@ -7,9 +7,10 @@ The estimate of level ``l`` for a chunk is ``scale_l * sum_t a_t * e_t(l)``:
   coefficients, summed over layers, heads, K and V, with the step the level uses for that token
   (finer for the most attended tokens, zero for the fp16 sink). For ``quant8``/``fp16`` the error
   of the actual reconstruction, taken into the same metric;
-* ``a_t`` is the token's share of the attention the context's sampled queries pay
-  (``ModelAdapter.compute_kv_with_importance``), so a chunk the context barely looks at costs
-  little, and the shares of a long context sum to 1 like those of a short one;
+* ``a_t`` is the token's share of the attention a query pays (:func:`attention_share`: what the
+  context's sampled queries paid it, ``ModelAdapter.compute_kv_with_importance``, per query that
+  could see it), so a chunk the context barely looks at costs little, and the shares of a long
+  context sum to 1 like those of a short one;
 * ``scale_l`` turns it into a relative perplexity increase; it is the model's *prior*: measured
   once per model and level on calibration text (:func:`measure_prior`, stored in the profile).
 
@@ -26,8 +27,22 @@ from typing import Iterable, Mapping
 import numpy as np
 import torch
 
-from ..model import invert_rope, rope_cos_sin
+from ..model import importance_queries, invert_rope, rope_cos_sin
 from .profile import SINK_TOKENS, Profile
+
+
+def attention_share(importance: torch.Tensor, *, query_stride: int = 16, window: int = 32) -> torch.Tensor:
+    """Each token's share of a future query's attention, from a context's importance ``[tokens]``
+    (``ModelAdapter.compute_kv_with_importance`` with these sampling parameters): the attention the
+    token received divided by the number of sampled queries that could see it (causal: the late
+    tokens are seen by few), normalised to sum to 1 over the context."""
+    imp = torch.as_tensor(importance, dtype=torch.float32).flatten()
+    T = imp.numel()
+    pos = torch.tensor(importance_queries(T, query_stride, window), dtype=torch.long)
+    visible = (len(pos) - torch.searchsorted(pos, torch.arange(T), right=False)).clamp_min(1)
+    a = imp / visible
+    total = float(a.sum())
+    return a / total if total > 0 else torch.full((T,), 1.0 / max(T, 1))
 
 
 def _prior_key(spec) -> str:
@@ -114,8 +129,8 @@ class QualityEstimator:
                  context_tokens: int | None = None) -> dict[str, float]:
         """``{level: estimated relative perplexity increase}`` of loading this chunk at that level
         (every other chunk exact). ``importance``: the chunk's slice of the context's importance (as
-        the codec takes it); ``attention_share``: each token's share of the context's total
-        importance (``importance[s:e] / importance.sum()``); without it every token of a
+        the codec takes it); ``attention_share``: the chunk's slice of :func:`attention_share` of the
+        whole context's importance; without it every token of a
         ``context_tokens``-token context (default: this chunk alone) gets an equal share."""
         if not self.available:
             return {}
@@ -149,7 +164,7 @@ def measure_prior(adapter, codec, windows: list[list[int]], context_tokens: int)
     for ids in windows:
         k, v, imp = adapter.compute_kv_with_importance(ids[:context_tokens])
         base = ce(ids, k, v)
-        share = imp / imp.sum()
+        share = attention_share(imp)
         errs = est.errors(k, v, 0, imp, levels)
         for lv in levels:
             k2, v2 = codec.decode(codec.encode(k, v, lv, importance=imp))
@@ -190,4 +205,4 @@ def with_prior(adapter, profile: Profile, levels, windows: list[list[int]], cont
     return dataclasses.replace(profile, calibration=dict(profile.calibration, quality=quality))
 
 
-__all__ = ["QualityEstimator", "LevelPrior", "priors", "measure_prior", "fit_prior", "with_prior"]
+__all__ = ["QualityEstimator", "LevelPrior", "priors", "measure_prior", "fit_prior", "with_prior", "attention_share"]
