@@ -11,7 +11,6 @@ header fields, a chunk file that is a directory, every route with Redis down.
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
@@ -24,24 +23,12 @@ import torch
 import xxhash
 
 from conftest import auth, metric
-from ctxstream.codec import Codec
 from ctxstream.streamer.kvformat import CONTENT_TYPE, pack_kv
 from ctxstream.streamer.records import chunk_key
-from ctxstream.streamer.storage import MemoryStore
+from test_streamer import SlowCodec
 from test_faults import CT, kill9, own_redis, process_server, tokens, upload_ids, verify_context  # noqa: F401
 
 KV = {"Content-Type": CONTENT_TYPE}
-
-
-class SlowCodec(Codec):
-    """The real codec plus a blocking pause per encode: an upload stays in flight for seconds."""
-
-    delay = 0.02
-
-    def encode(self, *args, **kwargs):
-        out = super().encode(*args, **kwargs)
-        time.sleep(self.delay)
-        return out
 
 
 def wait_for(cond, what: str, timeout: float = 20.0) -> None:
