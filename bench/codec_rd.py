@@ -52,10 +52,10 @@ def contexts(adapter, split: str, n: int, cache: Path):
     for i, ids in enumerate(wins):
         stem = cache / f"{adapter.info.fingerprint}-{split}-{CTX}-{i}-{n}"
         if Path(f"{stem}.k.npy").is_file():
-            k = torch.from_numpy(np.load(f"{stem}.k.npy"))
-            v = torch.from_numpy(np.load(f"{stem}.v.npy"))
-            imp = torch.from_numpy(np.load(f"{stem}.imp.npy"))
-            base = float(np.load(f"{stem}.ce.npy"))
+            k = torch.from_numpy(np.load(f"{stem}.k.npy", allow_pickle=False))
+            v = torch.from_numpy(np.load(f"{stem}.v.npy", allow_pickle=False))
+            imp = torch.from_numpy(np.load(f"{stem}.imp.npy", allow_pickle=False))
+            base = float(np.load(f"{stem}.ce.npy", allow_pickle=False))
         else:
             k, v, imp = adapter.compute_kv_with_importance(ids[:CTX])
             base = ce_next(adapter, ids, k, v)
@@ -85,7 +85,7 @@ def candidate_profile(adapter, name: str, folder: Path) -> Profile:
         sens_path = folder / f"{adapter.info.fingerprint}-{src}{segs}.sens.npy"
         if not sens_path.is_file():
             np.save(sens_path, group_sensitivity(adapter, base, dev_calibration_text(DEFAULT_DATA_DIR)))
-        prof = rescale_profile(base, np.load(sens_path), power=float(name.split("rd")[1] or 0.5))
+        prof = rescale_profile(base, np.load(sens_path, allow_pickle=False), power=float(name.split("rd")[1] or 0.5))
     elif src == "dev":
         prof = build_profile(adapter, text=dev_calibration_text(DEFAULT_DATA_DIR), text_name="dev", segments=segs)
     else:
