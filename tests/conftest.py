@@ -112,6 +112,21 @@ def tiny_codec(tiny_adapter, tmp_path_factory):
     return Codec.for_model(tiny_adapter, cache_dir=tmp_path_factory.mktemp("codec-cache"))
 
 
+@pytest.fixture(scope="session")
+def small_adapter():
+    """A 3-layer tiny random Llama (2 KV heads, head dim 16): the codec and quality tests' model."""
+    from ctxstream.model import ModelAdapter
+
+    return ModelAdapter.tiny_random(seed=1, layers=3, kv_heads=2, head_dim=16)
+
+
+@pytest.fixture(scope="session")
+def small_codec(small_adapter, tmp_path_factory):
+    from ctxstream.codec import Codec
+
+    return Codec.for_model(small_adapter, cache_dir=tmp_path_factory.mktemp("small-codec-cache"))
+
+
 @pytest.fixture
 def make_streamer(tiny_adapter, tiny_codec, tmp_path):
     """``make_streamer(adapter=None, codec=None, store_obj=None, **settings) -> ServerHandle``.

@@ -30,13 +30,13 @@ from ctxstream.model import ModelAdapter
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return ModelAdapter.tiny_random(seed=1, layers=3, kv_heads=2, head_dim=16)
+def tiny(small_adapter):
+    return small_adapter
 
 
 @pytest.fixture(scope="module")
-def codec(tiny, tmp_path_factory):
-    return Codec.for_model(tiny, cache_dir=tmp_path_factory.mktemp("cache"))
+def codec(small_codec):
+    return small_codec
 
 
 @pytest.fixture(scope="module")

@@ -6,24 +6,22 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from ctxstream.codec import Codec
 from ctxstream.codec.quality import QualityEstimator, fit_prior, priors
 from ctxstream.manifest import ChunkEntry, Manifest, ManifestError
-from ctxstream.model import ModelAdapter
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return ModelAdapter.tiny_random(seed=1, layers=3, kv_heads=2, head_dim=16)
+def tiny(small_adapter):
+    return small_adapter
 
 
 @pytest.fixture(scope="module")
-def codec(tiny, tmp_path_factory):
-    return Codec.for_model(tiny, cache_dir=tmp_path_factory.mktemp("cache"))
+def codec(small_codec):
+    return small_codec
 
 
 @pytest.fixture(scope="module")
