@@ -3,6 +3,9 @@
     from ctxstream.loader import ContextLoader
     async with ContextLoader(url, model=adapter, policy="slo", slo_s=2.0) as cl:
         result = await cl.load(context_id, prompt_ids=question_ids)   # result.cache, result.report
+
+Loader metrics: ``ContextLoader(..., metrics=LoaderMetrics())`` records every finished load in the
+object's Prometheus registry (``metrics.registry``, ``metrics.render()``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from .calibration import Calibration, DecodeModel, RecomputeModel, calibrate_dec
 from .context import DEFAULT_PRIOR_BPS, LoaderContext, shared_context
 from .core import DEFAULT_SLO_S, ContextLoader, LoaderError, LoadResult
 from .fetcher import Fetched, FetchFailed, FetchOptions
+from .metrics import LoaderMetrics
 from .planner import Decision, Planner
 from .sink import CpuSink, GpuSink, KvSink
 from .prompt import chat_prompt_ids
@@ -36,5 +40,5 @@ __all__ = [
     "ContextLoader", "LoadResult", "LoadReport", "ChunkRow", "LoaderError", "load_context", "chat_prompt_ids",
     "Calibration", "RecomputeModel", "DecodeModel", "calibrate_recompute", "calibrate_decode",
     "ThroughputEstimator", "DEFAULT_PRIOR_BPS", "DEFAULT_SLO_S", "LoaderContext", "shared_context",
-    "Fetched", "FetchFailed", "FetchOptions", "Decision", "Planner", "KvSink", "CpuSink", "GpuSink",
+    "Fetched", "FetchFailed", "FetchOptions", "Decision", "Planner", "KvSink", "CpuSink", "GpuSink", "LoaderMetrics",
 ]
