@@ -26,7 +26,8 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.server import HEADERS, TENANT, TOKEN, bench_token_ids, fetch_loop, start_redis, upload
+from bench.server import (HEADERS, TENANT, TOKEN, bench_token_ids, fetch_loop, start_redis, table,
+                          throughput_row, upload)
 from ctxstream.hostinfo import host_info
 from ctxstream.streamer.server import serve_in_background
 from ctxstream.streamer.settings import Settings
@@ -66,10 +67,7 @@ async def measure(urls_per_streamer: list[list[str]], clients: int, seconds: flo
     finally:
         for s in sessions:
             await s.close()
-    lat.sort()
-    return {"requests": len(lat), "seconds": round(elapsed, 3), "MBps": round(sum(totals) / elapsed / 1e6, 1),
-            "p50_ms": round(lat[len(lat) // 2] * 1e3, 2),
-            "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3, 2)}
+    return throughput_row(lat, sum(totals), elapsed)
 
 
 def run_backend(backend: str, args, nodes: str, redis_url: str, redis_pids: list[int], work: Path) -> list[dict]:
@@ -112,14 +110,8 @@ def run_backend(backend: str, args, nodes: str, redis_url: str, redis_pids: list
     return rows
 
 
-def table(rows: list[dict]) -> str:
-    cols = ["store", "streamers", "level", "clients", "chunk_bytes_mean", "requests", "MBps", "p50_ms", "p99_ms",
-            "cpu_streamers", "cpu_redis", "cpu_client", "cpu_total",
-            "loadavg_1m"]
-    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
-    lines += ["  ".join(str(r[c]).rjust(w) for c, w in zip(cols, widths)) for r in rows]
-    return "\n".join(lines)
+COLUMNS = ["store", "streamers", "level", "clients", "chunk_bytes_mean", "requests", "MBps", "p50_ms", "p99_ms",
+           "cpu_streamers", "cpu_redis", "cpu_client", "cpu_total", "loadavg_1m"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             if redis_proc is not None:
                 redis_proc.terminate()
                 redis_proc.wait(10)
-    print(table(rows))
+    print(table(rows, COLUMNS))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         meta = {"host_at_start": info_start, "host_at_end": host_info(),

@@ -125,12 +125,17 @@ async def measure(url: str, ctx: dict, level: str, clients: int, seconds: float)
         deadline = t0 + seconds
         totals = await asyncio.gather(*(fetch_loop(session, urls, deadline, lat, k) for k in range(clients)))
         elapsed = time.perf_counter() - t0
-    lat.sort()
-    p50 = lat[len(lat) // 2]
-    p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
-    return {"level": level, "clients": clients, "chunk_bytes_mean": int(statistics.mean(sizes)),
-            "requests": len(lat), "seconds": round(elapsed, 3), "MBps": round(sum(totals) / elapsed / 1e6, 1),
-            "p50_ms": round(p50 * 1e3, 3), "p99_ms": round(p99 * 1e3, 3), "p99_over_p50": round(p99 / p50, 2)}
+    row = throughput_row(lat, sum(totals), elapsed)
+    return {"level": level, "clients": clients, "chunk_bytes_mean": int(statistics.mean(sizes)), **row,
+            "p99_over_p50": round(row["p99_ms"] / row["p50_ms"], 2)}
+
+
+def throughput_row(lat: list[float], total_bytes: int, elapsed: float) -> dict:
+    """Requests, MB/s and p50/p99 latency (ms) of one measurement from its per-request latencies (s)."""
+    lat = sorted(lat)
+    return {"requests": len(lat), "seconds": round(elapsed, 3), "MBps": round(total_bytes / elapsed / 1e6, 1),
+            "p50_ms": round(lat[len(lat) // 2] * 1e3, 3),
+            "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3, 3)}
 
 
 def run_tier(tier: str, args, redis_url: str | None, work: Path) -> list[dict]:
@@ -162,8 +167,11 @@ def run_tier(tier: str, args, redis_url: str | None, work: Path) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict]) -> str:
-    cols = ["tier", "level", "clients", "chunk_bytes_mean", "requests", "MBps", "p50_ms", "p99_ms", "p99_over_p50"]
+COLUMNS = ["tier", "level", "clients", "chunk_bytes_mean", "requests", "MBps", "p50_ms", "p99_ms", "p99_over_p50"]
+
+
+def table(rows: list[dict], cols: list[str] = COLUMNS) -> str:
+    """``rows`` as right-aligned text columns."""
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
     lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
     lines += ["  ".join(str(r[c]).rjust(w) for c, w in zip(cols, widths)) for r in rows]
