@@ -61,7 +61,9 @@ def redis_server(tmp_path_factory):
         pytest.skip("redis-server binary not found (apt-get install -y redis-server)")
     import redis
 
-    port = free_port()
+    from ctxstream.streamer.storage.localcluster import free_ports
+
+    port = free_ports(1)[0]  # below the ephemeral range: no client socket can take it before Redis binds
     folder = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",

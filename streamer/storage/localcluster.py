@@ -40,15 +40,30 @@ def _port_pair_free(port: int) -> bool:
     return True
 
 
-def _free_ports(n: int) -> list[int]:
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out to outgoing connections and ``bind(0)`` (Linux: 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_ports(n: int, taken: set[int] = frozenset()) -> list[int]:
+    """``n`` ports whose node and bus ports (``p + 10000``) are free and lie below the kernel's ephemeral
+    range, so no client connection or other test server picked with ``bind(0)`` can take one between
+    this check and ``redis-server`` binding it."""
+    import random
+
+    hi = _ephemeral_low() - 10000
+    candidates = [p for p in range(10000, hi) if p not in taken]
+    random.shuffle(candidates)
     ports: list[int] = []
-    while len(ports) < n:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            p = s.getsockname()[1]
-        if p < 55535 and p not in ports and _port_pair_free(p):
+    for p in candidates:
+        if _port_pair_free(p):
             ports.append(p)
-    return ports
+            if len(ports) == n:
+                return ports
+    raise ClusterLaunchError(f"no {n} free port pairs below {hi}")
 
 
 def binaries() -> tuple[str, str] | None:
@@ -74,11 +89,11 @@ class LocalRedisCluster:
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> "LocalRedisCluster":
-        self.ports = _free_ports(self.masters * (1 + self.replicas))
+        self.ports = free_ports(self.masters * (1 + self.replicas))
         for p in self.ports:
             self._spawn(p)
-        for p in self.ports:
-            self._wait_ping(p)
+        for i, p in enumerate(list(self.ports)):
+            self.ports[i] = self._wait_ping_or_move(p)
         cmd = [self.cli_bin, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
                "--cluster-replicas", str(self.replicas), "--cluster-yes"]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout)
@@ -253,7 +268,24 @@ class LocalRedisCluster:
                 return f"master {m['port']} has {len(online)} synced replicas"
         return None
 
-    def _wait_ping(self, port: int) -> None:
+    def _wait_ping_or_move(self, port: int, attempts: int = 3) -> int:
+        """Wait for a freshly spawned node; if another process took its port first (``bind`` fails),
+        start it on another free port instead. Returns the port the node listens on."""
+        for _ in range(attempts - 1):
+            try:
+                self._wait_ping(port, stop_on_failure=False)
+                return port
+            except ClusterLaunchError as exc:
+                if "Address already in use" not in str(exc):
+                    self.stop()
+                    raise
+                self.procs.pop(port, None)
+                port = free_ports(1, taken=set(self.ports))[0]
+                self._spawn(port)
+        self._wait_ping(port)
+        return port
+
+    def _wait_ping(self, port: int, *, stop_on_failure: bool = True) -> None:
         deadline = time.monotonic() + self.timeout
         while True:
             try:
@@ -262,7 +294,8 @@ class LocalRedisCluster:
                 return
             except RedisError as exc:  # not listening yet
                 if not self.alive(port) or time.monotonic() > deadline:
-                    self.stop()
+                    if stop_on_failure:
+                        self.stop()
                     log = self.folder / str(port) / "redis.log"
                     tail = log.read_text(errors="replace")[-500:] if log.exists() else ""
                     raise ClusterLaunchError(f"redis-server on {port} did not start: {exc!r} {tail}") from exc
