@@ -39,7 +39,7 @@ import xxhash  # noqa: E402
 from ctxstream.codec import Codec  # noqa: E402
 from ctxstream.hostinfo import host_info  # noqa: E402
 from ctxstream.model import ModelAdapter, default_cache_dir  # noqa: E402
-from ctxstream.loader import ContextLoader, LoaderContext  # noqa: E402
+from ctxstream.loader import ContextLoader, LoaderContext, PlanOptions  # noqa: E402
 from ctxstream.policies import TEXT  # noqa: E402
 from ctxstream.quality import quality, score  # noqa: E402
 from ctxstream.traces.shaping import RateShaper, format_rate, parse_rate  # noqa: E402
@@ -91,7 +91,7 @@ async def run_one(url, adapter, codec, ctx_id, cont, policy, rate, slo_s, cap_s,
     # warm: the prior is what the context learned over this link; cold: first contact, the default
     prior = None if warm else lctx.prior_bps
     async with ContextLoader(url, model=adapter, policy=policy, slo_s=slo_s, token=TOKEN, shaper=shaper,
-                             codec=codec, context=lctx, prior_bps=prior) as cl:
+                             codec=codec, context=lctx, plan=PlanOptions(prior_bps=prior)) as cl:
         try:
             res = await asyncio.wait_for(cl.load(ctx_id, prompt_ids=cont[:1]), cap_s)
         except asyncio.TimeoutError:

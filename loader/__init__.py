@@ -18,7 +18,7 @@ from .context import DEFAULT_PRIOR_BPS, LoaderContext, shared_context
 from .core import DEFAULT_SLO_S, ContextLoader, LoaderError, LoadResult
 from .fetcher import Fetched, FetchFailed, FetchOptions
 from .metrics import LoaderMetrics
-from .planner import Decision, Planner
+from .planner import Decision, PlanOptions, Planner
 from .sink import CpuSink, GpuSink, KvSink
 from .prompt import chat_prompt_ids
 from .report import ChunkRow, LoadReport
@@ -40,5 +40,5 @@ __all__ = [
     "ContextLoader", "LoadResult", "LoadReport", "ChunkRow", "LoaderError", "load_context", "chat_prompt_ids",
     "Calibration", "RecomputeModel", "DecodeModel", "calibrate_recompute", "calibrate_decode",
     "ThroughputEstimator", "DEFAULT_PRIOR_BPS", "DEFAULT_SLO_S", "LoaderContext", "shared_context",
-    "Fetched", "FetchFailed", "FetchOptions", "Decision", "Planner", "KvSink", "CpuSink", "GpuSink", "LoaderMetrics",
+    "Fetched", "FetchFailed", "FetchOptions", "Decision", "PlanOptions", "Planner", "KvSink", "CpuSink", "GpuSink", "LoaderMetrics",
 ]

@@ -89,7 +89,7 @@ def progress_printer(stream):
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from . import DEFAULT_SLO_S, ContextLoader, LoaderError, chat_prompt_ids
+    from . import DEFAULT_SLO_S, ContextLoader, LoaderError, PlanOptions, chat_prompt_ids
 
     question = sys.stdin.read() if args.question == "-" else args.question
     token = args.token or os.environ.get("CTXSTREAM_TOKEN")
@@ -117,7 +117,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
     async def run():
         async with ContextLoader(args.server, model=adapter, policy=args.policy, slo_s=slo, token=token,
-                                 shaper=shaper, prior_bps=prior, sink=args.sink,
+                                 shaper=shaper, plan=PlanOptions(prior_bps=prior), sink=args.sink,
                                  progress=None if args.quiet else progress_printer(err)) as cl:
             manifest = await cl.fetch_manifest(args.context)
             prompt = chat_prompt_ids(adapter, question, manifest.token_ids)

@@ -39,7 +39,7 @@ from ctxstream.policies.adaptation import DEFAULT_QUALITY, TEXT, ChunkFeedback, 
 from .calibration import Calibration, materialize, run_model
 from .context import DEFAULT_PRIOR_BPS, LoaderContext, shared_context
 from .fetcher import Fetched, FetchFailed, Fetcher, FetchOptions
-from .planner import Planner
+from .planner import PlanOptions, Planner
 from .report import ChunkRow, LoadReport
 from .sink import default_sink_kind, sink_kinds
 from .throughput import ThroughputEstimator
@@ -144,56 +144,40 @@ class ContextLoader:
     ``policy``: a registered name (``slo``, ``mpc``, ``text``, ``fp16``, ``quant8``, ``fixed:<level>``)
     or a :class:`~ctxstream.policies.adaptation.Policy` (a fresh object is made per load from a name).
     ``slo_s``: time-to-first-token target (default :data:`DEFAULT_SLO_S`; None: no target, the policy
-    sees an unlimited budget). ``sink``: ``"auto"`` (GPU decode + layer-wise loading when the model is
-    on CUDA and the GPU decoder builds, else the CPU reference), ``"cpu"`` or ``"gpu"``.
+    sees an unlimited budget). ``token``: the tenant's bearer token. ``codec``: decode with this codec
+    when its profile is the manifest's (default: from the context or the server's profile).
     ``context``: the :class:`~ctxstream.loader.context.LoaderContext` (calibrations, codecs,
-    throughput priors; default: the process's shared one). ``shaper``: ``await consume(nbytes)`` on
-    every body byte (``ctxstream.traces.shaping``). ``progress``: called with an event dict
-    (``{"event": "choice" | "chunk" | "failure" | "ready" | "first_token", ...}``). ``metrics``: an
-    object with ``record(report)`` (e.g. :class:`ctxstream.loader.metrics.LoaderMetrics`), given every
-    finished load's report. ``levels``: restrict the levels offered to the policy; ``quality``: per
-    level quality scores (default ``DEFAULT_QUALITY``); ``prior_bps``: throughput prior for this
-    loader (default: the context's last estimate for this server).
+    throughput priors; default: the process's shared one). ``sink``: ``"auto"`` (GPU decode +
+    layer-wise loading when the model is on CUDA and the GPU decoder builds, else the CPU reference),
+    ``"cpu"`` or ``"gpu"``. ``fetch``: :class:`~ctxstream.loader.fetcher.FetchOptions` (retries, stall
+    timeout, read size). ``plan``: :class:`~ctxstream.loader.planner.PlanOptions` (levels offered,
+    quality scores, throughput prior, when to calibrate).
 
-    ``max_retries`` / ``stall_timeout_s`` shorten :class:`~ctxstream.loader.fetcher.FetchOptions`;
-    ``calibration_prefix`` / ``calibration_cache``, when no ``context`` is given, make a private
-    context measuring at prefixes up to ``calibration_prefix`` and persisting or not.
+    Observers: ``shaper``: ``await consume(nbytes)`` on every body byte (``ctxstream.traces.shaping``);
+    ``progress``: called with an event dict (``{"event": "choice" | "chunk" | "failure" | "ready" |
+    "first_token", ...}``); ``metrics``: an object with ``record(report)`` (e.g.
+    :class:`ctxstream.loader.metrics.LoaderMetrics`), given every finished load's report.
     """
 
     def __init__(self, server_url: str, model: ModelAdapter, policy: str | Policy = "slo",
-                 slo_s: float | None = DEFAULT_SLO_S, *, token: str | None = None, shaper=None,
-                 codec: Codec | None = None, context: LoaderContext | None = None, sink: str = "auto",
-                 fetch: FetchOptions | None = None, prior_bps: float | None = None,
-                 quality: Mapping[str, float] | None = None, levels: Sequence[str] | None = None,
-                 progress: Callable[[dict], None] | None = None, metrics=None, calibrate: bool = True,
-                 max_retries: int | None = None, stall_timeout_s: float | None = None,
-                 calibration_prefix: int | None = None, calibration_cache: bool | None = None):
+                 slo_s: float | None = DEFAULT_SLO_S, *, token: str | None = None, codec: Codec | None = None,
+                 context: LoaderContext | None = None, sink: str = "auto", fetch: FetchOptions | None = None,
+                 plan: PlanOptions | None = None, shaper=None, progress: Callable[[dict], None] | None = None,
+                 metrics=None):
         self.server_url = server_url.rstrip("/")
         self.adapter = model
         self.policy_spec = policy
         make_policy(policy)  # an unknown name fails here, not in the first load
         self.slo_s = slo_s
         self.codec = codec
-        if context is None and (calibration_prefix is not None or calibration_cache is not None):
-            p = calibration_prefix
-            context = LoaderContext(persist=calibration_cache is not False,
-                                    calibration_prefixes=(max(1, p // 4), p) if p else (2048, 8192))
         self.context = context if context is not None else shared_context()
         self.sink_kind = default_sink_kind(model) if sink == "auto" else sink
         if self.sink_kind not in sink_kinds():
             raise ValueError(f"unknown sink {sink!r}; known: auto, {', '.join(sink_kinds())}")
-        opts = fetch or FetchOptions()
-        if max_retries is not None or stall_timeout_s is not None:
-            opts = FetchOptions(max_retries=opts.max_retries if max_retries is None else int(max_retries),
-                                stall_timeout_s=opts.stall_timeout_s if stall_timeout_s is None else float(stall_timeout_s),
-                                piece_bytes=opts.piece_bytes)
-        self.fetcher = Fetcher(self.server_url, token=token, shaper=shaper, options=opts)
-        self.prior_bps = prior_bps
-        self.quality = dict(quality) if quality else None
-        self.levels = tuple(levels) if levels else None
+        self.fetcher = Fetcher(self.server_url, token=token, shaper=shaper, options=fetch or FetchOptions())
+        self.plan = plan or PlanOptions()
         self.progress = progress
         self.metrics = metrics
-        self.calibrate_on_open = calibrate
         self._executor: ThreadPoolExecutor | None = None
 
     @property
@@ -216,7 +200,7 @@ class ContextLoader:
         await self.fetcher.open()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="ctxstream-loader")
-        if self.calibrate_on_open:
+        if self.plan.calibrate_on_open:
             await self.calibrate()
 
     async def close(self) -> None:
@@ -303,20 +287,20 @@ class ContextLoader:
         t_setup = time.perf_counter()
         codec = await self.codec_for(manifest)
         cal = self.calibration
-        if cal is None:  # opened with calibrate=False: measured now, and kept out of the SLO clock
+        if cal is None:  # opened with calibrate_on_open=False: measured now, and kept out of the SLO clock
             t_cal = time.perf_counter()
             cal = await self.calibrate(codec)
             t0 += time.perf_counter() - t_cal
         report.setup_s = time.perf_counter() - t_setup
         report.calibration = cal.summary()
-        usable = [lv for lv in manifest.levels if lv in codec.all_levels and (self.levels is None or lv in self.levels)]
-        prior = self.prior_bps or self.context.throughput_prior(self.server_url) or DEFAULT_PRIOR_BPS
+        usable = [lv for lv in manifest.levels if lv in codec.all_levels and (self.plan.levels is None or lv in self.plan.levels)]
+        prior = self.plan.prior_bps or self.context.throughput_prior(self.server_url) or DEFAULT_PRIOR_BPS
         report.prior_bps = prior
         est = ThroughputEstimator(prior)
         n = len(manifest.chunks)
         report.chunks = [ChunkRow(index=c.index, tokens=c.tokens) for c in manifest.chunks]
         backlog = _Backlog()
-        planner = Planner(policy, cal, manifest, usable, self.quality or DEFAULT_QUALITY, self.slo_s,
+        planner = Planner(policy, cal, manifest, usable, self.plan.quality or DEFAULT_QUALITY, self.slo_s,
                           tail_s=cal.tail_s(len(prompt), manifest.tokens))
         sink = self.context.sink_factory(self.sink_kind)(self.adapter, codec)
         loop = asyncio.get_running_loop()
@@ -446,7 +430,7 @@ class ContextLoader:
         report.final_bps = est.estimate() if est.samples else None
         if est.samples:
             self.context.remember_throughput(self.server_url, est.estimate())
-        qual = self.quality
+        qual = self.plan.quality
         report.quality = sum(quality_of(r.final, qual) * r.tokens for r in report.chunks) / max(1, manifest.tokens)
         if self.metrics is not None:
             self.metrics.record(report)

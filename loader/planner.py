@@ -24,6 +24,22 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class PlanOptions:
+    """What a loader's planner offers its policy, and where its inputs come from.
+
+    ``levels``: only these levels are offered (default: every level the manifest and codec have);
+    ``quality``: per-level quality scores in [0, 1] overriding the default table; ``prior_bps``: the
+    throughput forecast before the first sample (default: the loader context's last estimate for the
+    server); ``calibrate_on_open``: measure this machine's speeds when the loader opens (False: at the
+    first load, outside its SLO clock)."""
+
+    levels: tuple[str, ...] | None = None
+    quality: Mapping[str, float] | None = None
+    prior_bps: float | None = None
+    calibrate_on_open: bool = True
+
+
+@dataclass(frozen=True)
 class Decision:
     index: int
     choice: Choice  # a level or TEXT (TEXT also when the policy failed or chose an unavailable level)

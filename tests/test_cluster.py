@@ -38,6 +38,7 @@ from ctxstream.streamer.storage import (
     parse_cluster_nodes,
 )
 from ctxstream.streamer.storage.localcluster import LocalRedisCluster, binaries
+from ctxstream.loader import FetchOptions
 from test_faults import CT, assert_kv_exact, encoded, make_loader, tokens, upload_ids, verify_context
 
 CLUSTER_SPECS = ["redis-cluster", "memory+redis-cluster", "memory+disk+redis-cluster"]
@@ -255,7 +256,7 @@ async def test_master_killed_during_fetches_loads_complete_and_acknowledged_cont
             c.kill(victim)
             killed["retried_before"] = store.retried
 
-    async with make_loader(srv.url, tiny_adapter, tiny_codec, max_retries=6, shaper=RateShaper(800e3),
+    async with make_loader(srv.url, tiny_adapter, tiny_codec, fetch=FetchOptions(max_retries=6), shaper=RateShaper(800e3),
                            progress=progress) as cl:
         res = await cl.load(body["id"])
     assert killed, "the master was never killed"

@@ -37,7 +37,7 @@ import torch
 
 from conftest import TOKENS, auth, free_port
 from ctxstream.manifest import checksum_hex, chunk_ids, id_key
-from ctxstream.loader import ContextLoader
+from ctxstream.loader import ContextLoader, FetchOptions, LoaderContext
 from ctxstream.policies import TEXT
 from ctxstream.streamer.records import chunk_key
 from ctxstream.streamer.server import serve_in_background
@@ -76,8 +76,8 @@ def verify_context(url: str, body: dict) -> None:
 def make_loader(url: str, adapter, codec, **kw) -> ContextLoader:
     kw.setdefault("policy", "fp16")
     kw.setdefault("slo_s", None)
-    return ContextLoader(url, model=adapter, token="tok-acme-0001", codec=codec, calibration_prefix=256,
-                         calibration_cache=False, **kw)
+    kw.setdefault("context", LoaderContext(persist=False, calibration_prefixes=(64, 256)))
+    return ContextLoader(url, model=adapter, token="tok-acme-0001", codec=codec, **kw)
 
 
 def assert_kv_exact(adapter, result, ids: list[int]) -> None:
@@ -165,7 +165,7 @@ async def test_tcp_reset_mid_chunk_resumes_with_range_and_kv_is_exact(make_strea
     body = upload_ids(srv.url, ids).json()
     fp16 = body["manifest"]["chunks"][0]["sizes"]["fp16"]
     async with ResetProxy(srv.port, after=fp16 // 2 + 3000, cuts=3) as proxy:  # cuts land inside chunk bodies
-        async with make_loader(proxy.url, tiny_adapter, tiny_codec, max_retries=4) as cl:
+        async with make_loader(proxy.url, tiny_adapter, tiny_codec, fetch=FetchOptions(max_retries=4)) as cl:
             res = await cl.load(body["id"])
     rep = res.report
     assert proxy.resets == 3
@@ -191,7 +191,7 @@ async def test_server_killed_during_fetches_load_completes_by_recompute_and_rest
                 kill9(srv)
                 killed["at"] = ev["t_s"]
 
-        async with make_loader(srv.url, tiny_adapter, tiny_codec, max_retries=1, shaper=RateShaper(800e3),
+        async with make_loader(srv.url, tiny_adapter, tiny_codec, fetch=FetchOptions(max_retries=1), shaper=RateShaper(800e3),
                                progress=progress) as cl:
             res = await cl.load(body["id"])
         assert killed, "the server was never killed"
@@ -341,7 +341,7 @@ async def test_redis_killed_mid_load_chunks_are_recomputed(make_streamer, own_re
         if ev["event"] == "chunk" and ev["chunk"] == 0 and own_redis.proc.poll() is None:
             own_redis.kill()
 
-    async with make_loader(srv.url, tiny_adapter, tiny_codec, max_retries=1, shaper=RateShaper(800e3),
+    async with make_loader(srv.url, tiny_adapter, tiny_codec, fetch=FetchOptions(max_retries=1), shaper=RateShaper(800e3),
                            progress=progress) as cl:
         res = await cl.load(body["id"])
     rep = res.report

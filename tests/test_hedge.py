@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("ctxstream.streamer.server")
 
-from ctxstream.loader import ContextLoader  # noqa: E402
+from ctxstream.loader import ContextLoader, FetchOptions, LoaderContext  # noqa: E402
 from ctxstream.policies import TEXT, FixedPolicy  # noqa: E402
 from tests.test_loader import TOKEN, CuttingProxy, N_TOKENS, context, kv_close, server, tiny  # noqa: E402,F401
 
@@ -27,8 +27,8 @@ async def test_a_stalled_fetch_past_the_hedge_is_recomputed(server, tiny, contex
     ctx, ids = context
     async with CuttingProxy(server.url, stall={2: 1}) as proxy:  # chunk 2: a third, then 3 s of silence
         async with ContextLoader(proxy.url, model=adapter, policy=HedgedQuant8(), slo_s=None, token=TOKEN,
-                                 codec=codec, calibration_prefix=256, stall_timeout_s=10.0,
-                                 calibration_cache=False) as cl:
+                                 codec=codec, fetch=FetchOptions(stall_timeout_s=10.0),
+                                 context=LoaderContext(persist=False, calibration_prefixes=(64, 256))) as cl:
             res = await cl.load(ctx)
     rep = res.report
     assert [r.final for r in rep.chunks] == ["quant8", "quant8", TEXT, "quant8"]

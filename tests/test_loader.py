@@ -19,7 +19,7 @@ from aiohttp import ClientSession, web  # noqa: E402
 from ctxstream.model import cache_kw
 from ctxstream.codec import Codec  # noqa: E402
 from ctxstream.model import ModelAdapter  # noqa: E402
-from ctxstream.loader import ContextLoader, LoaderContext, LoaderError, load_context  # noqa: E402
+from ctxstream.loader import ContextLoader, FetchOptions, LoaderContext, LoaderError, PlanOptions, load_context  # noqa: E402
 from ctxstream.loader.calibration import run_model  # noqa: E402
 from ctxstream.policies import TEXT, Policy, quality_of  # noqa: E402
 from ctxstream.streamer.server import serve_in_background  # noqa: E402
@@ -209,7 +209,7 @@ async def test_slo_choices_move_with_rate(server, tiny, context):
     slo = 0.6
     quality, finals = {}, {}
     for rate in (0.3e6, 3e6, 30e6, 1e9):
-        async with loader(server, tiny, policy="slo", slo_s=slo, shaper=RateShaper(rate), prior_bps=rate) as cl:
+        async with loader(server, tiny, policy="slo", slo_s=slo, shaper=RateShaper(rate), plan=PlanOptions(prior_bps=rate)) as cl:
             # the prior is the configured rate; each later chunk uses the measured throughput
             res = await cl.load(ctx, prompt_ids=[5, 6])
         rep = res.report
@@ -226,7 +226,7 @@ async def test_slo_choices_move_with_rate(server, tiny, context):
 
 async def test_mpc_meets_slo_on_a_slow_link(server, tiny, context):
     ctx, _ = context
-    async with loader(server, tiny, policy="mpc", slo_s=0.6, shaper=RateShaper(1e6), prior_bps=1e6) as cl:
+    async with loader(server, tiny, policy="mpc", slo_s=0.6, shaper=RateShaper(1e6), plan=PlanOptions(prior_bps=1e6)) as cl:
         res = await cl.load(ctx, prompt_ids=[5])
     assert res.report.slo_met and res.cache.get_seq_length() == N_TOKENS + 1
 
@@ -304,7 +304,7 @@ async def test_chunk_cut_mid_transfer_resumes_with_range(server, tiny, context):
     ctx, ids = context
     async with CuttingProxy(server.url, cut={1: 1, 3: 2}) as proxy:
         async with ContextLoader(proxy.url, model=adapter, policy="fp16", slo_s=None, token=TOKEN, codec=codec,
-                                 calibration_prefix=256, calibration_cache=False) as cl:
+                                 context=fresh_context()) as cl:
             res = await cl.load(ctx)
     rep = res.report
     assert [r.final for r in rep.chunks] == ["fp16"] * 4
@@ -321,7 +321,7 @@ async def test_unfetchable_chunk_is_recomputed_and_corruption_refetched(server, 
     ctx, ids = context
     async with CuttingProxy(server.url, cut={2: 100}, corrupt={0: 1}) as proxy:
         async with ContextLoader(proxy.url, model=adapter, policy="fp16", slo_s=None, token=TOKEN, codec=codec,
-                                 calibration_prefix=256, max_retries=2, calibration_cache=False) as cl:
+                                 fetch=FetchOptions(max_retries=2), context=fresh_context()) as cl:
             res = await cl.load(ctx)
     rep = res.report
     assert [r.final for r in rep.chunks] == ["fp16", "fp16", TEXT, "fp16"]
@@ -337,7 +337,7 @@ async def test_stalled_transfer_times_out_and_resumes(server, tiny, context):
     ctx, _ = context
     async with CuttingProxy(server.url, stall={2: 1}) as proxy:
         async with ContextLoader(proxy.url, model=adapter, policy="quant8", slo_s=None, token=TOKEN, codec=codec,
-                                 calibration_prefix=256, stall_timeout_s=0.3, calibration_cache=False) as cl:
+                                 fetch=FetchOptions(stall_timeout_s=0.3), context=fresh_context()) as cl:
             res = await cl.load(ctx)
     row = res.report.chunks[2]
     assert row.final == "quant8" and row.retries == 1 and row.recovered == "range-resume"
@@ -360,7 +360,7 @@ async def test_level_the_client_cannot_decode_is_dropped(server, tiny, context):
         def select(self, state):
             return state.levels[0]
 
-    async with loader(server, tiny, policy=BestLevel(), slo_s=None, codec=client_codec, levels=("q2", "q3"),
+    async with loader(server, tiny, policy=BestLevel(), slo_s=None, codec=client_codec, plan=PlanOptions(levels=("q2", "q3")),
                       shaper=RateShaper(1e6)) as cl:
         res = await cl.load(ctx)
     rep = res.report
@@ -377,7 +377,7 @@ def test_sync_wrapper_and_cli_ask_json(server, tiny, context):
     adapter, codec = tiny
     ctx, _ = context
     res = load_context(server.url, ctx, model=adapter, policy="slo", slo_s=5.0, token=TOKEN, codec=codec,
-                       calibration_prefix=256, calibration_cache=False)
+                       context=fresh_context())
     assert res.report.slo_met and res.cache.get_seq_length() == N_TOKENS
 
     from ctxstream.cli import main
@@ -459,7 +459,7 @@ async def test_calibration_is_never_inside_the_load_budget(server, tiny, context
         return real(*a, **k)
 
     monkeypatch.setattr(lc, "calibrate_recompute", slow)
-    async with loader(server, tiny, policy="slo", slo_s=1.0, context=fresh_context(), calibrate=False) as cl:
+    async with loader(server, tiny, policy="slo", slo_s=1.0, context=fresh_context(), plan=PlanOptions(calibrate_on_open=False)) as cl:
         t = _time.perf_counter()
         res = await cl.load(ctx, prompt_ids=[5])
         wall = _time.perf_counter() - t
@@ -504,7 +504,7 @@ async def test_real_model_fp16_generation_matches_local_prefill(real_server):
     ctx = upload(srv.url, ids)["id"]
     prompt = chat_prompt_ids(adapter, "Summarise the text above in one sentence.", ids)
     async with ContextLoader(srv.url, model=adapter, policy="fp16", slo_s=None, token=TOKEN, codec=codec,
-                             calibration_prefix=256, calibration_cache=False) as cl:
+                             context=fresh_context()) as cl:
         res = await cl.load(ctx, prompt_ids=prompt)
     async with ContextLoader(srv.url, model=adapter, policy="text", slo_s=None, token=TOKEN, codec=codec) as cl:
         text_res = await cl.load(ctx)  # calibration is cached per model: no second measurement

@@ -421,7 +421,7 @@ async def _run_all(exp, url, adapter, codec, windows, todo, reuse, slo_aware, ou
 
 async def _one_run(exp, url, adapter, codec, cid, cont, tr, start, pol, slo_s, link, TraceShaper, lctx,
                    ref, score, quality) -> dict:
-    from ctxstream.loader import ContextLoader
+    from ctxstream.loader import ContextLoader, PlanOptions
 
     ref_logp, _target = ref
     if exp.prior == "warm":  # what a client that has used this link for the last 5 s would estimate
@@ -434,7 +434,7 @@ async def _one_run(exp, url, adapter, codec, cid, cont, tr, start, pol, slo_s, l
     if link is None:
         shaper = TraceShaper(tr, start, exp.time_scale)
     async with ContextLoader(url, model=adapter, policy=pol, slo_s=slo_s, token=TOKEN, shaper=shaper, codec=codec,
-                             prior_bps=prior, context=lctx) as cl:
+                             plan=PlanOptions(prior_bps=prior), context=lctx) as cl:
         cal = cl.calibration
         factors = {"recompute_factor": cal.recompute_factor, "decode_factor": cal.decode_factor,
                    "load1": os.getloadavg()[0]}
