@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,15 +32,15 @@ import aiohttp  # noqa: E402
 
 from ctxstream.streamer.server import serve_in_background  # noqa: E402
 from ctxstream.streamer.settings import Settings  # noqa: E402
+from ctxstream.streamer.storage.localcluster import free_ports  # noqa: E402
 
 TOKEN, TENANT = "bench-token-0001", "bench"
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port for a server this run starts (and may restart on the same port)."""
+    return free_ports(1)[0]
 
 
 def start_redis(folder: Path) -> tuple[subprocess.Popen, str]:

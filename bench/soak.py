@@ -34,7 +34,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,6 +49,7 @@ from ctxstream.hostinfo import host_info
 from ctxstream.manifest import checksum_hex, chunk_ids, id_key
 from ctxstream.streamer.server import serve_in_background
 from ctxstream.streamer.settings import Settings
+from ctxstream.streamer.storage.localcluster import free_ports
 
 CT = 32
 SECRET = "soak-id-secret-0123456789"
@@ -57,9 +57,8 @@ TENANTS = ["acme", "umbrella", "initech", "globex"]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port for a server this run starts (and may restart on the same port)."""
+    return free_ports(1)[0]
 
 
 class Redis:

@@ -12,13 +12,14 @@ and running streamers (real uvicorn on 127.0.0.1, see ``ctxstream.streamer.serve
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from ctxstream.streamer.storage.localcluster import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,9 +44,9 @@ def metric(text: str, sample: str, **labels: str) -> float | None:
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port below the kernel's ephemeral range, so no client socket takes it before the
+    server that is handed it binds it (or rebinds it after a restart)."""
+    return free_ports(1)[0]
 
 
 def pytest_report_header(config):
@@ -61,9 +62,7 @@ def redis_server(tmp_path_factory):
         pytest.skip("redis-server binary not found (apt-get install -y redis-server)")
     import redis
 
-    from ctxstream.streamer.storage.localcluster import free_ports
-
-    port = free_ports(1)[0]  # below the ephemeral range: no client socket can take it before Redis binds
+    port = free_port()
     folder = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
