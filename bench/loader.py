@@ -261,7 +261,7 @@ def _finish(args, rows, meta, max_pos) -> int:
 
 def level_quality(rows: list[dict]) -> dict:
     """Per fixed policy, averaged over the contexts within the model's trained window: top-1
-    agreement with exact KV (what ``policies.DEFAULT_QUALITY`` holds) and ppl(exact) / ppl(level)."""
+    agreement with exact KV and ppl(exact) / ppl(level)."""
     acc: dict[str, list[tuple[float, float]]] = {}
     seen = set()
     for r in rows:

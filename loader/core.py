@@ -34,7 +34,8 @@ from ctxstream.codec import Codec, CodecError, ModelMismatchError, UnknownLevelE
 from ctxstream.errors import CtxstreamError
 from ctxstream.manifest import Manifest, ManifestError
 from ctxstream.model import ModelAdapter
-from ctxstream.policies.adaptation import DEFAULT_QUALITY, TEXT, ChunkFeedback, Policy, make_policy, quality_of
+from ctxstream.codec.quality import QualityEstimator
+from ctxstream.policies.adaptation import TEXT, ChunkFeedback, Policy, make_policy
 
 from .calibration import Calibration, materialize, run_model
 from .context import DEFAULT_PRIOR_BPS, LoaderContext, shared_context
@@ -151,7 +152,7 @@ class ContextLoader:
     layer-wise loading when the model is on CUDA and the GPU decoder builds, else the CPU reference),
     ``"cpu"`` or ``"gpu"``. ``fetch``: :class:`~ctxstream.loader.fetcher.FetchOptions` (retries, stall
     timeout, read size). ``plan``: :class:`~ctxstream.loader.planner.PlanOptions` (levels offered,
-    quality scores, throughput prior, when to calibrate).
+    per-level quality prior for chunks without a measurement, throughput prior, when to calibrate).
 
     Observers: ``shaper``: ``await consume(nbytes)`` on every body byte (``ctxstream.traces.shaping``);
     ``progress``: called with an event dict (``{"event": "choice" | "chunk" | "failure" | "ready" |
@@ -300,7 +301,8 @@ class ContextLoader:
         n = len(manifest.chunks)
         report.chunks = [ChunkRow(index=c.index, tokens=c.tokens) for c in manifest.chunks]
         backlog = _Backlog()
-        planner = Planner(policy, cal, manifest, usable, self.plan.quality or DEFAULT_QUALITY, self.slo_s,
+        prior_dppl = self.plan.prior_dppl if self.plan.prior_dppl is not None else QualityEstimator(codec).prior()
+        planner = Planner(policy, cal, manifest, usable, prior_dppl, self.slo_s,
                           tail_s=cal.tail_s(len(prompt), manifest.tokens))
         sink = self.context.sink_factory(self.sink_kind)(self.adapter, codec)
         loop = asyncio.get_running_loop()
@@ -430,8 +432,7 @@ class ContextLoader:
         report.final_bps = est.estimate() if est.samples else None
         if est.samples:
             self.context.remember_throughput(self.server_url, est.estimate())
-        qual = self.plan.quality
-        report.quality = sum(quality_of(r.final, qual) * r.tokens for r in report.chunks) / max(1, manifest.tokens)
+        report.quality = 1.0 - planner.estimated_dppl({r.index: r.final for r in report.chunks if r.final})
         if self.metrics is not None:
             self.metrics.record(report)
         # after the TTFT: measure levels first met in this load, keep the online corrections

@@ -6,6 +6,13 @@ The state it gives the policy follows the execution model of
 (CPU decode, or GPU host prepare) and the recompute seconds given the chunk's prefix, from the
 calibration with its online corrections; the budget is the SLO minus the time since the load began
 minus ``tail_s`` (the prompt's first token and applying the ingested KV, which follow the last chunk).
+
+Quality: each chunk's estimated perplexity increase per level (``ChunkInfo.dppl``) is the
+manifest's per-chunk measurement (``chunks[i].quality``, made by the streamer at ingest), else the
+per-level prior (the codec profile's, :meth:`ctxstream.codec.quality.QualityEstimator.prior`, or
+``PlanOptions.prior_dppl``) times the chunk's share of the context's tokens. The planner also tells
+the policy what the chunks already decided cost (``ChunkState.spent_dppl``), so a quality bound
+holds over the whole context.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from ctxstream.manifest import Manifest
-from ctxstream.policies.adaptation import TEXT, ChunkFeedback, ChunkInfo, ChunkState, Choice, Policy
+from ctxstream.policies.adaptation import TEXT, UNKNOWN_DPPL, ChunkFeedback, ChunkInfo, ChunkState, Choice, Policy
 
 from .calibration import Calibration
 
@@ -28,13 +35,15 @@ class PlanOptions:
     """What a loader's planner offers its policy, and where its inputs come from.
 
     ``levels``: only these levels are offered (default: every level the manifest and codec have);
-    ``quality``: per-level quality scores in [0, 1] overriding the default table; ``prior_bps``: the
+    ``prior_dppl``: per level, the relative perplexity increase of a whole context loaded at that
+    level (0.01 = +1%), used for chunks the manifest has no measurement for (default: the codec
+    profile's prior; see :mod:`ctxstream.codec.quality`); ``prior_bps``: the
     throughput forecast before the first sample (default: the loader context's last estimate for the
     server); ``calibrate_on_open``: measure this machine's speeds when the loader opens (False: at the
     first load, outside its SLO clock)."""
 
     levels: tuple[str, ...] | None = None
-    quality: Mapping[str, float] | None = None
+    prior_dppl: Mapping[str, float] | None = None
     prior_bps: float | None = None
     calibrate_on_open: bool = True
 
@@ -51,17 +60,42 @@ class Decision:
     error: str | None = None
 
 
+def chunk_dppl(manifest: Manifest, prior_dppl: Mapping[str, float]) -> list[dict[str, float]]:
+    """Per chunk of ``manifest``, per level: its estimated relative perplexity increase of the
+    context -- the manifest's measurement where the chunk has one for that level, else
+    ``prior_dppl[level] * chunk tokens / context tokens``. Levels with neither are left out (the
+    policies treat them as outside any quality bound)."""
+    total = max(1, manifest.tokens)
+    out = []
+    for c in manifest.chunks:
+        d = {lv: float(p) * c.tokens / total for lv, p in prior_dppl.items()}
+        d.update({lv: float(q) for lv, q in c.quality.items()})
+        out.append(d)
+    return out
+
+
 class Planner:
     def __init__(self, policy: Policy, calibration: Calibration, manifest: Manifest, levels: Sequence[str],
-                 quality: Mapping[str, float], slo_s: float | None, *, tail_s: float = 0.0):
+                 prior_dppl: Mapping[str, float], slo_s: float | None, *, tail_s: float = 0.0):
         self.policy = policy
         self.cal = calibration
         self.manifest = manifest
         self.levels = list(levels)
-        self.quality = quality
+        self.dppl = chunk_dppl(manifest, prior_dppl)  # per chunk: level -> estimated dppl
         self.slo_s = slo_s
         self.tail_s = float(tail_s)
         self.bad_levels: set[str] = set()
+        self.used: dict[int, Choice] = {}  # chunk -> its choice (the final one once observed)
+
+    def dppl_of(self, i: int, choice: Choice) -> float:
+        """Estimated perplexity increase of chunk ``i`` at ``choice`` (as the policies see it)."""
+        return 0.0 if choice == TEXT else float(self.dppl[i].get(choice, UNKNOWN_DPPL))
+
+    def estimated_dppl(self, finals: Mapping[int, Choice] | None = None) -> float:
+        """The load's estimated relative perplexity increase: the sum over chunks of their estimates
+        at ``finals`` (default: the choices made, corrected by feedback; chunks not decided: exact)."""
+        used = self.used if finals is None else finals
+        return sum(self.dppl_of(i, c) for i, c in used.items())
 
     def drop_level(self, level: str) -> None:
         """Stop offering ``level`` (the sink could not read it)."""
@@ -76,7 +110,8 @@ class Planner:
         for c in self.manifest.chunks[i:]:
             sizes = {lv: c.sizes[lv] for lv in self.levels if lv in c.sizes and lv not in self.bad_levels}
             out.append(ChunkInfo(c.index, c.tokens, sizes, {lv: self.cal.ingest_s(lv, c.tokens) for lv in sizes},
-                                 self.cal.recompute_s(c.tokens, c.start)))
+                                 self.cal.recompute_s(c.tokens, c.start),
+                                 {lv: d for lv, d in self.dppl[c.index].items() if lv in sizes}))
         return out
 
     def decide(self, i: int, *, elapsed_s: float, throughput_bps: float, throughput_err: float,
@@ -88,7 +123,8 @@ class Planner:
                            sizes_bytes=cur.sizes_bytes, decode_s=cur.decode_s, recompute_s=cur.recompute_s,
                            remaining_s=remaining, throughput_bps=throughput_bps, throughput_err=throughput_err,
                            latency_s=latency_s, compute_backlog_s=backlog_s, elapsed_s=elapsed_s,
-                           upcoming=tuple(infos[1:]), quality=self.quality)
+                           upcoming=tuple(infos[1:]), dppl=cur.dppl, context_tokens=self.manifest.tokens,
+                           spent_dppl=self.estimated_dppl({j: x for j, x in self.used.items() if j < i}))
         t = time.perf_counter()
         error = None
         try:
@@ -104,9 +140,11 @@ class Planner:
                 timeout = self.policy.fetch_timeout_s(state, choice)
             except Exception as exc:  # noqa: BLE001
                 log.warning("policy.fetch_timeout_s failed: %s", exc)
+        self.used[i] = choice
         return Decision(i, choice, state, remaining, timeout, cur.work_s(choice), decide_s, error)
 
     def observe(self, feedback: ChunkFeedback) -> None:
+        self.used[feedback.index] = feedback.final
         try:
             self.policy.observe(feedback)
         except Exception:  # noqa: BLE001 - a broken policy must not stop the load

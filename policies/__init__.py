@@ -2,8 +2,9 @@
 (which tier holds a session's KV, what to evict and prefetch) -- see :mod:`ctxstream.policies.placement`."""
 
 from .adaptation import (
-    DEFAULT_QUALITY,
+    DPPL_MARGIN,
     TEXT,
+    UNKNOWN_DPPL,
     ChunkFeedback,
     ChunkInfo,
     ChunkState,
@@ -18,7 +19,6 @@ from .adaptation import (
     AdaptivePolicy,
     make_policy,
     policy_names,
-    quality_of,
     register_policy,
 )
 from .placement import (
@@ -35,7 +35,7 @@ from .placement import (
 )
 
 __all__ = [
-    "TEXT", "Choice", "DEFAULT_QUALITY", "quality_of", "PolicyError", "ChunkInfo", "ChunkState",
+    "TEXT", "Choice", "UNKNOWN_DPPL", "DPPL_MARGIN", "PolicyError", "ChunkInfo", "ChunkState",
     "ChunkFeedback", "finish_time_s", "plan_finish_s", "Policy", "FixedPolicy", "AdaptivePolicy", "SloPolicy",
     "MpcPolicy", "register_policy", "policy_names", "make_policy",
     "PlacementError", "EntryView", "TierView", "PlacementPolicy", "LruPlacement", "FifoPlacement",

@@ -11,7 +11,12 @@ One small interface in the style of Puffer's ABR (``select`` on a state, ``obser
 
 Policies are pure (no I/O, no clocks): everything they know comes from the states and feedback, so
 they are unit-tested with synthetic states. Units are in the field names: ``_s`` seconds, ``_bps``
-bits per second, ``_bytes`` bytes.
+bits per second, ``_bytes`` bytes, ``dppl`` relative perplexity increase (0.01 = +1%).
+
+Quality is measured, not assumed: each chunk's ``dppl`` per level is what the streamer estimated for
+that chunk of that context at ingest (:mod:`ctxstream.codec.quality`, published in the manifest),
+or -- a chunk without a measurement -- the model's per-level prior from the codec profile; the
+loader's planner fills them in. The policies hold no per-model table.
 
 The loader's execution model -- ONE model, :func:`plan_finish_s` (vectorised over plans; a single
 plan: :func:`finish_time_s`), used by the policies, the loader's backlog estimate and the benches:
@@ -27,7 +32,6 @@ Registry: :func:`make_policy` (``"slo"``, ``"mpc"``, ``"text"``, ``"fp16"``, ``"
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -37,27 +41,16 @@ from ctxstream.errors import CtxstreamError
 TEXT = "text"
 Choice = str  # a level name or TEXT
 
-# Quality score of each choice (1.0 = exact): 1 - the relative perplexity increase of the next 32
-# tokens when the whole 1K-token context is loaded at that level, mean over 12 DEV contexts with
-# SmolLM2-135M and the codec of this version (bench/level_dppl.py -> bench/results/level-dppl-dev.json;
-# measured: fp16 -0.00%, quant8 -0.22%, q0 -0.05% (max +0.88%), q1 +1.52%, q2 +4.47%, q3 +13.8%,
-# q4 +37.6%). Means below the noise (fp16, quant8, q0) are floored at 0/0.1/0.2% so that the order
-# follows the bytes. The same file shows that recomputing the first one or two of four chunks from
-# text barely helps (text + 3 x q1: +1.41%; text x2 + q1: +1.26%): the chunks nearest the prompt
-# dominate, so ``mpc`` applies its bound chunk by chunk. Pass ``quality=`` to the loader for scores
-# measured for another model or codec.
-DEFAULT_QUALITY: Mapping[str, float] = MappingProxyType({
-    TEXT: 1.0, "fp16": 1.0, "quant8": 0.999, "q0": 0.998, "q1": 0.9848, "q2": 0.9553, "q3": 0.8625,
-    "q4": 0.6243,
-})
+#: the estimated perplexity increase of a choice no estimate exists for (neither the chunk's own
+#: measurement nor a prior): +100%, i.e. outside any quality bound and ranked below every known choice
+UNKNOWN_DPPL = 1.0
 
-
-def quality_of(choice: str, quality: Mapping[str, float] | None = None) -> float:
-    """Score of ``choice`` in ``quality`` (else :data:`DEFAULT_QUALITY`; unknown levels score 0.5)."""
-    for table in (quality or {}, DEFAULT_QUALITY):
-        if choice in table:
-            return float(table[choice])
-    return 0.5
+#: default of ``AdaptivePolicy(dppl_margin=)``: the quality bound is checked on the estimate times
+#: this. The estimates (and the model's prior they are scaled by) read low on text harder than the
+#: profile's calibration text. Tuned on the DEV split (bench/quality_estimate.py --split dev, 6
+#: contexts): measured / estimated whole-context dppl is 1.08 at q2 and 1.28 at q3 (0.54 at q1), so
+#: 1.25 covers the levels a 1% bound mixes; on eval the same ratio is ~1.7 at q2 (harder text).
+DPPL_MARGIN = 1.25
 
 
 class PolicyError(CtxstreamError, ValueError):
@@ -74,10 +67,25 @@ class ChunkInfo:
     sizes_bytes: Mapping[str, int]  # level -> encoded size in bytes (from the manifest)
     decode_s: Mapping[str, float]  # level -> estimated seconds to decode it and queue it for the cache
     recompute_s: float  # estimated seconds to recompute its KV from its tokens (given its prefix)
+    # level -> estimated relative perplexity increase of the whole context (0.01 = +1%) when this
+    # chunk alone is loaded at that level: the streamer's per-chunk measurement (manifest
+    # ``chunks[i].quality``), else the model's per-level prior times the chunk's share of the tokens
+    dppl: Mapping[str, float] = field(default_factory=dict)
 
     def work_s(self, choice: Choice) -> float:
         """Compute-worker seconds for ``choice``."""
         return self.recompute_s if choice == TEXT else self.decode_s.get(choice, 0.0)
+
+    def dppl_of(self, choice: Choice) -> float:
+        """Estimated perplexity increase ``choice`` adds to the context: 0 for :data:`TEXT` (exact
+        KV), :data:`UNKNOWN_DPPL` for a level without an estimate."""
+        return 0.0 if choice == TEXT else float(self.dppl.get(choice, UNKNOWN_DPPL))
+
+    def score(self, choice: Choice, context_tokens: int) -> float:
+        """The chunk's quality score (1.0 = exact): ``1 - dppl * context_tokens / tokens``. Its
+        token-weighted mean over a context, ``sum(tokens * score) / context_tokens``, is ``1 -`` the
+        summed estimates: the estimated relative perplexity change of the whole load."""
+        return 1.0 - self.dppl_of(choice) * context_tokens / max(1, self.tokens)
 
 
 @dataclass(frozen=True)
@@ -97,16 +105,31 @@ class ChunkState:
     compute_backlog_s: float = 0.0  # estimated seconds of decode/recompute work queued but not done
     elapsed_s: float = 0.0  # since the load started
     upcoming: tuple[ChunkInfo, ...] = ()  # chunks index+1 .. num_chunks-1, in order
-    quality: Mapping[str, float] = field(default_factory=lambda: DEFAULT_QUALITY)
+    dppl: Mapping[str, float] = field(default_factory=dict)  # this chunk's estimates (see ChunkInfo.dppl)
+    context_tokens: int = 0  # tokens of the whole context (0: the tokens of this chunk and the upcoming ones)
+    spent_dppl: float = 0.0  # estimated perplexity increase of the chunks before this one, as chosen
 
     @property
     def levels(self) -> tuple[str, ...]:
-        """Levels available for this chunk, best quality first."""
-        return tuple(sorted(self.sizes_bytes, key=lambda lv: -quality_of(lv, self.quality)))
+        """Levels available for this chunk, best quality first: by the estimates summed over the
+        chunks left (ties: the larger chunk first)."""
+        chunks = self.chunks
+        return tuple(sorted(self.sizes_bytes, key=lambda lv: (sum(c.dppl_of(lv) for c in chunks),
+                                                              -self.sizes_bytes[lv])))
 
     @property
     def current(self) -> ChunkInfo:
-        return ChunkInfo(self.index, self.tokens, self.sizes_bytes, self.decode_s, self.recompute_s)
+        return ChunkInfo(self.index, self.tokens, self.sizes_bytes, self.decode_s, self.recompute_s, self.dppl)
+
+    @property
+    def total_tokens(self) -> int:
+        """``context_tokens``, or the tokens of this chunk and the upcoming ones when not given."""
+        return self.context_tokens or sum(c.tokens for c in self.chunks)
+
+    def plan_dppl(self, plan: Sequence[Choice]) -> float:
+        """Estimated relative perplexity increase of the whole context if ``plan`` (choices for
+        ``chunks[:len(plan)]``, the rest exact) follows the chunks already decided."""
+        return self.spent_dppl + sum(c.dppl_of(x) for c, x in zip(self.chunks, plan))
 
     @property
     def chunks(self) -> tuple[ChunkInfo, ...]:
@@ -174,7 +197,7 @@ def finish_time_s(state: ChunkState, plan: Sequence[Choice], throughput_bps: flo
 def _pick(fit: np.ndarray, good: np.ndarray, t_fast: np.ndarray, q: np.ndarray, quality_first: bool) -> int:
     """The decision rule both SLO-aware policies share, over plans with finish times ``t_fast`` (at the
     expected rate), token-weighted quality ``q``, ``fit`` (finishes within the budget at the robust
-    rate) and ``good`` (every choice within the quality bound):
+    rate) and ``good`` (the plan's estimated perplexity increase is within the quality bound):
 
     * ``quality_first`` (slo): the best quality that fits (ties: the earlier finish);
       otherwise (mpc): the fastest that fits within the bound, else the best quality that fits;
@@ -272,9 +295,12 @@ class AdaptivePolicy(Policy):
     slo_aware = True
 
     def __init__(self, *, margin: float = 0.85, max_err: float = 4.0, reserve: float = 0.1,
-                 hedge: float = 3.0, min_timeout_s: float = 0.25, max_loss: float = 0.01):
+                 hedge: float = 3.0, min_timeout_s: float = 0.25, max_loss: float = 0.01,
+                 dppl_margin: float = DPPL_MARGIN):
         self.margin, self.max_err, self.reserve = float(margin), float(max_err), float(reserve)
-        self.max_loss = float(max_loss)  # quality bound: a choice is "good" if quality >= 1 - max_loss
+        # quality bound: a plan is "good" if its estimated perplexity increase over the whole context,
+        # times dppl_margin (the estimates read low on text harder than the prior's), is <= max_loss
+        self.max_loss, self.dppl_margin = float(max_loss), float(dppl_margin)
         self.hedge, self.min_timeout_s = float(hedge), float(min_timeout_s)
         self.last_plan: tuple[Choice, ...] = ()
         self._reset()
@@ -305,12 +331,17 @@ class AdaptivePolicy(Policy):
         return self.bps
 
     def evaluate(self, state: ChunkState, plans: np.ndarray, options: Sequence[Choice]):
-        """``(fits, good, t_expected, quality)`` of each plan (rows of ``plans``, see :func:`plan_finish_s`)."""
+        """``(fits, good, t_expected, quality)`` of each plan (rows of ``plans``, see :func:`plan_finish_s`).
+
+        ``quality``: the token-weighted mean of the chunks' scores (:meth:`ChunkInfo.score`) over the
+        whole context, chunks already decided included, i.e. ``1 - estimated dppl``; ``good``: that
+        estimate times ``dppl_margin`` is within ``max_loss``."""
         t = plan_finish_s(state, plans, options, [self.bps, self.expected_bps])
-        qual = np.array([quality_of(o, state.quality) for o in options])[plans]
-        weights = np.array([c.tokens for c in state.chunks[: plans.shape[1]]], dtype=float)
-        good = qual.min(axis=1) >= 1.0 - self.max_loss - 1e-12
-        return t[0] <= self.budget_s(state), good, t[1], qual @ weights
+        n = plans.shape[1]
+        loss = np.array([[c.dppl_of(o) for o in options] for c in state.chunks[:n]]).reshape(n, len(options))
+        dppl = state.spent_dppl + loss[np.arange(n)[None, :], plans].sum(axis=1)  # [plans]
+        good = dppl * self.dppl_margin <= self.max_loss + 1e-12
+        return t[0] <= self.budget_s(state), good, t[1], 1.0 - dppl
 
     def budget_s(self, state: ChunkState) -> float:
         return state.remaining_s * (1.0 - self.reserve) if state.remaining_s > 0 else state.remaining_s
@@ -371,9 +402,9 @@ class MpcPolicy(AdaptivePolicy):
     (does it fit?) and at the expected rate (how fast is it?).
 
     Objective, re-planned at every chunk (only the first choice is used): among the plans that fit
-    the budget and use only choices whose perplexity increase is within ``max_loss`` (default 1%) (quality >=
-    1 - max_loss, chunk by chunk: on the dev split mixing text into a plan does not rescue a lossier
-    level, the chunks nearest the prompt dominate, see ``DEFAULT_QUALITY``), the earliest finish
+    the budget and whose estimated perplexity increase over the whole context (the chunks' own
+    estimates, which weigh each chunk by the attention it gets, summed; chunks already decided
+    included; times ``dppl_margin``) is within ``max_loss`` (default 1%), the earliest finish
     (ties: the better token-weighted quality); if no such plan fits, the best quality that fits
     (ties: the earlier finish); if nothing fits, the fastest plan within the bound (see :func:`_pick`).
     ``last_plan`` keeps the plan.
@@ -456,7 +487,7 @@ register_policy("fp16", lambda: FixedPolicy("fp16"))
 register_policy("quant8", lambda: FixedPolicy("quant8"))
 
 __all__ = [
-    "TEXT", "Choice", "DEFAULT_QUALITY", "quality_of", "PolicyError", "ChunkInfo", "ChunkState",
+    "TEXT", "Choice", "UNKNOWN_DPPL", "DPPL_MARGIN", "PolicyError", "ChunkInfo", "ChunkState",
     "ChunkFeedback", "finish_time_s", "plan_finish_s", "Policy", "FixedPolicy", "AdaptivePolicy", "SloPolicy",
     "MpcPolicy", "register_policy", "policy_names", "make_policy",
 ]

@@ -21,7 +21,7 @@ from ctxstream.codec import Codec  # noqa: E402
 from ctxstream.model import ModelAdapter  # noqa: E402
 from ctxstream.loader import ContextLoader, FetchOptions, LoaderContext, LoaderError, PlanOptions, load_context  # noqa: E402
 from ctxstream.loader.calibration import run_model  # noqa: E402
-from ctxstream.policies import TEXT, Policy, quality_of  # noqa: E402
+from ctxstream.policies import TEXT, Policy  # noqa: E402
 from ctxstream.streamer.server import serve_in_background  # noqa: E402
 from ctxstream.streamer.settings import Settings  # noqa: E402
 from ctxstream.traces.shaping import RateShaper  # noqa: E402
@@ -172,7 +172,10 @@ async def test_lossy_levels_decode_and_report(server, tiny, context):
         errs[lv] = float((k - k_ref).abs().mean() + (v - v_ref).abs().mean())
         d = res.report.to_dict()
         json.dumps(d)
-        assert d["choices"] == {lv: 4} and len(d["chunks"]) == 4 and d["quality"] == pytest.approx(quality_of(lv))
+        assert d["choices"] == {lv: 4} and len(d["chunks"]) == 4
+        # the report's quality is 1 - the streamer's per-chunk estimates (manifest) of what was loaded
+        assert all(lv in c.quality for c in res.manifest.chunks)
+        assert d["quality"] == pytest.approx(1.0 - sum(c.quality[lv] for c in res.manifest.chunks))
     assert errs["q0"] < errs["q4"] and errs["quant8"] < errs["q4"]
 
 
@@ -220,8 +223,11 @@ async def test_slo_choices_move_with_rate(server, tiny, context):
             assert all(r.predicted_bps < rate * 2 for r in rep.chunks)
             assert rep.final_bps is None or rep.final_bps < rate * 2
     rates = sorted(quality)
-    assert [quality[r] for r in rates] == sorted(quality[r] for r in rates), quality
-    assert quality[rates[-1]] >= quality_of("fp16") and TEXT in finals[rates[0]]
+    # (estimates below 1e-6 -- fp16 and quant8 of this tiny model -- count as exact: on slow links
+    # text is exact, on fast ones the lossless-ish levels are fetched)
+    qs = [quality[r] for r in rates]
+    assert all(b >= a - 1e-6 for a, b in zip(qs, qs[1:])), (quality, finals)
+    assert quality[rates[-1]] >= 1.0 - 1e-6 and TEXT in finals[rates[0]] and set(finals[rates[-1]]) - {TEXT}
 
 
 async def test_mpc_meets_slo_on_a_slow_link(server, tiny, context):

@@ -146,3 +146,21 @@ def test_manifest_rejects_bad_quality(bad):
     d["chunks"][0]["quality"] = {"q0": bad}
     with pytest.raises(ManifestError):
         Manifest.from_dict(d)
+
+
+def test_planner_uses_the_manifests_estimates_else_the_prior(codec):
+    """What the policies see per chunk: the streamer's measurement where the manifest has one, else
+    the profile's per-level prior times the chunk's share of the tokens; no table of the policies."""
+    from ctxstream.loader.planner import chunk_dppl
+
+    measured = ChunkEntry(0, "a" * 32, 0, (1, 2, 3), {"q0": 10, "q1": 5}, {"q0": "0" * 16, "q1": "0" * 16},
+                          {"q0": 0.004})
+    reused = ChunkEntry(1, "b" * 32, 3, (4,), {"q0": 4, "q1": 2}, {"q0": "0" * 16, "q1": "0" * 16}, {})
+    m = Manifest("b" * 32, "m", "f", "p", 3, ("q0", "q1"), (measured, reused))
+    prior = QualityEstimator(codec).prior()
+    assert {"q0", "q1", "fp16", "quant8"} <= set(prior) and prior["q1"] > prior["q0"] > 0
+    d = chunk_dppl(m, prior)
+    assert d[0]["q0"] == 0.004  # measured for this chunk of this context
+    assert d[0]["q1"] == pytest.approx(prior["q1"] * 3 / 4)  # not measured: the prior's share
+    assert d[1]["q0"] == pytest.approx(prior["q0"] / 4) and d[1]["q1"] == pytest.approx(prior["q1"] / 4)
+    assert chunk_dppl(m, {})[1] == {}  # neither: left out (the policies treat it as outside any bound)
