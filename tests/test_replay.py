@@ -55,6 +55,9 @@ def test_replay_rows_resume_and_report(exp_file, tmp_path, tiny_adapter, tiny_co
     q2 = [r for r in rows if r["policy"] == "fixed:q2"]
     assert all(c["final"] == "q2" for r in q2 for c in r["chunks"])
     assert any("reused_from" in r for r in q2)
+    # the loader's estimate from the manifest's per-chunk estimates, beside the measured dppl
+    assert all(0 < r["est_dppl_rel"] < 1 for r in q2)
+    assert all(r["est_dppl_rel"] == 0.0 for r in rows if r["policy"] == "text")
     # the same start offset for every policy and SLO of one (context, trace, repetition)
     by_rep = {}
     for r in rows:
@@ -76,6 +79,7 @@ def test_replay_rows_resume_and_report(exp_file, tmp_path, tiny_adapter, tiny_co
 
     md = make_report(out)
     assert "| policy |" in md and "| slo |" in md and "| fixed:q2 |" in md
+    assert "fixed:q2 measured / est. %" in md and "est. dppl %" in md
     for png in ("ttft_cdf.png", "slo_attainment.png", "quality_vs_ttft.png", "timeline.png"):
         assert (out / png).stat().st_size > 1000
     assert (out / "report.md").read_text() == md

@@ -17,6 +17,8 @@ def register(sub) -> None:
     p.add_argument("--bandwidth-scale", type=float, default=None, help="override: multiply every trace's rates")
     p.add_argument("--median-mbps", type=float, default=None, help="override: rescale every trace to this median")
     p.add_argument("--link", choices=("shaper", "netns"), default=None, help="override the link emulation mode")
+    p.add_argument("--policies", default=None, help="override: comma-separated policies (e.g. mpc,quant8,text)")
+    p.add_argument("--slos", default=None, help="override: comma-separated SLOs (e.g. 2x)")
     p.add_argument("--report", action="store_true", help="write the report when done")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_replay)
@@ -38,6 +40,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
         exp.median_mbps, exp.bandwidth_scale = args.median_mbps, None
     if args.link is not None:
         exp.link = args.link
+    if args.policies:
+        exp.policies = [x for x in args.policies.split(",") if x]
+    if args.slos:
+        exp.slos = [x for x in args.slos.split(",") if x]
     if exp.link == "netns":
         from .netns import available
 

@@ -262,7 +262,11 @@ def _row_from_report(rep, extra: dict) -> dict:
                "done_s": c.done_s, "error": c.error} for c in rep.chunks]
     return {**extra, "ttft_s": rep.ttft_s, "load_s": rep.load_s, "first_token_s": rep.first_token_s,
             "bytes": rep.bytes, "choices": rep.counts(), "retries": rep.retries, "prior_bps": rep.prior_bps,
-            "final_bps": rep.final_bps, "score": rep.quality, "failures": len(rep.failures), "chunks": chunks}
+            "final_bps": rep.final_bps, "score": rep.quality,
+            # the loader's estimate of the relative perplexity increase (the manifest's per-chunk
+            # estimates of what was loaded), to set beside the measured dppl_rel
+            "est_dppl_rel": None if rep.quality is None else 1.0 - rep.quality,
+            "failures": len(rep.failures), "chunks": chunks}
 
 
 def run_experiment(exp: Experiment, out_dir: str | os.PathLike, *, adapter=None, codec=None,

@@ -66,6 +66,7 @@ def summarize(rows: list[dict], by_slo: bool = False) -> list[dict]:
                 "attainment": sum(1 for r in g if r.get("slo_met")) / len(g),
                 "ttft_mean": _mean(ok), "ttft_p95": _p95(ok),
                 "dppl": _mean([r.get("dppl") for r in g]), "dppl_rel": _mean([r.get("dppl_rel") for r in g]),
+                "est_dppl_rel": _mean([r.get("est_dppl_rel") for r in g]),
                 "top1": _mean([r.get("top1") for r in g]), "mb": _mean([(r.get("bytes") or 0) / 1e6 for r in g]),
                 "recompute": _recompute_share(g),
             })
@@ -80,7 +81,7 @@ def _recompute_share(rows) -> float | None:
 
 def table_md(summary: list[dict], by_slo: bool = False) -> str:
     head = "| policy |" + (" SLO |" if by_slo else "") + \
-        " runs | SLO met | mean TTFT s | p95 TTFT s | dppl | dppl % | top-1 | MB | recomputed |"
+        " runs | SLO met | mean TTFT s | p95 TTFT s | dppl | dppl % | est. dppl % | top-1 | MB | recomputed |"
     sep = "|" + "---|" * (head.count("|") - 1)
     lines = [head, sep]
     for s in summary:
@@ -88,8 +89,27 @@ def table_md(summary: list[dict], by_slo: bool = False) -> str:
             f"| {s['policy']} |" + (f" {s['slo']} |" if by_slo else "") +
             f" {s['runs']}{' (' + str(s['aborted']) + ' aborted)' if s['aborted'] else ''} | {s['attainment'] * 100:.0f}% |"
             f" {_fmt(s['ttft_mean'])} | {_fmt(s['ttft_p95'])} | {_fmt(s['dppl'], '+.3f')} |"
-            f" {_fmt(None if s['dppl_rel'] is None else s['dppl_rel'] * 100, '+.2f')} | {_fmt(s['top1'], '.3f')} |"
+            f" {_fmt(None if s['dppl_rel'] is None else s['dppl_rel'] * 100, '+.2f')} |"
+            f" {_fmt(None if s.get('est_dppl_rel') is None else s['est_dppl_rel'] * 100, '+.2f')} | {_fmt(s['top1'], '.3f')} |"
             f" {_fmt(s['mb'], '.1f')} | {_fmt(None if s['recompute'] is None else s['recompute'] * 100, '.0f')}% |")
+    return "\n".join(lines)
+
+
+def per_context_md(rows: list[dict]) -> str:
+    """Per context and policy: the measured relative perplexity increase (mean over its runs) next to
+    the loader's estimate (the manifest's per-chunk estimates of what it loaded)."""
+    pols = [p for p in policy_order(rows) if any(r.get("est_dppl_rel") is not None for r in rows if r["policy"] == p)]
+    ctxs = sorted({r["ctx"] for r in rows if "ctx" in r})
+    if not pols or not ctxs:
+        return ""
+    lines = ["| context | " + " | ".join(f"{p} measured / est. %" for p in pols) + " |", "|" + "---|" * (len(pols) + 1)]
+    for c in ctxs:
+        cells = []
+        for p in pols:
+            g = [r for r in rows if r.get("ctx") == c and r["policy"] == p]
+            m, e = _mean([r.get("dppl_rel") for r in g]), _mean([r.get("est_dppl_rel") for r in g])
+            cells.append(f"{_fmt(None if m is None else m * 100, '+.2f')} / {_fmt(None if e is None else e * 100, '+.2f')}")
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -338,6 +358,9 @@ def make_report(out_dir, *, plots: bool = True) -> str:
            "dppl %: relative to the exact perplexity; top-1: agreement of the argmax with exact; recomputed: share "
            "of the chunks recomputed from text (chosen, or after a fetch abandoned by the hedge). Fixed policies "
            "(not SLO-aware) are run once per (context, trace, start) and their rows reused for each SLO.", "",
+           "## Per context: measured vs estimated quality", "", per_context_md(rows), "",
+           "est. dppl %: the loader's estimate, the sum of the manifest's per-chunk estimates (measured by the "
+           "streamer at ingest) for the levels loaded; measured: dppl % above.", "",
            "## Targets", ""] + targets(rows, summary)
     if plots:
         plot_cdf(rows, out / "ttft_cdf.png")
