@@ -65,11 +65,11 @@ def test_chunks_of_a_context_add_up_to_the_whole(codec, chunk):
     keys, values, imp = chunk
     est = QualityEstimator(codec)
     share = imp / imp.sum()
-    whole = est.estimate(keys, values, 0, importance=imp, attention_share=share)
     T, half = keys.shape[2], keys.shape[2] // 2
+    whole = est.estimate(keys, values, 0, importance=imp, attention_share=share, context_tokens=T)
     # fine tokens are chosen per chunk, so compare on a level without them (quant8) exactly
-    parts = [est.estimate(keys[:, :, s:e], values[:, :, s:e], s, importance=imp[s:e], attention_share=share[s:e])
-             for s, e in ((0, half), (half, T))]
+    parts = [est.estimate(keys[:, :, s:e], values[:, :, s:e], s, importance=imp[s:e], attention_share=share[s:e],
+                          context_tokens=T) for s, e in ((0, half), (half, T))]
     assert sum(p["quant8"] for p in parts) == pytest.approx(whole["quant8"], rel=1e-4)
 
 
@@ -164,3 +164,30 @@ def test_planner_uses_the_manifests_estimates_else_the_prior(codec):
     assert d[0]["q1"] == pytest.approx(prior["q1"] * 3 / 4)  # not measured: the prior's share
     assert d[1]["q0"] == pytest.approx(prior["q0"] / 4) and d[1]["q1"] == pytest.approx(prior["q1"] / 4)
     assert chunk_dppl(m, {})[1] == {}  # neither: left out (the policies treat it as outside any bound)
+
+
+def test_recency_weights_are_measured_and_applied(codec, chunk):
+    """The profile carries recency weights (measured: one piece of the context lossy at a time); a
+    chunk far from the context's end is estimated by them, never above the same chunk at the end."""
+    from ctxstream.codec.quality import fit_recency, recency, recency_weights
+
+    bucket, w = recency(codec.profile)
+    assert bucket > 0 and len(w) >= 1 and all(x > 0 and math.isfinite(x) for x in w)
+    assert all(a >= b for a, b in zip(w, w[1:]))  # never costlier further from the end
+    keys, values, imp = chunk
+    est = QualityEstimator(codec)
+    T = keys.shape[2]
+    at_end = est.estimate(keys, values, 0, importance=imp, context_tokens=T)
+    far = est.estimate(keys, values, 0, importance=imp, context_tokens=T + bucket * len(w))
+    for lv in codec.levels:
+        assert far[lv] <= at_end[lv] * (1 + 1e-6)
+        # equal shares over the longer context, times the last weight
+        assert far[lv] == pytest.approx(at_end[lv] * T / (T + bucket * len(w)) * w[-1] / w[0], rel=1e-4) \
+            if T <= bucket else True
+    rw = recency_weights(0, 3 * bucket, 3 * bucket, bucket, (2.0, 1.0, 0.5))
+    assert rw[-1] == 2.0 and rw[bucket] == 1.0 and rw[0] == 0.5
+    # fit: the last bucket costs 4x its error share, the one before 1x: weights 1.6, 0.4 (mean 1)
+    got = fit_recency({"q2": [[0.04, 0.01]]}, {"q2": [[0.01, 0.01]]})
+    assert got == pytest.approx((1.6, 0.4))
+    # a noisy bucket measured costlier than the one nearer the end is capped at it
+    assert fit_recency({"q2": [[0.02, 0.03]]}, {"q2": [[0.01, 0.01]]}) == pytest.approx((1.0, 1.0))

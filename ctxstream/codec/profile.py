@@ -53,8 +53,10 @@ SINK_TOKENS = 1  # absolute positions kept in fp16 (the attention sink)
 _ARRAYS = ("mean", "analysis", "synthesis", "coef_std", "freqs", "recon")
 # How default profiles are built (chosen on the dev split; see README "Codec design"). Part of the
 # cache key, so changing them rebuilds cached profiles.
-PRIOR_WINDOWS = 4  # calibration windows the per-level quality prior is measured on (quality.measure_prior)
-PRIOR_VERSION = 2  # how the prior is measured (2: attention shares per visible query); part of the cache key
+PRIOR_WINDOWS = 8  # calibration windows the per-level quality prior is measured on (quality.measure_prior)
+# how the prior is measured (2: attention shares per visible query; 3: the 32 tokens after the context,
+# recency weights); part of the cache key
+PRIOR_VERSION = 3
 DEFAULT_BUILD = {"context_tokens": 1024, "continuation_tokens": 256, "segments": 8, "ridge": 0.5, "deadzone": 0.0}
 
 
@@ -194,10 +196,12 @@ def calibration_ids(adapter: ModelAdapter, *, text: str | None = None, token_ids
 
 def prior_windows(ids: Sequence[int], length: int, count: int = PRIOR_WINDOWS) -> list[list[int]]:
     """``count`` windows of ``length`` tokens for the quality prior, placed between the Fisher
-    segments (at 1/16, 5/16, ... of the text) where the text is long enough, else from its start."""
+    segments (at the midpoints 1/16, 3/16, ... of the text) where the text is long enough, else from
+    its start."""
     n = len(ids)
-    if n >= 16 * length:
-        starts = [(4 * s + 1) * n // 16 for s in range(count)]
+    if n >= 16 * length and count <= 8:  # the midpoints of the 8 Fisher strides: 1/16, 3/16, ... (then 5/16, ...)
+        order = [0, 2, 4, 6, 1, 3, 5, 7]
+        starts = sorted((2 * order[s] + 1) * n // 16 for s in range(count))
     else:
         starts = [s * length for s in range(min(count, max(1, n // length)))]
     return [list(ids[a : a + length]) for a in starts if a + length <= n]
