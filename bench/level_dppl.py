@@ -6,8 +6,8 @@ builds it -- chunk by chunk, a level's chunk decoded from the codec's bytes, a t
 by the model on top of the chunks before it -- and the perplexity of the next 32 tokens vs exact.
 
 Writes ``bench/results/level-dppl-dev.json``: per plan the mean relative perplexity increase
-(``dppl_rel``), its spread over contexts, and top-1 agreement. ``ctxstream.policies.adaptation.DEFAULT_DPPL``
-is taken from the uniform plans of this file (dev split only: never tune on eval).
+(``dppl_rel``), its spread over contexts, and top-1 agreement (dev split only: never tune on eval). The
+policies no longer read a table from it: they use the streamer's per-chunk estimates (``ctxstream.codec.quality``).
 
     .venv/bin/python bench/level_dppl.py --count 12
 """

@@ -103,6 +103,9 @@ def test_cli_registers_commands():
     cli.register(sub)
     a = p.parse_args(["replay", "x.toml", "--out", "d", "--median-mbps", "50"])
     assert a.func.__name__ == "cmd_replay" and a.median_mbps == 50
+    a = p.parse_args(["replay", "x.toml", "--out", "d", "--policies", "mpc,quant8", "--slos", "2x,3.5"])
+    exp = cli.apply_overrides(Experiment(policies=["slo"], slos=["0.5x"], median_mbps=None), a)
+    assert exp.policies == ["mpc", "quant8"] and exp.slos == ["2x", "3.5"] and exp.median_mbps is None
     assert p.parse_args(["report", "d"]).func.__name__ == "cmd_report"
 
 

@@ -28,10 +28,8 @@ def register(sub) -> None:
     r.set_defaults(func=cmd_report)
 
 
-def cmd_replay(args: argparse.Namespace) -> int:
-    from .replay import Experiment, run_experiment
-
-    exp = Experiment.from_toml(args.experiment)
+def apply_overrides(exp, args: argparse.Namespace):
+    """``exp`` with the command line's overrides (time scale, bandwidth, link, policies, SLOs) applied."""
     if args.time_scale is not None:
         exp.time_scale = args.time_scale
     if args.bandwidth_scale is not None:
@@ -44,6 +42,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
         exp.policies = [x for x in args.policies.split(",") if x]
     if args.slos:
         exp.slos = [x for x in args.slos.split(",") if x]
+    return exp
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .replay import Experiment, run_experiment
+
+    exp = apply_overrides(Experiment.from_toml(args.experiment), args)
     if exp.link == "netns":
         from .netns import available
 
