@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     redis_cluster_retry_s: float = Field(5.0, ge=0, le=600)
     memory_bytes: int = Field(512 << 20, gt=0)
     fsync: bool = True
+    # multi-turn sessions (/v1/sessions): the tier hierarchy, fastest first, NAME:BYTES joined by "+"
+    # (gpu | memory | disk | redis; disk under data_dir/sessions, Redis under redis_prefix + "sessions:"),
+    # and the placement policy that evicts / prefetches (scheduler | lru | fifo | lru-global | fifo-global)
+    session_tiers: str = "memory:256M+disk:4G"
+    session_placement: str = "scheduler"
     # model and codec
     model: str = DEFAULT_MODEL  # a model name/path, "tiny-random" or "tiny-random-LxHxD" (tests, benches)
     cache_dir: Path | None = None  # converted models and codec profiles (default ~/.cache/ctxstream)
@@ -87,6 +92,26 @@ class Settings(BaseSettings):
     @classmethod
     def _check_store(cls, v: str) -> str:
         return "+".join(parse_store_spec(v))
+
+    @field_validator("session_tiers")
+    @classmethod
+    def _check_session_tiers(cls, v: str) -> str:
+        from .hierarchy import HierarchyError, parse_tier_spec
+
+        try:
+            parse_tier_spec(v)
+        except HierarchyError as exc:  # a StoreError: surfaced as the setting's validation error
+            raise ValueError(str(exc)) from None
+        return v
+
+    @field_validator("session_placement")
+    @classmethod
+    def _check_session_placement(cls, v: str) -> str:
+        from ctxstream.policies.placement import placement_names
+
+        if v not in placement_names():
+            raise ValueError(f"unknown placement {v!r}; choose from {', '.join(placement_names())}")
+        return v
 
     @field_validator("metrics_token", mode="before")
     @classmethod
