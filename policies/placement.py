@@ -35,7 +35,8 @@ Contract (who calls what, when, in which units):
   is free, then makes room tier by tier with ``victims`` as above. The default (``[]``) leaves it
   all to the per-tier cascade, where a drop can only ever be an entry of the last tier.
 
-Registry: :func:`make_placement` (``"lru"``, ``"fifo"``, ``"scheduler"``), :func:`register_placement`
+Registry: :func:`make_placement` (``"lru"``, ``"fifo"``, ``"scheduler"``, and the global-order
+baselines ``"lru-global"``, ``"fifo-global"``), :func:`register_placement`
 (duplicate names are rejected), :func:`placement_names`.
 """
 
@@ -50,6 +51,7 @@ from ctxstream.errors import CtxstreamError
 
 __all__ = [
     "PlacementError", "EntryView", "TierView", "PlacementPolicy", "LruPlacement", "FifoPlacement",
+    "GlobalLruPlacement", "GlobalFifoPlacement",
     "SchedulerAwarePlacement", "register_placement", "placement_names", "make_placement",
 ]
 
@@ -137,6 +139,26 @@ class FifoPlacement(PlacementPolicy):
 
     def victims(self, tier, need_bytes, candidates, incoming, tiers):
         return [e.key for e in sorted(candidates, key=lambda e: (e.inserted, e.key))]
+
+
+class GlobalLruPlacement(LruPlacement):
+    """LRU over the whole store: when the store must shed bytes, the least recently used entry of
+    *any* tier leaves (one global order), not the last entry of the tier a cascade ends in. The fair
+    baseline against the scheduler-aware policy, which also drops globally."""
+
+    name = "lru-global"
+
+    def drop_order(self, need_bytes, candidates, incoming, tiers):
+        return self.victims(-1, need_bytes, candidates, incoming, tiers)
+
+
+class GlobalFifoPlacement(FifoPlacement):
+    """FIFO over the whole store (one global admission order, victims from any tier)."""
+
+    name = "fifo-global"
+
+    def drop_order(self, need_bytes, candidates, incoming, tiers):
+        return self.victims(-1, need_bytes, candidates, incoming, tiers)
 
 
 class SchedulerAwarePlacement(PlacementPolicy):
@@ -256,3 +278,5 @@ def make_placement(spec: str | PlacementPolicy, **kwargs) -> PlacementPolicy:
 register_placement("lru", LruPlacement)
 register_placement("fifo", FifoPlacement)
 register_placement("scheduler", SchedulerAwarePlacement)
+register_placement("lru-global", GlobalLruPlacement)
+register_placement("fifo-global", GlobalFifoPlacement)

@@ -36,7 +36,53 @@ from .storage import MemoryStore, Store, StoreError, validate_key
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HierarchyError", "NoSpaceError", "Tier", "HierarchicalStore"]
+__all__ = ["HierarchyError", "NoSpaceError", "Tier", "HierarchicalStore", "parse_tier_spec", "build_tiers",
+           "SESSION_TIER_NAMES"]
+
+SESSION_TIER_NAMES = ("gpu", "memory", "disk", "redis")
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30,
+          "t": 1 << 40, "tib": 1 << 40}
+
+
+def parse_tier_spec(spec: str) -> list[tuple[str, int]]:
+    """``"memory:256M+disk:4G+redis:16G"`` -> ``[("memory", 268435456), ...]`` (fastest first; binary
+    units K/M/G/T, optional ``iB``). Unknown, repeated or budget-less tiers raise :class:`HierarchyError`."""
+    out: list[tuple[str, int]] = []
+    for part in str(spec).split("+"):
+        name, sep, size = part.strip().partition(":")
+        name = name.strip().lower()
+        if name not in SESSION_TIER_NAMES:
+            raise HierarchyError(f"unknown session tier {name!r}; use {', '.join(SESSION_TIER_NAMES)} as NAME:BYTES "
+                                 "joined by '+'")
+        num = size.strip().lower()
+        digits = num.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = num[len(digits):]
+        if not sep or not digits.isdigit() or unit not in _UNITS or int(digits) * _UNITS[unit] <= 0:
+            raise HierarchyError(f"tier {part.strip()!r} needs a byte budget > 0, e.g. {name}:256M")
+        if any(n == name for n, _ in out):
+            raise HierarchyError(f"tier {name!r} is repeated in {spec!r}")
+        out.append((name, int(digits) * _UNITS[unit]))
+    return out
+
+
+def build_tiers(spec: str, *, data_dir, redis_url: str, redis_prefix: str, fsync: bool = True) -> list["Tier"]:
+    """The tiers ``spec`` names (:func:`parse_tier_spec`), each its own backend: host memory, a
+    :class:`~ctxstream.streamer.storage.DiskStore` under ``data_dir``, a
+    :class:`~ctxstream.streamer.storage.RedisStore` under ``redis_prefix``, or GPU memory."""
+    from .storage import DeviceMemoryStore, DiskStore, RedisStore
+
+    tiers = []
+    for name, nbytes in parse_tier_spec(spec):
+        if name == "memory":
+            store = MemoryStore(nbytes)
+        elif name == "disk":
+            store = DiskStore(data_dir, fsync=fsync)
+        elif name == "redis":
+            store = RedisStore(redis_url, prefix=redis_prefix)
+        else:
+            store = DeviceMemoryStore()
+        tiers.append(Tier(store, nbytes, name))
+    return tiers
 
 
 class HierarchyError(StoreError):

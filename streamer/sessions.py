@@ -28,6 +28,15 @@ the stored history is gone (evicted) or diverged, it writes the whole conversati
 re-rotated for the positions they are loaded at, so :meth:`SessionStore.load` with
 ``max_tokens`` can drop the oldest turns (keeping the system prompt) and still hand the model
 valid KV; :meth:`SessionStore.truncate` makes that permanent (a new manifest, no KV rewritten).
+
+**Codec mode** (``SessionStore(..., codec=codec, chunk_tokens=n)``, what the streamer's HTTP sessions
+resource uses): a segment is instead stored as chunks of at most ``chunk_tokens`` tokens, each
+encoded at every codec level (``fp16``, ``q0``.., ``quant8``: the bitstreams of a context's chunks,
+at the segment's positions), so a receiver loads a session's history chunk by chunk at the level its
+policy picks, exactly as a context. The segment entry then also carries its token ids and, per chunk,
+``start``, ``tokens`` and ``levels: {level: [key, bytes, xxh3 hex]}``. :meth:`SessionStore.load`
+decodes the ``fp16`` chunks; :meth:`SessionStore.truncate` re-positions the kept segments (their
+``fp16`` chunks decoded at the new start, every level encoded again there: no model recompute).
 """
 
 from __future__ import annotations
@@ -54,7 +63,7 @@ from .storage import StoreError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SessionError", "InvalidSessionIdError", "SessionCorruptError", "SessionStore", "SaveResult",
+__all__ = ["SessionError", "InvalidSessionIdError", "SessionCorruptError", "SessionConflictError", "SessionStore", "SaveResult",
            "LoadedSession"]
 
 MANIFEST_VERSION = 1
@@ -68,6 +77,10 @@ class SessionError(CtxstreamError, ValueError):
 
 class InvalidSessionIdError(SessionError):
     """Session ids are 1..128 chars of ``[A-Za-z0-9_-]``, starting alphanumeric."""
+
+
+class SessionConflictError(SessionError):
+    """A turn that does not continue the committed conversation (another writer got there first)."""
 
 
 class SessionCorruptError(SessionError):
@@ -128,9 +141,16 @@ class SessionStore:
     ``dtype``: the dtype KV is stored in (``float16`` default: half the bytes; ``float32`` for
     bit-exact round trips of a float32 model)."""
 
-    def __init__(self, hierarchy: HierarchicalStore, info: ModelInfo, *, dtype: str = "float16"):
+    def __init__(self, hierarchy: HierarchicalStore, info: ModelInfo, *, dtype: str = "float16",
+                 codec=None, chunk_tokens: int = 256):
         if dtype not in _DTYPES:
             raise SessionError(f"unsupported dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+        if codec is not None and codec.info.fingerprint != info.fingerprint:
+            raise SessionError("the codec is for another model")
+        if chunk_tokens < 1:
+            raise SessionError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        self.codec = codec
+        self.chunk_tokens = int(chunk_tokens)
         self.hier = hierarchy
         self.info = info
         self.dtype = dtype
@@ -171,6 +191,57 @@ class SessionStore:
         self._track(session, task)
         return task
 
+    def append(self, session: str, token_ids: Sequence[int], keys: torch.Tensor, values: torch.Tensor, *,
+               start: int, role: str = "turn", system: bool = False, turn: int = -1) -> "asyncio.Task[SaveResult]":
+        """Save one new segment: ``token_ids`` and their KV ``[layers, kv_heads, T, head_dim]`` (keys
+        rotated for positions ``start..``), which must continue the committed conversation exactly
+        (``start`` = its tokens, else the task raises :class:`SessionConflictError`). Chained like
+        :meth:`save`."""
+        self.check_id(session)
+        ids = [int(t) for t in token_ids]
+        if not ids or keys.dim() != 4 or keys.shape != values.shape or keys.shape[2] != len(ids):
+            raise SessionError(f"keys {tuple(keys.shape)} / values {tuple(values.shape)} do not fit "
+                               f"{len(ids)} token ids (at least one)")
+        if (keys.shape[0], keys.shape[1], keys.shape[3]) != (self.info.num_layers, self.info.num_kv_heads,
+                                                            self.info.head_dim):
+            raise SessionError(f"KV {tuple(keys.shape)} does not fit model {self.info.name}")
+        prev = self._tails.get(session)
+
+        async def run() -> SaveResult:
+            if prev is not None:
+                await asyncio.gather(prev, return_exceptions=True)
+            t0 = time.perf_counter()
+            head = self._heads.get(session)
+            have = head.tokens if head else 0
+            if start != have:
+                raise SessionConflictError(f"session {session!r} holds {have} tokens; the turn starts at {start}")
+            index = len(head.segments) if head else 0
+            return await self._write_segment(session, head, ids, keys, values, start, index, role, system, turn,
+                                             False, t0)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._track(session, task)
+        return task
+
+    async def create(self, session: str) -> bool:
+        """Commit an empty manifest (version 1) for a new session; False if it already exists."""
+        self.check_id(session)
+        if session in self._heads or session in self.hier:
+            return False
+        await self._commit(session, _Head(1, []))
+        return True
+
+    def head(self, session: str) -> tuple[int, list[dict]] | None:
+        """The committed ``(version, segment entries)`` of ``session`` (None: none); what is stored."""
+        h = self._heads.get(session)
+        return None if h is None else (h.version, [dict(x) for x in h.segments])
+
+    async def settled(self, session: str) -> None:
+        """Wait until the session's saves and truncations in flight are done."""
+        t = self._tails.get(session)
+        if t is not None:
+            await asyncio.gather(t, return_exceptions=True)
+
     def _track(self, session: str, task: asyncio.Task) -> None:
         self._tails[session] = task
         self._tasks.add(task)
@@ -206,24 +277,53 @@ class SessionStore:
                               self.hier.where(session), False, time.perf_counter() - t0)
         seg_ids = ids[base:]
         k, v = keys[:, :, base:], values[:, :, base:]
-        blob = await asyncio.to_thread(self._encode, seg_ids, k, v, base)
         index = len(head.segments) if head else 0
-        seg_key = f"s.{session}.{index}.{xxhash.xxh3_64_hexdigest(blob)[:12]}"
-        seg = {"key": seg_key, "tokens": len(seg_ids), "bytes": len(blob), "xxh3": xxhash.xxh3_64_intdigest(blob),
-               "ids_xxh3": _ids_digest(seg_ids), "role": str(role), "system": bool(system), "turn": int(turn),
-               "origin": base}
+        return await self._write_segment(session, head, seg_ids, k, v, base, index, role, system, turn, full, t0)
+
+    async def _write_segment(self, session, head, seg_ids, k, v, base, index, role, system, turn, full, t0
+                             ) -> SaveResult:
+        """Store one segment (keys rotated for positions ``base..``) and commit a manifest naming it."""
+        seg, objs = await asyncio.to_thread(self._segment_objects, session, index, seg_ids, k, v, base)
+        seg.update({"role": str(role), "system": bool(system), "turn": int(turn), "origin": base})
         new = _Head((self._heads[session].version if session in self._heads else 0) + 1,
                     (list(head.segments) if head else []) + [seg])
+        nbytes = sum(len(b) for b in objs.values())
         try:
-            tier = await self.hier.put(session, seg_key, blob)
+            for key, blob in objs.items():
+                tier = await self.hier.put(session, key, blob)
             tier = await self._commit(session, new)
         except (NoSpaceError, StoreError) as exc:
             await self._discard_unreferenced(session)
             old = self._heads.get(session)
             return SaveResult(session, False, old.version if old else 0, old.tokens if old else 0, 0, 0,
                               self.hier.where(session), full, time.perf_counter() - t0, error=str(exc))
-        return SaveResult(session, True, new.version, new.tokens, len(seg_ids), len(blob), tier, full,
+        return SaveResult(session, True, new.version, new.tokens, len(seg_ids), nbytes, tier, full,
                           time.perf_counter() - t0)
+
+    def _segment_objects(self, session: str, index: int, ids: list[int], keys: torch.Tensor, values: torch.Tensor,
+                         start: int) -> tuple[dict, dict[str, bytes]]:
+        """The manifest entry of one segment and its objects ``{key: bytes}`` (worker thread)."""
+        if self.codec is None:
+            blob = self._encode(ids, keys, values, start)
+            key = f"s.{session}.{index}.{xxhash.xxh3_64_hexdigest(blob)[:12]}"
+            return ({"key": key, "tokens": len(ids), "bytes": len(blob), "xxh3": xxhash.xxh3_64_intdigest(blob),
+                     "ids_xxh3": _ids_digest(ids)}, {key: blob})
+        objs: dict[str, bytes] = {}
+        chunks = []
+        ct = self.chunk_tokens
+        for j, s0 in enumerate(range(0, len(ids), ct)):
+            s1 = min(len(ids), s0 + ct)
+            kc, vc = keys[:, :, s0:s1].float(), values[:, :, s0:s1].float()
+            levels = {}
+            for lv in self.codec.all_levels:
+                blob = self.codec.encode(kc, vc, lv, start=start + s0)
+                hexsum = xxhash.xxh3_64_hexdigest(blob)
+                key = f"s.{session}.{index}.{j}.{lv}.{hexsum[:12]}"
+                objs[key] = blob
+                levels[lv] = [key, len(blob), hexsum]
+            chunks.append({"start": start + s0, "tokens": s1 - s0, "levels": levels})
+        return ({"key": "", "tokens": len(ids), "bytes": sum(len(b) for b in objs.values()), "xxh3": 0,
+                 "ids_xxh3": _ids_digest(ids), "token_ids": list(ids), "chunks": chunks}, objs)
 
     def _valid_head(self, session: str, ids: list[int]) -> _Head | None:
         """The committed head if all its segments are still stored and its tokens prefix ``ids``."""
@@ -234,7 +334,7 @@ class SessionStore:
             return None
         pos = 0
         for s in head.segments:
-            if not self.hier.has_object(session, s["key"]):
+            if not all(self.hier.has_object(session, k) for k in segment_keys(s)):
                 return None
             if _ids_digest(ids[pos:pos + s["tokens"]]) != s["ids_xxh3"]:
                 return None
@@ -256,7 +356,7 @@ class SessionStore:
 
     async def _discard_unreferenced(self, session: str) -> None:
         head = self._heads.get(session)
-        keep = {self.manifest_key(session)} | ({s["key"] for s in head.segments} if head else set())
+        keep = {self.manifest_key(session)} | ({k for s in head.segments for k in segment_keys(s)} if head else set())
         stale = [k for k in self.hier.objects(session) if k not in keep]
         if stale:
             await self.hier.delete(session, stale)
@@ -280,8 +380,43 @@ class SessionStore:
             return 0
         kept = _truncate_meta(head.segments, max_tokens, keep_system)
         if len(kept) != len(head.segments):
+            if self.codec is not None:
+                kept = await self._reposition(session, kept, head.version + 1)
             await self._commit(session, _Head(head.version + 1, kept))
         return sum(s["tokens"] for s in kept)
+
+    async def _reposition(self, session: str, segments: list[dict], version: int) -> list[dict]:
+        """Codec mode: the kept segments moved to contiguous positions. A moved segment's ``fp16``
+        chunks are decoded at the new start (keys re-rotated, :mod:`ctxstream.positions` via the
+        codec) and every level is encoded there again under new keys; the old objects go with the
+        commit's clean-up. The model is not run."""
+        out, pos = [], 0
+        for i, seg in enumerate(segments):
+            if int(seg["origin"]) == pos:
+                out.append(seg)
+                pos += int(seg["tokens"])
+                continue
+            keys = [k for k, _n, _h in read_objects(seg)]
+            vals, _tier = await self.hier.get(session, keys, promote=False)
+            if any(not _verifies(b, n, h) for b, (_k, n, h) in zip(vals, read_objects(seg))):
+                raise SessionCorruptError(f"segment {i} of {session!r} does not verify; cannot re-position it")
+
+            def rebuild(vals=vals, seg=seg, pos=pos, i=i):
+                parts, at = [], pos
+                for blob, c in zip(vals, seg["chunks"]):
+                    parts.append(self.codec.decode(blob, start=at))
+                    at += int(c["tokens"])
+                k = torch.cat([p[0] for p in parts], dim=2)
+                v = torch.cat([p[1] for p in parts], dim=2)
+                return self._segment_objects(session, f"{i}r{version}", list(seg["token_ids"]), k, v, pos)
+
+            new, objs = await asyncio.to_thread(rebuild)
+            for key, blob in objs.items():
+                await self.hier.put(session, key, blob)
+            new.update({"role": seg["role"], "system": seg["system"], "turn": seg["turn"], "origin": pos})
+            out.append(new)
+            pos += int(seg["tokens"])
+        return out
 
     # ---------------------------------------------------------------------------- loading
     async def load(self, session: str, *, prefix_of: Sequence[int] | None = None, max_tokens: int | None = None,
@@ -308,7 +443,7 @@ class SessionStore:
                 if man.get("dtype") not in _DTYPES or not isinstance(segs, list):
                     raise SessionCorruptError("bad manifest fields")
                 parsed.update(man)
-                return [str(s["key"]) for s in segs]
+                return [k for seg in segs for k, _n, _h in read_objects(seg)]
             except (ValueError, KeyError, TypeError, msgpack.exceptions.ExtraData) as exc:
                 parsed["error"] = f"manifest of {session!r} does not parse: {exc}"
                 return []
@@ -351,7 +486,7 @@ class SessionStore:
                 man = msgpack.unpackb(head, raw=False, max_str_len=1 << 12, max_array_len=1 << 16,
                                       max_map_len=64, max_bin_len=0)
                 parsed.update(man)
-                return [str(s["key"]) for s in man["segments"]]
+                return [k for seg in man["segments"] for k, _n, _h in read_objects(seg)]
             except (ValueError, KeyError, TypeError, msgpack.exceptions.ExtraData):
                 parsed["error"] = True
                 return []
@@ -360,9 +495,11 @@ class SessionStore:
         if head is None or "error" in parsed or parsed.get("fingerprint") != self.info.fingerprint:
             return None
         tokens, ids = 0, None if prefix_of is None else [int(t) for t in prefix_of]
-        for meta, blob in zip(parsed["segments"], blobs):
-            if blob is None or len(blob) != meta["bytes"] or xxhash.xxh3_64_intdigest(blob) != meta["xxh3"]:
-                return None
+        it = iter(blobs)
+        for meta in parsed["segments"]:
+            for _key, size, digest in read_objects(meta):
+                if not _verifies(next(it, None), size, digest):
+                    return None
             if ids is not None and (tokens + meta["tokens"] > len(ids)
                                     or _ids_digest(ids[tokens:tokens + meta["tokens"]]) != meta["ids_xxh3"]):
                 break
@@ -371,18 +508,35 @@ class SessionStore:
 
     def _decode(self, man: dict, blobs: list[bytes | None]) -> tuple[list[Segment], int]:
         segs, nbytes = [], 0
-        for meta, blob in zip(man["segments"], blobs):
-            if blob is None:
-                raise SessionCorruptError(f"segment {meta.get('key')!r} is missing")
-            if len(blob) != meta["bytes"] or xxhash.xxh3_64_intdigest(blob) != meta["xxh3"]:
-                raise SessionCorruptError(f"segment {meta['key']!r} does not match its manifest entry")
-            try:
-                ids, k, v = unpack_kv(blob, self.info, max_tokens=1 << 31)
-            except KVFormatError as exc:
-                raise SessionCorruptError(f"segment {meta['key']!r}: {exc}") from None
+        it = iter(blobs)
+        for meta in man["segments"]:
+            got = []
+            for key, size, digest in read_objects(meta):
+                blob = next(it, None)
+                if blob is None:
+                    raise SessionCorruptError(f"segment object {key!r} is missing")
+                if not _verifies(blob, size, digest):
+                    raise SessionCorruptError(f"segment object {key!r} does not match its manifest entry")
+                got.append(blob)
+                nbytes += len(blob)
+            if "chunks" in meta:
+                if self.codec is None:
+                    raise SessionCorruptError("a codec-mode session needs a SessionStore with its codec")
+                try:
+                    parts = [self.codec.decode(b) for b in got]
+                except ValueError as exc:  # the codec's typed errors are ValueErrors
+                    raise SessionCorruptError(f"segment {meta.get('turn')}: {exc}") from None
+                k = torch.cat([p[0] for p in parts], dim=2)
+                v = torch.cat([p[1] for p in parts], dim=2)
+                ids = [int(t) for t in meta["token_ids"]]
+                k = strip_rope(k.float(), int(meta["origin"]), self.info)
+            else:
+                try:
+                    ids, k, v = unpack_kv(got[0], self.info, max_tokens=1 << 31)
+                except KVFormatError as exc:
+                    raise SessionCorruptError(f"segment {meta['key']!r}: {exc}") from None
             segs.append(Segment(k, v, ids, role=meta["role"], system=bool(meta["system"]), turn=int(meta["turn"]),
                                 origin=int(meta["origin"])))
-            nbytes += len(blob)
         return segs, nbytes
 
     async def delete(self, session: str) -> bool:
@@ -418,7 +572,8 @@ class SessionStore:
                                           max_map_len=64, max_bin_len=0)
                     if (man.get("format") == MANIFEST_VERSION and man.get("fingerprint") == self.info.fingerprint
                             and man.get("dtype") == self.dtype
-                            and all(self.hier.has_object(session, str(s["key"])) for s in man["segments"])):
+                            and all(self.hier.has_object(session, str(k)) for s in man["segments"]
+                                    for k in segment_keys(s))):
                         head = _Head(int(man["version"]), list(man["segments"]))
                 except (ValueError, KeyError, TypeError, msgpack.exceptions.ExtraData):
                     head = None
@@ -435,6 +590,29 @@ class SessionStore:
         """The committed version (0: never saved)."""
         h = self._heads.get(session)
         return h.version if h else 0
+
+
+def segment_keys(seg: dict) -> list[str]:
+    """Every object key a manifest segment entry names (one CXKV object, or each chunk's levels)."""
+    if "chunks" in seg:
+        return [str(lv[0]) for c in seg["chunks"] for lv in c["levels"].values()]
+    return [str(seg["key"])]
+
+
+def read_objects(seg: dict) -> list[tuple[str, int, int | str]]:
+    """``(key, bytes, checksum)`` of the objects a load reads: the CXKV object, or each chunk's ``fp16``."""
+    if "chunks" in seg:
+        return [(str(c["levels"]["fp16"][0]), int(c["levels"]["fp16"][1]), str(c["levels"]["fp16"][2]))
+                for c in seg["chunks"]]
+    return [(str(seg["key"]), int(seg["bytes"]), int(seg["xxh3"]))]
+
+
+def _verifies(blob: bytes | None, size: int, digest: int | str) -> bool:
+    if blob is None or len(blob) != size:
+        return False
+    if isinstance(digest, str):
+        return xxhash.xxh3_64_hexdigest(blob) == digest
+    return xxhash.xxh3_64_intdigest(blob) == digest
 
 
 def _truncate_meta(segments: list[dict], max_tokens: int, keep_system: bool) -> list[dict]:

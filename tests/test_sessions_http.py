@@ -1,0 +1,168 @@
+"""The sessions resource over HTTP against a real streamer on loopback (issue 18)."""
+
+from __future__ import annotations
+
+import httpx
+import torch
+
+from ctxstream.codec import Codec
+from ctxstream.manifest import Manifest, checksum_hex
+from ctxstream.streamer.kvformat import CONTENT_TYPE, pack_kv
+
+from conftest import auth
+
+
+def _turn(srv, sid, ids, tenant="acme", **kw):
+    return httpx.post(f"{srv.url}/v1/sessions/{sid}/turns", json={"token_ids": ids, **kw}, headers=auth(tenant),
+                      timeout=60)
+
+
+def test_conversation_manifest_chunks_every_level_and_exact_kv(make_streamer, tiny_adapter, tiny_codec):
+    srv = make_streamer(session_tiers="memory:64M")
+    r = httpx.post(f"{srv.url}/v1/sessions", json={"id": "chat-1"}, headers=auth())
+    assert r.status_code == 201 and r.json()["id"] == "chat-1"
+    assert httpx.post(f"{srv.url}/v1/sessions", json={"id": "chat-1"}, headers=auth()).status_code == 409
+    g = torch.Generator().manual_seed(3)
+    turns = [torch.randint(1, tiny_adapter.info.vocab_size, (n,), generator=g).tolist() for n in (10, 80, 7)]
+    for i, ids in enumerate(turns):
+        r = _turn(srv, "chat-1", ids, role="system" if i == 0 else "user", system=i == 0, turn=i)
+        assert r.status_code == 201, r.text
+        assert r.json()["delta_tokens"] == len(ids)
+    man = httpx.get(f"{srv.url}/v1/sessions/chat-1", headers=auth()).json()
+    assert man["tokens"] == 97 and man["version"] == 4 and man["tier"] == "memory"
+    assert [s["tokens"] for s in man["segments"]] == [10, 80, 7] and man["segments"][0]["system"]
+    m = Manifest.from_dict(man["manifest"])  # a context manifest: the loader reads it as one
+    assert [c.tokens for c in m.chunks] == [10, 64, 16, 7]  # chunk_tokens 64 within each segment
+    assert m.token_ids == [t for ids in turns for t in ids]
+    # every level of every chunk is served with its checksum; fp16 decodes to the model's own KV
+    full = tiny_adapter.make_cache()
+    tiny_adapter.extend(full, m.token_ids)
+    k_ref, v_ref = tiny_adapter.cache_to_tensors(full)
+    for c in m.chunks:
+        for lv in m.levels:
+            r = httpx.get(f"{srv.url}/v1/sessions/chat-1/chunks/{c.index}", params={"level": lv}, headers=auth())
+            assert r.status_code == 200 and len(r.content) == c.sizes[lv]
+            assert checksum_hex(r.content) == c.checksums[lv] == r.headers["x-checksum-xxh3"]
+        blob = httpx.get(f"{srv.url}/v1/sessions/chat-1/chunks/{c.index}", params={"level": "fp16"},
+                         headers=auth()).content
+        k, v = tiny_codec.decode(blob)
+        sl = slice(c.start, c.start + c.tokens)
+        torch.testing.assert_close(k, k_ref[:, :, sl].float(), atol=2e-2, rtol=1e-2)
+        torch.testing.assert_close(v, v_ref[:, :, sl].float(), atol=2e-2, rtol=1e-2)
+    # Range
+    r = httpx.get(f"{srv.url}/v1/sessions/chat-1/chunks/1", params={"level": "q2"},
+                  headers={**auth(), "Range": "bytes=5-"})
+    assert r.status_code == 206 and len(r.content) == m.chunks[1].sizes["q2"] - 5
+
+
+def test_kv_turn_truncate_repositions_and_delete(make_streamer, tiny_adapter, tiny_codec):
+    srv = make_streamer(session_tiers="memory:64M")
+    httpx.post(f"{srv.url}/v1/sessions", json={"id": "kv"}, headers=auth())
+    g = torch.Generator().manual_seed(5)
+    ids = [torch.randint(1, tiny_adapter.info.vocab_size, (n,), generator=g).tolist() for n in (6, 20, 12)]
+    cache = tiny_adapter.make_cache()
+    base = 0
+    for i, turn in enumerate(ids):
+        tiny_adapter.extend(cache, turn)
+        k, v = tiny_adapter.cache_to_tensors(cache, base)
+        body = pack_kv(turn, k, v, fingerprint=tiny_adapter.info.fingerprint)
+        r = httpx.post(f"{srv.url}/v1/sessions/kv/turns", content=body,
+                       params={"start": base, "system": str(i == 0).lower(), "role": "user"},
+                       headers={**auth(), "Content-Type": CONTENT_TYPE})
+        assert r.status_code == 201, r.text
+        base += len(turn)
+    # a stale start is a conflict, not a silent overwrite
+    r = httpx.post(f"{srv.url}/v1/sessions/kv/turns", content=body, params={"start": 0},
+                   headers={**auth(), "Content-Type": CONTENT_TYPE})
+    assert r.status_code == 409
+    r = httpx.post(f"{srv.url}/v1/sessions/kv/truncate", json={"max_tokens": 20}, headers=auth())
+    assert r.status_code == 200 and r.json()["tokens"] == 18  # system 6 + newest 12
+    m = Manifest.from_dict(httpx.get(f"{srv.url}/v1/sessions/kv", headers=auth()).json()["manifest"])
+    assert m.token_ids == ids[0] + ids[2] and [c.start for c in m.chunks] == [0, 6]
+    # the kept turn is re-positioned: its keys are the stored ones rotated for 6.. instead of 26..
+    from ctxstream.positions import reposition
+
+    k_all, _ = tiny_adapter.cache_to_tensors(cache)
+    want = reposition(k_all[:, :, 26:38].float(), 26, 6, tiny_adapter.info)
+    blob = httpx.get(f"{srv.url}/v1/sessions/kv/chunks/1", params={"level": "fp16"}, headers=auth()).content
+    k, _ = tiny_codec.decode(blob)
+    torch.testing.assert_close(k, want, atol=2e-2, rtol=1e-2)
+    assert httpx.delete(f"{srv.url}/v1/sessions/kv", headers=auth()).status_code == 204
+    assert httpx.get(f"{srv.url}/v1/sessions/kv", headers=auth()).status_code == 404
+
+
+def test_tenant_isolation_and_bad_input(make_streamer):
+    srv = make_streamer(session_tiers="memory:16M")
+    assert httpx.post(f"{srv.url}/v1/sessions", json={"id": "mine"}, headers=auth("acme")).status_code == 201
+    assert _turn(srv, "mine", [1, 2, 3]).status_code == 201
+    # another tenant: the same id is another (absent) session
+    assert httpx.get(f"{srv.url}/v1/sessions/mine", headers=auth("umbrella")).status_code == 404
+    assert httpx.get(f"{srv.url}/v1/sessions/mine/chunks/0", params={"level": "fp16"},
+                     headers=auth("umbrella")).status_code == 404
+    assert _turn(srv, "mine", [4], tenant="umbrella").status_code == 404
+    assert httpx.delete(f"{srv.url}/v1/sessions/mine", headers=auth("umbrella")).status_code == 404
+    assert httpx.get(f"{srv.url}/v1/sessions/mine").status_code == 401
+    bad = [
+        httpx.post(f"{srv.url}/v1/sessions", json={"id": "../x"}, headers=auth()),
+        httpx.post(f"{srv.url}/v1/sessions", json={"id": "a" * 200}, headers=auth()),
+        httpx.post(f"{srv.url}/v1/sessions", content=b"{", headers={**auth(), "Content-Type": "application/json"}),
+        _turn(srv, "mine", []),
+        _turn(srv, "mine", [1.5]),
+        _turn(srv, "mine", [10 ** 9]),
+        _turn(srv, "mine", [1], role="x y"),
+        httpx.post(f"{srv.url}/v1/sessions/mine/turns", content=b"xx",
+                   headers={**auth(), "Content-Type": CONTENT_TYPE}, params={"start": 3}),
+        httpx.post(f"{srv.url}/v1/sessions/mine/turns", content=b"x", headers={**auth(), "Content-Type": "text/plain"}),
+        httpx.get(f"{srv.url}/v1/sessions/mine/chunks/0", params={"level": "nope"}, headers=auth()),
+        httpx.get(f"{srv.url}/v1/sessions/mine/chunks/9", params={"level": "fp16"}, headers=auth()),
+        httpx.get(f"{srv.url}/v1/sessions/mine/chunks/0", params={"level": "fp16"},
+                  headers={**auth(), "Range": "bytes=99999-"}),
+        httpx.post(f"{srv.url}/v1/sessions/mine/truncate", json={"max_tokens": -1}, headers=auth()),
+        httpx.put(f"{srv.url}/v1/queue", json={"sessions": "mine"}, headers=auth()),
+    ]
+    codes = [r.status_code for r in bad]
+    assert all(400 <= c < 500 for c in codes), codes
+    assert all(r.json().get("detail") for r in bad if r.headers.get("content-type", "").startswith("application/json"))
+    assert codes[5] == 422 and codes[8] == 415 and codes[11] == 416
+
+
+def test_restart_recovers_sessions_from_disk_and_redis(make_streamer, redis_url, tmp_path):
+    for tiers in ("memory:16K+disk:64M", "memory:16K+redis:64M"):
+        data = tmp_path / tiers.replace(":", "_").replace("+", "_")
+        srv = make_streamer(session_tiers=tiers, data_dir=data, redis_url=redis_url)
+        httpx.post(f"{srv.url}/v1/sessions", json={"id": "keep"}, headers=auth())
+        for n in range(3):
+            assert _turn(srv, "keep", list(range(1 + 40 * n, 41 + 40 * n))).status_code == 201
+        before = httpx.get(f"{srv.url}/v1/sessions/keep", headers=auth()).json()
+        assert before["tier"] != "memory"  # 3 turns x every level exceed the 16 KB memory tier
+        srv.stop()
+        srv2 = make_streamer(session_tiers=tiers, data_dir=data, redis_url=redis_url)
+        after = httpx.get(f"{srv2.url}/v1/sessions/keep", headers=auth()).json()
+        assert after["manifest"] == before["manifest"] and after["version"] == before["version"]
+        for c in after["manifest"]["chunks"]:
+            r = httpx.get(f"{srv2.url}/v1/sessions/keep/chunks/{c['index']}", params={"level": "q1"}, headers=auth())
+            assert r.status_code == 200 and checksum_hex(r.content) == c["checksums"]["q1"]
+        # the next turn writes only its delta
+        r = _turn(srv2, "keep", [7, 8, 9])
+        assert r.status_code == 201 and r.json()["delta_tokens"] == 3 and r.json()["tokens"] == 123
+        srv2.stop()
+
+
+def test_queue_endpoint_and_header_prefetch_into_memory(make_streamer):
+    srv = make_streamer(session_tiers="memory:40K+disk:64M", session_placement="scheduler")
+    for sid in ("a", "b", "c"):
+        httpx.post(f"{srv.url}/v1/sessions", json={"id": sid}, headers=auth())
+        assert _turn(srv, sid, list(range(1, 60))).status_code == 201
+    tiers = {sid: httpx.get(f"{srv.url}/v1/sessions/{sid}", headers=auth()).json()["tier"] for sid in "abc"}
+    cold = [s for s, t in tiers.items() if t != "memory"]
+    assert cold, tiers  # the memory tier holds fewer sessions than there are
+    r = httpx.put(f"{srv.url}/v1/queue", json={"sessions": [cold[0]]}, headers=auth())
+    assert r.status_code == 200 and r.json()["prefetched"] == [cold[0]]
+    assert httpx.get(f"{srv.url}/v1/sessions/{cold[0]}", headers=auth()).json()["tier"] == "memory"
+    # the header form, on any sessions request; another tenant's queue names its own sessions only
+    other = [s for s in "abc" if s != cold[0] and
+             httpx.get(f"{srv.url}/v1/sessions/{s}", headers=auth()).json()["tier"] != "memory"]
+    assert other  # the prefetch moved another session down
+    httpx.get(f"{srv.url}/v1/sessions/{cold[0]}", headers={**auth(), "X-Ctxstream-Queue": other[0]})
+    assert httpx.get(f"{srv.url}/v1/sessions/{other[0]}", headers={**auth(), "X-Ctxstream-Queue": other[0]}
+                     ).json()["tier"] == "memory"
