@@ -18,6 +18,7 @@ from ctxstream.codec import Codec
 from ctxstream.model import ModelAdapter
 
 from .api.routes import ROUTERS
+from .api.routes.sessions import open_sessions
 from .ingest import ContextService
 from .metrics import Metrics
 from .settings import Settings
@@ -108,6 +109,7 @@ def create_app(settings: Settings | None = None, *, adapter: ModelAdapter | None
         service = ContextService(ad, cd, st_store, chunk_tokens=settings.chunk_tokens, executor=executor,
                                  metrics=metrics, id_secret=settings.id_secret)
         await service.open()  # the id key; finishes deletes a crash interrupted
+        app.state.sessions = await open_sessions(settings, ad, cd)  # /v1/sessions: the tier hierarchy, recovered
         app.state.streamer = StreamerState(settings=settings, adapter=ad, codec=cd, store=st_store, service=service,
                                            executor=executor, metrics=metrics, started=time.time())
         if not settings.tokens:
@@ -117,6 +119,7 @@ def create_app(settings: Settings | None = None, *, adapter: ModelAdapter | None
         try:
             yield
         finally:
+            await app.state.sessions.close()
             executor.shutdown(wait=True, cancel_futures=True)
             if store is None:
                 await st_store.close()
