@@ -1,5 +1,5 @@
-"""Routers: contexts (upload, manifest, chunks, delete), profiles, health and metrics."""
+"""Routers: contexts (upload, manifest, chunks, delete), sessions, profiles, health and metrics."""
 
-from . import contexts, health, profiles
+from . import contexts, health, profiles, sessions
 
-ROUTERS = (contexts.router, profiles.router, health.router)
+ROUTERS = (contexts.router, profiles.router, health.router, sessions.router)
