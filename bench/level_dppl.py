@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 from bench.loader import quality, score  # noqa: E402
 from ctxstream.codec import Codec  # noqa: E402
+from ctxstream.codec.quality import QualityEstimator, attention_share  # noqa: E402
 from ctxstream.corpora import token_windows  # noqa: E402
 from ctxstream.model import ModelAdapter  # noqa: E402
 from ctxstream.paths import DEFAULT_DATA_DIR  # noqa: E402
@@ -67,6 +68,11 @@ def main(argv=None) -> int:
     for lv in ("q0", "q1", "q2"):
         for k in (1, 2):
             plans[f"text x{k} + {lv}"] = ["text"] * k + [lv] * (n - k)
+    if n == 4:  # the mixes mpc takes near its 1% bound: coarse far from the end, fine near it
+        for mix in (("q3", "q2", "q1", "q0"), ("text", "q3", "q1", "q0"), ("q4", "q3", "q2", "q0"),
+                    ("q2", "q1", "q0", "q0"), ("q3", "q3", "text", "text"), ("q3", "text", "q2", "q0")):
+            plans[",".join(mix)] = list(mix)
+    est = QualityEstimator(codec)
     windows = token_windows(adapter.tokenize, "dev", args.count, L + 33, DEFAULT_DATA_DIR)
     res: dict[str, list[dict]] = {p: [] for p in plans}
     t0 = time.perf_counter()
@@ -76,6 +82,10 @@ def main(argv=None) -> int:
         blobs = [{lv: codec.encode(keys[:, :, i * ct:(i + 1) * ct], values[:, :, i * ct:(i + 1) * ct], lv,
                                    start=i * ct, importance=imp[i * ct:(i + 1) * ct]) for lv in levels}
                  for i in range(n)]
+        share = attention_share(imp)
+        chunk_est = [est.estimate(keys[:, :, i * ct:(i + 1) * ct], values[:, :, i * ct:(i + 1) * ct], i * ct,
+                                  importance=imp[i * ct:(i + 1) * ct], attention_share=share[i * ct:(i + 1) * ct],
+                                  context_tokens=L) for i in range(n)]
         exact = adapter.make_cache()
         run_model(adapter, exact, ids)
         first = run_model(adapter, exact, cont[:1])
@@ -86,17 +96,20 @@ def main(argv=None) -> int:
             logp, target = score(adapter, types.SimpleNamespace(cache=cache, first_logits=first), cont)
             q = quality(logp, target, ref)
             q["dppl_rel"] = q["dppl"] / (q["ppl"] - q["dppl"])
+            q["estimated"] = sum(0.0 if c == "text" else chunk_est[i].get(c, float("nan")) for i, c in enumerate(plan))
             res[name].append(q)
         print(f"context {w + 1}/{len(windows)} {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     out = {"model": adapter.info.name, "split": "dev", "contexts": len(windows), "tokens": L, "chunk_tokens": ct,
            "scored_tokens": 32, "machine": platform.platform(), "seconds": time.perf_counter() - t0, "plans": {}}
     for name, qs in res.items():
         d = np.array([q["dppl_rel"] for q in qs])
+        e = np.array([q["estimated"] for q in qs])
         out["plans"][name] = {"plan": plans[name], "dppl_rel_mean": float(d.mean()), "dppl_rel_median": float(np.median(d)),
+                              "estimated_mean": float(e.mean()), "per_context_estimated": [float(x) for x in e],
                               "dppl_rel_max": float(d.max()), "dppl_rel_min": float(d.min()),
                               "top1": float(np.mean([q["top1"] for q in qs])), "per_context": [float(x) for x in d]}
-        print(f"{name:16s} dppl {d.mean() * 100:+6.2f}% (median {np.median(d) * 100:+.2f}%, max {d.max() * 100:+.2f}%)"
-              f" top1 {out['plans'][name]['top1']:.3f}")
+        print(f"{name:18s} dppl {d.mean() * 100:+6.2f}% (median {np.median(d) * 100:+.2f}%, max {d.max() * 100:+.2f}%)"
+              f" estimated {e.mean() * 100:+6.2f}% top1 {out['plans'][name]['top1']:.3f}")
     Path(args.out).write_text(json.dumps(out, indent=1))
     return 0
 
