@@ -98,6 +98,10 @@ class Fetcher:
             await self._session.close()
             self._session = None
 
+    def chunk_url(self, context_id: str, index: int) -> str:
+        """Where chunk ``index`` of ``context_id`` is served (a session fetcher serves its own paths)."""
+        return f"{self.server_url}/v1/contexts/{context_id}/chunks/{index}"
+
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
@@ -141,7 +145,7 @@ class Fetcher:
             await self.open()
         expected = entry.sizes.get(level)
         checksum = entry.checksums.get(level)
-        url = f"{self.server_url}/v1/contexts/{context_id}/chunks/{entry.index}"
+        url = self.chunk_url(context_id, entry.index)
         buf = bytearray()
         restarts, body_s = 0, 0.0
         latency: float | None = None
