@@ -166,3 +166,68 @@ def test_queue_endpoint_and_header_prefetch_into_memory(make_streamer):
     httpx.get(f"{srv.url}/v1/sessions/{cold[0]}", headers={**auth(), "X-Ctxstream-Queue": other[0]})
     assert httpx.get(f"{srv.url}/v1/sessions/{other[0]}", headers={**auth(), "X-Ctxstream-Queue": other[0]}
                      ).json()["tier"] == "memory"
+
+
+def test_chat_session_loads_history_from_the_server_saves_async_and_truncates(make_streamer, tiny_adapter,
+                                                                              tmp_path):
+    import asyncio
+
+    from ctxstream.loader import ChatSession, LoaderContext, PlanOptions
+
+    srv = make_streamer(session_tiers="memory:64M")
+
+    async def go():
+        ctx = LoaderContext(cache_dir=tmp_path / "loader")
+        async with ChatSession(srv.url, tiny_adapter, token="tok-acme-0001", system="Be brief.", policy="fp16",
+                               slo_s=None, window_tokens=400, reserve_tokens=40, max_new_tokens=12, context=ctx,
+                               plan=PlanOptions(calibrate_on_open=False)) as chat:
+            r1 = await chat.send("hello there")
+            assert r1.turn == 1 and r1.history_tokens == 0 and r1.loaded_tokens == 0 and r1.tier is None
+            await chat.flush()
+            r2 = await chat.send("and again")
+            # the whole committed history came from the server's memory tier, nothing recomputed
+            assert r2.history_tokens == len(chat.token_ids) - r2.prompt_tokens - len(r2.token_ids)
+            assert r2.loaded_tokens == r2.history_tokens > 0 and r2.recomputed_tokens == 0
+            assert r2.tier == "memory" and set(r2.choices) == {"fp16"}
+            # the answer from the loaded history is the one a full recompute gives (greedy, first tokens)
+            ids = chat.token_ids[: len(chat.token_ids) - len(r2.token_ids)]
+            cache = tiny_adapter.make_cache()
+            ref = int(tiny_adapter.extend(cache, ids)[-1].argmax())
+            assert r2.token_ids[0] == ref
+            # a save that has not finished is never read and never waited for
+            gate = asyncio.Event()
+            real = chat._call
+
+            async def slow(method, path, **kw):
+                if path.endswith("/turns"):
+                    await gate.wait()
+                return await real(method, path, **kw)
+
+            chat._call = slow
+            saved = chat.saved_tokens
+            r3 = await asyncio.wait_for(chat.send("third"), 60)
+            assert chat.saved_tokens == saved < r3.history_tokens
+            assert r3.loaded_tokens == saved and r3.recomputed_tokens == r3.history_tokens - saved
+            gate.set()
+            chat._call = real
+            await chat.flush()
+            # overflow: the oldest turns are dropped on the server, the system prompt is kept
+            dropped = 0
+            for i in range(12):
+                r = await chat.send(f"message number {i} " + "x" * 30)
+                dropped += r.dropped_tokens
+                assert r.history_tokens + r.prompt_tokens <= 400 - 40
+            assert dropped > 0
+            await chat.flush()
+            sid, tokens = chat.session, list(chat.token_ids)
+        man = httpx.get(f"{srv.url}/v1/sessions/{sid}", headers=auth()).json()
+        assert [t for c in man["manifest"]["chunks"] for t in c["token_ids"]] == tokens
+        assert man["segments"][0]["system"] and tokens[: man["segments"][0]["tokens"]] == tiny_adapter.tokenize(
+            "Be brief.\n\n")
+        # a new process continues the session by id
+        async with ChatSession(srv.url, tiny_adapter, token="tok-acme-0001", session=sid, policy="fp16", slo_s=None,
+                               window_tokens=400, reserve_tokens=40, max_new_tokens=4, context=ctx) as again:
+            r = await again.send("back")
+            assert r.loaded_tokens == len(tokens) or r.dropped_tokens > 0
+
+    asyncio.run(go())
