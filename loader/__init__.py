@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from typing import Sequence
 
+from .chat import ChatError, ChatReply, ChatSession
 from .calibration import Calibration, DecodeModel, RecomputeModel, calibrate_decode, calibrate_recompute
 from .context import DEFAULT_PRIOR_BPS, LoaderContext, shared_context
 from .core import DEFAULT_SLO_S, ContextLoader, LoaderError, LoadResult
@@ -37,7 +38,7 @@ def load_context(server_url: str, context_id: str, *, model, prompt_ids: Sequenc
 
 
 __all__ = [
-    "ContextLoader", "LoadResult", "LoadReport", "ChunkRow", "LoaderError", "load_context", "chat_prompt_ids",
+    "ContextLoader", "ChatSession", "ChatReply", "ChatError", "LoadResult", "LoadReport", "ChunkRow", "LoaderError", "load_context", "chat_prompt_ids",
     "Calibration", "RecomputeModel", "DecodeModel", "calibrate_recompute", "calibrate_decode",
     "ThroughputEstimator", "DEFAULT_PRIOR_BPS", "DEFAULT_SLO_S", "LoaderContext", "shared_context",
     "Fetched", "FetchFailed", "FetchOptions", "Decision", "PlanOptions", "Planner", "KvSink", "CpuSink", "GpuSink", "LoaderMetrics",
