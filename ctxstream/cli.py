@@ -16,6 +16,7 @@ _COMMAND_MODULES = (
     "ctxstream.codec.cli",  # codec-demo, profile
     "ctxstream.streamer.cli",  # serve, upload
     "ctxstream.loader.cli",  # ask
+    "ctxstream.loader.chat_cli",  # chat
     "ctxstream.traces.cli",  # replay, report
     "ctxstream.demo",  # demo (the README's main job)
 )
