@@ -231,3 +231,30 @@ def test_chat_session_loads_history_from_the_server_saves_async_and_truncates(ma
             assert r.loaded_tokens == len(tokens) or r.dropped_tokens > 0
 
     asyncio.run(go())
+
+
+def test_chat_cli_json_turns(make_streamer, capsys, monkeypatch, tmp_path):
+    import json
+
+    from ctxstream.cli import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    srv = make_streamer(session_tiers="memory:64M")
+    rc = main(["chat", "--server", srv.url, "--token", "tok-acme-0001", "--model", "tiny-random", "--json",
+               "--policy", "fp16", "--system", "S", "--max-new-tokens", "5", "--message", "one", "--message", "two"])
+    assert rc == 0
+    turns = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [t["turn"] for t in turns] == [1, 2]
+    assert turns[0]["loaded_tokens"] == 0 and turns[0]["recomputed_tokens"] == 0
+    # turn 2 follows at once: the first turn's save may still be in flight (then its tokens are recomputed)
+    assert turns[1]["ttft_s"] > 0
+    assert turns[1]["loaded_tokens"] + turns[1]["recomputed_tokens"] == turns[1]["history_tokens"] > 0
+    sid = turns[0]["session"]
+    rc = main(["chat", "--server", srv.url, "--token", "tok-acme-0001", "--model", "tiny-random", "--json",
+               "--policy", "fp16", "--session", sid, "--message", "three", "--max-new-tokens", "3"])
+    third = json.loads(capsys.readouterr().out)
+    assert rc == 0 and third["session"] == sid and third["tier"] == "memory"
+    assert third["loaded_tokens"] == third["history_tokens"] > turns[1]["history_tokens"]
+    assert third["recomputed_tokens"] == 0
+    assert main(["chat", "--server", srv.url, "--token", "tok-acme-0001", "--model", "tiny-random",
+                 "--session", "nope", "--message", "x"]) == 2
