@@ -138,7 +138,11 @@ class ChatSession:
 
     # ---------------------------------------------------------------------------------- lifecycle
     async def __aenter__(self) -> "ChatSession":
-        await self.open()
+        try:
+            await self.open()
+        except BaseException:
+            await self.close()
+            raise
         return self
 
     async def __aexit__(self, *exc) -> None:
