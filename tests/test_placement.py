@@ -257,3 +257,23 @@ def test_hierarchy_drops_the_global_victim_not_the_last_tiers(tmp_path):
         assert seen2 == [("a", "cascade")]
 
     asyncio.run(go())
+
+
+def test_global_baselines_drop_the_store_wide_lru_or_fifo_victim(tmp_path):
+    """The fair baselines: lru-global drops the least recently used entry of any tier (b, in memory)
+    where the cascading LRU drops the disk's only entry (a, just used); fifo-global drops the first
+    admitted (a) whatever was touched."""
+    async def go():
+        for policy, want in (("lru-global", "b"), ("fifo-global", "a")):
+            h = _mem_disk(tmp_path / policy, policy, mem=2 * KB, disk=KB)
+            seen = []
+            h.on_drop = lambda view, via, seen=seen: seen.append((view.key, via))
+            await _fill(h, ["a", "b", "c"])
+            assert [h.where(x) for x in "abc"] == ["disk", "memory", "memory"]
+            await h.touch("a")
+            await _fill(h, ["n"])
+            assert seen == [(want, "global")], policy
+            assert all(t.used_bytes <= t.capacity_bytes for t in h.tiers)
+        assert {"lru-global", "fifo-global"} <= set(placement_names())
+
+    asyncio.run(go())
