@@ -175,7 +175,7 @@ class ChatSession:
             raise ChatError(f"no session {self.session}: HTTP {status}: {data}")
         self.token_ids = [t for c in data["manifest"]["chunks"] for t in c["token_ids"]]
         self.saved_tokens = len(self.token_ids)
-        self.turns = len(data["segments"])
+        self.turns = len({s["turn"] for s in data["segments"] if not s["system"]})
 
     async def flush(self) -> None:
         """Wait for the saves in flight (raises the last one's error)."""
@@ -292,7 +292,7 @@ class ChatSession:
         async def run() -> None:
             if prev is not None:
                 await prev
-            for start, ids, system, k, v in deltas:
+            for start, ids, system, k, v in deltas:  # a turn's pieces share its number
                 body = await asyncio.to_thread(pack_kv, ids, k, v, fingerprint=self.adapter.info.fingerprint)
                 status, data = await self._call(
                     "POST", f"/v1/sessions/{self.session}/turns", data=body,
