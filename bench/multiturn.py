@@ -87,7 +87,7 @@ from ctxstream.streamer.sessions import SessionStore  # noqa: E402
 from ctxstream.streamer.storage import DiskStore, MemoryStore, RedisStore  # noqa: E402
 
 SYSTEM = "You are a helpful AI assistant."
-POLICIES = ["scheduler", "lru", "fifo"]
+POLICIES = ["scheduler", "lru", "fifo", "lru-global", "fifo-global"]
 TIER_NAMES = ["memory", "disk", "redis"]
 
 
@@ -393,6 +393,87 @@ async def measure_ttft(adapter: ModelAdapter, sessions: list[Conversation], fold
     return out
 
 
+async def measure_ttft_http(adapter: ModelAdapter, sessions: list[Conversation], folder: Path, redis_url: str | None,
+                            n_sessions: int, every: int, policy: str, slo_s: float | None) -> list[dict]:
+    """:func:`measure_ttft` through the service: one real streamer (uvicorn on loopback) per tier
+    (``--session-tiers memory:..`` / ``disk:..`` / ``redis:..``); after each turn the receiver posts the
+    turn's KV delta (``POST /v1/sessions/{id}/turns``, CXKV); a hit = the session's history loaded by
+    the :class:`ContextLoader` from ``/v1/sessions/{id}`` (``policy`` per chunk, within ``slo_s``) with
+    the new turn as the prompt, to the first token (the loader's TTFT)."""
+    import httpx
+
+    from ctxstream.codec import Codec
+    from ctxstream.loader.chat import _SessionLoader
+    from ctxstream.streamer.kvformat import CONTENT_TYPE, pack_kv
+    from ctxstream.streamer.server import serve_in_background
+    from ctxstream.streamer.settings import Settings
+
+    codec = Codec.for_model(adapter)
+    specs = {"memory": "memory:8G", "disk": "disk:8G"}
+    if redis_url:
+        specs["redis"] = "redis:8G"
+    token = "tok-bench-multiturn"
+    servers = {}
+    for name, spec in specs.items():
+        st = Settings(model=adapter.info.name, store="memory", data_dir=folder / f"http-{name}", redis_url=redis_url
+                      or "redis://127.0.0.1:1/0", redis_prefix=f"mt-http-{name}:", session_tiers=spec,
+                      session_placement="lru", tokens={token: "bench"}, fsync=False, max_tokens=1 << 16,
+                      max_upload_bytes=1 << 30, log_level="warning")
+        servers[name] = serve_in_background(st, adapter=adapter, codec=codec)
+    hdr = {"Authorization": f"Bearer {token}"}
+    out = []
+    loaders = {}
+    try:
+        for name, srv in servers.items():
+            loaders[name] = _SessionLoader(srv.url, adapter, policy, slo_s, token=token)
+            await loaders[name].open()
+        async with httpx.AsyncClient(timeout=600) as http:
+            for ci, conv in enumerate(sessions[:n_sessions]):
+                sid = f"ttft{ci}"
+                for srv in servers.values():
+                    r = await http.post(f"{srv.url}/v1/sessions", json={"id": sid}, headers=hdr)
+                    assert r.status_code == 201, r.text
+                hist: list[int] = []
+                run = adapter.make_cache()
+                pending = list(conv.system)
+                for turn, (q, a) in enumerate(conv.turns):
+                    if turn > 0 and turn % every == 0:
+                        row = {"session": ci, "turn": turn + 1, "history_tokens": len(hist), "new_tokens": len(q)}
+                        t0 = time.perf_counter()
+                        cache = adapter.make_cache()
+                        first = int(adapter.extend(cache, hist + q)[-1].argmax())
+                        row["recompute_s"] = time.perf_counter() - t0
+                        del cache
+                        for name, cl in loaders.items():
+                            res = await cl.load(sid, prompt_ids=q)
+                            row[f"hit_{name}_s"] = res.report.ttft_s
+                            row[f"load_{name}_s"] = res.report.load_s
+                            row[f"same_first_token_{name}"] = res.first_token == first
+                            row[f"choices_{name}"] = res.report.counts()
+                            row[f"tier_{name}"] = (cl.last or {}).get("tier")
+                            row["history_bytes"] = sum(c.sizes.get("fp16", 0) for c in res.manifest.chunks)
+                        out.append(row)
+                        print(f"  turn {turn + 1}: history {len(hist)} tokens, recompute {row['recompute_s']:.3f} s, "
+                              + ", ".join(f"{n} {row[f'hit_{n}_s']:.3f} s" for n in loaders), flush=True)
+                    new = pending + q + a
+                    pending = []
+                    adapter.extend(run, new)
+                    k, v = adapter.cache_to_tensors(run, len(hist))
+                    body = pack_kv(new, k, v, fingerprint=adapter.info.fingerprint, dtype="float16")
+                    for srv in servers.values():
+                        r = await http.post(f"{srv.url}/v1/sessions/{sid}/turns", content=body,
+                                            params={"start": len(hist), "turn": turn},
+                                            headers={**hdr, "Content-Type": CONTENT_TYPE})
+                        assert r.status_code == 201, r.text
+                    hist = hist + new
+    finally:
+        for cl in loaders.values():
+            await cl.close()
+        for srv in servers.values():
+            srv.stop()
+    return out
+
+
 BUCKETS = [(0, 500), (500, 1000), (1000, 2000), (2000, 3000), (3000, 1 << 30)]
 
 
@@ -468,6 +549,10 @@ def main(argv=None) -> int:
     ap.add_argument("--ttft-sessions", type=int, default=None, help="sessions measured with the real model")
     ap.add_argument("--ttft-every", type=int, default=None, help="measure every n-th turn of them")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--http", action="store_true",
+                    help="TTFT part through the service: real streamers over HTTP, history loaded by the loader")
+    ap.add_argument("--http-policy", default="fp16", help="loader policy for the history with --http (fp16)")
+    ap.add_argument("--http-slo", type=float, default=None, help="loader SLO with --http (default none)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     k = args.topics_per_session
@@ -523,8 +608,12 @@ def main(argv=None) -> int:
               f"(mean {mean_turns:.1f} turns, final {np.mean(final_tokens):.0f} tokens, history at turns >= 2 "
               f"{min(hist_at)}-{max(hist_at)}, mean {np.mean(hist_at):.0f}); service {args.service}, load {args.load}, "
               f"think {args.think_s} s, {args.slots} slots; no-cache server: mean queue {base['queue_mean']:.1f}")
-        ttft_rows = asyncio.run(measure_ttft(adapter, sessions, folder, redis_url, args.ttft_sessions,
-                                             args.ttft_every))
+        if args.http:
+            ttft_rows = asyncio.run(measure_ttft_http(adapter, sessions, folder, redis_url, args.ttft_sessions,
+                                                      args.ttft_every, args.http_policy, args.http_slo))
+        else:
+            ttft_rows = asyncio.run(measure_ttft(adapter, sessions, folder, redis_url, args.ttft_sessions,
+                                                 args.ttft_every))
         costs = fit_costs(ttft_rows, tier_names) if ttft_rows else None
         rows = []
         for frac, policy in [(f, p.strip()) for f in fracs for p in args.policies.split(",") if p.strip()]:
@@ -584,6 +673,8 @@ def main(argv=None) -> int:
             r["ttft_by_history"] = buckets
             r["ttft_cost_model"] = costs
             r["params"] = {kk: (str(v) if isinstance(v, Path) else v) for kk, v in vars(args).items()}
+            r["loadavg"] = Path("/proc/loadavg").read_text().split()[:3]
+            r["ttft_rows"] = ttft_rows
     finally:
         if proc is not None:
             proc.terminate()
