@@ -43,6 +43,8 @@ _DEFINITIONS: dict[str, tuple] = {
     "uploads_total": ("counter", "context uploads by kind and outcome", ("kind", "outcome")),
     "chunks_encoded_total": ("counter", "chunks encoded (all levels each)", ()),
     "chunks_reused_total": ("counter", "chunks already stored and not re-encoded", ()),
+    "prefix_lookups_total": ("counter", "POST /v1/lookup answers by outcome (hit, miss)", ("outcome",)),
+    "prefix_hit_tokens_total": ("counter", "tokens of the stored prefixes POST /v1/lookup found", ()),
     "uploads_in_progress": ("gauge", "uploads being received or encoded", ()),
     "store_objects": ("gauge", "objects held by each store tier", ("tier",)),
     "store_bytes": ("gauge", "payload bytes held by each store tier", ("tier",)),
