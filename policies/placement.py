@@ -36,7 +36,8 @@ Contract (who calls what, when, in which units):
   all to the per-tier cascade, where a drop can only ever be an entry of the last tier.
 
 Registry: :func:`make_placement` (``"lru"``, ``"fifo"``, ``"scheduler"``, and the global-order
-baselines ``"lru-global"``, ``"fifo-global"``), :func:`register_placement`
+baselines ``"lru-global"``, ``"fifo-global"``; ``"scheduler-size"``: the scheduler-aware policy with
+unqueued entries ordered by idle time x bytes instead of LRU), :func:`register_placement`
 (duplicate names are rejected), :func:`placement_names`.
 """
 
@@ -177,6 +178,9 @@ class SchedulerAwarePlacement(PlacementPolicy):
     * **global drops** (:meth:`drop_order`): when the store as a whole must shed bytes, the entries
       that leave are the first in victim order *over all tiers* and outside the eviction window --
       not whichever entry happens to be last in the tier a cascade ends in;
+    * ``unqueued="size"`` (registered as ``scheduler-size``): unqueued entries leave in order of
+      (store clock - last access) x bytes, largest first -- GreedyDual-Size's idea: a long history
+      frees the most room and, late in its conversation, has the fewest turns left to hit;
     * **prefetch window** = free tier-0 bytes // ``mean``, where free counts the bytes held in tier
       0 by unqueued entries (the first victims, so they make room for a prefetch): that many of the
       queued sessions that are not in tier 0, in queue order, are brought up, next first.
@@ -184,8 +188,12 @@ class SchedulerAwarePlacement(PlacementPolicy):
 
     name = "scheduler"
 
-    def __init__(self, *, prefetch_window: int | None = None, eviction_window: int | None = None):
+    def __init__(self, *, prefetch_window: int | None = None, eviction_window: int | None = None,
+                 unqueued: str = "lru"):
         super().__init__()
+        if unqueued not in ("lru", "size"):
+            raise PlacementError(f"unqueued must be 'lru' or 'size', got {unqueued!r}")
+        self.unqueued = unqueued
         for n, v in (("prefetch_window", prefetch_window), ("eviction_window", eviction_window)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 raise PlacementError(f"{n} must be an int >= 0, got {v!r}")
@@ -219,6 +227,10 @@ class SchedulerAwarePlacement(PlacementPolicy):
     def _order(self, candidates: Sequence[EntryView], incoming: EntryView | None) -> list[EntryView]:
         floor = self.rank(incoming.key) if incoming is not None else -1
         allowed = [e for e in candidates if self.rank(e.key) >= floor and (incoming is None or e.key != incoming.key)]
+        if self.unqueued == "size":  # unqueued: idle time x bytes, largest first (GreedyDual-Size-like)
+            now = max((e.last_access for e in allowed), default=0) + 1
+            return sorted(allowed, key=lambda e: (-self.rank(e.key), -(now - e.last_access) * e.nbytes
+                                                  if self.rank(e.key) == math.inf else e.last_access, e.key))
         return sorted(allowed, key=lambda e: (-self.rank(e.key), e.last_access, e.key))
 
     def victims(self, tier, need_bytes, candidates, incoming, tiers):
@@ -278,5 +290,6 @@ def make_placement(spec: str | PlacementPolicy, **kwargs) -> PlacementPolicy:
 register_placement("lru", LruPlacement)
 register_placement("fifo", FifoPlacement)
 register_placement("scheduler", SchedulerAwarePlacement)
+register_placement("scheduler-size", lambda **kw: SchedulerAwarePlacement(unqueued="size", **kw))
 register_placement("lru-global", GlobalLruPlacement)
 register_placement("fifo-global", GlobalFifoPlacement)

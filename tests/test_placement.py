@@ -277,3 +277,18 @@ def test_global_baselines_drop_the_store_wide_lru_or_fifo_victim(tmp_path):
         assert {"lru-global", "fifo-global"} <= set(placement_names())
 
     asyncio.run(go())
+
+
+def test_scheduler_size_orders_unqueued_by_idle_time_times_bytes():
+    """scheduler-size: among unqueued entries the largest idle x bytes goes first (a big, recently
+    used history before a small older one, where LRU-among-unqueued takes the older); queued entries
+    still come last, from the back of the queue."""
+    p = make_placement("scheduler-size")
+    p.set_queue(["q1", "q2"])
+    cands = [ev("small-old", 100, last=5), ev("big-new", 1000, last=8), ev("q1", 50, last=1), ev("q2", 50, last=2)]
+    assert p.victims(0, 1, cands, None, TIERS) == ["big-new", "small-old", "q2", "q1"]
+    s = make_placement("scheduler")
+    s.set_queue(["q1", "q2"])
+    assert s.victims(0, 1, cands, None, TIERS) == ["small-old", "big-new", "q2", "q1"]
+    with pytest.raises(PlacementError):
+        SchedulerAwarePlacement(unqueued="mru")
