@@ -59,9 +59,9 @@ class Settings(BaseSettings):
     fsync: bool = True
     # multi-turn sessions (/v1/sessions): the tier hierarchy, fastest first, NAME:BYTES joined by "+"
     # (gpu | memory | disk | redis; disk under data_dir/sessions, Redis under redis_prefix + "sessions:"),
-    # and the placement policy that evicts / prefetches (scheduler | lru | fifo | lru-global | fifo-global)
+    # and the placement policy that evicts / prefetches (scheduler-size | scheduler | lru | fifo | lru-global | fifo-global)
     session_tiers: str = "memory:256M+disk:4G"
-    session_placement: str = "scheduler"
+    session_placement: str = "scheduler-size"
     # model and codec
     model: str = DEFAULT_MODEL  # a model name/path, "tiny-random" or "tiny-random-LxHxD" (tests, benches)
     cache_dir: Path | None = None  # converted models and codec profiles (default ~/.cache/ctxstream)
