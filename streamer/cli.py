@@ -36,7 +36,7 @@ def register(sub) -> None:
     p.add_argument("--session-tiers", dest="session_tiers", default=None, metavar="NAME:BYTES+...",
                    help="session tier hierarchy, fastest first (memory:256M+disk:4G; gpu|memory|disk|redis)")
     p.add_argument("--session-placement", dest="session_placement", default=None,
-                   help="session placement policy: scheduler (default), lru, fifo, lru-global, fifo-global")
+                   help="session placement policy: scheduler-size (default), scheduler, lru, fifo, lru-global, fifo-global")
     p.add_argument("--model", default=None,
                    help="model name or path (default: the default model); tiny-random for tests")
     p.add_argument("--cache-dir", dest="cache_dir", type=Path, default=None,
