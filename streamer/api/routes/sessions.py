@@ -222,6 +222,8 @@ async def append_turn(sid: str, request: Request, start: int | None = Query(None
             role, system, turn = _turn_meta(payload.get("role", "turn"), payload.get("system", False),
                                             payload.get("turn", -1))
             start = payload.get("start", base)
+            if isinstance(start, bool) or not isinstance(start, int):
+                raise HTTPException(400, '"start" must be an integer (the tokens the session holds)')
             if start != base:
                 raise HTTPException(409, f"session {sid} holds {base} tokens; the turn starts at {start}")
             if base + len(ids) > svc.max_tokens:
