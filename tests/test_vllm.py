@@ -54,3 +54,206 @@ def test_lookup_rejects_bad_input(streamer):
     assert lookup(streamer, [1, -1]).status_code == 422
     assert httpx.post(streamer.url + "/v1/lookup", json={"text": "hi"}, headers=auth(), timeout=10).status_code == 400
     assert lookup(streamer, [1, 2], min_tokens="x").status_code == 400
+
+
+# --------------------------------------------------------------------------- the real engine
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from conftest import ROOT, TOKENS, TENANT_TOKEN, free_port  # noqa: E402
+
+VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
+ENGINE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) -> None:
+    t_end = time.monotonic() + timeout_s
+    while time.monotonic() < t_end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: process exited {proc.returncode}; log tail:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"{url} not up after {timeout_s} s; log tail:\n{log.read_text()[-3000:]}")
+
+
+class KillSwitchProxy:
+    """A TCP proxy in front of the streamer that SIGKILLs the streamer process when a request for chunk
+    ``kill_at_chunk`` of a context passes through it while armed (the streamer dies mid-load)."""
+
+    def __init__(self, target_port: int, victim: subprocess.Popen):
+        self.target_port, self.victim = target_port, victim
+        self.armed: int | None = None
+        self.killed = threading.Event()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=30)
+        except OSError:
+            client.close()
+            return
+
+        def pump(src, dst, inspect):
+            try:
+                while True:
+                    data = src.recv(65536)
+                    if not data:
+                        break
+                    if inspect and self.armed is not None and f"/chunks/{self.armed}?".encode() in data:
+                        self.victim.send_signal(signal.SIGKILL)
+                        self.victim.wait()
+                        self.killed.set()
+                        break
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (src, dst):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        threading.Thread(target=pump, args=(upstream, client, False), daemon=True).start()
+        pump(client, upstream, True)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    """A streamer (SmolLM2-135M, memory store, chunks of 256) behind a kill-switch proxy, and one vLLM
+    OpenAI server with the ctxstream connector (tenant acme, policy fp16 unless a request overrides)."""
+    setup = subprocess.run(["bash", str(ROOT / "scripts" / "setup_vllm.sh")], capture_output=True, text=True)
+    if setup.returncode != 0 or not VLLM_PY.exists():
+        pytest.skip(f"the vLLM venv could not be made (scripts/setup_vllm.sh): {setup.stderr[-800:]}")
+    from ctxstream.model import ensure_default_model
+
+    model = str(ensure_default_model())
+    tmp = tmp_path_factory.mktemp("vllm")
+    procs = []
+    s_port, v_port = free_port(), free_port()
+    s_log = tmp / "streamer.log"
+    toks = [a for tok, tenant in TOKENS.items() for a in ("--token", f"{tenant}:{tok}")]
+    streamer = subprocess.Popen([sys.executable, "-m", "ctxstream.cli", "serve", "--port", str(s_port), "--store",
+                                 "memory", "--log-level", "warning", *toks], cwd=ROOT,
+                                stdout=s_log.open("w"), stderr=subprocess.STDOUT)
+    procs.append(streamer)
+    try:
+        _wait_http(f"http://127.0.0.1:{s_port}/healthz", streamer, 180, s_log)
+        proxy = KillSwitchProxy(s_port, streamer)
+        cfg = {"kv_connector": "CtxstreamConnector", "kv_connector_module_path": "ctxstream.integrations.vllm",
+               "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+               "kv_connector_extra_config": {"url": f"http://127.0.0.1:{proxy.port}", "token": TENANT_TOKEN["acme"],
+                                             "model": model, "policy": "fp16", "ttft_budget_s": 30.0}}
+        v_log = tmp / "vllm.log"
+        vllm = subprocess.Popen([str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+                                 "--dtype", "float32", "--port", str(v_port), "--max-model-len", "2048",
+                                 "--no-enable-prefix-caching", "--enforce-eager", "--kv-transfer-config",
+                                 json.dumps(cfg)], cwd=ROOT, env={**os.environ, **ENGINE_ENV},
+                                stdout=v_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(vllm)
+        _wait_http(f"http://127.0.0.1:{v_port}/health", vllm, 600, v_log)
+        yield {"vllm": f"http://127.0.0.1:{v_port}", "streamer": f"http://127.0.0.1:{s_port}", "proxy": proxy,
+               "model": model, "vllm_log": v_log, "streamer_proc": streamer}
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+PROMPT = (ROOT / "README.md").read_text()[:2600]  # ~800 tokens: 3 whole chunks of 256
+
+
+def complete(eng, prompt=PROMPT, ctxstream=None, max_tokens=16) -> dict:
+    body = {"model": eng["model"], "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logprobs": 1}
+    if ctxstream:
+        body["kv_transfer_params"] = {"ctxstream": ctxstream}
+    t = time.perf_counter()
+    r = httpx.post(eng["vllm"] + "/v1/completions", json=body, timeout=600)
+    assert r.status_code == 200, r.text
+    out = r.json()["choices"][0]
+    return {"text": out["text"], "logprobs": out["logprobs"]["token_logprobs"], "s": time.perf_counter() - t}
+
+
+def streamer_metric(eng, sample, **labels) -> float:
+    return metric(httpx.get(eng["streamer"] + "/metrics", timeout=10).text, sample, **labels) or 0.0
+
+
+def wait_saved(eng, n_uploads: int, timeout_s: float = 300) -> None:
+    t_end = time.monotonic() + timeout_s
+    while streamer_metric(eng, "ctxstream_uploads_total", kind="application/json", outcome="ok") < n_uploads:
+        assert time.monotonic() < t_end, "the connector's save never reached the streamer"
+        time.sleep(0.5)
+
+
+def test_vllm_second_request_loads_from_ctxstream_and_answers_the_same(engine):
+    first = complete(engine)
+    wait_saved(engine, 1)  # the finished request was uploaded (token ids) in the background
+    hits0 = streamer_metric(engine, "ctxstream_prefix_lookups_total", outcome="hit")
+    fp16_0 = streamer_metric(engine, "ctxstream_chunks_served_total", level="fp16")
+    second = complete(engine)
+    assert streamer_metric(engine, "ctxstream_prefix_lookups_total", outcome="hit") == hits0 + 1
+    assert streamer_metric(engine, "ctxstream_chunks_served_total", level="fp16") == fp16_0 + 3  # 768 tokens
+    assert second["text"] == first["text"]  # greedy, fp16 KV
+    # a lossy level: loaded (q chunks served), and the greedy answer's log-probabilities stay close
+    q0 = streamer_metric(engine, "ctxstream_chunks_served_total", level="q1")
+    third = complete(engine, ctxstream={"policy": "fixed:q1"})
+    assert streamer_metric(engine, "ctxstream_chunks_served_total", level="q1") == q0 + 3
+    # greedy decoding from slightly different KV may part ways after a few tokens: the tokens up to the
+    # first divergence (at least 4) carry nearly the exact log-probabilities
+    same = 0
+    for a, b in zip(third["logprobs"], first["logprobs"]):
+        if abs(a - b) > 0.5:  # another token was chosen
+            break
+        same += 1
+    diff = sum(abs(a - b) for a, b in zip(third["logprobs"][:same], first["logprobs"][:same])) / max(same, 1)
+    assert same >= 4 and diff < 0.15, (third, first, same, diff)
+
+
+def test_vllm_other_tenant_never_hits(engine):
+    complete(engine)  # acme's prompt is stored (by the test above or now)
+    hits0 = streamer_metric(engine, "ctxstream_prefix_lookups_total", outcome="hit")
+    misses0 = streamer_metric(engine, "ctxstream_prefix_lookups_total", outcome="miss")
+    complete(engine, ctxstream={"token": TENANT_TOKEN["umbrella"]})
+    assert streamer_metric(engine, "ctxstream_prefix_lookups_total", outcome="hit") == hits0
+    assert streamer_metric(engine, "ctxstream_prefix_lookups_total", outcome="miss") == misses0 + 1
+
+
+def test_vllm_streamer_killed_mid_load_request_still_completes(engine):
+    reference = complete(engine, ctxstream={"token": TENANT_TOKEN["umbrella"]})  # a miss: computed by vLLM
+    engine["proxy"].armed = 1  # the streamer dies when chunk 1 is requested: chunk 0 loaded, the rest recomputed
+    got = complete(engine)
+    assert engine["proxy"].killed.is_set()
+    assert engine["streamer_proc"].poll() is not None
+    assert got["text"] == reference["text"]
+    # and the engine keeps serving with its streamer gone (lookups fail: computed)
+    assert complete(engine)["text"] == reference["text"]

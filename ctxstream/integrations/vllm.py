@@ -124,10 +124,11 @@ class PrefixHit:
     manifest_json: str | None
 
 
-def lookup_prefix(cfg: ConnectorConfig, token_ids: Sequence[int]) -> PrefixHit:
-    """``POST /v1/lookup``; a miss (0 tokens) on any failure (logged): the engine computes instead."""
+def lookup_prefix(cfg: ConnectorConfig, token_ids: Sequence[int], token: str | None = None) -> PrefixHit:
+    """``POST /v1/lookup`` (as ``token``'s tenant, default the config's); a miss (0 tokens) on any
+    failure (logged): the engine computes instead."""
     try:
-        got = _post_json(cfg.url.rstrip("/") + "/v1/lookup", cfg.token, {"token_ids": list(token_ids)},
+        got = _post_json(cfg.url.rstrip("/") + "/v1/lookup", token or cfg.token, {"token_ids": list(token_ids)},
                          cfg.lookup_timeout_s)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         log.warning("ctxstream lookup failed (%s): computing the prompt", exc)
@@ -149,6 +150,27 @@ class LoadSpec:
     block_ids: list[int]
     skip_tokens: int
     tokens: int
+    overrides: "RequestOverrides | None" = None
+
+
+@dataclass(frozen=True)
+class RequestOverrides:
+    """Per request, from ``kv_transfer_params: {"ctxstream": {"token"?, "policy"?, "levels"?}}`` of the
+    OpenAI request: another tenant's token (its lookups and fetches), another policy or level set."""
+
+    token: str | None = None
+    policy: str | None = None
+    levels: tuple[str, ...] | None = None
+
+    @classmethod
+    def of(cls, request) -> "RequestOverrides | None":
+        params = getattr(request, "kv_transfer_params", None) or {}
+        d = params.get("ctxstream") if isinstance(params, dict) else None
+        if not isinstance(d, dict):
+            return None
+        levels = d.get("levels")
+        return cls(str(d["token"]) if d.get("token") else None, str(d["policy"]) if d.get("policy") else None,
+                   tuple(str(x) for x in levels) if isinstance(levels, list) else None)
 
 
 @dataclass
@@ -186,6 +208,7 @@ class PrefixLoader:
                                     token=cfg.token, context=self.context, sink="cpu",
                                     plan=PlanOptions(levels=cfg.levels, calibrate_on_open=False))
         self.est = ThroughputEstimator(self.context.throughput_prior(cfg.url) or self.context.prior_bps)
+        self._fetchers: dict = {}  # token -> Fetcher (per-request tenants)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="ctxstream-connector", daemon=True)
         self._thread.start()
@@ -196,14 +219,29 @@ class PrefixLoader:
 
     def close(self) -> None:
         try:
+            for f in self._fetchers.values():
+                self._run(f.close(), 10.0)
             self._run(self.loader.close(), 10.0)
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
 
-    def load(self, context_id: str, manifest: Manifest, end_tokens: int, write) -> LoadOutcome:
-        return self._run(self._load(context_id, manifest, end_tokens, write), self.cfg.load_timeout_s)
+    def load(self, context_id: str, manifest: Manifest, end_tokens: int, write,
+             overrides: RequestOverrides | None = None) -> LoadOutcome:
+        return self._run(self._load(context_id, manifest, end_tokens, write, overrides or RequestOverrides()),
+                         self.cfg.load_timeout_s)
 
-    async def _load(self, context_id: str, manifest: Manifest, end_tokens: int, write) -> LoadOutcome:
+    def _fetcher(self, token: str | None):
+        from ctxstream.loader.fetcher import Fetcher
+
+        if token is None or token == self.cfg.token:
+            return self.loader.fetcher
+        got = self._fetchers.get(token)
+        if got is None:
+            got = self._fetchers[token] = Fetcher(self.cfg.url, token=token, options=self.loader.fetcher.options)
+        return got
+
+    async def _load(self, context_id: str, manifest: Manifest, end_tokens: int, write,
+                    ov: RequestOverrides) -> LoadOutcome:
         from ctxstream.codec.quality import QualityEstimator
         from ctxstream.loader.fetcher import FetchFailed
         from ctxstream.loader.planner import Planner
@@ -213,9 +251,10 @@ class PrefixLoader:
         cl = self.loader
         codec = await cl.codec_for(manifest)
         cal = await cl.calibrate(codec)
-        usable = [lv for lv in manifest.levels if lv in codec.all_levels
-                  and (self.cfg.levels is None or lv in self.cfg.levels)]
-        planner = Planner(make_policy(self.cfg.policy), cal, manifest, usable, QualityEstimator(codec).prior(),
+        allowed = ov.levels if ov.levels is not None else self.cfg.levels
+        usable = [lv for lv in manifest.levels if lv in codec.all_levels and (allowed is None or lv in allowed)]
+        fetcher = self._fetcher(ov.token)
+        planner = Planner(make_policy(ov.policy or self.cfg.policy), cal, manifest, usable, QualityEstimator(codec).prior(),
                           self.cfg.ttft_budget_s)
         loaded, levels = 0, []
         for i, entry in enumerate(manifest.chunks):
@@ -226,7 +265,7 @@ class PrefixLoader:
             if d.choice == TEXT:  # a prefix plan: this chunk and all after are vLLM's to compute
                 return LoadOutcome(loaded, levels, time.perf_counter() - t0, d.error)
             try:
-                got = await cl.fetcher.chunk(context_id, entry, d.choice, self.est, codec.limits, d.timeout_s)
+                got = await fetcher.chunk(context_id, entry, d.choice, self.est, codec.limits, d.timeout_s)
                 keys, values = await asyncio.to_thread(codec.decode, got.data, start=entry.start)
                 await asyncio.to_thread(write, entry.start, keys, values)
             except (FetchFailed, CtxstreamError, ValueError, RuntimeError) as exc:
@@ -253,7 +292,7 @@ class CtxstreamConnector(KVConnectorBase_V1):
         self.block_size = vllm_config.cache_config.block_size
         # scheduler side
         self._hits: dict[str, tuple[PrefixHit, int]] = {}  # request id -> (its lookup, tokens vLLM had)
-        self._pending: dict[str, tuple[PrefixHit, int]] = {}  # request id -> (hit, tokens vLLM had)
+        self._pending: dict[str, tuple] = {}  # request id -> (hit, tokens vLLM had, overrides)
         self._saver: ThreadPoolExecutor | None = None
         self._saved_tokens = 0
         # worker side
@@ -268,7 +307,9 @@ class CtxstreamConnector(KVConnectorBase_V1):
             got = self._hits.get(request.request_id)
             if got is None:
                 prompt = list(request.prompt_token_ids or [])
-                hit = lookup_prefix(self.cfg, prompt[:-1]) if len(prompt) > 1 else PrefixHit(0, None, None)
+                ov = RequestOverrides.of(request)
+                hit = (lookup_prefix(self.cfg, prompt[:-1], ov.token if ov else None) if len(prompt) > 1
+                       else PrefixHit(0, None, None))
             else:
                 hit = got[0]
             self._hits[request.request_id] = (hit, num_computed_tokens)
@@ -281,7 +322,7 @@ class CtxstreamConnector(KVConnectorBase_V1):
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         got = self._hits.pop(request.request_id, None)
         if num_external_tokens > 0 and got is not None:
-            self._pending[request.request_id] = got
+            self._pending[request.request_id] = (*got, RequestOverrides.of(request))
 
     def build_connector_meta(self, scheduler_output) -> CtxstreamMetadata:
         meta = CtxstreamMetadata()
@@ -289,10 +330,10 @@ class CtxstreamConnector(KVConnectorBase_V1):
             got = self._pending.pop(new.req_id, None)
             if got is None:
                 continue
-            hit, computed = got
+            hit, computed, ov = got
             usable = hit.tokens // self.block_size * self.block_size
             meta.loads.append(LoadSpec(new.req_id, hit.context_id, hit.manifest_json, list(new.block_ids[0]),
-                                       computed, usable))
+                                       computed, usable, ov))
         return meta
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
@@ -303,12 +344,13 @@ class CtxstreamConnector(KVConnectorBase_V1):
             if len(ids) >= 2:
                 if self._saver is None:
                     self._saver = ThreadPoolExecutor(1, thread_name_prefix="ctxstream-save")
-                self._saver.submit(self._save, ids)
+                ov = RequestOverrides.of(request)
+                self._saver.submit(self._save, ids, (ov.token if ov else None) or self.cfg.token)
         return False, None
 
-    def _save(self, token_ids: list[int]) -> None:
+    def _save(self, token_ids: list[int], token: str) -> None:
         try:
-            _post_json(self.cfg.url.rstrip("/") + "/v1/contexts", self.cfg.token, {"token_ids": token_ids},
+            _post_json(self.cfg.url.rstrip("/") + "/v1/contexts", token, {"token_ids": token_ids},
                        self.cfg.save_timeout_s)
             self._saved_tokens += len(token_ids)
         except (urllib.error.URLError, OSError, ValueError) as exc:
@@ -338,7 +380,7 @@ class CtxstreamConnector(KVConnectorBase_V1):
                     raise RuntimeError("no loader (setup failed)")
                 manifest = Manifest.from_json(spec.manifest_json)
                 write = lambda start, k, v, spec=spec: self._write(layers, spec, start, k, v)  # noqa: E731
-                out = self._loader.load(spec.context_id, manifest, spec.tokens, write)
+                out = self._loader.load(spec.context_id, manifest, spec.tokens, write, spec.overrides)
                 self.outcomes.append(out)
                 loaded = max(loaded, min(out.loaded_tokens, spec.tokens))
                 log.info("ctxstream: request %s loaded %d of %d tokens (%s) in %.3f s%s", spec.req_id,
