@@ -17,4 +17,6 @@ if ! command -v redis-server >/dev/null 2>&1; then
     echo "WARNING: redis-server not found (and not root to install it): the Redis tests will be SKIPPED" >&2
   fi
 fi
+# vLLM in its own venv (.venv-vllm, scripts/setup_vllm.sh) for tests/test_vllm.py; they skip, saying why, without it
+bash "$ROOT/scripts/setup_vllm.sh" || echo "WARNING: scripts/setup_vllm.sh failed: the vLLM engine tests will be SKIPPED" >&2
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
