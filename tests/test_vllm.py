@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import httpx
 
-from conftest import auth, metric
+from conftest import TENANT_TOKEN, auth, metric
 
 
 def lookup(srv, ids, tenant="acme", **extra) -> httpx.Response:
@@ -54,6 +54,49 @@ def test_lookup_rejects_bad_input(streamer):
     assert lookup(streamer, [1, -1]).status_code == 422
     assert httpx.post(streamer.url + "/v1/lookup", json={"text": "hi"}, headers=auth(), timeout=10).status_code == 400
     assert lookup(streamer, [1, 2], min_tokens="x").status_code == 400
+
+
+# --------------------------------------------------------------------------- the connector's loading (no vLLM)
+def test_prefix_loader_plans_fetches_and_decodes_a_stored_prefix(streamer, tiny_adapter, tmp_path):
+    import torch
+
+    from ctxstream.integrations.vllm import ConnectorConfig, PrefixLoader, RequestOverrides, lookup_prefix
+    from ctxstream.manifest import Manifest
+
+    ids = [(5 * i) % 480 + 3 for i in range(200)]
+    assert httpx.post(streamer.url + "/v1/contexts", json={"token_ids": ids}, headers=auth(), timeout=60).status_code == 201
+    cfg = ConnectorConfig.from_extra({"url": streamer.url, "token": TENANT_TOKEN["acme"], "policy": "fp16",
+                                      "calibration_prefixes": [64], "cache_dir": str(tmp_path)})
+    hit = lookup_prefix(cfg, ids)
+    assert hit.tokens == 192
+    assert lookup_prefix(cfg, ids, TENANT_TOKEN["umbrella"]).tokens == 0
+    pl = PrefixLoader(cfg, adapter=tiny_adapter)
+    try:
+        man = Manifest.from_json(hit.manifest_json)
+        got = []
+        out = pl.load(hit.context_id, man, 192, lambda s, k, v: got.append((s, k, v)))
+        assert out.loaded_tokens == 192 and out.levels == ["fp16"] * 3 and out.error is None
+        assert [s for s, _k, _v in got] == [0, 64, 128]
+        keys, values = tiny_adapter.compute_kv(ids[:192])
+        k = torch.cat([k for _s, k, _v in got], dim=2)
+        v = torch.cat([v for _s, _k, v in got], dim=2)
+        assert torch.allclose(k.float(), keys, atol=1e-2) and torch.allclose(v.float(), values, atol=1e-2)
+        # a prefix plan: the policy recomputes -> nothing loaded; end_tokens bounds the chunks
+        assert pl.load(hit.context_id, man, 192, lambda *a: None, RequestOverrides(policy="text")).loaded_tokens == 0
+        assert pl.load(hit.context_id, man, 128, lambda *a: None).loaded_tokens == 128
+        # a write that fails (vLLM side) ends the prefix there, reported, never raised
+        def bad(s, k, v):
+            if s == 64:
+                raise RuntimeError("no room")
+        out = pl.load(hit.context_id, man, 192, bad)
+        assert out.loaded_tokens == 64 and "no room" in out.error
+        # the streamer gone: the load reports, the lookup misses
+        streamer.stop()
+        out = pl.load(hit.context_id, man, 192, lambda *a: None)
+        assert out.loaded_tokens == 0 and out.error
+        assert lookup_prefix(cfg, ids).tokens == 0
+    finally:
+        pl.close()
 
 
 # --------------------------------------------------------------------------- the real engine

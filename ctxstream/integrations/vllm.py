@@ -91,6 +91,7 @@ class ConnectorConfig:
     save_timeout_s: float = 120.0
     load_timeout_s: float = 60.0
     calibration_prefixes: tuple[int, ...] = (256, 1024)
+    cache_dir: str | None = None  # the LoaderContext's (calibrations, profiles); default ~/.cache/ctxstream
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> "ConnectorConfig":
@@ -208,7 +209,7 @@ class PrefixLoader:
 
         self.cfg = cfg
         self.adapter = adapter if adapter is not None else ModelAdapter.load(cfg.model)
-        self.context = LoaderContext(calibration_prefixes=cfg.calibration_prefixes)
+        self.context = LoaderContext(cache_dir=cfg.cache_dir, calibration_prefixes=cfg.calibration_prefixes)
         self.loader = ContextLoader(cfg.url, model=self.adapter, policy=cfg.policy, slo_s=cfg.ttft_budget_s,
                                     token=cfg.token, context=self.context, sink="cpu",
                                     plan=PlanOptions(levels=cfg.levels, calibrate_on_open=False))
