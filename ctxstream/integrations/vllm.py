@@ -92,6 +92,9 @@ class ConnectorConfig:
     load_timeout_s: float = 60.0
     calibration_prefixes: tuple[int, ...] = (256, 1024)
     cache_dir: str | None = None  # the LoaderContext's (calibrations, profiles); default ~/.cache/ctxstream
+    # the link's throughput before its first sample (default the LoaderContext's 10 Mbit/s): a prefix plan
+    # stops at the first chunk left to recompute, so a prior far below the link never gets a sample
+    prior_bps: float | None = None
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> "ConnectorConfig":
@@ -209,7 +212,8 @@ class PrefixLoader:
 
         self.cfg = cfg
         self.adapter = adapter if adapter is not None else ModelAdapter.load(cfg.model)
-        self.context = LoaderContext(cache_dir=cfg.cache_dir, calibration_prefixes=cfg.calibration_prefixes)
+        self.context = LoaderContext(cache_dir=cfg.cache_dir, calibration_prefixes=cfg.calibration_prefixes,
+                                     **({"prior_bps": float(cfg.prior_bps)} if cfg.prior_bps else {}))
         self.loader = ContextLoader(cfg.url, model=self.adapter, policy=cfg.policy, slo_s=cfg.ttft_budget_s,
                                     token=cfg.token, context=self.context, sink="cpu",
                                     plan=PlanOptions(levels=cfg.levels, calibrate_on_open=False))
@@ -311,6 +315,12 @@ class CtxstreamConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config, role, kv_cache_config=None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self.cfg = ConnectorConfig.from_extra(self._kv_transfer_config.kv_connector_extra_config)
+        ours, theirs = logging.getLogger("ctxstream"), logging.getLogger("vllm")
+        if not ours.handlers and theirs.handlers:  # the connector's log lines in vLLM's log
+            for h in theirs.handlers:
+                ours.addHandler(h)
+            ours.setLevel(logging.INFO)
+            ours.propagate = False
         if self._kv_transfer_config.kv_load_failure_policy != "recompute":
             log.warning('ctxstream connector: set "kv_load_failure_policy": "recompute", else a chunk the '
                         "policy leaves to recompute (or a failed fetch) fails the request")
