@@ -291,18 +291,32 @@ class PrefixLoader:
                 break
             d = planner.decide(i, elapsed_s=time.perf_counter() - t0, throughput_bps=est.estimate(),
                                throughput_err=est.error(), latency_s=0.0, backlog_s=0.0)
-            if d.choice == TEXT:  # a prefix plan: this chunk and all after are vLLM's to compute
-                return LoadOutcome(loaded, levels, time.perf_counter() - t0, d.error)
+            choice, timeout_s = d.choice, d.timeout_s
+            if choice == TEXT:
+                # The policies plan "recompute these chunks while the network fetches the rest"; here vLLM
+                # computes only after the load, so the same plan runs as a prefix plan: its fetched chunks
+                # first, its recomputed ones at the end. All text (or no plan): vLLM computes from here.
+                later = [c for c in getattr(planner.policy, "last_plan", ())[1:] if c != TEXT and c in entry.sizes]
+                if not later or d.error:
+                    return LoadOutcome(loaded, levels, time.perf_counter() - t0, d.error)
+                choice = later[0]
+                planner.used[i] = choice
+                timeout_s = planner.policy.fetch_timeout_s(d.state, choice)
             try:
-                got = await fetcher.chunk(context_id, entry, d.choice, est, codec.limits, d.timeout_s)
+                try:
+                    got = await fetcher.chunk(context_id, entry, choice, est, codec.limits, timeout_s)
+                except FetchFailed as exc:
+                    if exc.nbytes > 0 and exc.seconds > 0:  # what did arrive says how fast the link is
+                        est.add(exc.nbytes, exc.seconds)
+                    raise
                 keys, values = await asyncio.to_thread(codec.decode, got.data, start=entry.start)
                 await asyncio.to_thread(write, entry.start, keys, values)
             except (FetchFailed, CtxstreamError, ValueError, RuntimeError) as exc:
                 log.warning("ctxstream chunk %d of %s (%s): %s; vLLM recomputes from token %d",
-                            i, context_id, d.choice, exc, entry.start)
+                            i, context_id, choice, exc, entry.start)
                 return LoadOutcome(loaded, levels, time.perf_counter() - t0, f"chunk {i}: {exc}")
             loaded = entry.start + entry.tokens
-            levels.append(d.choice)
+            levels.append(choice)
         if est is self.est and est.samples:
             self.context.remember_throughput(self.cfg.url, self.est.estimate())
         return LoadOutcome(loaded, levels, time.perf_counter() - t0)
