@@ -47,6 +47,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -348,7 +349,7 @@ class CtxstreamConnector(KVConnectorBase_V1):
         self._loader: PrefixLoader | None = None
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._errors: set[int] = set()
-        self.outcomes: list[LoadOutcome] = []
+        self.outcomes: deque[LoadOutcome] = deque(maxlen=256)  # the last loads, for inspection
 
     # ---------------------------------------------------------------- scheduler side
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -382,6 +383,16 @@ class CtxstreamConnector(KVConnectorBase_V1):
             hit, computed, ov = got
             usable = hit.tokens // self.block_size * self.block_size
             meta.loads.append(LoadSpec(new.req_id, hit.context_id, hit.manifest_json, list(new.block_ids[0]),
+                                       computed, usable, ov))
+        # a preempted request resumed: its claimed prefix is loaded again (its new block ids are all its blocks)
+        cached = scheduler_output.scheduled_cached_reqs
+        resumed = getattr(cached, "resumed_req_ids", set())
+        for i, req_id in enumerate(cached.req_ids):
+            if req_id not in resumed or req_id not in self._pending or cached.new_block_ids[i] is None:
+                continue
+            hit, computed, ov = self._pending.pop(req_id)
+            usable = hit.tokens // self.block_size * self.block_size
+            meta.loads.append(LoadSpec(req_id, hit.context_id, hit.manifest_json, list(cached.new_block_ids[i][0]),
                                        computed, usable, ov))
         return meta
 
