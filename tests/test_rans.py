@@ -156,6 +156,9 @@ def test_normalize_counts():
         (33, 1, 1, 2, True),
         (8, 0, 1, 1, True),  # empty streams
         (0, 16, 4, 1, True),  # no streams
+        (45, 1024, 512, 9, True),  # per-token tables: the C kernels fill table offsets block by block
+        (13, 768, 768, 5, False),  # period of three 256-symbol blocks, scalar streams only
+        (41, 640, 320, 6, True),  # a long period that is not whole blocks: filled once
     ],
 )
 def test_roundtrip(impl, n_streams, stream_len, period, n_tables, skewed):

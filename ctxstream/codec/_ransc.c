@@ -134,6 +134,22 @@ static long long encode_all(const uint8_t *sym, const uint16_t *ti, const EncSym
  * from the number of words consumed). Returns 0 or the error code of decode(). */
 #define DEC_BLK 256
 
+/* Table offsets of streams j0 .. j0+K-1 for phases ph0 .. ph0+nph-1: toff[i * K + k]. A period
+ * longer than one block (per-token tables: period = tokens x D) is filled block by block, so the
+ * kernels read DEC_BLK x K offsets that stay in cache instead of period x K. */
+static inline void fill_toff(uint32_t *toff, const uint16_t *ti, size_t period, size_t j0, size_t K,
+                             size_t ph0, size_t nph)
+{
+    for (size_t k = 0; k < K; k++) {
+        const uint16_t *row = ti + (j0 + k) * period + ph0;
+        for (size_t i = 0; i < nph; i++)
+            toff[i * K + k] = (uint32_t)row[i] << PROB_BITS;
+    }
+}
+
+/* Whether the offsets are filled per block (see fill_toff); else the whole period once. */
+static inline int blockwise_toff(size_t period) { return period > DEC_BLK && period % DEC_BLK == 0; }
+
 #define DEFINE_DEC(K)                                                                           \
     static uint64_t dec_group_##K(const uint16_t *wbase, const uint64_t *off,                   \
                                   const uint32_t *sizes, const uint32_t *states,                \
@@ -147,12 +163,17 @@ static long long encode_all(const uint8_t *sym, const uint16_t *ti, const EncSym
         for (int k = 0; k < K; k++) {                                                           \
             x[k] = states[j0 + k];                                                              \
             wp[k] = wbase + off[k];                                                             \
-            for (size_t ph = 0; ph < period; ph++)                                              \
-                toff[ph * K + k] = (uint32_t)ti[(j0 + k) * period + ph] << PROB_BITS;           \
         }                                                                                       \
-        const uint32_t *to = toff, *to_end = toff + period * K;                                 \
+        const int blockwise = blockwise_toff(period);                                           \
+        if (!blockwise)                                                                         \
+            fill_toff(toff, ti, period, j0, K, 0, period);                                      \
+        const uint32_t *to = toff, *to_end = toff + (blockwise ? DEC_BLK : period) * K;         \
         for (size_t p0 = 0; p0 < len; p0 += DEC_BLK) {                                          \
             size_t nb = len - p0 < DEC_BLK ? len - p0 : DEC_BLK;                                \
+            if (blockwise) {                                                                    \
+                fill_toff(toff, ti, period, j0, K, p0 % period, nb);                            \
+                to = toff;                                                                      \
+            }                                                                                   \
             for (size_t i = 0; i < nb; i++) {                                                   \
                 for (int k = 0; k < K; k++) {                                                   \
                     uint32_t xs = x[k];                                                         \
@@ -242,9 +263,9 @@ AVX2_FN static inline __m256i shuf_const(int s)
             wo[v] = _mm256_loadu_si256((const __m256i *)(off + 8 * v));                         \
             acc[v] = _mm256_setzero_si256();                                                    \
         }                                                                                       \
-        for (int k = 0; k < NS; k++)                                                            \
-            for (size_t ph = 0; ph < period; ph++)                                              \
-                toff[ph * NS + k] = (uint32_t)ti[(j0 + k) * period + ph] << PROB_BITS;          \
+        const int blockwise = blockwise_toff(period);                                           \
+        if (!blockwise)                                                                         \
+            fill_toff(toff, ti, period, j0, NS, 0, period);                                     \
         const __m256i m12 = _mm256_set1_epi32(PROB_SCALE - 1), one = _mm256_set1_epi32(1);      \
         const __m256i zero = _mm256_setzero_si256();                                            \
         const __m256i sh0 = shuf_const(0), sh1 = shuf_const(1), sh2 = shuf_const(2);            \
@@ -253,6 +274,10 @@ AVX2_FN static inline __m256i shuf_const(int s)
         for (size_t p0 = 0; p0 < len; p0 += DEC_BLK) {                                          \
             size_t nb = len - p0 < DEC_BLK ? len - p0 : DEC_BLK;                                \
             size_t nq = nb / 4, rem = nb % 4;                                                   \
+            if (blockwise) {                                                                    \
+                fill_toff(toff, ti, period, j0, NS, p0 % period, nb);                           \
+                ph = 0;                                                                         \
+            }                                                                                   \
             for (size_t q = 0; q < nq; q++) {                                                   \
                 AVX2_STEP(DV, 0, sh0);                                                          \
                 AVX2_STEP(DV, 1, sh1);                                                          \
@@ -316,7 +341,7 @@ static uint64_t decode_all(const uint16_t *words, size_t n_words, const uint32_t
         return 0;
     uint64_t r = 0;
     uint64_t *off = (uint64_t *)malloc(n * sizeof(uint64_t));
-    uint32_t *toff = (uint32_t *)malloc(period * 32 * sizeof(uint32_t));
+    uint32_t *toff = (uint32_t *)malloc((blockwise_toff(period) ? DEC_BLK : period) * 32 * sizeof(uint32_t));
     uint16_t *pad = NULL;
     uint64_t pad_base = 0;
     if (!off || !toff) {
