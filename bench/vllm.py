@@ -33,6 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from ctxstream.hostinfo import host_info  # noqa: E402
+from ctxstream.integrations.launch import wait_http  # noqa: E402
+from ctxstream.streamer.storage.localcluster import free_ports  # noqa: E402
 
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
 ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -40,25 +42,7 @@ TOKENS = {"tok-bench-acme-1": "acme", "tok-bench-other-2": "other"}
 
 
 def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_up(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
-    t_end = time.monotonic() + timeout_s
-    while time.monotonic() < t_end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: process exited {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"{url} not up after {timeout_s} s")
+    return free_ports(1)[0]
 
 
 def start_vllm(model: str, port: int, kv_cfg: dict, log: Path) -> subprocess.Popen:
@@ -67,7 +51,7 @@ def start_vllm(model: str, port: int, kv_cfg: dict, log: Path) -> subprocess.Pop
                           "--enforce-eager", "--kv-transfer-config", json.dumps(kv_cfg)], cwd=ROOT,
                          env={**os.environ, **ENV}, stdout=log.open("w"), stderr=subprocess.STDOUT,
                          start_new_session=True)
-    wait_up(f"http://127.0.0.1:{port}/health", p, 900)
+    wait_http(f"http://127.0.0.1:{port}/health", p, 900)
     return p
 
 
@@ -159,7 +143,7 @@ def main() -> None:
     s_url = f"http://127.0.0.1:{s_port}"
     procs = [streamer]
     try:
-        wait_up(s_url + "/healthz", streamer, 300)
+        wait_http(s_url + "/healthz", streamer, 300)
         v_port = free_port()
         v_url = f"http://127.0.0.1:{v_port}"
         cfg = {"kv_connector": "CtxstreamConnector", "kv_connector_module_path": "ctxstream.integrations.vllm",

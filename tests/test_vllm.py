@@ -113,23 +113,10 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from conftest import ROOT, TOKENS, TENANT_TOKEN, free_port  # noqa: E402
+from ctxstream.integrations.launch import wait_http  # noqa: E402
 
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
 ENGINE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
-
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) -> None:
-    t_end = time.monotonic() + timeout_s
-    while time.monotonic() < t_end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: process exited {proc.returncode}; log tail:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"{url} not up after {timeout_s} s; log tail:\n{log.read_text()[-3000:]}")
 
 
 class KillSwitchProxy:
@@ -207,7 +194,7 @@ def engine(tmp_path_factory):
                                 stdout=s_log.open("w"), stderr=subprocess.STDOUT)
     procs.append(streamer)
     try:
-        _wait_http(f"http://127.0.0.1:{s_port}/healthz", streamer, 180, s_log)
+        wait_http(f"http://127.0.0.1:{s_port}/healthz", streamer, 180, s_log)
         proxy = KillSwitchProxy(s_port, streamer)
         cfg = {"kv_connector": "CtxstreamConnector", "kv_connector_module_path": "ctxstream.integrations.vllm",
                "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
@@ -220,7 +207,7 @@ def engine(tmp_path_factory):
                                  json.dumps(cfg)], cwd=ROOT, env={**os.environ, **ENGINE_ENV},
                                 stdout=v_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(vllm)
-        _wait_http(f"http://127.0.0.1:{v_port}/health", vllm, 600, v_log)
+        wait_http(f"http://127.0.0.1:{v_port}/health", vllm, 600, v_log)
         yield {"vllm": f"http://127.0.0.1:{v_port}", "streamer": f"http://127.0.0.1:{s_port}", "proxy": proxy,
                "model": model, "vllm_log": v_log, "streamer_proc": streamer}
     finally:
