@@ -221,7 +221,7 @@ def measure_prior(adapter, codec, windows: list[list[int]], context_tokens: int,
             d_b[lv].append(yb)
     weights = fit_recency({lv: d_b[lv] for lv in levels if codec.spec(lv).kind == "tc"},
                           {lv: err_b[lv] for lv in levels if codec.spec(lv).kind == "tc"})
-    w = np.array(weights)
+    w = np.array(weights) if len(weights) == nb else np.ones(nb)  # (1.0,): nothing to fit, equal buckets
     x = {lv: float(np.mean([np.dot(w, xb) for xb in err_b[lv]])) for lv in levels}
     out = fit_prior(codec, x, d)
     out["recency"] = {"bucket_tokens": bucket_tokens, "weights": list(weights), "horizon_tokens": horizon_tokens,
@@ -237,15 +237,15 @@ def fit_recency(dppl_b: Mapping[str, list[list[float]]], err_b: Mapping[str, lis
     bucket-0 cost is above the noise (``floor``), normalised so the weights' mean is 1; each weight
     at most the one before (a token further from the end never costs more), and at least 1% of the first."""
     use = [lv for lv in dppl_b if dppl_b[lv] and np.mean([r[0] for r in dppl_b[lv]]) > floor] or list(dppl_b)
-    if not use:
+    if not use or not dppl_b[use[0]]:
         return (1.0,)
     nb = len(dppl_b[use[0]][0])
     y = np.array([sum(max(0.0, float(np.mean([r[b] for r in dppl_b[lv]]))) for lv in use) for b in range(nb)])
     x = np.array([sum(float(np.mean([r[b] for r in err_b[lv]])) for lv in use) for b in range(nb)])
     r = np.where(x > 0, y / np.maximum(x, 1e-30), 0.0)
     r = np.minimum.accumulate(np.maximum(r, 0.0))
-    if r[0] <= 0:
-        return (1.0,)
+    if r[0] <= 0:  # no bucket costs measurably more than noise (a random model): no recency
+        return (1.0,) * nb
     r = np.maximum(r, 0.01 * r[0])
     return tuple(float(t) for t in r / r.mean())
 
