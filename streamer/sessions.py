@@ -170,6 +170,20 @@ class SessionStore:
         return f"s.{session}.m"
 
     # ---------------------------------------------------------------------------- saving
+    def _checked(self, session: str, token_ids: Sequence[int], keys: torch.Tensor, values: torch.Tensor, *,
+                 min_tokens: int = 0) -> list[int]:
+        """The token ids as ints, once the session id is valid and ``keys``/``values`` are
+        ``[layers, kv_heads, len(ids), head_dim]`` of this model (else :class:`SessionError`)."""
+        self.check_id(session)
+        ids = [int(t) for t in token_ids]
+        if len(ids) < min_tokens or keys.dim() != 4 or keys.shape != values.shape or keys.shape[2] != len(ids):
+            raise SessionError(f"keys {tuple(keys.shape)} / values {tuple(values.shape)} do not fit "
+                               f"{len(ids)} token ids (at least {min_tokens})")
+        if (keys.shape[0], keys.shape[1], keys.shape[3]) != (self.info.num_layers, self.info.num_kv_heads,
+                                                            self.info.head_dim):
+            raise SessionError(f"KV {tuple(keys.shape)} does not fit model {self.info.name}")
+        return ids
+
     def save(self, session: str, token_ids: Sequence[int], keys: torch.Tensor, values: torch.Tensor, *,
              role: str = "turn", system: bool = False, turn: int = -1) -> "asyncio.Task[SaveResult]":
         """Save the whole conversation so far (``token_ids`` and its KV ``[layers, kv_heads, T,
@@ -177,14 +191,7 @@ class SessionStore:
         at once with a task. Only the tokens after the saved prefix are written (one new segment
         with ``role``/``system``/``turn``). ``keys``/``values`` must not be modified in place until
         the task is done (transformers' ``DynamicCache`` never does: it concatenates)."""
-        self.check_id(session)
-        ids = [int(t) for t in token_ids]
-        if keys.dim() != 4 or keys.shape != values.shape or keys.shape[2] != len(ids):
-            raise SessionError(f"keys {tuple(keys.shape)} / values {tuple(values.shape)} do not fit "
-                               f"{len(ids)} token ids")
-        if (keys.shape[0], keys.shape[1], keys.shape[3]) != (self.info.num_layers, self.info.num_kv_heads,
-                                                            self.info.head_dim):
-            raise SessionError(f"KV {tuple(keys.shape)} does not fit model {self.info.name}")
+        ids = self._checked(session, token_ids, keys, values)
         prev = self._tails.get(session)
         task = asyncio.get_running_loop().create_task(
             self._save(session, ids, keys, values, role, system, turn, prev))
@@ -197,14 +204,7 @@ class SessionStore:
         rotated for positions ``start..``), which must continue the committed conversation exactly
         (``start`` = its tokens, else the task raises :class:`SessionConflictError`). Chained like
         :meth:`save`."""
-        self.check_id(session)
-        ids = [int(t) for t in token_ids]
-        if not ids or keys.dim() != 4 or keys.shape != values.shape or keys.shape[2] != len(ids):
-            raise SessionError(f"keys {tuple(keys.shape)} / values {tuple(values.shape)} do not fit "
-                               f"{len(ids)} token ids (at least one)")
-        if (keys.shape[0], keys.shape[1], keys.shape[3]) != (self.info.num_layers, self.info.num_kv_heads,
-                                                            self.info.head_dim):
-            raise SessionError(f"KV {tuple(keys.shape)} does not fit model {self.info.name}")
+        ids = self._checked(session, token_ids, keys, values, min_tokens=1)
         prev = self._tails.get(session)
 
         async def run() -> SaveResult:
