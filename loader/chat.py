@@ -25,6 +25,7 @@ history always comes from the server.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
@@ -32,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import json
 import torch
 
 from ctxstream.errors import CtxstreamError
@@ -98,8 +98,6 @@ class _SessionLoader(ContextLoader):
     async def fetch_manifest(self, context_id: str) -> Manifest:
         body = await self._get(f"/v1/sessions/{context_id}", f"session {context_id}")
         try:
-            import json
-
             self.last = json.loads(body)
             return Manifest.from_dict(self.last["manifest"])
         except (ValueError, KeyError, TypeError, ManifestError) as exc:
