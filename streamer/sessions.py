@@ -211,7 +211,7 @@ class SessionStore:
             if prev is not None:
                 await asyncio.gather(prev, return_exceptions=True)
             t0 = time.perf_counter()
-            head = self._heads.get(session)
+            head = self._live_head(session)  # an evicted session holds nothing: it starts again at 0
             have = head.tokens if head else 0
             if start != have:
                 raise SessionConflictError(f"session {session!r} holds {have} tokens; the turn starts at {start}")
@@ -226,14 +226,24 @@ class SessionStore:
     async def create(self, session: str) -> bool:
         """Commit an empty manifest (version 1) for a new session; False if it already exists."""
         self.check_id(session)
-        if session in self._heads or session in self.hier:
+        if self._live_head(session) is not None or session in self.hier:
             return False
         await self._commit(session, _Head(1, []))
         return True
 
-    def head(self, session: str) -> tuple[int, list[dict]] | None:
-        """The committed ``(version, segment entries)`` of ``session`` (None: none); what is stored."""
+    def _live_head(self, session: str) -> "_Head | None":
+        """The committed head of ``session`` while the hierarchy still holds its manifest; a session
+        the placement policy dropped from the store (its entry evicted) is forgotten here too."""
         h = self._heads.get(session)
+        if h is not None and not self.hier.has_object(session, self.manifest_key(session)):
+            del self._heads[session]
+            return None
+        return h
+
+    def head(self, session: str) -> tuple[int, list[dict]] | None:
+        """The committed ``(version, segment entries)`` of ``session`` (None: none, deleted, or evicted
+        from the store); what is stored."""
+        h = self._live_head(session)
         return None if h is None else (h.version, [dict(x) for x in h.segments])
 
     async def settled(self, session: str) -> None:

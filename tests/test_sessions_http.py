@@ -258,3 +258,30 @@ def test_chat_cli_json_turns(make_streamer, capsys, monkeypatch, tmp_path):
     assert third["recomputed_tokens"] == 0
     assert main(["chat", "--server", srv.url, "--token", "tok-acme-0001", "--model", "tiny-random",
                  "--session", "nope", "--message", "x"]) == 2
+
+
+def test_evicted_session_is_gone_and_starts_again(make_streamer):
+    """A session the placement policy dropped from the store answers 404 (not a manifest naming chunks
+    that are gone), can be created again, and its next turn starts at token 0."""
+    srv = make_streamer(session_tiers="memory:40K", session_placement="lru")
+    ids = list(range(1, 60))
+    httpx.post(f"{srv.url}/v1/sessions", json={"id": "old"}, headers=auth())
+    assert _turn(srv, "old", ids).status_code == 201
+    for n in range(8):  # newer sessions until the single 40 KB tier has dropped the oldest
+        httpx.post(f"{srv.url}/v1/sessions", json={"id": f"new{n}"}, headers=auth())
+        assert _turn(srv, f"new{n}", ids).status_code == 201
+        r = httpx.get(f"{srv.url}/v1/sessions/old", headers=auth())
+        if r.status_code != 200:
+            break
+        assert r.json()["tier"] == "memory"  # while listed, it is stored
+    assert r.status_code == 404, r.text
+    assert httpx.get(f"{srv.url}/v1/sessions/old/chunks/0", params={"level": "fp16"}, headers=auth()).status_code == 404
+    late = httpx.post(f"{srv.url}/v1/sessions/old/turns", json={"token_ids": [5, 6]}, headers=auth())
+    assert late.status_code == 404  # not appended after history that is gone
+    assert httpx.post(f"{srv.url}/v1/sessions", json={"id": "old"}, headers=auth()).status_code == 201
+    r = _turn(srv, "old", ids)
+    assert r.status_code == 201 and r.json()["tokens"] == len(ids) and r.json()["delta_tokens"] == len(ids)
+    man = httpx.get(f"{srv.url}/v1/sessions/old", headers=auth()).json()
+    c = man["manifest"]["chunks"][0]
+    got = httpx.get(f"{srv.url}/v1/sessions/old/chunks/0", params={"level": "fp16"}, headers=auth())
+    assert got.status_code == 200 and checksum_hex(got.content) == c["checksums"]["fp16"]
