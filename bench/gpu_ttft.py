@@ -153,6 +153,9 @@ def main() -> None:  # noqa: C901 - one linear script
     ap.add_argument("--small", action="store_true", help="a small 4-layer model (smoke test)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--no-micro", action="store_true", help="skip the prepared-path / hidden share / decode numbers")
+    ap.add_argument("--no-grid", action="store_true", help="skip the TTFT grid through ContextLoader")
+    ap.add_argument("--keep", default=None,
+                    help="an earlier result JSON: its sections this run does not measure are kept (recorded in 'runs')")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -219,17 +222,28 @@ def main() -> None:  # noqa: C901 - one linear script
     del cache
     settings = Settings(store="memory", memory_bytes=1 << 40, tokens={TOKEN: "bench"}, chunk_tokens=C,
                         max_tokens=max(32768, Tmax), max_upload_bytes=1 << 34, body_timeout_s=1800.0,
-                        encode_workers=min(8, os.cpu_count() or 1))
+                        encode_workers=min(16, os.cpu_count() or 1))
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"gpu-ttft-{slug}.json")
 
+    kept: dict = {}
+    if args.keep:
+        with open(args.keep) as fh:
+            kept = json.load(fh)
+    run = {"command": "python3 -m bench.gpu_ttft " + " ".join(sys.argv[1:]), "time": res["host_info"].get("time"),
+           "device": name}
+
     def save() -> None:  # after every stage: a run cut short still leaves what it measured
-        targets(res, contexts, rates, questions, levels)
+        out = dict(res)
+        for k, v in kept.items():  # --keep: what this run did not measure comes from the earlier one
+            out.setdefault(k, v)
+        out["runs"] = kept.get("runs", []) + [{**run, "measured": sorted(res)}]
+        targets(out, contexts, rates, questions, levels)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         outs = [path] + ([os.path.join(os.environ["OUT"], os.path.basename(path))] if os.environ.get("OUT") else [])
         for p in outs:
             with open(p, "w") as fh:
-                json.dump(res, fh, indent=1)
+                json.dump(out, fh, indent=1)
 
     srv = serve_in_background(settings, adapter=adapter, codec=codec)
     try:
@@ -259,7 +273,9 @@ def main() -> None:  # noqa: C901 - one linear script
                 traceback.print_exc()
                 res["micro_error"] = repr(exc)
             save()
-        asyncio.run(grid(args, res, srv.url, adapter, codec, cid, sizes, contexts, rates, question_of, levels, save))
+        if not args.no_grid:
+            asyncio.run(grid(args, res, srv.url, adapter, codec, cid, sizes, contexts, rates, question_of, levels,
+                             save))
     finally:
         srv.stop()
     save()
@@ -351,19 +367,20 @@ def micro(args, res, url, adapter, codec, cid, sizes, contexts, question_of, lev
     prepared = {lv: [dec.prepare(p, groups, verify=False) for p in pl] for lv, pl in pinned.items()}
     C = res["chunk_tokens"]
 
-    def src(T, lv):
+    def src(T, lv, merge=True):
         n = T // C
-        return GpuLayerSource(dec, pinned[lv][:n], groups=groups, verified=True, prepared=prepared[lv][:n])
+        return GpuLayerSource(dec, pinned[lv][:n], groups=groups, verified=True, prepared=prepared[lv][:n],
+                              merge=merge)
 
-    def load(T, lv):
-        s = src(T, lv)
+    def load(T, lv, merge=True):
+        s = src(T, lv, merge)
         s.start()
         for i in range(L):
             s.layer(i)
         s.finish()
 
-    def seq(T, lv, q):
-        s = src(T, lv)
+    def seq(T, lv, q, merge=True):
+        s = src(T, lv, merge)
         s.start()
         cache = DynamicCache(config=model.config)
         for i in range(L):
@@ -372,21 +389,28 @@ def micro(args, res, url, adapter, codec, cid, sizes, contexts, question_of, lev
         run_model(adapter, cache, q)
         s.finish()
 
-    def pipe(T, lv, q):
-        s = src(T, lv)
+    def pipe(T, lv, q, merge=True):
+        s = src(T, lv, merge)
         cache = PipelinedCache(s, model.config)
         run_model(adapter, cache, q)
         s.finish()
 
     prep = {}
+    Q0 = min(question_of)
     for Q, q in question_of.items():
         for T in contexts:
             for lv in levels:
-                t_load, t_seq, t_pipe = paired([lambda: load(T, lv), lambda: seq(T, lv, q), lambda: pipe(T, lv, q)],
-                                               args.reps + 2, dev)
-                diffs = np.asarray(t_seq) - np.asarray(t_pipe)
-                prep[f"q{Q}/{T}/{lv}"] = {"load_s": median(t_load), "seq_s": median(t_seq), "pipe_s": median(t_pipe),
-                                          "hidden_share": float(np.median(diffs)) / median(t_load)}
+                # the target cell (shortest question, longest context) also without runs of chunks
+                variants = [True, False] if (Q, T) == (Q0, Tmax) and prepared[lv][0].plans is not None else [True]
+                for merge in variants:
+                    t_load, t_seq, t_pipe = paired([lambda: load(T, lv, merge), lambda: seq(T, lv, q, merge),
+                                                    lambda: pipe(T, lv, q, merge)], args.reps + 2, dev)
+                    diffs = np.asarray(t_seq) - np.asarray(t_pipe)
+                    key = f"q{Q}/{T}/{lv}" + ("" if merge else "/per-chunk")
+                    prep[key] = {"load_s": median(t_load), "seq_s": median(t_seq), "pipe_s": median(t_pipe),
+                                 "hidden_share": float(np.median(diffs)) / median(t_load)}
+                    print(f"  prepared {key}: load {prep[key]['load_s'] * 1e3:.1f} ms, hidden "
+                          f"{prep[key]['hidden_share']:.0%}", flush=True)
     res["prepared_path"] = prep
 
     # decode throughput (GB/s of bf16 KV produced), q2, one chunk; bitstream already on the GPU
@@ -397,17 +421,34 @@ def micro(args, res, url, adapter, codec, cid, sizes, contexts, question_of, lev
     res["decode_GBps"] = 2 * L * adapter.info.num_kv_heads * C * adapter.info.head_dim * 2 / thr / 1e9
     # from ordinary host bytes as the fetcher holds them, through the product's GPU sink (serial:
     # pin copy + prepare per chunk, then the layer-wise decode of all of them), every level
-    host = {}
+    host, parts = {}, {}
     for lv in levels:
+        spent = {"add_s": [], "decode_s": []}
+
         def via_sink(lv=lv):
+            t0 = time.perf_counter()
             s = GpuSink(adapter, codec, decoder=dec)
             for i, b in enumerate(blobs[lv]):
                 s.add_blob(b, i * C, C, verified=True)
+            t1 = time.perf_counter()
             cache = s.finish()
             cache.materialize(adapter.dtype, dev)
+            sync_device(dev)
+            spent["add_s"].append(t1 - t0)
+            spent["decode_s"].append(time.perf_counter() - t1)
         (t,) = paired([via_sink], args.reps + 2, dev)
         host[lv] = kv_bytes[Tmax] / median(t) / 1e9
+        add, decode = median(spent["add_s"][-len(t):]), median(spent["decode_s"][-len(t):])
+        # as chunks stream in, chunk i's pin copy + prepare overlaps chunk i+1's arrival, and the
+        # decode runs after the last one: the link is never decode-bound while the per-chunk host
+        # work keeps up with it, so the steady-state rate is the KV over the larger of the two
+        parts[lv] = {"add_blob_s": add, "finish_decode_s": decode,
+                     "add_blob_GBps": kv_bytes[Tmax] / add / 1e9, "streaming_GBps": kv_bytes[Tmax] / max(add, decode) / 1e9,
+                     "compressed_bytes": sum(len(b) for b in blobs[lv])}
+        print(f"  host bytes {lv}: {host[lv]:.1f} GB/s serial (add_blob {add * 1e3:.1f} ms, decode "
+              f"{decode * 1e3:.1f} ms)", flush=True)
     res["decode_from_host_bytes_GBps"] = host
+    res["decode_from_host_bytes_parts"] = parts
     n = 1 << 28
     hb = torch.empty(n, dtype=torch.uint8, pin_memory=True)
     (t,) = paired([lambda: hb.to(dev, non_blocking=True)], 10, dev)
@@ -453,8 +494,11 @@ def targets(res, contexts, rates, questions, levels) -> None:
                                                            "met": max(pr) <= 1.10}
     pp = res.get("prepared_path", {})
     if pp:
-        hs = {k: v["hidden_share"] for k, v in pp.items() if k.startswith(f"q{min(questions)}/{max(contexts)}/")}
-        res["target_hidden_share_16k_q64"] = {"by_level": hs, "met_all": all(v >= 0.6 for v in hs.values())}
+        cell = f"q{min(questions)}/{max(contexts)}/"
+        hs = {k: v["hidden_share"] for k, v in pp.items() if k.startswith(cell) and not k.endswith("/per-chunk")}
+        per = {k: v["hidden_share"] for k, v in pp.items() if k.startswith(cell) and k.endswith("/per-chunk")}
+        res["target_hidden_share_16k_q64"] = {"by_level": hs, "met_all": all(v >= 0.6 for v in hs.values()),
+                                              "without_runs_of_chunks": per}
     if "decode_GBps" in res:
         res["target_decode"] = {"decode_GBps": res["decode_GBps"], "met_200": res["decode_GBps"] >= 200,
                                 "from_host_bytes_GBps": res["decode_from_host_bytes_GBps"],
@@ -468,7 +512,7 @@ def print_tables(res, contexts, questions, levels) -> None:
     for Q in questions:
         print(f"question {Q} tokens")
         print("  tokens gbps slo_ms | " + " | ".join(cols) + " | mpc choices")
-        for r in [r for r in res["ttft"] if r["question"] == Q]:
+        for r in [r for r in res.get("ttft", []) if r["question"] == Q]:
             cells = [f"{r['recompute']['ttft_s'] * 1e3:.0f}"]
             cells += ["-" if r[lv].get("skipped") else f"{r[lv]['ttft_s'] * 1e3:.0f}" for lv in levels]
             cells += [f"{r[p]['ttft_s'] * 1e3:.0f}" for p in ("slo", "mpc")]

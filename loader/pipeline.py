@@ -210,11 +210,14 @@ class GpuLayerSource(LayerSource):
     has already checked every section's xxh3 as the bytes were received (at network rate, off the
     GPU path), so it is not repeated; ``False`` (default): checked here, once per chunk, on the host.
 
-    :meth:`start` then queues, on side streams (chunk ``c`` on stream ``c % streams``, so the chunks'
-    kernels run side by side), per chunk one copy of its tables and per (layer group, chunk) one
-    copy of that group's bytes and the group's kernels, writing straight into one ``[layers,
-    kv_heads, tokens, head_dim]`` buffer per K and V (no concatenation), and one CUDA event per
-    (group, stream): no host sync, no parsing, no small uploads. ``threaded=False`` (default):
+    Consecutive chunks of one transform-coded level form a run (``merge=True``, default; at most
+    ``max_run_tokens`` tokens; :meth:`~ctxstream.codec.gpu.GpuDecoder.merge`), decoded as one chunk:
+    a 16K-token context at one level is 1 set of launches per layer group instead of 8.
+    :meth:`start` then queues, on side streams (run ``r`` on stream ``r % streams``, so the runs'
+    kernels run side by side), per run one copy of its tables and per (layer group, run) the copies
+    of that group's bytes and the group's kernels, writing straight into one ``[layers, kv_heads,
+    tokens, head_dim]`` buffer per K and V (no concatenation), and one CUDA event per (group,
+    stream): no host sync, no parsing, no small uploads. ``threaded=False`` (default):
     everything is queued in :meth:`start`, before the model's first layer (the host is then free for
     the forward pass and the GPU runs decode kernels beside the model's); ``True``: a host thread
     queues them while the model runs (they share the GIL with the forward pass).
@@ -222,7 +225,8 @@ class GpuLayerSource(LayerSource):
 
     def __init__(self, decoder, blobs: Sequence, *, dtype: torch.dtype = torch.bfloat16,
                  groups: str | int | Sequence[Sequence[int]] = "geometric", threaded: bool = False,
-                 verified: bool = False, priority: int = 0, streams: int | None = None, prepared=None):
+                 verified: bool = False, priority: int = 0, streams: int | None = None, prepared=None,
+                 merge: bool = True, max_run_tokens: int = 16384):
         self.decoder = decoder
         self.codec = decoder.codec
         self.device = decoder.device
@@ -251,6 +255,12 @@ class GpuLayerSource(LayerSource):
                 raise ValueError(f"chunk {i} starts at token {p.header.start}, expected {pos} (chunks must be contiguous)")
             pos += p.header.tokens
         self.prefix_tokens = pos - self.start_token
+        # runs of chunks decoded together (GpuDecoder.merge): one set of launches per (group, run)
+        from ctxstream.codec.gpu import run_bounds
+
+        bounds = (run_bounds(self.prepared, max_run_tokens) if merge else
+                  [(i, i + 1) for i in range(len(self.prepared))])
+        self.runs = [(i, j, decoder.merge(self.prepared[i:j], check=False)) for i, j in bounds]
         _, self.kv_heads, _, self.head_dim = self.prepared[0].header.shape
         self.threaded = threaded
         # chunk c is decoded on side stream c % streams: the chunks' kernels run side by side (one
@@ -260,7 +270,7 @@ class GpuLayerSource(LayerSource):
         if streams is None:
             streams = 8 if any(p.plans is not None for p in self.prepared) else 1
         self.streams = [torch.cuda.Stream(self.device, priority=priority)
-                        for _ in range(max(1, min(int(streams), len(self.pinned))))]
+                        for _ in range(max(1, min(int(streams), len(self.runs))))]
         self.stream = self.streams[0]
         self._ready = [threading.Event() for _ in range(self.num_layers)]
         self._events: list[list[torch.cuda.Event]] = [[] for _ in range(self.num_layers)]
@@ -301,24 +311,28 @@ class GpuLayerSource(LayerSource):
                     self._keys.record_stream(st)
                     self._values.record_stream(st)
                 tables = []
-                for c, p in enumerate(self.prepared):
-                    with torch.cuda.stream(streams[c % ns]):
+                for r, (_, _, p) in enumerate(self.runs):
+                    with torch.cuda.stream(streams[r % ns]):
                         tables.append(p.host.to(dev, non_blocking=True) if p.host is not None else None)
                 starts = np.cumsum([0] + [p.header.tokens for p in self.prepared])
                 for gi, group in enumerate(self.groups):
                     g0, g1 = group[0], group[-1] + 1
-                    for c, prep in enumerate(self.prepared):
-                        with torch.cuda.stream(streams[c % ns]):
+                    for r, (c0, c1, prep) in enumerate(self.runs):
+                        with torch.cuda.stream(streams[r % ns]):
                             o0, o1 = prep.spans[gi]
                             raw = torch.empty(o1 - o0, dtype=torch.uint8, device=dev)
-                            raw.copy_(self.pinned[c][o0:o1], non_blocking=True)
-                            t0, t1 = int(starts[c]), int(starts[c + 1])
+                            if prep.parts is None:
+                                raw.copy_(self.pinned[c0][o0:o1], non_blocking=True)
+                            else:  # each member's group bytes into its place in the run's buffer
+                                for m, a0, a1, dst in prep.parts[gi]:
+                                    raw[dst : dst + a1 - a0].copy_(self.pinned[c0 + m][a0:a1], non_blocking=True)
+                            t0, t1 = int(starts[c0]), int(starts[c1])
                             out = (self._keys[g0:g1, :, t0:t1], self._values[g0:g1, :, t0:t1])
-                            pend = dec.launch_prepared(prep, gi, raw, tables[c], out)
+                            pend = dec.launch_prepared(prep, gi, raw, tables[r], out)
                         if pend is not None:
                             self._pending.append(pend)
                     evs = []
-                    for st in streams[: min(ns, len(self.prepared))]:
+                    for st in streams[: min(ns, len(self.runs))]:
                         ev = torch.cuda.Event()
                         ev.record(st)
                         evs.append(ev)

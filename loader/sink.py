@@ -19,7 +19,8 @@ the model's device (the GPU when the model is there).
 
 from __future__ import annotations
 
-import numpy as np
+import warnings
+
 import torch
 
 from ctxstream.codec import Codec, CodecError
@@ -161,7 +162,10 @@ class GpuSink(KvSink):
 
     def _add(self, blob, start, tokens, verified):
         pinned = torch.empty(len(blob), dtype=torch.uint8, pin_memory=True)
-        pinned.numpy()[:] = np.frombuffer(blob, dtype=np.uint8)  # one copy, into memory the GPU reads directly
+        with warnings.catch_warnings():  # read-only bytes: only ever read here
+            warnings.simplefilter("ignore", UserWarning)
+            src = torch.frombuffer(blob, dtype=torch.uint8)
+        pinned.copy_(src)  # one copy (torch's, on all intra-op threads) into memory the GPU reads directly
         prep = self.decoder.prepare(pinned, self.groups, verify=not verified)
         if prep.header.start != start or prep.header.tokens != tokens:
             raise CodecError(f"chunk holds tokens {prep.header.start}+{prep.header.tokens}, expected {start}+{tokens}")

@@ -181,3 +181,80 @@ def test_gpu_sink_prepared_at_receive_matches_the_cpu_sink(gpu_adapter, tiny_cod
     ref = out["cpu_kv"]
     assert (out["gpu_kv"] - ref).abs().max().item() <= 0.02 * ref.abs().max().item() + 1e-3
     assert (out["gpu"] - out["cpu"]).abs().max().item() <= 0.05 * out["cpu"].abs().max().item() + 1e-3
+
+
+def _run_chunks(codec, n=4, tokens=128, levels=None, seed=7):
+    from bench.gpu import synthetic_kv
+
+    keys, values = synthetic_kv(codec.info, codec.profile, n * tokens, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    for t in (keys, values):  # outliers: coefficients past the tables' range are coded as escapes
+        t.view(-1)[torch.randint(0, t.numel(), (t.numel() // 500,), generator=g)] *= 40
+    imp = torch.rand(n * tokens, generator=g)
+    levels = levels or ["q2"] * n
+    return [codec.encode(keys[:, :, i * tokens:(i + 1) * tokens], values[:, :, i * tokens:(i + 1) * tokens], lv,
+                         start=i * tokens, importance=imp[i * tokens:(i + 1) * tokens])
+            for i, lv in enumerate(levels)]
+
+
+def _source_kv(src, layers):
+    src.start()
+    out = [src.layer(i) for i in range(layers)]
+    src.finish()
+    return torch.cat([k for k, _ in out]), torch.cat([v for _, v in out])
+
+
+@pytest.mark.parametrize("groups", ["geometric", 1])
+def test_runs_of_chunks_decode_bit_for_bit_like_each_chunk_alone(groups):
+    """Consecutive chunks of one level decoded as one run (GpuDecoder.merge: one set of launches
+    per layer group) == each chunk decoded on its own, bit for bit -- fine tokens, escapes (which
+    the run must put back in each member's stored order) and the first chunk's attention sink."""
+    from bench.gpu import synthetic_codec
+
+    codec = synthetic_codec(layers=4, kv_heads=2, head_dim=64)
+    blobs = _run_chunks(codec)
+    dec = gpu.GpuDecoder(codec, "cuda")
+    preps = [dec.prepare(b, verify=True) for b in blobs]
+    assert sum(int(p.plans[0].esc_counts.sum()) for p in preps[1:]) > 0, "the test needs escapes past chunk 0"
+    assert all(p.plans[0].ctx.fine_padded is not None for p in preps), "the test needs fine tokens"
+    merged = GpuLayerSource(dec, blobs, groups=groups, verified=True)
+    single = GpuLayerSource(dec, blobs, groups=groups, verified=True, merge=False)
+    assert [(i, j) for i, j, _ in merged.runs] == [(0, 4)] and len(single.runs) == 4
+    k1, v1 = _source_kv(merged, 4)
+    k0, v0 = _source_kv(single, 4)
+    assert torch.equal(k1, k0) and torch.equal(v1, v0)
+    ref = [dec.decode(b, out_dtype=torch.bfloat16) for b in blobs]
+    assert torch.equal(k1, torch.cat([r[0] for r in ref], 2)) and torch.equal(v1, torch.cat([r[1] for r in ref], 2))
+
+
+def test_runs_split_at_level_changes_and_short_chunks():
+    from ctxstream.codec.gpu import run_bounds
+
+    from bench.gpu import synthetic_codec
+
+    codec = synthetic_codec(layers=2, kv_heads=2, head_dim=64)
+    blobs = _run_chunks(codec, n=6, tokens=64, levels=["q2", "q2", "q1", "q1", "fp16", "q1"])
+    blobs.append(_run_chunks(codec, n=1, tokens=32, levels=["q1"])[0])  # a short last chunk, at token 0
+    dec = gpu.GpuDecoder(codec, "cuda")
+    preps = [dec.prepare(b) for b in blobs[:6]]
+    assert run_bounds(preps) == [(0, 2), (2, 4), (4, 5), (5, 6)]
+    assert run_bounds(preps, max_tokens=64) == [(i, i + 1) for i in range(6)]
+    with pytest.raises(ValueError, match="cannot be merged"):
+        dec.merge([preps[1], preps[2]])
+    with pytest.raises(ValueError, match="cannot be merged"):  # not contiguous
+        dec.merge([preps[0], dec.prepare(blobs[6])])
+
+
+def test_a_corrupt_member_of_a_run_is_caught_by_the_gpu_flags():
+    from bench.gpu import synthetic_codec
+
+    codec = synthetic_codec(layers=2, kv_heads=2, head_dim=64)
+    blobs = _run_chunks(codec, n=3)
+    dec = gpu.GpuDecoder(codec, "cuda")
+    bad = bytearray(blobs[1])
+    plan = dec._plan(bytes(bad), [1], verify=False)
+    bad[int(plan.seg_src[0]) + int(plan.seg_n[0])] ^= 0x10
+    src = GpuLayerSource(dec, [blobs[0], bytes(bad), blobs[2]], groups=1, verified=True)
+    assert len(src.runs) == 1
+    with pytest.raises(CodecError, match="layer"):
+        _source_kv(src, 2)

@@ -50,6 +50,7 @@ import struct
 import subprocess
 import tempfile
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -1096,6 +1097,7 @@ class _Plan:
     esc_q: np.ndarray  # i32 [sum of escapes], layer by layer, K then V
     esc_counts: np.ndarray  # i64 [nl, 2]
     sink: np.ndarray | None  # f16 [nl, 2, H, n_sink, D]
+    members: int = 1  # chunks of equal length in this plan (GpuDecoder.merge): streams [nl, 2H, members, blocks/members]
 
     @property
     def Tp(self) -> int:
@@ -1376,6 +1378,65 @@ class GpuDecoder:
             torch.mul(q[:, 1], sf[:, 1], out=values)
         return None
 
+    def merge(self, preps: Sequence["PreparedChunk"], *, check: bool = True) -> "PreparedChunk":
+        """Consecutive prepared chunks of one transform-coded level as one run: per layer group one
+        plan over all their tokens, so a group decodes in one set of launches instead of one set per
+        chunk (on a short load the host's launch cost, not the GPU, sets the pace). The members must
+        satisfy :func:`mergeable` pairwise (same level and groups, equal whole-block lengths, contiguous,
+        the attention sink only in the first); one member is returned as it is.
+
+        A run's streams are ordered ``[layer, K|V, head, member, block]``: the chunks of a (layer, K|V,
+        head) row lie side by side, so the kernels see one chunk of ``members x tokens`` tokens (the
+        same tables, synthesis rows and RoPE), and each member's escapes keep their stored order
+        (:func:`_member_major_sort`). The decode is bit-identical to decoding each member alone."""
+        preps = list(preps)
+        if not preps:
+            raise ValueError("no chunks to merge")
+        if len(preps) == 1:
+            return preps[0]
+        if check:
+            for a, b in zip(preps, preps[1:]):
+                if not mergeable(a, b):
+                    raise ValueError(f"chunks at tokens {a.header.start} and {b.header.start} cannot be merged")
+        first, C = preps[0], len(preps)
+        plans, parts = [], []
+        for gi, group in enumerate(first.groups):
+            ps = [p.plans[gi] for p in preps]
+            q0 = ps[0]
+            nl, L2, bc = len(group), 2 * q0.H, q0.blocks
+            dst, gparts = 0, []
+            for m, p in enumerate(preps):  # each member's group bytes at a 16-byte aligned offset
+                a0, a1 = p.spans[gi]
+                gparts.append((m, a0, a1, dst))
+                dst += -(-(a1 - a0) // 16) * 16
+            base = np.cumsum([0] + [int(q.seg_n.sum()) for q in ps])  # each member's first realigned word
+
+            def rows(arrs):  # member-major arrays [nl * L2 * bc] -> [nl, L2, C, bc], flat
+                return np.stack([a.reshape(nl, L2, bc) for a in arrs], axis=2).reshape(-1)
+
+            cums = [np.concatenate(([0], np.cumsum(q.esc_counts.reshape(-1)))) for q in ps]
+            esc = [q.esc_q[cm[s]:cm[s + 1]] for s in range(2 * nl) for q, cm in zip(ps, cums)]
+            fine = any(q.ctx.fine_padded is not None for q in ps)
+            ctx = FineTokens(
+                [i * q0.T + t for i, q in enumerate(ps) for t in q.ctx.fine],
+                np.concatenate([q.ctx.fine_padded if q.ctx.fine_padded is not None else np.zeros(q.Tp, bool)
+                                for q in ps]) if fine else None,
+                np.concatenate([q.ctx.step_padded for q in ps]))
+            plans.append(_Plan(
+                q0.header, q0.spec, ctx, q0.layers, q0.H, C * q0.T, q0.D, C * bc, q0.block, q0.n_sink,
+                rows([q.states for q in ps]), rows([q.sizes for q in ps]),
+                rows([q.woff + base[m] for m, q in enumerate(ps)]),
+                np.concatenate([q.seg_src + gparts[m][3] for m, q in enumerate(ps)]),
+                np.concatenate([q.seg_dst + base[m] for m, q in enumerate(ps)]),
+                np.concatenate([q.seg_n for q in ps]),
+                np.concatenate(esc).astype(np.int32) if esc else np.zeros(0, np.int32),
+                sum(q.esc_counts for q in ps), q0.sink, members=C))
+            parts.append(gparts)
+        host, layouts = _pack_host([self._tables(p) for p in plans])
+        spans = [(0, g[-1][3] + g[-1][2] - g[-1][1]) for g in parts]
+        return PreparedChunk(first.header, first.spec, first.groups, spans, plans, host, layouts,
+                             all(p.verified for p in preps), parts=parts, members=C)
+
     def _upload(self, blob, device_blob):
         if device_blob is not None:
             if device_blob.device != self.device or device_blob.dtype != torch.uint8:
@@ -1445,8 +1506,9 @@ class GpuDecoder:
         # words: realigned into one u16 array (the blob's sections are not 2-byte aligned)
         n_words = int(plan.seg_n.sum())
         words = torch.empty(n_words + 16, dtype=torch.int16, device=dev)  # + 16: the kernel's word reader
-        _check(lib, lib.ctx_realign(blob_dev.data_ptr(), seg.data_ptr(), seg[nl:].data_ptr(),
-                                    seg[2 * nl:].data_ptr(), words.data_ptr(), nl, int(plan.seg_n.max(initial=0)),
+        nseg = len(plan.seg_n)  # one segment per (member chunk, layer)
+        _check(lib, lib.ctx_realign(blob_dev.data_ptr(), seg.data_ptr(), seg[nseg:].data_ptr(),
+                                    seg[2 * nseg:].data_ptr(), words.data_ptr(), nseg, int(plan.seg_n.max(initial=0)),
                                     dev.index, stream), "realign kernel")
         mark("upload+realign")
         length = block * D
@@ -1475,7 +1537,8 @@ class GpuDecoder:
         self.last_geometry = geom
         mark("decode")
         if mode != 0 and n_esc:
-            sidx = torch.sort(esc_idx).values
+            sidx = (torch.sort(esc_idx).values if plan.members == 1 else
+                    _member_major_sort(esc_idx, H=H, Tp=Tp, D=D, members=plan.members))
             ff = np.float32(plan.spec.fine_factor)
             # values in stream order; each (layer, K|V) must hold exactly the escapes its section stores
             _check(lib, lib.ctx_esc_fix(sidx.data_ptr(), packed["esc_q"].data_ptr(), n_esc, out.data_ptr(), mode,
@@ -1575,6 +1638,11 @@ class PreparedChunk:
     host: torch.Tensor | None  # pinned: every group's tables
     layouts: list[dict] | None
     verified: bool  # True: this decoder checked the sections' xxh3 (else the caller did, at receive)
+    # a run of chunks (GpuDecoder.merge): per group, (member, start, end, dst) -- member ``member``'s
+    # bytes [start, end) go to offset ``dst`` of the group's device buffer, of ``spans[g][1]`` bytes;
+    # ``header`` is the first member's
+    parts: list[list[tuple[int, int, int, int]]] | None = None
+    members: int = 1
 
 
 class PendingDecode:
@@ -1598,6 +1666,53 @@ class PendingDecode:
             self._decoder._raise_on(self._plan, self._flags.numpy(), self._err, self._n_esc, self._mode, self._n_per)
             self._done = None
         return self._result
+
+
+def mergeable(a: "PreparedChunk", b: "PreparedChunk") -> bool:
+    """Whether chunk ``b`` can follow chunk ``a`` in one run (:meth:`GpuDecoder.merge`): both
+    transform-coded at one level with the same layer groups, the same whole-block length, ``b``
+    right after ``a`` and without an attention sink."""
+    if a.plans is None or b.plans is None or a.members != 1 or b.members != 1:
+        return False
+    pa, pb = a.plans[0], b.plans[0]
+    return (a.spec.name == b.spec.name and a.groups == b.groups and a.header.shape == b.header.shape
+            and pa.T % pa.block == 0 and pb.n_sink == 0 and b.header.start == a.header.start + pa.T)
+
+
+def run_bounds(preps: Sequence["PreparedChunk"], max_tokens: int | None = None) -> list[tuple[int, int]]:
+    """``preps`` split into maximal runs ``[i, j)`` of :func:`mergeable` neighbours (each at most
+    ``max_tokens`` tokens; a chunk longer than that is a run of its own)."""
+    out, i, n = [], 0, len(preps)
+    while i < n:
+        j, tokens = i + 1, preps[i].header.tokens
+        while (j < n and mergeable(preps[j - 1], preps[j])
+               and (max_tokens is None or tokens + preps[j].header.tokens <= max_tokens)):
+            tokens += preps[j].header.tokens
+            j += 1
+        out.append((i, j))
+        i = j
+    return out
+
+
+def _member_major_sort(esc_idx: torch.Tensor, *, H: int, Tp: int, D: int, members: int) -> torch.Tensor:
+    """The escapes' flat output indices ``[rows = (layer, K|V, head), Tp, D]`` of a run sorted in the
+    order its members stored them: by (layer, K|V), then member, then head, token, channel.
+    Unused slots (INT64_MAX) stay last."""
+    big = torch.iinfo(torch.int64).max
+    Tc = Tp // members
+    unused = esc_idx == big
+    e = torch.where(unused, 0, esc_idx)
+    d, r = e % D, e // D
+    t, row = r % Tp, r // Tp
+    key = (((row // H) * members + t // Tc) * H + row % H) * (Tc * D) + (t % Tc) * D + d
+    key = torch.sort(torch.where(unused, big, key)).values
+    unused = key == big
+    k = torch.where(unused, 0, key)
+    d, r = k % D, k // D
+    tt, r = r % Tc, r // Tc
+    h, r = r % H, r // H
+    c, s = r % members, r // members
+    return torch.where(unused, big, ((s * H + h) * Tp + c * Tc + tt) * D + d)
 
 
 def _host_bytes(blob):

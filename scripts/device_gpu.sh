@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks on a lent CUDA machine (no network there): installs ctxstream and the
+# wheels carried in .whl/ (pip download them here for the device's Python first), then runs
+#   tests   the GPU tests (decoder, pipeline, loader on both sinks)
+#   micro   bench/gpu_ttft.py's prepared-path, hidden-share and decode numbers (no TTFT grid)
+#   grid    bench/gpu_ttft.py's TTFT grid through ContextLoader (keeps the micro numbers of an earlier run)
+# e.g. `bash scripts/device_gpu.sh tests micro`. Results go to bench/results/ and to $OUT.
+set -euo pipefail
+R="$(cd "$(dirname "$0")/.." && pwd)"
+OUT="${OUT:-/tmp/out}"
+mkdir -p "$OUT"
+cd "$R"
+py=python3
+if [ -d .whl ]; then
+    $py -m pip install -q --no-index --find-links .whl --break-system-packages \
+        msgpack xxhash fastapi uvicorn httptools uvloop aiohttp "redis[hiredis]" pydantic pydantic-settings \
+        prometheus-client pytest pytest-asyncio hypothesis httpx gguf 2>&1 | tail -3
+fi
+rm -rf /tmp/site
+$py -m pip install -q --no-deps --no-build-isolation --target /tmp/site . 2>&1 | tail -3
+export PYTHONPATH=/tmp/site:$R  # ctxstream from the install; bench/ from the checkout
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/nvidia-smi.txt"
+for step in "$@"; do
+    case "$step" in
+    tests)
+        (cd /tmp && timeout 400 $py -m pytest -q -x -c "$R/pyproject.toml" --rootdir "$R" -p no:cacheprovider \
+            "$R/tests/test_gpu_pipeline.py" "$R/tests/test_gpu_decoder.py" "$R/tests/test_pipeline.py" \
+            "$R/tests/test_loader.py" 2>&1 | tail -25 | tee "$OUT/tests.txt")
+        ;;
+    micro)
+        timeout 560 $py -m bench.gpu_ttft --no-grid --reps 2 --calib-segments 2 2>&1 | tee "$OUT/micro.txt" | tail -40
+        ;;
+    grid)
+        timeout 560 $py -m bench.gpu_ttft --no-micro --reps 2 --cap-s 2.0 --calib-segments 2 \
+            --keep bench/results/gpu-ttft-nvidia-h200.json 2>&1 | tee "$OUT/grid.txt" | tail -40
+        ;;
+    *) echo "unknown step $step" >&2; exit 2 ;;
+    esac
+done
