@@ -23,15 +23,15 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --fo
 for step in "$@"; do
     case "$step" in
     tests)
-        (cd /tmp && timeout 400 $py -m pytest -q -x -c "$R/pyproject.toml" --rootdir "$R" -p no:cacheprovider \
+        (cd /tmp && timeout "${TESTS_S:-300}" $py -m pytest -q -x -c "$R/pyproject.toml" --rootdir "$R" -p no:cacheprovider \
             "$R/tests/test_gpu_pipeline.py" "$R/tests/test_gpu_decoder.py" "$R/tests/test_pipeline.py" \
             "$R/tests/test_loader.py" 2>&1 | tail -25 | tee "$OUT/tests.txt")
         ;;
     micro)
-        timeout 560 $py -m bench.gpu_ttft --no-grid --reps 2 --calib-segments 2 2>&1 | tee "$OUT/micro.txt" | tail -40
+        timeout "${MICRO_S:-560}" $py -m bench.gpu_ttft --no-grid --reps 2 --calib-segments 2 2>&1 | tee "$OUT/micro.txt" | tail -40
         ;;
     grid)
-        timeout 560 $py -m bench.gpu_ttft --no-micro --reps 2 --cap-s 2.0 --calib-segments 2 \
+        timeout "${GRID_S:-560}" $py -m bench.gpu_ttft --no-micro --reps 2 --cap-s 2.0 --calib-segments 2 \
             --keep bench/results/gpu-ttft-nvidia-h200.json 2>&1 | tee "$OUT/grid.txt" | tail -40
         ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
