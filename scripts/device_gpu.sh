@@ -23,7 +23,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --fo
 for step in "$@"; do
     case "$step" in
     tests)
-        (cd /tmp && timeout "${TESTS_S:-300}" $py -m pytest -q -x -c "$R/pyproject.toml" --rootdir "$R" -p no:cacheprovider \
+        (cd /tmp && timeout "${TESTS_S:-300}" $py -m pytest -q -rf -c "$R/pyproject.toml" --rootdir "$R" -p no:cacheprovider \
             "$R/tests/test_gpu_pipeline.py" "$R/tests/test_gpu_decoder.py" "$R/tests/test_pipeline.py" \
             "$R/tests/test_loader.py" 2>&1 | tail -25 | tee "$OUT/tests.txt")
         ;;
