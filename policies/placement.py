@@ -34,6 +34,11 @@ Contract (who calls what, when, in which units):
   holds them, first first; the store drops them (each also through ``may_drop``) until the total
   is free, then makes room tier by tier with ``victims`` as above. The default (``[]``) leaves it
   all to the per-tier cascade, where a drop can only ever be an entry of the last tier.
+* ``global_drops`` (class attribute): True for the policies with a store-wide order
+  (``scheduler*``, ``lru-global``, ``fifo-global``): where the tier-by-tier moves would still have
+  to drop a last tier's entry (whole entries need not fit the bytes left free below), the store
+  instead drops the next ``drop_order`` entry (asked again with ``need_bytes`` 0) and moves again,
+  so every drop follows the policy's one order over all tiers.
 
 Registry: :func:`make_placement` (``"lru"``, ``"fifo"``, ``"scheduler"``, and the global-order
 baselines ``"lru-global"``, ``"fifo-global"``; ``"scheduler-size"``: the scheduler-aware policy with
@@ -89,6 +94,9 @@ class PlacementPolicy(abc.ABC):
     """Base class; see the module docstring for the contract."""
 
     name: str = "policy"
+    # True: every entry that leaves the store is chosen by drop_order over all tiers (the store
+    # never drops a last tier's victim of its own accord); False: drops come from the cascade
+    global_drops: bool = False
 
     def __init__(self) -> None:
         self.queue: tuple[str, ...] = ()
@@ -148,6 +156,7 @@ class GlobalLruPlacement(LruPlacement):
     baseline against the scheduler-aware policy, which also drops globally."""
 
     name = "lru-global"
+    global_drops = True
 
     def drop_order(self, need_bytes, candidates, incoming, tiers):
         return self.victims(-1, need_bytes, candidates, incoming, tiers)
@@ -157,6 +166,7 @@ class GlobalFifoPlacement(FifoPlacement):
     """FIFO over the whole store (one global admission order, victims from any tier)."""
 
     name = "fifo-global"
+    global_drops = True
 
     def drop_order(self, need_bytes, candidates, incoming, tiers):
         return self.victims(-1, need_bytes, candidates, incoming, tiers)
@@ -187,6 +197,7 @@ class SchedulerAwarePlacement(PlacementPolicy):
     """
 
     name = "scheduler"
+    global_drops = True
 
     def __init__(self, *, prefetch_window: int | None = None, eviction_window: int | None = None,
                  unqueued: str = "lru"):

@@ -11,7 +11,8 @@ by a :class:`ctxstream.policies.placement.PlacementPolicy`:
   ``i+1`` (recursively making room there); from the last tier they are dropped (if the policy's
   ``may_drop`` agrees). A policy with a global view (``drop_order``, the scheduler-aware one) first
   names the entries that leave the store when tiers ``i``.. lack the room in total: they are
-  dropped from whichever tier holds them, and the cascade then only moves entries down;
+  dropped from whichever tier holds them, and the cascade then only moves entries down (where it
+  would still have to drop from the last tier, the policy's next global victim goes instead);
 * **up on access / prefetch**: :meth:`HierarchicalStore.get` promotes the entry it read to tier 0
   (``promote_on_read``), :meth:`set_queue` lets a scheduler-aware policy prefetch queued entries.
 
@@ -83,6 +84,10 @@ def build_tiers(spec: str, *, data_dir, redis_url: str, redis_prefix: str, fsync
             store = DeviceMemoryStore()
         tiers.append(Tier(store, nbytes, name))
     return tiers
+
+
+class _CascadeDrop(Exception):
+    """Internal: a strict cascade reached a drop from the last tier (see ``_make_room``)."""
 
 
 class HierarchyError(StoreError):
@@ -412,9 +417,17 @@ class HierarchicalStore:
                 await self._make_room(j, 0, e)
         return ok
 
-    async def _make_room(self, t: int, need: int, incoming: _Entry | None, depth: int = 0) -> bool:
+    async def _make_room(self, t: int, need: int, incoming: _Entry | None, depth: int = 0,
+                         strict: bool = False) -> bool:
         """Free ``need`` bytes in tier ``t`` by moving policy victims down (dropping from the last
-        tier). True when ``need`` bytes are free."""
+        tier). True when ``need`` bytes are free.
+
+        With a policy that drops globally (``policy.global_drops``), the top-level call first drops
+        its :meth:`drop_order` entries while tiers ``t``.. lack the room in total, then cascades
+        ``strict``-ly: where a cascade would have to drop an entry from the last tier (whole entries
+        do not always fit the bytes left free in the tier below), it stops, the next entry in the
+        policy's store-wide order is dropped instead (from whichever tier), and the cascade is tried
+        again -- so every drop follows the one global order, not the last tier's own."""
         tier = self.tiers[t]
         if need > tier.capacity_bytes:
             return False
@@ -424,6 +437,19 @@ class HierarchicalStore:
             await self._drop_globally(t, need, incoming)
             if tier.capacity_bytes - tier.used_bytes >= need:
                 return True
+            if self.policy.global_drops:
+                while True:
+                    try:
+                        return await self._cascade(t, need, incoming, depth, True)
+                    except _CascadeDrop:
+                        if not await self._drop_next(t, incoming):
+                            break  # nothing the policy may drop: the cascade's own drop after all
+                    if tier.capacity_bytes - tier.used_bytes >= need:
+                        return True
+        return await self._cascade(t, need, incoming, depth, strict)
+
+    async def _cascade(self, t: int, need: int, incoming: _Entry | None, depth: int, strict: bool) -> bool:
+        tier = self.tiers[t]
         cands = [self._view(e) for e in self._entries.values()
                  if e.tier == t and e.pins == 0 and e is not incoming]
         inc_view = self._view(incoming) if incoming is not None else None
@@ -438,16 +464,33 @@ class HierarchicalStore:
             try:
                 moved = False
                 for lower in range(t + 1, len(self.tiers)):  # the next tier down that takes it
-                    if await self._make_room(lower, v.nbytes, v, depth + 1):
+                    if await self._make_room(lower, v.nbytes, v, depth + 1, strict):
                         await self._move(v, lower)
                         self.stats.moves_down += 1
                         moved = True
                         break
                 if not moved and self.policy.may_drop(self._view(v), self.entry_views(), self.tier_views()):
+                    if strict:
+                        raise _CascadeDrop(v.key)
                     await self._drop(v, "cascade")
             finally:
                 v.pins -= 1
         return tier.capacity_bytes - tier.used_bytes >= need
+
+    async def _drop_next(self, t: int, incoming: _Entry | None) -> bool:
+        """Drop the first entry of tiers ``t``.. in the policy's store-wide drop order that it lets
+        leave; False when there is none."""
+        cands = [self._view(e) for e in self._entries.values()
+                 if e.tier >= t and e.pins == 0 and e is not incoming]
+        inc_view = self._view(incoming) if incoming is not None else None
+        for key in self.policy.drop_order(0, cands, inc_view, self.tier_views()):
+            v = self._entries.get(key)
+            if v is None or v.tier < t or v.pins or v is incoming:
+                continue
+            if self.policy.may_drop(self._view(v), self.entry_views(), self.tier_views()):
+                await self._drop(v, "global")
+                return True
+        return False
 
     async def _drop_globally(self, t: int, need: int, incoming: _Entry | None) -> None:
         """When tiers ``t``.. together lack ``need`` free bytes, drop the policy's

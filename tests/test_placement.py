@@ -292,3 +292,52 @@ def test_scheduler_size_orders_unqueued_by_idle_time_times_bytes():
     assert s.victims(0, 1, cands, None, TIERS) == ["small-old", "big-new", "q2", "q1"]
     with pytest.raises(PlacementError):
         SchedulerAwarePlacement(unqueued="mru")
+
+
+def test_global_fifo_drops_the_first_admitted_even_where_the_cascade_must_drop(tmp_path):
+    """Memory 1000 B and disk 1000 B; a (600 B, admitted first) was read back into memory, b (600 B)
+    sits on disk. A 500 B save fits the store in total (so no byte deficit) but not whole entries:
+    the cascade moves a down, the disk cannot take it beside b, and the cascade dropped b (the
+    disk's only entry) -- for fifo-global too, which then kept the first admitted a. Global FIFO
+    drops a, the first admitted, wherever it is; the cascading FIFO still drops b."""
+    async def go():
+        for policy, want in (("fifo", "b"), ("fifo-global", "a")):
+            h = HierarchicalStore([Tier(MemoryStore(), KB, "memory"),
+                                   Tier(DiskStore(tmp_path / policy, fsync=False), KB, "disk")], policy)
+            seen = []
+            h.on_drop = lambda view, via, seen=seen: seen.append(view.key)
+            await _fill(h, ["a", "b"], size=600)  # a moves down for b
+            await h.get("a", ["o.a"])  # read: a is promoted, b moves down
+            assert [h.where(x) for x in "ab"] == ["memory", "disk"]
+            await _fill(h, ["c"], size=500)
+            assert seen == [want], policy
+            assert "c" in h and all(t.used_bytes <= t.capacity_bytes for t in h.tiers)
+            await h.close()
+
+    asyncio.run(go())
+
+
+def test_global_lru_equals_the_cascade_unless_an_entry_was_used_in_place(tmp_path):
+    """Why lru-global and lru give the same hits in the replay: an LRU cascade with promotion on
+    read keeps every tier's entries more recent than the next tier's, so the last tier's LRU is the
+    store's. They differ once an entry is used without moving (``touch``: a manifest read over
+    HTTP): then the cascade drops it from the disk while a staler one sits in memory."""
+    async def go():
+        for touch, want in ((False, {"lru": "b", "lru-global": "b"}), (True, {"lru": "a", "lru-global": "b"})):
+            for policy in ("lru", "lru-global"):
+                h = HierarchicalStore([Tier(MemoryStore(), KB, "memory"),
+                                       Tier(DiskStore(tmp_path / f"{policy}{touch}", fsync=False), KB, "disk")],
+                                      policy)
+                seen = []
+                h.on_drop = lambda view, via, seen=seen: seen.append(view.key)
+                await _fill(h, ["a", "b"], size=600)  # a on disk, b in memory
+                if touch:
+                    await h.touch("a")  # a used in place: now more recent than b
+                else:
+                    await h.get("b", ["o.b"])  # b used in memory
+                    await h.get("a", ["o.a"])  # a read: promoted, b moves down
+                await _fill(h, ["c"], size=500)
+                assert seen == [want[policy]], (policy, touch)
+                await h.close()
+
+    asyncio.run(go())
