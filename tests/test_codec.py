@@ -69,6 +69,14 @@ def test_sizes_shrink_with_level(codec, kv):
     assert sizes == sorted(sizes, reverse=True)
 
 
+def test_float16_kv_whose_sum_overflows_float16_is_accepted(codec, kv):
+    k16 = torch.full_like(kv[0], 1000.0, dtype=torch.float16)  # finite, but sums past 65504
+    k2, _v2 = codec.decode(codec.encode(k16, kv[1].half(), "fp16"))
+    assert torch.equal(k2, k16)
+    with pytest.raises(CodecError):
+        codec.encode(k16.clone().fill_(float("inf")), kv[1].half(), "fp16")
+
+
 def test_fp16_is_lossless_for_fp16_input(codec, kv):
     k16, v16 = kv[0].half(), kv[1].half()
     k2, v2 = codec.decode(codec.encode(k16, v16, "fp16"))

@@ -245,7 +245,8 @@ class Codec:
             raise ModelMismatchError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} differ")
         if start < 0:
             raise CodecError(f"start must be >= 0, got {start}")
-        if not (torch.isfinite(keys.sum()) and torch.isfinite(values.sum())):  # NaN/inf propagate
+        # NaN/inf propagate through a sum; summed in float32, as a float16 sum of finite values overflows
+        if not (torch.isfinite(keys.sum(dtype=torch.float32)) and torch.isfinite(values.sum(dtype=torch.float32))):
             raise CodecError("keys/values contain NaN or infinity")
 
     @staticmethod
