@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import json
 import os
@@ -50,7 +51,7 @@ import torch
 from ctxstream.codec import Codec
 from ctxstream.codec.profile import build_profile, calibration_text
 from ctxstream.hostinfo import host_info
-from ctxstream.loader import ContextLoader, FetchOptions, LoaderContext
+from ctxstream.loader import ContextLoader, FetchOptions, LoaderContext, PlanOptions
 from ctxstream.loader.calibration import run_model, sync_device
 from ctxstream.model import ByteTokenizer, ModelAdapter, cache_kw
 from ctxstream.codec.quality import QualityEstimator
@@ -154,6 +155,12 @@ def main() -> None:  # noqa: C901 - one linear script
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--no-micro", action="store_true", help="skip the prepared-path / hidden share / decode numbers")
     ap.add_argument("--no-grid", action="store_true", help="skip the TTFT grid through ContextLoader")
+    ap.add_argument("--prior-from", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                       "level-dppl-dev.json"),
+                    help="per-level perplexity prior for the policies (bench/level_dppl.py's JSON; '' = the "
+                         "profile's own, which a random-weight model does not have)")
+    ap.add_argument("--only-policies", action="store_true",
+                    help="grid: re-measure recompute, slo and mpc; the fixed-level cells come from --keep")
     ap.add_argument("--keep", default=None,
                     help="an earlier result JSON: its sections this run does not measure are kept (recorded in 'runs')")
     ap.add_argument("--json", default=None)
@@ -201,6 +208,15 @@ def main() -> None:  # noqa: C901 - one linear script
     res["profile"] = {"kind": kind, "build_s": time.perf_counter() - t0}
     codec = Codec(adapter.info, profile)
     res["quality_prior"] = QualityEstimator(codec).prior()
+    if args.prior_from:
+        # random weights make any perplexity change meaningless: the policies' quality bound uses the
+        # per-level increase measured on the trained default model (dev split) instead
+        with open(args.prior_from) as fh:
+            measured = json.load(fh)
+        res["quality_prior"] = {lv: max(0.0, float(v["dppl_rel_mean"])) for lv, v in measured["plans"].items()
+                                if lv in LEVELS}
+        res["quality_prior_source"] = (f"{os.path.basename(args.prior_from)}: mean relative perplexity increase "
+                                       f"per level, {measured['model']}, {measured['split']} split (clipped at 0)")
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     print(f"profile ({kind}) in {res['profile']['build_s']:.1f}s", flush=True)
@@ -275,7 +291,7 @@ def main() -> None:  # noqa: C901 - one linear script
             save()
         if not args.no_grid:
             asyncio.run(grid(args, res, srv.url, adapter, codec, cid, sizes, contexts, rates, question_of, levels,
-                             save))
+                             save, kept))
     finally:
         srv.stop()
     save()
@@ -283,15 +299,19 @@ def main() -> None:  # noqa: C901 - one linear script
     print(f"-> {path}")
 
 
-async def grid(args, res, url, adapter, codec, cid, sizes, contexts, rates, question_of, levels, save) -> None:
+async def grid(args, res, url, adapter, codec, cid, sizes, contexts, rates, question_of, levels, save,
+               kept) -> None:
     """The TTFT grid through ContextLoader (one loader per policy, reused across cells)."""
     lctx = LoaderContext(persist=False)
     t0 = time.perf_counter()
     loaders = {}
     opts = FetchOptions(piece_bytes=1 << 20)
-    for pol in ["text", *[f"fixed:{lv}" for lv in levels], "slo", "mpc"]:
+    plan = PlanOptions(prior_dppl=res["quality_prior"] or None)
+    old_rows = {(r["question"], r["tokens"], r["gbps"]): r for r in kept.get("ttft", [])} if args.only_policies else {}
+    fixed = [] if args.only_policies else [f"fixed:{lv}" for lv in levels]
+    for pol in ["text", *fixed, "slo", "mpc"]:
         loaders[pol] = ContextLoader(url, model=adapter, policy=pol, slo_s=None, token=TOKEN, codec=codec,
-                                     context=lctx, fetch=opts)
+                                     context=lctx, fetch=opts, plan=plan)
         await loaders[pol].open()  # the first calibrates (once, before any clock), the others reuse it
     cal = loaders["text"].calibration
     res["calibration"] = cal.summary()
@@ -302,7 +322,7 @@ async def grid(args, res, url, adapter, codec, cid, sizes, contexts, rates, ques
     async def run(pol, T, Q, rate_bps, slo_s):
         cl = loaders[pol]
         cl.shaper = RateShaper(rate_bps) if rate_bps else None
-        cl.prior_bps = rate_bps or None
+        cl.plan = dataclasses.replace(plan, prior_bps=rate_bps or None)  # the link's rate as the first forecast
         cl.slo_s = slo_s
         ttfts, reps = [], []
         for r in range(args.reps + 1):  # the first one warms this cell up (allocations, pinned pool)
@@ -332,6 +352,9 @@ async def grid(args, res, url, adapter, codec, cid, sizes, contexts, rates, ques
                 row = {"question": Q, "tokens": T, "gbps": gbps, "slo_s": slo, "recompute": rec}
                 for lv in levels:
                     net = sum(sizes[T][lv]) * 8 / bps
+                    if args.only_policies:  # measured by the earlier run
+                        row[lv] = old_rows[(Q, T, gbps)][lv]
+                        continue
                     if net > args.cap_s:
                         row[lv] = {"skipped": True, "transfer_s": net}
                         continue

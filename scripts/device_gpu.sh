@@ -4,6 +4,7 @@
 #   tests   the GPU tests (decoder, pipeline, loader on both sinks)
 #   micro   bench/gpu_ttft.py's prepared-path, hidden-share and decode numbers (no TTFT grid)
 #   grid    bench/gpu_ttft.py's TTFT grid through ContextLoader (keeps the micro numbers of an earlier run)
+#   policies  the grid's recompute, slo and mpc cells only (keeps the fixed-level cells of an earlier run)
 # e.g. `bash scripts/device_gpu.sh tests micro`. Results go to bench/results/ and to $OUT.
 set -euo pipefail
 R="$(cd "$(dirname "$0")/.." && pwd)"
@@ -18,21 +19,25 @@ if [ -d .whl ]; then
 fi
 rm -rf /tmp/site
 $py -m pip install -q --no-deps --no-build-isolation --target /tmp/site . 2>&1 | tail -3
-export PYTHONPATH=/tmp/site:$R  # ctxstream from the install; bench/ from the checkout
+export PYTHONPATH=/tmp/site:$R  # ctxstream from the install, bench/ from the checkout (run from /tmp)
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/nvidia-smi.txt"
 for step in "$@"; do
     case "$step" in
     tests)
         (cd /tmp && timeout "${TESTS_S:-300}" $py -m pytest -q -rf -c "$R/pyproject.toml" --rootdir "$R" -p no:cacheprovider \
             "$R/tests/test_gpu_pipeline.py" "$R/tests/test_gpu_decoder.py" "$R/tests/test_pipeline.py" \
-            "$R/tests/test_loader.py" 2>&1 | tail -25 | tee "$OUT/tests.txt")
+            "$R/tests/test_loader.py" 2>&1 | tail -25 | tee "$OUT/tests.txt") || true
         ;;
     micro)
-        timeout "${MICRO_S:-560}" $py -m bench.gpu_ttft --no-grid --reps 2 --calib-segments 2 2>&1 | tee "$OUT/micro.txt" | tail -40
+        (cd /tmp && timeout "${MICRO_S:-560}" $py -m bench.gpu_ttft --no-grid --reps 2 --calib-segments 2 2>&1 | tee "$OUT/micro.txt" | tail -40)
         ;;
     grid)
-        timeout "${GRID_S:-560}" $py -m bench.gpu_ttft --no-micro --reps 2 --cap-s 2.0 --calib-segments 2 \
-            --keep bench/results/gpu-ttft-nvidia-h200.json 2>&1 | tee "$OUT/grid.txt" | tail -40
+        (cd /tmp && timeout "${GRID_S:-560}" $py -m bench.gpu_ttft --no-micro --reps 2 --cap-s 2.0 --calib-segments 2 \
+            --keep "$R/bench/results/gpu-ttft-nvidia-h200.json" 2>&1 | tee "$OUT/grid.txt" | tail -40)
+        ;;
+    policies)  # recompute, slo and mpc again; the fixed-level cells of the kept run stay
+        (cd /tmp && timeout "${GRID_S:-560}" $py -m bench.gpu_ttft --no-micro --only-policies --reps 2 --cap-s 2.0 \
+            --calib-segments 2 --keep "$R/bench/results/gpu-ttft-nvidia-h200.json" 2>&1 | tee "$OUT/policies.txt" | tail -40)
         ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
     esac
