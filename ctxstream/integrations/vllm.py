@@ -93,6 +93,10 @@ class ConnectorConfig:
     save: bool = True
     lookup_timeout_s: float = 2.0
     save_timeout_s: float = 120.0
+    # torch's intra-op threads while a load decodes and writes (vLLM's forward waits meanwhile; restored
+    # after): the codec's small per-layer matmuls run 25 ms a chunk on one thread, and up to 50x slower on
+    # two OpenMP threads when another process holds a core
+    load_threads: int = 1
     max_saves_in_flight: int = 4  # saves copied out of vLLM and not yet uploaded; more are skipped (logged)
     load_timeout_s: float = 60.0
     calibration_prefixes: tuple[int, ...] = (256, 1024)
@@ -216,6 +220,11 @@ class LoadOutcome:
     levels: list[str]
     seconds: float
     error: str | None = None
+    # where the time went (sums over chunks; fetches overlap decodes and writes, so they exceed seconds)
+    fetch_s: float = 0.0
+    decode_s: float = 0.0
+    write_s: float = 0.0
+    first_byte_s: float | None = None  # from the start of the load to the first chunk fetched
 
 
 # ------------------------------------------------------------------------------------- worker-side loading
@@ -290,6 +299,9 @@ class PrefixLoader:
 
     async def _load(self, context_id: str, manifest: Manifest, end_tokens: int, write,
                     ov: RequestOverrides) -> LoadOutcome:
+        """Two stages: this coroutine plans and fetches chunk after chunk (the link stays busy), a second
+        one decodes and writes each fetched chunk meanwhile (off the event loop), in order. The first chunk
+        left to recompute or failing anywhere ends the loaded prefix."""
         from ctxstream.codec.quality import QualityEstimator
         from ctxstream.loader.fetcher import FetchFailed
         from ctxstream.loader.planner import Planner
@@ -305,41 +317,75 @@ class PrefixLoader:
         est = self._estimator(ov.token, ov.shape_rate)
         planner = Planner(make_policy(ov.policy or self.cfg.policy), cal, manifest, usable, QualityEstimator(codec).prior(),
                           self.cfg.ttft_budget_s)
-        loaded, levels = 0, []
-        for i, entry in enumerate(manifest.chunks):
-            if entry.start >= end_tokens:
-                break
-            d = planner.decide(i, elapsed_s=time.perf_counter() - t0, throughput_bps=est.estimate(),
-                               throughput_err=est.error(), latency_s=0.0, backlog_s=0.0)
-            choice, timeout_s = d.choice, d.timeout_s
-            if choice == TEXT:
-                # The policies plan "recompute these chunks while the network fetches the rest"; here vLLM
-                # computes only after the load, so the same plan runs as a prefix plan: its fetched chunks
-                # first, its recomputed ones at the end. All text (or no plan): vLLM computes from here.
-                later = [c for c in getattr(planner.policy, "last_plan", ())[1:] if c != TEXT and c in entry.sizes]
-                if not later or d.error:
-                    return LoadOutcome(loaded, levels, time.perf_counter() - t0, d.error)
-                choice = later[0]
-                planner.used[i] = choice
-                timeout_s = planner.policy.fetch_timeout_s(d.state, choice)
-            try:
+        out = LoadOutcome(0, [], 0.0)
+        fetched: asyncio.Queue = asyncio.Queue(maxsize=2)  # (entry, level, bytes) in order; None: no more
+        failed = asyncio.Event()
+
+        def decode_and_write(data: bytes, start: int) -> tuple[float, float]:
+            t = time.perf_counter()
+            keys, values = codec.decode(data, start=start)
+            t_dec = time.perf_counter()
+            write(start, keys, values)
+            return t_dec - t, time.perf_counter() - t_dec
+
+        async def consume() -> None:
+            while (item := await fetched.get()) is not None:
+                entry, choice, data = item
+                if failed.is_set():
+                    continue  # drained: the prefix ended before this chunk
+                try:
+                    dec_s, wr_s = await asyncio.to_thread(decode_and_write, data, entry.start)
+                except (CtxstreamError, ValueError, RuntimeError) as exc:
+                    log.warning("ctxstream chunk %d of %s (%s): %s; vLLM recomputes from token %d",
+                                entry.index, context_id, choice, exc, entry.start)
+                    out.error = f"chunk {entry.index}: {exc}"
+                    failed.set()
+                    continue
+                out.decode_s += dec_s
+                out.write_s += wr_s
+                out.loaded_tokens = entry.start + entry.tokens
+                out.levels.append(choice)
+
+        consumer = asyncio.create_task(consume())
+        try:
+            for i, entry in enumerate(manifest.chunks):
+                if entry.start >= end_tokens or failed.is_set():
+                    break
+                d = planner.decide(i, elapsed_s=time.perf_counter() - t0, throughput_bps=est.estimate(),
+                                   throughput_err=est.error(), latency_s=0.0, backlog_s=0.0)
+                choice, timeout_s = d.choice, d.timeout_s
+                if choice == TEXT:
+                    # The policies plan "recompute these chunks while the network fetches the rest"; here vLLM
+                    # computes only after the load, so the same plan runs as a prefix plan: its fetched chunks
+                    # first, its recomputed ones at the end. All text (or no plan): vLLM computes from here.
+                    later = [c for c in getattr(planner.policy, "last_plan", ())[1:] if c != TEXT and c in entry.sizes]
+                    if not later or d.error:
+                        out.error = out.error or d.error
+                        break
+                    choice = later[0]
+                    planner.used[i] = choice
+                    timeout_s = planner.policy.fetch_timeout_s(d.state, choice)
+                t_f = time.perf_counter()
                 try:
                     got = await fetcher.chunk(context_id, entry, choice, est, codec.limits, timeout_s)
                 except FetchFailed as exc:
                     if exc.nbytes > 0 and exc.seconds > 0:  # what did arrive says how fast the link is
                         est.add(exc.nbytes, exc.seconds)
-                    raise
-                keys, values = await asyncio.to_thread(codec.decode, got.data, start=entry.start)
-                await asyncio.to_thread(write, entry.start, keys, values)
-            except (FetchFailed, CtxstreamError, ValueError, RuntimeError) as exc:
-                log.warning("ctxstream chunk %d of %s (%s): %s; vLLM recomputes from token %d",
-                            i, context_id, choice, exc, entry.start)
-                return LoadOutcome(loaded, levels, time.perf_counter() - t0, f"chunk {i}: {exc}")
-            loaded = entry.start + entry.tokens
-            levels.append(choice)
+                    log.warning("ctxstream chunk %d of %s (%s): %s; vLLM recomputes from token %d",
+                                i, context_id, choice, exc, entry.start)
+                    out.error = f"chunk {i}: {exc}"
+                    break
+                out.fetch_s += time.perf_counter() - t_f
+                if out.first_byte_s is None:
+                    out.first_byte_s = time.perf_counter() - t0
+                await fetched.put((entry, choice, got.data))
+        finally:
+            await fetched.put(None)
+            await consumer
+        out.seconds = time.perf_counter() - t0
         if est is self.est and est.samples:
             self.context.remember_throughput(self.cfg.url, self.est.estimate())
-        return LoadOutcome(loaded, levels, time.perf_counter() - t0)
+        return out
 
 
 # ------------------------------------------------------------------------------------- reading vLLM's paged KV
@@ -542,6 +588,15 @@ class CtxstreamConnector(KVConnectorBase_V1):
             return
         layers = {name: layer for name, layer in forward_context.no_compile_layers.items()
                   if getattr(layer, "kv_cache", None) is not None}
+        threads = torch.get_num_threads()
+        if self.cfg.load_threads:
+            torch.set_num_threads(self.cfg.load_threads)
+        try:
+            self._load_all(meta, layers)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _load_all(self, meta: CtxstreamMetadata, layers: dict) -> None:
         for spec in meta.loads:
             loaded = spec.skip_tokens
             try:
@@ -552,9 +607,10 @@ class CtxstreamConnector(KVConnectorBase_V1):
                 out = self._loader.load(spec.context_id, manifest, spec.tokens, write, spec.overrides)
                 self.outcomes.append(out)
                 loaded = max(loaded, min(out.loaded_tokens, spec.tokens))
-                log.info("ctxstream: request %s loaded %d of %d tokens (%s) in %.3f s%s", spec.req_id,
-                         loaded, spec.tokens, ",".join(out.levels), out.seconds,
-                         f"; {out.error}" if out.error else "")
+                log.info("ctxstream: request %s loaded %d of %d tokens (%s) in %.3f s (first chunk %.3f s; "
+                         "sums: fetch %.3f s, decode %.3f s, write %.3f s)%s", spec.req_id, loaded, spec.tokens,
+                         ",".join(out.levels), out.seconds, out.first_byte_s or 0.0, out.fetch_s, out.decode_s,
+                         out.write_s, f"; {out.error}" if out.error else "")
             except Exception as exc:  # noqa: BLE001 - never into the engine: recompute
                 log.warning("ctxstream load of request %s failed: %s; vLLM recomputes", spec.req_id, exc)
             first_bad = loaded // self.block_size
@@ -572,15 +628,17 @@ class CtxstreamConnector(KVConnectorBase_V1):
         pos = torch.arange(lo, hi)
         blocks = torch.tensor(spec.block_ids, dtype=torch.long)[pos // self.block_size]
         slots = blocks * self.block_size + pos % self.block_size
+        kt = vt = None
         for name, layer in layers.items():
             m = _LAYER_RE.search(name)
             if m is None:
                 continue
             li = int(m.group(1))
             cache = layer.kv_cache
-            k = keys[li, :, lo - start:hi - start].permute(1, 0, 2).to(cache.dtype).contiguous()  # [T, H, D]
-            v = values[li, :, lo - start:hi - start].permute(1, 0, 2).to(cache.dtype).contiguous()
-            self._write_layer(layer, cache, k, v, slots)
+            if kt is None:  # once per chunk: [L, T, H, D] in the cache's dtype (each layer's slice contiguous)
+                kt = keys[:, :, lo - start:hi - start].permute(0, 2, 1, 3).to(cache.dtype).contiguous()
+                vt = values[:, :, lo - start:hi - start].permute(0, 2, 1, 3).to(cache.dtype).contiguous()
+            self._write_layer(layer, cache, kt[li], vt[li], slots)
 
     @staticmethod
     def _write_layer(layer, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
