@@ -23,10 +23,13 @@ How the pieces map onto vLLM's connector API:
 * worker side, ``start_load_kv``: per chunk in order the loader's :class:`~ctxstream.loader.planner.Planner`
   decides a level within ``ttft_budget_s`` (or recompute), the loader's fetcher fetches it (retries,
   range resume, checksums; measured throughput feeds the next decision), the codec decodes it, and vLLM's
-  own ``cpu_attn_reshape_and_cache`` op writes it into the request's blocks. The first chunk the policy
-  leaves to recompute, or that fails to fetch or decode, ends the loaded prefix: its blocks and all after
-  are returned from ``get_block_ids_with_load_errors`` and vLLM recomputes them
-  (``kv_load_failure_policy: "recompute"``). Nothing raises into the engine.
+  own ``cpu_attn_reshape_and_cache`` op writes it into the request's blocks; the next chunk is fetched
+  while the last one decodes and writes. The first chunk the policy leaves to recompute, or that fails to
+  fetch, decode or write, ends the loaded prefix: its blocks and all after are returned from
+  ``get_block_ids_with_load_errors`` and vLLM recomputes them (``kv_load_failure_policy: "recompute"``).
+  Nothing raises into the engine. The whole prefix is in the blocks before the forward starts, so
+  ``wait_for_layer_load`` has nothing to wait for (not layer-wise: a chunk carries every layer, so the
+  last chunk's layer 0 arrives at the end of the load anyway).
 * save: when a request finishes (``request_finished``, scheduler side) holding a whole chunk the streamer
   lacks, vLLM keeps its blocks; the next step's ``wait_for_save`` (worker side) copies the KV of its tokens
   (prompt and answer) out of the paged blocks (:class:`PagedKVReader`: the backend's layout probed through
