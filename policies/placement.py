@@ -42,14 +42,17 @@ Contract (who calls what, when, in which units):
 
 Registry: :func:`make_placement` (``"lru"``, ``"fifo"``, ``"scheduler"``, and the global-order
 baselines ``"lru-global"``, ``"fifo-global"``; ``"scheduler-size"``: the scheduler-aware policy with
-unqueued entries ordered by idle time x bytes instead of LRU), :func:`register_placement`
+unqueued entries ordered by idle time x bytes instead of LRU; ``"scheduler-odds"``: by return odds per
+byte, learned from the observed return gaps), :func:`register_placement`
 (duplicate names are rejected), :func:`placement_names`.
 """
 
 from __future__ import annotations
 
 import abc
+import bisect
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -131,6 +134,10 @@ class PlacementPolicy(abc.ABC):
                    tiers: Sequence[TierView]) -> list[str]:
         return []
 
+    def observe_return(self, key: str, gap_ticks: int) -> None:
+        """The store saw ``key`` used again ``gap_ticks`` store-clock ticks after its last save (the
+        first read or touch since): one sample of how long sessions stay away. Default: ignored."""
+
 
 class LruPlacement(PlacementPolicy):
     """Least recently used first; no prefetch (a hit in a lower tier is promoted on access)."""
@@ -191,6 +198,13 @@ class SchedulerAwarePlacement(PlacementPolicy):
     * ``unqueued="size"`` (registered as ``scheduler-size``): unqueued entries leave in order of
       (store clock - last access) x bytes, largest first -- GreedyDual-Size's idea: a long history
       frees the most room and, late in its conversation, has the fewest turns left to hit;
+    * ``unqueued="odds"`` (``scheduler-odds``): unqueued entries leave in order of their **return
+      odds per byte**, lowest first: ``S(idle) / bytes``, where ``S(x)`` is the share of the observed
+      return gaps (:meth:`observe_return`: ticks from a save to the session's next use, i.e. think
+      time plus queueing, the last ``gap_samples``) longer than ``x``. An entry idle longer than
+      (almost) every session ever stayed away has probably ended (odds ~ 0: it goes first, largest
+      first); among those likely to return, the largest goes first (one miss frees the most room).
+      Until ``min_samples`` gaps are seen it orders as ``size``;
     * **prefetch window** = free tier-0 bytes // ``mean``, where free counts the bytes held in tier
       0 by unqueued entries (the first victims, so they make room for a prefetch): that many of the
       queued sessions that are not in tier 0, in queue order, are brought up, next first.
@@ -200,11 +214,16 @@ class SchedulerAwarePlacement(PlacementPolicy):
     global_drops = True
 
     def __init__(self, *, prefetch_window: int | None = None, eviction_window: int | None = None,
-                 unqueued: str = "lru"):
+                 unqueued: str = "lru", gap_samples: int = 512, min_samples: int = 16):
         super().__init__()
-        if unqueued not in ("lru", "size"):
-            raise PlacementError(f"unqueued must be 'lru' or 'size', got {unqueued!r}")
+        if unqueued not in ("lru", "size", "odds"):
+            raise PlacementError(f"unqueued must be 'lru', 'size' or 'odds', got {unqueued!r}")
+        if gap_samples < 1 or min_samples < 1:
+            raise PlacementError("gap_samples and min_samples must be >= 1")
         self.unqueued = unqueued
+        self.gap_samples, self.min_samples = int(gap_samples), int(min_samples)
+        self._gaps: deque[int] = deque(maxlen=self.gap_samples)  # recent return gaps, arrival order
+        self._sorted: list[int] | None = None  # the same, sorted (rebuilt lazily)
         for n, v in (("prefetch_window", prefetch_window), ("eviction_window", eviction_window)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 raise PlacementError(f"{n} must be an int >= 0, got {v!r}")
@@ -235,10 +254,31 @@ class SchedulerAwarePlacement(PlacementPolicy):
             ew = self.fixed_eviction
         return pw, ew
 
+    def observe_return(self, key: str, gap_ticks: int) -> None:
+        self._gaps.append(max(0, int(gap_ticks)))
+        self._sorted = None
+
+    def return_odds(self, idle_ticks: int) -> float:
+        """Share of the observed return gaps longer than ``idle_ticks`` (1.0 before ``min_samples``)."""
+        if len(self._gaps) < self.min_samples:
+            return 1.0
+        if self._sorted is None:
+            self._sorted = sorted(self._gaps)
+        return 1.0 - bisect.bisect_right(self._sorted, idle_ticks) / len(self._sorted)
+
     def _order(self, candidates: Sequence[EntryView], incoming: EntryView | None) -> list[EntryView]:
         floor = self.rank(incoming.key) if incoming is not None else -1
         allowed = [e for e in candidates if self.rank(e.key) >= floor and (incoming is None or e.key != incoming.key)]
-        if self.unqueued == "size":  # unqueued: idle time x bytes, largest first (GreedyDual-Size-like)
+        if self.unqueued == "odds" and len(self._gaps) >= self.min_samples:
+            now = max((e.last_access for e in allowed), default=0) + 1
+
+            def key_odds(e: EntryView):
+                if self.rank(e.key) != math.inf:
+                    return (1, -self.rank(e.key), e.last_access, 0.0, e.key)
+                return (0, self.return_odds(now - e.last_access) / max(1, e.nbytes), -e.nbytes, e.last_access, e.key)
+
+            return sorted(allowed, key=key_odds)
+        if self.unqueued in ("size", "odds"):  # unqueued: idle time x bytes, largest first (GreedyDual-Size-like)
             now = max((e.last_access for e in allowed), default=0) + 1
             return sorted(allowed, key=lambda e: (-self.rank(e.key), -(now - e.last_access) * e.nbytes
                                                   if self.rank(e.key) == math.inf else e.last_access, e.key))
@@ -302,5 +342,6 @@ register_placement("lru", LruPlacement)
 register_placement("fifo", FifoPlacement)
 register_placement("scheduler", SchedulerAwarePlacement)
 register_placement("scheduler-size", lambda **kw: SchedulerAwarePlacement(unqueued="size", **kw))
+register_placement("scheduler-odds", lambda **kw: SchedulerAwarePlacement(unqueued="odds", **kw))
 register_placement("lru-global", GlobalLruPlacement)
 register_placement("fifo-global", GlobalFifoPlacement)

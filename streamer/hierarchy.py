@@ -123,6 +123,7 @@ class _Entry:
     objects: dict[str, int] = field(default_factory=dict)  # object key -> payload bytes
     last_access: int = 0
     inserted: int = 0
+    saved_at: int = -1  # store clock of the last put; -1 once a read or touch has followed it
     pins: int = 0  # > 0: in use (being read or written): never moved or dropped
     reserved: int = 0  # bytes of objects being written (counted in the tier, not yet readable)
 
@@ -165,6 +166,15 @@ class HierarchicalStore:
     def _tick(self) -> int:
         self._clock += 1
         return self._clock
+
+    def _returned(self, e: _Entry) -> int:
+        """Tick for a read or touch of ``e``; the first one after a save tells the policy how long the
+        session stayed away (``observe_return``: think time plus queueing, in store clock ticks)."""
+        now = self._tick()
+        if e.saved_at >= 0:
+            self.policy.observe_return(e.key, now - e.saved_at)
+            e.saved_at = -1
+        return now
 
     def _view(self, e: _Entry) -> EntryView:
         return EntryView(e.key, e.nbytes, e.tier, e.last_access, e.inserted)
@@ -220,6 +230,7 @@ class HierarchicalStore:
                 e = _Entry(entry, tier=-1, last_access=now, inserted=now)
             else:
                 e.last_access = now
+            e.saved_at = now
             old_size = e.objects.get(key, 0)
             delta = len(value) - old_size
             new_total = e.nbytes + delta
@@ -276,7 +287,7 @@ class HierarchicalStore:
             e = self._entries.get(entry)
             if e is None:
                 return None, [], None
-            e.last_access = self._tick()
+            e.last_access = self._returned(e)
             found = self.tiers[e.tier].name
             e.pins += 1
             try:
@@ -314,7 +325,7 @@ class HierarchicalStore:
         async with self._lock:
             e = self._entries.get(entry)
             if e is not None:
-                e.last_access = self._tick()
+                e.last_access = self._returned(e)
 
     async def set_queue(self, session_ids: Sequence[str], *, prefetch: bool = True) -> list[str]:
         """Tell the policy the serving side's queue (next first); prefetch what it asks for.

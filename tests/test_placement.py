@@ -341,3 +341,34 @@ def test_global_lru_equals_the_cascade_unless_an_entry_was_used_in_place(tmp_pat
                 await h.close()
 
     asyncio.run(go())
+
+
+def test_scheduler_odds_evicts_the_probably_ended_session_first(tmp_path):
+    """scheduler-odds: sessions came back 5-10 ticks after a save; an unqueued entry idle for 50
+    ticks has probably ended and goes first though it is small (scheduler-size takes the big one
+    idle 3 ticks, which is likely to return); queued entries stay last. The store reports the gap
+    from a save to the first read after it."""
+    p = make_placement("scheduler-odds", min_samples=4)
+    for g in (5, 6, 8, 10):
+        p.observe_return("x", g)
+    p.set_queue(["q1"])
+    cands = [ev("ended-small", 100, last=50), ev("thinking-big", 1000, last=97), ev("q1", 50, last=1)]
+    assert p.victims(0, 1, cands, None, TIERS) == ["ended-small", "thinking-big", "q1"]
+    size = make_placement("scheduler-size")
+    size.set_queue(["q1"])
+    assert size.victims(0, 1, cands, None, TIERS)[0] == "thinking-big"
+
+    seen = []
+
+    class Spy(LruPlacement):
+        def observe_return(self, key, gap_ticks):
+            seen.append((key, gap_ticks))
+
+    async def go():
+        h = HierarchicalStore([Tier(MemoryStore(), 10 * KB, "memory")], Spy())
+        await _fill(h, ["a", "b"])
+        await h.get("a", ["o.a"])
+        await h.get("a", ["o.a"])  # not a return: no save in between
+        assert seen == [("a", 2)]
+
+    asyncio.run(go())
