@@ -80,6 +80,7 @@ import torch  # noqa: E402
 
 from ctxstream.corpora import longchat_conversations  # noqa: E402
 from ctxstream.hostinfo import machine  # noqa: E402
+from ctxstream.manifest import checksum_hex  # noqa: E402
 from ctxstream.model import ModelAdapter  # noqa: E402
 from ctxstream.paths import DEFAULT_DATA_DIR  # noqa: E402
 from ctxstream.streamer.hierarchy import HierarchicalStore, Tier  # noqa: E402
@@ -87,7 +88,7 @@ from ctxstream.streamer.sessions import SessionStore  # noqa: E402
 from ctxstream.streamer.storage import DiskStore, MemoryStore, RedisStore  # noqa: E402
 
 SYSTEM = "You are a helpful AI assistant."
-POLICIES = ["scheduler", "lru", "fifo", "lru-global", "fifo-global"]
+POLICIES = ["scheduler", "scheduler-size", "scheduler-odds", "lru", "fifo", "lru-global", "fifo-global"]
 TIER_NAMES = ["memory", "disk", "redis"]
 
 
@@ -114,6 +115,36 @@ def load_conversations(data_dir: Path, adapter: ModelAdapter) -> list[Conversati
             turns.append((q, a))
         if len(turns) >= 2:
             out.append(Conversation(conv.topic, sys_ids, turns))
+    return out
+
+
+def shakespeare_sessions(data_dir: Path, adapter: ModelAdapter, n: int = 30, seed: int = 0) -> list[Conversation]:
+    """The **dev** workload (``--corpus shakespeare``; LongChat topics are the eval split): ``n``
+    sessions cut from consecutive speeches of tinyshakespeare, in ChatML. A user message = the next
+    speeches up to a target drawn from U(20, 120) tokens, the answer up to U(40, 200); a session has
+    U(16, 36) such turns (seeded). Choose policy parameters on this, report on LongChat."""
+    text = (data_dir / "corpora" / "tinyshakespeare" / "input.txt").read_text()
+    speeches = [b.strip() for b in text.split("\n\n") if b.strip()]
+    rng = random.Random(seed)
+    sys_ids = adapter.tokenize(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n")
+    out, i = [], 0
+
+    def take(target: int) -> str:
+        nonlocal i
+        parts, size = [], 0
+        while size < target and i < len(speeches):
+            parts.append(speeches[i])
+            size += len(speeches[i]) // 4  # ~4 characters per token
+            i += 1
+        return "\n".join(parts)
+
+    while len(out) < n and i < len(speeches):
+        turns = []
+        for _ in range(rng.randint(16, 36)):
+            q = adapter.tokenize(f"<|im_start|>user\n{take(rng.randint(20, 120))}<|im_end|>\n<|im_start|>assistant\n")
+            a = adapter.tokenize(f"{take(rng.randint(40, 200))}<|im_end|>\n")
+            turns.append((q, a))
+        out.append(Conversation(f"shakespeare-{len(out)}", sys_ids, turns))
     return out
 
 
@@ -184,22 +215,12 @@ class Job:
     turn: int
 
 
-class Replayer:
-    """The store side of the simulation: a real SessionStore over a real HierarchicalStore under one
-    policy. ``start`` loads (peeks) a session at job start, ``end`` saves it after the turn; both
-    then tell the store the queue. Every drop is logged with the dropped session's state, so each
-    miss can be attributed to why its session left the store."""
+class _DropLog:
+    """Why sessions left the store: every drop of ``hier`` (the store under test) is logged with the
+    dropped session's state, so each miss can be attributed to its session's last drop. ``name_of``
+    maps the store's entry key to the replay's session id (the service prefixes a tenant tag)."""
 
-    def __init__(self, policy: str, sessions: list[Conversation], order: list[int], info, sizes, folder, redis_url):
-        self.hier = HierarchicalStore(make_tiers(sizes, folder, redis_url, policy), policy)
-        self.hier.on_drop = self._on_drop
-        self.ss = SessionStore(self.hier, info, dtype="float16")
-        self.sessions, self.order = sessions, order
-        L, H, D = info.num_layers, info.num_kv_heads, info.head_dim
-        max_tokens = max(history_tokens(c, len(c.turns)) for c in sessions)
-        gen = torch.Generator().manual_seed(0)
-        self.big_k = torch.randn(L, H, max_tokens, D, generator=gen).to(torch.float16)
-        self.big_v = torch.randn(L, H, max_tokens, D, generator=gen).to(torch.float16)
+    def __init__(self):
         self.rows: list[tuple] = []  # per turn >= 2: (tier found in or None, history tokens, new tokens)
         self.live: set[str] = set()  # sessions with turns left (thinking, queued or in service)
         self.running: set[str] = set()
@@ -207,24 +228,22 @@ class Replayer:
         self.drops: dict[str, int] = {}
         self.misses: dict[str, int] = {}
 
-    def conv_hist(self, s: int, turn: int) -> tuple[Conversation, list[int]]:
-        conv = self.sessions[self.order[s]]
-        hist = list(conv.system)
-        for q, a in conv.turns[:turn]:
-            hist += q + a
-        return conv, hist
+    def watch(self, hier: HierarchicalStore, name_of=lambda key: key) -> None:
+        self._hier, self._name_of = hier, name_of
+        hier.on_drop = self._on_drop
 
     def _on_drop(self, view, via: str) -> None:
-        pol = self.hier.policy
+        pol = self._hier.policy
+        name = self._name_of(view.key)
         r = pol.rank(view.key)
         if r < float("inf"):
             state = "queued"
             if hasattr(pol, "windows"):
-                _, ew = pol.windows(self.hier.entry_views(), self.hier.tier_views())
+                _, ew = pol.windows(self._hier.entry_views(), self._hier.tier_views())
                 state += ", outside the eviction window" if r >= ew else ", INSIDE the eviction window"
-        elif view.key in self.running:
+        elif name in self.running:
             state = "in service"
-        elif view.key in self.live:
+        elif name in self.live:
             state = "thinking (not queued)"
         else:
             state = "finished"
@@ -232,10 +251,36 @@ class Replayer:
         # better victim in another tier? (a cascade only sees the last tier's entries)
         key = (-r, view.last_access)
         better = any(e.tier != view.tier and e.key != view.key and (-pol.rank(e.key), e.last_access) < key
-                     for e in self.hier.entry_views())
+                     for e in self._hier.entry_views())
         label = f"{state}; {via}" + ("; a better victim was in another tier" if better else "")
         self.drops[label] = self.drops.get(label, 0) + 1
-        self.last_drop[view.key] = label
+        self.last_drop[name] = label
+
+    def count(self, sid: str, found: str | None, hist: int, new: int) -> None:
+        self.rows.append((found, hist, new))
+        if found is None:
+            why = self.last_drop.get(sid, "never stored (save refused: no room for it)")
+            self.misses[why] = self.misses.get(why, 0) + 1
+
+    def result(self, stats: dict) -> dict:
+        return {"rows": self.rows, "stats": stats, "drops": self.drops, "misses": self.misses}
+
+
+class Replayer(_DropLog):
+    """The store side of the simulation, in process (``--in-process``): a real SessionStore over a
+    real HierarchicalStore under one policy. ``start`` loads (peeks) a session at job start, ``end``
+    saves it after the turn; both then tell the store the queue."""
+
+    def __init__(self, policy: str, sessions: list[Conversation], order: list[int], info, sizes, folder, redis_url):
+        super().__init__()
+        self.hier = HierarchicalStore(make_tiers(sizes, folder, redis_url, policy), policy)
+        self.watch(self.hier)
+        self.ss = SessionStore(self.hier, info, dtype="float16")
+        self.sessions, self.order = sessions, order
+        self.big_k, self.big_v = synthetic_kv(info, sessions)
+
+    def conv_hist(self, s: int, turn: int) -> tuple[Conversation, list[int]]:
+        return conv_hist(self.sessions[self.order[s]], turn)
 
     async def start(self, s: int, turn: int, queue: list[Job]) -> str | None:
         sid = f"u{s}"
@@ -246,10 +291,7 @@ class Replayer:
             conv, hist = self.conv_hist(s, turn)
             got = await self.ss.peek(sid, prefix_of=hist)
             found = got[1] if got and got[0] == len(hist) else None
-            self.rows.append((found, len(hist), len(conv.turns[turn][0])))
-            if found is None:
-                why = self.last_drop.get(sid, "never stored (save refused: no room for it)")
-                self.misses[why] = self.misses.get(why, 0) + 1
+            self.count(sid, found, len(hist), len(conv.turns[turn][0]))
         await self.hier.set_queue([f"u{j.session}" for j in queue])
         return found
 
@@ -269,8 +311,170 @@ class Replayer:
         for e in self.hier.entry_views():  # leave nothing behind
             await self.hier.delete(e.key)
         await self.hier.close()
-        return {"rows": self.rows, "stats": self.hier.stats.__dict__.copy(), "drops": self.drops,
-                "misses": self.misses}
+        return self.result(self.hier.stats.__dict__.copy())
+
+
+def conv_hist(conv: Conversation, turn: int) -> tuple[Conversation, list[int]]:
+    hist = list(conv.system)
+    for q, a in conv.turns[:turn]:
+        hist += q + a
+    return conv, hist
+
+
+def synthetic_kv(info, sessions: list[Conversation]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random float16 KV ``[layers, kv_heads, tokens, head_dim]`` as long as the longest session."""
+    max_tokens = max(history_tokens(c, len(c.turns)) for c in sessions)
+    gen = torch.Generator().manual_seed(0)
+    shape = (info.num_layers, info.num_kv_heads, max_tokens, info.head_dim)
+    return (torch.randn(*shape, generator=gen).to(torch.float16), torch.randn(*shape, generator=gen).to(torch.float16))
+
+
+TOKEN = "tok-bench-multiturn"
+
+
+def start_streamer(adapter, codec, folder: Path, redis_url: str | None, tag: str, tiers: str, placement: str):
+    """A real streamer (uvicorn on loopback, in a thread) whose session store is ``tiers``
+    (``--session-tiers``) under ``placement`` (``--session-placement``); one tenant, ``TOKEN``."""
+    from ctxstream.streamer.server import serve_in_background
+    from ctxstream.streamer.settings import Settings
+
+    st = Settings(model=adapter.info.name, store="memory", data_dir=folder / f"http-{tag}",
+                  redis_url=redis_url or "redis://127.0.0.1:1/0", redis_prefix=f"mt-http-{tag}:",
+                  session_tiers=tiers, session_placement=placement, tokens={TOKEN: "bench"}, fsync=False,
+                  max_tokens=1 << 16, max_upload_bytes=1 << 30, log_level="warning")
+    return serve_in_background(st, adapter=adapter, codec=codec)
+
+
+class HttpReplayer(_DropLog):
+    """The store side of the simulation through the service (the default): a real streamer whose
+    session store is the tier hierarchy (``--session-tiers memory:..+disk:..+redis:..``, real Redis)
+    under the policy (``--session-placement``), driven only over HTTP, as a serving side would:
+
+    * turn 1: ``POST /v1/sessions {"id"}``;
+    * job start (turn >= 2): ``GET /v1/sessions/{id}`` -- a hit when the manifest holds the whole
+      history (its chunks' token ids equal it) and its chunks are served (``GET
+      /v1/sessions/{id}/chunks/{i}?level=fp16``, checksum verified; ``--http-fetch first``: only
+      chunk 0); the tier is the server's ``X-Store-Tier`` of the first chunk; a 404 is a miss (the
+      session was evicted: it is created again);
+    * job end: ``POST /v1/sessions/{id}/turns?start=N`` with the new tokens' KV (CXKV; after a miss
+      the whole conversation from 0); a 507 is a save the store refused;
+    * after each: ``PUT /v1/queue {"sessions": [...]}``, the serving side's queue, next first.
+
+    The server's store is observed (``on_drop``) only to attribute misses to why a session left
+    (``misses_by_reason``); hits, misses and tiers come from the HTTP answers."""
+
+    def __init__(self, policy: str, sessions: list[Conversation], order: list[int], adapter, codec, tiers: str,
+                 folder: Path, redis_url: str | None, tag: str, fetch: str = "all"):
+        super().__init__()
+        import httpx
+
+        self.srv = start_streamer(adapter, codec, folder, redis_url, tag, tiers, policy)
+        svc = self.srv.app.state.sessions
+        self.watch(svc.store.hier, lambda key: key.rsplit("-", 1)[-1])
+        self.http = httpx.AsyncClient(base_url=self.srv.url, headers={"Authorization": f"Bearer {TOKEN}"},
+                                      timeout=120)
+        self.fingerprint = adapter.info.fingerprint
+        self.sessions, self.order, self.fetch = sessions, order, fetch
+        self.big_k, self.big_v = synthetic_kv(adapter.info, sessions)
+        self.stored: dict[str, int] = {}  # tokens the server holds per session, as its answers said
+        self.requests = 0
+        self.seconds: dict[str, float] = {}  # wall seconds per route (client side)
+        self.refused = 0
+        self.bytes_fetched = 0
+
+    async def _req(self, method: str, url: str, **kw):
+        self.requests += 1
+        t0 = time.perf_counter()
+        r = await self.http.request(method, url, **kw)
+        route = f"{method} " + "/".join("{id}" if i == 3 and p else ("{i}" if i == 5 else p)
+                                        for i, p in enumerate(url.split("/")))
+        self.seconds[route] = self.seconds.get(route, 0.0) + time.perf_counter() - t0
+        return r
+
+    async def _queue(self, queue: list[Job]) -> None:
+        r = await self._req("PUT", "/v1/queue", json={"sessions": [f"u{j.session}" for j in queue]})
+        assert r.status_code == 200, r.text
+
+    async def _create(self, sid: str) -> None:
+        r = await self._req("POST", "/v1/sessions", json={"id": sid})
+        assert r.status_code == 201, r.text
+        self.stored[sid] = 0
+
+    async def _lookup(self, sid: str, hist: list[int]) -> str | None:
+        r = await self._req("GET", f"/v1/sessions/{sid}")
+        if r.status_code == 404:  # evicted: the serving side creates it again (the job saves it all)
+            await self._create(sid)
+            return None
+        assert r.status_code == 200, r.text
+        man = r.json()
+        chunks = man["manifest"]["chunks"]
+        self.stored[sid] = int(man["tokens"])
+        if man["tokens"] != len(hist) or [t for c in chunks for t in c["token_ids"]] != hist:
+            return None
+        tier = None
+        for c in chunks if self.fetch == "all" else chunks[:1]:
+            g = await self._req("GET", f"/v1/sessions/{sid}/chunks/{c['index']}", params={"level": "fp16"})
+            if g.status_code != 200 or checksum_hex(g.content) != c["checksums"]["fp16"]:
+                return None  # gone between the manifest and the chunk: a miss
+            self.bytes_fetched += len(g.content)
+            tier = tier or g.headers["x-store-tier"]
+        return tier
+
+    async def start(self, s: int, turn: int, queue: list[Job]) -> str | None:
+        sid = f"u{s}"
+        self.running.add(sid)
+        self.live.add(sid)
+        found = None
+        if turn == 0:
+            await self._create(sid)
+        else:
+            conv, hist = conv_hist(self.sessions[self.order[s]], turn)
+            found = await self._lookup(sid, hist)
+            self.count(sid, found, len(hist), len(conv.turns[turn][0]))
+        await self._queue(queue)
+        return found
+
+    async def end(self, s: int, turn: int, queue: list[Job]) -> None:
+        from ctxstream.streamer.kvformat import CONTENT_TYPE, pack_kv
+
+        sid = f"u{s}"
+        conv, hist = conv_hist(self.sessions[self.order[s]], turn)
+        q, a = conv.turns[turn]
+        full = hist + q + a
+        self.running.discard(sid)
+        if turn + 1 >= len(conv.turns):
+            self.live.discard(sid)  # (the store is not told when a conversation ends: it cannot know)
+        for _attempt in range(3):
+            start = self.stored.get(sid, 0)
+            body = pack_kv(full[start:], self.big_k[:, :, start:len(full)], self.big_v[:, :, start:len(full)],
+                           fingerprint=self.fingerprint, dtype="float16")
+            r = await self._req("POST", f"/v1/sessions/{sid}/turns", content=body,
+                                params={"start": start, "turn": turn}, headers={"Content-Type": CONTENT_TYPE})
+            if r.status_code == 201:
+                self.stored[sid] = int(r.json()["tokens"])
+                break
+            if r.status_code == 507:  # no tier could take it: not stored
+                self.refused += 1
+                break
+            if r.status_code == 404:  # evicted since the lookup: the whole conversation again
+                await self._create(sid)
+                continue
+            assert r.status_code == 409, r.text  # it holds another prefix: continue from what it holds
+            g = await self._req("GET", f"/v1/sessions/{sid}")
+            assert g.status_code == 200, g.text
+            self.stored[sid] = int(g.json()["tokens"])
+        await self._queue(queue)
+
+    async def close(self) -> dict:
+        stats = self._hier.stats.__dict__.copy()
+        for s in list(self.stored):
+            await self._req("DELETE", f"/v1/sessions/{s}")  # leave nothing behind (404: already evicted)
+        await self.http.aclose()
+        self.srv.stop()
+        out = self.result(stats)
+        out.update({"http_requests": self.requests, "http_seconds_by_route": self.seconds, "saves_refused": self.refused,
+                    "bytes_fetched": self.bytes_fetched})
+        return out
 
 
 async def simulate(sessions: list[Conversation], order: list[int], args, replayer: Replayer | None) -> dict:
@@ -341,6 +545,37 @@ async def simulate(sessions: list[Conversation], order: list[int], args, replaye
     if replayer:
         out.update(await replayer.close())
     return out
+
+
+async def stored_bytes_per_token(conv: Conversation, adapter, codec, folder: Path) -> float:
+    """Bytes the streamer stores per token of a session (every codec level of every chunk): one
+    session's turns posted to a probe streamer as the replay posts them (``delta_bytes`` of each
+    answer). The replay's tier budgets are fractions of the live KV in these bytes."""
+    import httpx
+
+    from ctxstream.streamer.kvformat import CONTENT_TYPE, pack_kv
+
+    srv = start_streamer(adapter, codec, folder, None, "probe", "memory:4G", "lru")
+    k, v = synthetic_kv(adapter.info, [conv])
+    tokens = nbytes = 0
+    try:
+        async with httpx.AsyncClient(base_url=srv.url, headers={"Authorization": f"Bearer {TOKEN}"},
+                                     timeout=120) as http:
+            assert (await http.post("/v1/sessions", json={"id": "probe"})).status_code == 201
+            for turn in range(len(conv.turns)):
+                _, hist = conv_hist(conv, turn)
+                q, a = conv.turns[turn]
+                full = hist + q + a
+                body = pack_kv(full[tokens:], k[:, :, tokens:len(full)], v[:, :, tokens:len(full)],
+                               fingerprint=adapter.info.fingerprint, dtype="float16")
+                r = await http.post("/v1/sessions/probe/turns", content=body, params={"start": tokens},
+                                    headers={"Content-Type": CONTENT_TYPE})
+                assert r.status_code == 201, r.text
+                tokens += r.json()["delta_tokens"]
+                nbytes += r.json()["delta_bytes"]
+    finally:
+        srv.stop()
+    return nbytes / tokens
 
 
 # ------------------------------------------------------------------------------ part 2
@@ -524,6 +759,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="write the rows here")
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     ap.add_argument("--model", default=None, help="model for the TTFT part and the KV sizes (default SmolLM2-135M)")
+    ap.add_argument("--corpus", choices=["longchat", "shakespeare"], default="longchat",
+                    help="longchat: the LongChat topic conversations (eval split); shakespeare: the dev workload "
+                         "(tinyshakespeare speeches as turns), to choose parameters on")
     ap.add_argument("--topics-per-session", type=int, default=5,
                     help="k consecutive topic conversations make one session (LongEval's topic task; 1 = the "
                          "first version's workload)")
@@ -549,7 +787,12 @@ def main(argv=None) -> int:
     ap.add_argument("--ttft-sessions", type=int, default=None, help="sessions measured with the real model")
     ap.add_argument("--ttft-every", type=int, default=None, help="measure every n-th turn of them")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--http", action="store_true",
+    ap.add_argument("--in-process", action="store_true",
+                    help="hit-rate replay against the SessionStore in this process (for comparison) instead of a "
+                         "real streamer over HTTP")
+    ap.add_argument("--http-fetch", choices=["all", "first"], default="first",
+                    help="hit-rate replay over HTTP: a hit fetches every fp16 chunk of the history, or only the first")
+    ap.add_argument("--ttft-http", "--http", dest="http", action="store_true",
                     help="TTFT part through the service: real streamers over HTTP, history loaded by the loader")
     ap.add_argument("--http-policy", default="fp16", help="loader policy for the history with --http (fp16)")
     ap.add_argument("--http-slo", type=float, default=None, help="loader SLO with --http (default none)")
@@ -565,8 +808,11 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
 
     adapter = ModelAdapter.load(args.model)
-    convs = load_conversations(args.data_dir, adapter)
-    sessions = make_sessions(convs, k)
+    if args.corpus == "shakespeare":
+        convs = sessions = shakespeare_sessions(args.data_dir, adapter)
+    else:
+        convs = load_conversations(args.data_dir, adapter)
+        sessions = make_sessions(convs, k)
     info = adapter.info
     replay_info = info if args.replay_layers <= 0 else dataclasses.replace(
         info, num_layers=min(args.replay_layers, info.num_layers))
@@ -589,13 +835,23 @@ def main(argv=None) -> int:
         args.session_rate = args.load * args.slots / (mean_service * mean_turns)
     # store sizes from the server without a store (policy independent)
     base = asyncio.run(simulate(sessions, order, args, None))
-    live_mean = base["live_tokens_mean"] * bpt
-    live_max = base["live_tokens_max"] * bpt
+    folder = Path(tempfile.mkdtemp(prefix="ctxstream-multiturn-"))
+    proc, redis_url = start_redis(folder)
+    radapter = rcodec = None
+    bpt_store = bpt  # bytes the store holds per token (over HTTP: every codec level of every chunk)
+    if not args.in_process:
+        from ctxstream.codec import Codec
+
+        # the server's model for the replay: the real model's KV shape with --replay-layers layers
+        radapter = ModelAdapter.tiny_random(layers=replay_info.num_layers, kv_heads=info.num_kv_heads,
+                                            head_dim=info.head_dim, vocab_size=info.vocab_size)
+        rcodec = Codec.for_model(radapter)
+        bpt_store = asyncio.run(stored_bytes_per_token(sessions[order[0]], radapter, rcodec, folder))
+    live_mean = base["live_tokens_mean"] * bpt_store
+    live_max = base["live_tokens_max"] * bpt_store
     split = [float(x) for x in args.tier_split.split(",")]
     fracs = [float(x) for x in str(args.store_frac).split(",")]
     sizes_of = {f: {name: int(f * live_mean * w / sum(split)) for name, w in zip(TIER_NAMES, split)} for f in fracs}
-    folder = Path(tempfile.mkdtemp(prefix="ctxstream-multiturn-"))
-    proc, redis_url = start_redis(folder)
     if redis_url is None:
         print("redis-server not found: two tiers only (memory, disk)")
         for v in sizes_of.values():
@@ -618,7 +874,12 @@ def main(argv=None) -> int:
         rows = []
         for frac, policy in [(f, p.strip()) for f in fracs for p in args.policies.split(",") if p.strip()]:
             sizes = sizes_of[frac]
-            rep = Replayer(policy, sessions, order, replay_info, sizes, folder, redis_url)
+            if args.in_process:
+                rep = Replayer(policy, sessions, order, replay_info, sizes, folder, redis_url)
+            else:
+                spec = "+".join(f"{t}:{sizes[t]}" for t in tier_names)
+                rep = HttpReplayer(policy, sessions, order, radapter, rcodec, spec, folder, redis_url,
+                                   tag=f"{policy}-{frac}", fetch=args.http_fetch)
             res = asyncio.run(simulate(sessions, order, args, rep))
             turns = res["rows"]
             n = len(turns)
@@ -628,6 +889,7 @@ def main(argv=None) -> int:
             all_tok = sum(r[1] + r[2] for r in turns)
             rows.append({
                 "policy": policy,
+                "path": "in-process SessionStore" if args.in_process else "HTTP (real streamer on loopback)",
                 "hit_rate": len(hits) / n if n else 0.0,
                 **{f"hit_rate_{t}": sum(1 for r in turns if r[0] == t) / n for t in tier_names},
                 "turns_counted": n,
@@ -645,6 +907,8 @@ def main(argv=None) -> int:
                 "live_kv_bytes_mean": live_mean,
                 "live_kv_bytes_max": live_max,
                 "bytes_per_token_replay": bpt,
+                "bytes_per_token_stored": bpt_store,
+                **{k2: res[k2] for k2 in ("http_requests", "http_seconds_by_route", "saves_refused", "bytes_fetched") if k2 in res},
                 "bytes_per_token_model": bpt_model,
                 "moves": res["stats"],
                 "sessions": args.sessions,
@@ -682,7 +946,7 @@ def main(argv=None) -> int:
         shutil.rmtree(folder, ignore_errors=True)
 
     print(f"# tiers memory:disk:redis = {args.tier_split}; mean live KV {live_mean / 1e6:.0f} MB (max "
-          f"{live_max / 1e6:.0f} MB) at the replay's {bpt} B/token; {rows[0]['jobs']} jobs, "
+          f"{live_max / 1e6:.0f} MB) at {bpt_store:.0f} B/token stored; {rows[0]['jobs']} jobs, "
           f"{rows[0]['turns_counted']} turns >= 2 counted, {args.slots} slots")
     hdr = ["store / live KV", "policy", "hit rate", *[f"hit {t}" for t in tier_names], "prefill saved", "TTFT s",
            "recompute s", "TTFT reduction", "mean queue", "sim s"]
