@@ -352,8 +352,9 @@ def test_scheduler_odds_evicts_the_probably_ended_session_first(tmp_path):
     for g in (5, 6, 8, 20):
         p.observe_return("x", g)
     p.set_queue(["q1"])
-    cands = [ev("ended-small", 100, last=50), ev("thinking-big", 1000, last=88), ev("q1", 50, last=1)]
-    assert p.victims(0, 1, cands, None, TIERS) == ["ended-small", "thinking-big", "q1"]
+    cands = [ev("ended-small", 100, last=50), ev("thinking-big", 1000, last=88), ev("fresh", 10, last=98),
+             ev("q1", 50, last=1)]
+    assert p.victims(0, 1, cands, None, TIERS) == ["ended-small", "thinking-big", "fresh", "q1"]
     size = make_placement("scheduler-size")
     size.set_queue(["q1"])
     assert size.victims(0, 1, cands, None, TIERS)[0] == "thinking-big"
