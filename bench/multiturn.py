@@ -25,7 +25,12 @@ offered load of the server *without* a session cache (hit-aware: every job prefi
 First version's workload and numbers: ``--topics-per-session 1 --service fixed --sessions 150
 --replay-layers 0`` (LRU and FIFO reproduce exactly; the scheduler-aware policy has changed since).
 
-Part 1 -- hit rate (simulated clock, real store): a :class:`ctxstream.streamer.sessions.SessionStore` over a
+Part 1 -- hit rate (simulated clock, real store). By default through the service (:class:`HttpReplayer`):
+a real streamer per policy on loopback, its session store the tier hierarchy (memory / disk / Redis,
+real redis-server) under ``--session-placement``, driven only over HTTP (sessions created, turns
+posted as KV deltas, history fetched, the queue put with ``PUT /v1/queue``; hits and tiers from the
+server's answers); tier budgets in the bytes the server stores (every codec level), measured by a
+probe session. ``--in-process`` instead replays against a :class:`ctxstream.streamer.sessions.SessionStore` over a
 :class:`ctxstream.streamer.hierarchy.HierarchicalStore` of host memory, local disk (``DiskStore``) and Redis
 (a private ``redis-server`` on loopback), each byte-bounded; KV of the model's shape (synthetic
 values, position-free keys, float16) really written, moved and read, but only
