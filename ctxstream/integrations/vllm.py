@@ -68,11 +68,17 @@ log = logging.getLogger(__name__)
 try:  # vLLM is optional: this module's config and loading logic import without it
     from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
                                                                    KVConnectorRole)
+    try:
+        from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorWorkerMetadata
+    except ImportError:  # an older vLLM: no worker -> scheduler channel (the scheduler keeps its seeds)
+        KVConnectorWorkerMetadata = object  # type: ignore[assignment,misc]
 except ImportError:  # pragma: no cover - exercised only where vLLM is missing
     KVConnectorBase_V1 = object  # type: ignore[assignment,misc]
 
     class KVConnectorMetadata:  # type: ignore[no-redef]
         pass
+
+    KVConnectorWorkerMetadata = object  # type: ignore[assignment,misc]
 
     KVConnectorRole = None  # type: ignore[assignment]
 
@@ -107,6 +113,19 @@ class ConnectorConfig:
     # the link's throughput before its first sample (default the LoaderContext's 10 Mbit/s): a prefix plan
     # stops at the first chunk left to recompute, so a prior far below the link never gets a sample
     prior_bps: float | None = None
+    # The scheduler's load-or-compute decision (:func:`decide_prefix`): vLLM's prefill seconds are modelled
+    # as ``step + tokens * (per_token + per_attended * (prefix + tokens / 2))``, seeded with these (SmolLM2-135M,
+    # fp32, this 2-core VM) and fitted online on the engine's own steps (:func:`fit_prefill`).
+    prefill_s_per_step: float = 0.02
+    prefill_s_per_token: float = 8.8e-4
+    prefill_s_per_attended: float = 2.7e-7
+    load_overhead_s: float = 0.05  # fixed seconds of a load (manifest, codec, first request)
+    min_gain_s: float = 0.1  # claim a prefix only if it is forecast to save this much ...
+    min_gain_frac: float = 0.05  # ... and this share of vLLM computing it
+    probe_after_s: float = 30.0  # a declined link's forecast older than this: one chunk fetched in the background
+    # start_load_kv only starts the load (a background thread) and the forward's wait_for_layer_load(layer)
+    # waits until that layer of the whole prefix is written (README: measured, no gain on this CPU; off)
+    layerwise: bool = False
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> "ConnectorConfig":
@@ -169,6 +188,7 @@ class LoadSpec:
     skip_tokens: int
     tokens: int
     overrides: "RequestOverrides | None" = None
+    budget_s: float | None = None  # the planner's budget: the config's, capped at vLLM's seconds for the tokens
 
 
 @dataclass(frozen=True)
@@ -183,6 +203,7 @@ class RequestOverrides:
     levels: tuple[str, ...] | None = None
     save: bool = True
     shape_rate: str | None = None
+    layerwise: bool | None = None  # None: the config's
 
     @classmethod
     def of(cls, request) -> "RequestOverrides | None":
@@ -193,7 +214,155 @@ class RequestOverrides:
         levels = d.get("levels")
         return cls(str(d["token"]) if d.get("token") else None, str(d["policy"]) if d.get("policy") else None,
                    tuple(str(x) for x in levels) if isinstance(levels, list) else None, d.get("save") is not False,
-                   str(d["shape_rate"]) if d.get("shape_rate") else None)
+                   str(d["shape_rate"]) if d.get("shape_rate") else None,
+                   bool(d["layerwise"]) if d.get("layerwise") is not None else None)
+
+
+# ------------------------------------------------------------------------------------- load or compute (pure)
+def link_key(token: str | None, shape_rate: str | None) -> str:
+    """The throughput forecast a request's load uses: the streamer's real link is one for every tenant
+    (``""``); a benchmark's shaped link (``shape_rate``) is its own per tenant (a hash, never the token)."""
+    if not shape_rate:
+        return ""
+    import hashlib
+
+    return hashlib.sha256((token or "").encode()).hexdigest()[:8] + ":" + shape_rate
+
+
+@dataclass(frozen=True)
+class PrefillModel:
+    """vLLM's prefill seconds of ``tokens`` new tokens after ``prefix`` computed ones:
+    ``step_s + tokens * (per_token_s + per_attended_s * (prefix + tokens / 2))`` (the last term: attention)."""
+
+    step_s: float
+    per_token_s: float
+    per_attended_s: float
+    samples: int = 0  # engine steps it was fitted on (0: the seed)
+
+    def seconds(self, tokens: int, prefix: int = 0) -> float:
+        if tokens <= 0:
+            return 0.0
+        return self.step_s + tokens * (self.per_token_s + self.per_attended_s * (prefix + tokens / 2))
+
+
+def fit_prefill(samples: Sequence[tuple[Sequence[tuple[int, int]], float]], seed: PrefillModel,
+                prior_weight: float = 1.0) -> PrefillModel:
+    """Fit :class:`PrefillModel` on engine steps ``(((tokens, prefix) per request scheduled), seconds)`` by
+    least squares on relative errors, pulled towards ``seed`` (``prior_weight`` pseudo-steps per
+    parameter), so that a few steps move it only as far as they say. A fit with a negative parameter
+    falls back to the seed scaled by the samples' mean actual/predicted ratio."""
+    s0 = (seed.step_s, seed.per_token_s, seed.per_attended_s)
+    rows: list[tuple[list[float], float]] = []
+    for reqs, secs in samples:
+        if secs <= 0:
+            continue
+        x = [1.0, float(sum(n for n, _p in reqs)), float(sum(n * (p + n / 2) for n, p in reqs))]
+        rows.append(([v / secs for v in x], 1.0))  # relative error: row and target divided by the seconds
+    if not rows:
+        return seed
+    for j in range(3):  # the prior, in units of each parameter's seed
+        if s0[j] > 0:
+            x = [0.0, 0.0, 0.0]
+            x[j] = prior_weight / s0[j]
+            rows.append((x, prior_weight))
+    a = [[sum(r[0][i] * r[0][j] for r in rows) for j in range(3)] for i in range(3)]
+    b = [sum(r[0][i] * r[1] for r in rows) for i in range(3)]
+    theta = _solve3(a, b)
+    n = sum(1 for _r, secs in samples if secs > 0)
+    if theta is None or min(theta) < 0:
+        ratios = [secs / max(seed.seconds(0, 0) + sum(seed.seconds(t, p) for t, p in reqs), 1e-9)
+                  for reqs, secs in samples if secs > 0]
+        f = sum(ratios) / len(ratios)
+        return PrefillModel(s0[0] * f, s0[1] * f, s0[2] * f, n)
+    return PrefillModel(theta[0], theta[1], theta[2], n)
+
+
+def _solve3(a: list[list[float]], b: list[float]) -> list[float] | None:
+    """Gaussian elimination with partial pivoting (3x3 normal equations); None if singular."""
+    m = [row[:] + [b[i]] for i, row in enumerate(a)]
+    for c in range(3):
+        piv = max(range(c, 3), key=lambda r: abs(m[r][c]))
+        if abs(m[piv][c]) < 1e-300:
+            return None
+        m[c], m[piv] = m[piv], m[c]
+        for r in range(c + 1, 3):
+            f = m[r][c] / m[c][c]
+            for k in range(c, 4):
+                m[r][k] -= f * m[c][k]
+    x = [0.0, 0.0, 0.0]
+    for r in (2, 1, 0):
+        x[r] = (m[r][3] - sum(m[r][k] * x[k] for k in range(r + 1, 3))) / m[r][r]
+    return x
+
+
+@dataclass(frozen=True)
+class ChunkCost:
+    """One stored chunk as the decision sees it: its tokens from ``start`` and, per level the load may use,
+    ``(encoded bytes, ingest seconds)`` (decode and write into vLLM's blocks)."""
+
+    start: int
+    tokens: int
+    options: dict[str, tuple[float, float]]
+
+
+@dataclass(frozen=True)
+class PrefixDecision:
+    """How many of the stored tokens to claim (``tokens``, 0: vLLM computes all) and the forecast behind it:
+    ``ttft_s`` with that load (``load_s`` of it loading ``chunks`` chunks at ``levels``) vs ``compute_s``
+    (vLLM computing everything); ``saved_s``: vLLM's seconds for the claimed tokens (a load slower than
+    that loses, so it is the worker's budget)."""
+
+    tokens: int
+    chunks: int
+    levels: tuple[str, ...]
+    load_s: float
+    ttft_s: float
+    compute_s: float
+    saved_s: float
+    reason: str
+
+
+def decide_prefix(chunks: Sequence[ChunkCost], prompt_tokens: int, computed_tokens: int, claimable_tokens: int,
+                  throughput_bps: float, throughput_err: float, prefill: PrefillModel, *,
+                  overhead_s: float = 0.05, min_gain_s: float = 0.1, min_gain_frac: float = 0.05,
+                  max_err: float = 1.0) -> PrefixDecision:
+    """Load or compute: the prefix of ``chunks`` (chunk-aligned, at most ``claimable_tokens``) whose
+    forecast TTFT -- a load of its chunks, each fetched at ``throughput_bps / (1 + throughput_err)``
+    (the error capped at ``max_err``: one stalled sample on a fast link must not halve it ten times)
+    while the one before it is ingested (the connector's pipeline), at the level that is fastest for it,
+    then vLLM computing the rest of the ``prompt_tokens`` -- is lowest, if that beats vLLM computing
+    everything after its ``computed_tokens`` by ``min_gain_s`` and ``min_gain_frac``; else 0 tokens. Pure:
+    no I/O, no state (the connector's scheduler side calls it with its forecast)."""
+    compute_s = prefill.seconds(prompt_tokens - computed_tokens, computed_tokens)
+    bps = max(float(throughput_bps), 1.0) / (1.0 + min(max(0.0, float(throughput_err)), max_err))
+    best = PrefixDecision(0, 0, (), 0.0, compute_s, compute_s, 0.0, "vLLM computing all is fastest")
+    fetched = ingested = 0.0  # when the last chunk's fetch / ingest ends (pipelined)
+    levels: list[str] = []
+    for i, c in enumerate(chunks):
+        end = c.start + c.tokens
+        if end > claimable_tokens:
+            break
+        if not c.options:
+            break  # nothing this load may fetch: the prefix ends here
+        if end <= computed_tokens:
+            continue  # vLLM has it already: not fetched (the worker skips it too)
+        lv, (nbytes, ingest_s) = min(c.options.items(), key=lambda kv: max(kv[1][0] * 8 / bps, kv[1][1]))
+        fetched += nbytes * 8 / bps
+        ingested = max(ingested, fetched) + ingest_s
+        levels.append(lv)
+        load_s = overhead_s + ingested
+        ttft = load_s + prefill.seconds(prompt_tokens - end, end)
+        if ttft < best.ttft_s:
+            saved = compute_s - prefill.seconds(prompt_tokens - end, end)
+            best = PrefixDecision(end, i + 1, tuple(levels), load_s, ttft, compute_s, saved, "")
+    gain = compute_s - best.ttft_s
+    if best.tokens and (gain < min_gain_s or gain < min_gain_frac * compute_s):
+        return PrefixDecision(0, 0, (), 0.0, compute_s, compute_s, 0.0,
+                              f"a load would save only {gain:.3f} s of {compute_s:.3f} s")
+    if best.tokens:
+        return PrefixDecision(best.tokens, best.chunks, best.levels, best.load_s, best.ttft_s, compute_s,
+                              best.saved_s, f"forecast saves {gain:.3f} s")
+    return best
 
 
 @dataclass(frozen=True)
@@ -212,6 +381,33 @@ class SaveSpec:
 class CtxstreamMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+    # this step's work per scheduled request, (new tokens, tokens computed before): the worker times the
+    # forward and fits vLLM's prefill speed (:func:`fit_prefill`)
+    steps: list[tuple[int, int]] = field(default_factory=list)
+    probes: list[LoadSpec] = field(default_factory=list)  # one chunk fetched in the background (a stale forecast)
+
+
+@dataclass
+class CtxstreamWorkerMeta(KVConnectorWorkerMetadata):
+    """Worker -> scheduler, after a step whose measurements changed: the throughput forecast of each link
+    (:func:`link_key` -> ``(bits/s, max relative error, samples, time.monotonic() of the last sample)``),
+    the ingest seconds per level (``level -> (per chunk, per token)``, the loader's calibration with its
+    correction) and vLLM's fitted prefill model."""
+
+    links: dict[str, tuple[float, float, int, float]] = field(default_factory=dict)
+    ingest: dict[str, tuple[float, float]] = field(default_factory=dict)
+    prefill: PrefillModel | None = None
+
+    def aggregate(self, other: "CtxstreamWorkerMeta") -> "CtxstreamWorkerMeta":
+        if not isinstance(other, CtxstreamWorkerMeta):
+            return self
+        links = dict(self.links)
+        for k, v in other.links.items():  # the slowest worker's link decides (tensor parallel)
+            links[k] = min(links.get(k, v), v, key=lambda x: x[0])
+        ingest = dict(self.ingest)
+        for k, v in other.ingest.items():
+            ingest[k] = max(ingest.get(k, v), v)
+        return CtxstreamWorkerMeta(links, ingest, self.prefill or other.prefill)
 
 
 @dataclass
@@ -252,6 +448,10 @@ class PrefixLoader:
         self.est = ThroughputEstimator(self.context.throughput_prior(cfg.url) or self.context.prior_bps)
         self._fetchers: dict = {}  # (token, shape rate) -> Fetcher (per-request tenants, benchmark links)
         self._ests: dict = {}  # (token, shape rate) -> ThroughputEstimator
+        self._last_sample: dict[str, tuple[int, float]] = {}  # link_key -> (samples, time.monotonic() they changed)
+        self.cal = None  # the calibration of the last load (or of register_kv_caches)
+        self.ingest_factor = 1.0  # measured (decode + write) / the calibration's ingest, over loads
+        self.version = 0  # bumped when the forecasts or the ingest factor change
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="ctxstream-connector", daemon=True)
         self._thread.start()
@@ -269,9 +469,58 @@ class PrefixLoader:
             self._loop.call_soon_threadsafe(self._loop.stop)
 
     def load(self, context_id: str, manifest: Manifest, end_tokens: int, write,
-             overrides: RequestOverrides | None = None) -> LoadOutcome:
-        return self._run(self._load(context_id, manifest, end_tokens, write, overrides or RequestOverrides()),
-                         self.cfg.load_timeout_s)
+             overrides: RequestOverrides | None = None, *, skip_tokens: int = 0,
+             budget_s: float | None = None) -> LoadOutcome:
+        """Load chunks up to ``end_tokens`` (those ending at or before ``skip_tokens`` are not fetched:
+        vLLM has them), the policy planning within ``budget_s`` (default the config's)."""
+        return self._run(self._load(context_id, manifest, end_tokens, write, overrides or RequestOverrides(),
+                                    skip_tokens, budget_s), self.cfg.load_timeout_s)
+
+    def probe(self, context_id: str, manifest: Manifest, overrides: RequestOverrides | None = None) -> None:
+        """Fetch one chunk in the background (nothing written): a link the scheduler declined to load
+        from gets a fresh throughput sample, so a link that got faster is noticed."""
+        asyncio.run_coroutine_threadsafe(self._probe(context_id, manifest, overrides or RequestOverrides()),
+                                         self._loop)
+
+    async def _probe(self, context_id: str, manifest: Manifest, ov: RequestOverrides) -> None:
+        try:
+            codec = await self.loader.codec_for(manifest)
+            allowed = ov.levels if ov.levels is not None else self.cfg.levels
+            entry = manifest.chunks[0]
+            levels = [lv for lv in entry.sizes if lv in codec.all_levels and (allowed is None or lv in allowed)]
+            if not levels:
+                return
+            level = min(levels, key=lambda lv: abs(entry.sizes[lv] - 512 * 1024))  # a sample of ~0.5 MB
+            est = self._estimator(ov.token, ov.shape_rate)
+            await self._fetcher(ov.token, ov.shape_rate).chunk(context_id, entry, level, est, codec.limits, 30.0)
+            self._note_samples(link_key(ov.token or self.cfg.token, ov.shape_rate), est)
+        except Exception as exc:  # noqa: BLE001 - a probe is best effort
+            log.info("ctxstream probe of %s failed: %s", context_id, exc)
+
+    def _note_samples(self, key: str, est) -> None:
+        prev = self._last_sample.get(key)
+        if prev is None or prev[0] != est.samples:
+            self._last_sample[key] = (est.samples, time.monotonic())
+            self.version += 1
+
+    def forecasts(self) -> dict[str, tuple[float, float, int, float]]:
+        """:func:`link_key` -> (bits/s, max relative error, samples, time.monotonic() of the last sample) of
+        every link measured so far."""
+        out = {}
+        ests = {"": self.est, **{link_key(tok, rate): e for (tok, rate), e in self._ests.items()}}
+        for key, e in ests.items():
+            if e.samples:
+                out[key] = (e.estimate(), e.error(), e.samples, self._last_sample.get(key, (0, 0.0))[1])
+        return out
+
+    def ingest_table(self) -> dict[str, tuple[float, float]]:
+        """level -> (seconds per chunk, seconds per token) of decoding and writing, from the calibration
+        times the measured correction."""
+        cal = self.cal
+        if cal is None or cal.decode is None:
+            return {}
+        f = cal.decode_factor * self.ingest_factor
+        return {lv: (cal.decode.s_per_chunk.get(lv, 0.0) * f, s * f) for lv, s in cal.decode.s_per_token.items()}
 
     def _fetcher(self, token: str | None, shape_rate: str | None = None):
         from ctxstream.loader.fetcher import Fetcher
@@ -301,7 +550,7 @@ class PrefixLoader:
         return self._ests[key]
 
     async def _load(self, context_id: str, manifest: Manifest, end_tokens: int, write,
-                    ov: RequestOverrides) -> LoadOutcome:
+                    ov: RequestOverrides, skip_tokens: int = 0, budget_s: float | None = None) -> LoadOutcome:
         """Two stages: this coroutine plans and fetches chunk after chunk (the link stays busy), a second
         one decodes and writes each fetched chunk meanwhile (off the event loop), in order. The first chunk
         left to recompute or failing anywhere ends the loaded prefix."""
@@ -313,13 +562,17 @@ class PrefixLoader:
         t0 = time.perf_counter()
         cl = self.loader
         codec = await cl.codec_for(manifest)
-        cal = await cl.calibrate(codec)
+        cal = self.cal = await cl.calibrate(codec)
         allowed = ov.levels if ov.levels is not None else self.cfg.levels
         usable = [lv for lv in manifest.levels if lv in codec.all_levels and (allowed is None or lv in allowed)]
         fetcher = self._fetcher(ov.token, ov.shape_rate)
         est = self._estimator(ov.token, ov.shape_rate)
+        slo = self.cfg.ttft_budget_s
+        if budget_s is not None:
+            slo = budget_s if slo is None else min(slo, budget_s)
         planner = Planner(make_policy(ov.policy or self.cfg.policy), cal, manifest, usable, QualityEstimator(codec).prior(),
-                          self.cfg.ttft_budget_s)
+                          slo)
+        predicted_ingest = 0.0
         out = LoadOutcome(0, [], 0.0)
         fetched: asyncio.Queue = asyncio.Queue(maxsize=2)  # (entry, level, bytes) in order; None: no more
         failed = asyncio.Event()
@@ -348,12 +601,17 @@ class PrefixLoader:
                 out.write_s += wr_s
                 out.loaded_tokens = entry.start + entry.tokens
                 out.levels.append(choice)
+                nonlocal predicted_ingest
+                predicted_ingest += cal.ingest_s(choice, entry.tokens)
 
         consumer = asyncio.create_task(consume())
         try:
             for i, entry in enumerate(manifest.chunks):
                 if entry.start >= end_tokens or failed.is_set():
                     break
+                if entry.start + entry.tokens <= skip_tokens:  # vLLM computed these tokens already
+                    out.loaded_tokens = entry.start + entry.tokens
+                    continue
                 d = planner.decide(i, elapsed_s=time.perf_counter() - t0, throughput_bps=est.estimate(),
                                    throughput_err=est.error(), latency_s=0.0, backlog_s=0.0)
                 choice, timeout_s = d.choice, d.timeout_s
@@ -388,6 +646,11 @@ class PrefixLoader:
         out.seconds = time.perf_counter() - t0
         if est is self.est and est.samples:
             self.context.remember_throughput(self.cfg.url, self.est.estimate())
+        self._note_samples(link_key(ov.token or self.cfg.token, ov.shape_rate), est)
+        if predicted_ingest > 0 and out.decode_s + out.write_s > 0:  # the pipeline's own speed, for the forecast
+            ratio = min(4.0, max(0.25, (out.decode_s + out.write_s) / predicted_ingest / self.ingest_factor))
+            self.ingest_factor = min(8.0, max(0.125, self.ingest_factor * ratio ** 0.5))
+            self.version += 1
         return out
 
 
@@ -460,6 +723,49 @@ class PagedKVReader:
         return k, v
 
 
+class _LayerGate:
+    """Which layers of a step's layer-wise loads are in vLLM's blocks: a layer is ready once every load of
+    the step wrote it in its prefix's last chunk, or ended (stopped early: its blocks are reported)."""
+
+    def __init__(self, layers: dict, n_specs: int):
+        self.names = list(layers)
+        self.n = n_specs
+        self.t0 = time.perf_counter()
+        self.specs: list[LoadSpec] = []
+        self._done: dict[str, set[str]] = {name: set() for name in self.names}  # layer -> request ids
+        self._events = {name: threading.Event() for name in self.names}
+        self._lock = threading.Lock()
+        self.ready_at: dict[str, float] = {}
+        self.first_wait_s: float | None = None
+        self.later_wait_s = 0.0
+        self.waited_s = 0.0
+        if n_specs == 0:
+            self.finish_all()
+
+    def layer_done(self, spec: LoadSpec, name: str) -> None:
+        with self._lock:
+            got = self._done.setdefault(name, set())
+            got.add(spec.req_id)
+            if len(got) >= self.n and not self._events.setdefault(name, threading.Event()).is_set():
+                self.ready_at[name] = time.perf_counter() - self.t0
+                self._events[name].set()
+
+    def finish(self, spec: LoadSpec) -> None:
+        for name in self.names:
+            self.layer_done(spec, name)
+
+    def finish_all(self) -> None:
+        with self._lock:
+            for name, ev in self._events.items():
+                if not ev.is_set():
+                    self.ready_at.setdefault(name, time.perf_counter() - self.t0)
+                    ev.set()
+
+    def wait(self, name: str, timeout_s: float) -> bool:
+        ev = self._events.get(name)
+        return True if ev is None else ev.wait(timeout_s)
+
+
 # ------------------------------------------------------------------------------------- the connector
 class CtxstreamConnector(KVConnectorBase_V1):
     """vLLM v1 KV connector backed by a ctxstream streamer (see the module docstring)."""
@@ -483,6 +789,15 @@ class CtxstreamConnector(KVConnectorBase_V1):
         self._matched: dict[str, PrefixHit] = {}  # request id -> its lookup, until it finishes (saves)
         self._saves: list[SaveSpec] = []  # finished requests whose KV the worker copies out next step
         self._chunk_tokens: int | None = None  # the streamer's, from any lookup answer
+        # the forecast the load-or-compute decision uses: the worker's measurements (update_connector_output),
+        # the config's seeds until then
+        self._links: dict[str, tuple[float, float, int, float]] = {}
+        self._ingest: dict[str, tuple[float, float]] = {}
+        self._prefill = PrefillModel(self.cfg.prefill_s_per_step, self.cfg.prefill_s_per_token,
+                                     self.cfg.prefill_s_per_attended)
+        self._probes: list[LoadSpec] = []
+        self._probed: dict[str, float] = {}  # link -> time.monotonic() of the last probe asked for
+        self.decisions: deque[tuple[str, PrefixDecision]] = deque(maxlen=256)  # (request id, decision)
         # worker side
         self._loader: PrefixLoader | None = None
         self._kv_caches: dict[str, torch.Tensor] = {}
@@ -497,27 +812,104 @@ class CtxstreamConnector(KVConnectorBase_V1):
         self._finished_seen: set[str] = set()  # of those, ids vLLM passed to get_finished (only those may be reported)
         self.saved: deque[tuple[str, int, str]] = deque(maxlen=256)  # (request id, tokens, "kv"/"token_ids"/error)
         self.outcomes: deque[LoadOutcome] = deque(maxlen=256)  # the last loads, for inspection
+        self._t_bind: float | None = None  # when this step's metadata arrived (the forward follows)
+        self._load_wait_s = 0.0  # of this step, seconds the forward waited for loads
+        self._step_samples: deque = deque(maxlen=64)  # (((tokens, prefix), ...), forward seconds)
+        self._prefill_fit: PrefillModel | None = None
+        self._published = -1  # the version of the measurements last sent to the scheduler
+        self._gate: _LayerGate | None = None  # this step's layer-wise load
+        self._gate_thread: threading.Thread | None = None
 
     # ---------------------------------------------------------------- scheduler side
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
         try:
             got = self._hits.get(request.request_id)
+            ov = RequestOverrides.of(request)
             if got is None:
                 prompt = list(request.prompt_token_ids or [])
-                ov = RequestOverrides.of(request)
                 hit = (lookup_prefix(self.cfg, prompt[:-1], ov.token if ov else None) if len(prompt) > 1
                        else PrefixHit(0, None, None))
             else:
                 hit = got[0]
-            self._hits[request.request_id] = (hit, num_computed_tokens)
             self._matched[request.request_id] = hit
             if hit.chunk_tokens:
                 self._chunk_tokens = hit.chunk_tokens
             usable = hit.tokens // self.block_size * self.block_size
-            return max(0, usable - num_computed_tokens), False
+            claim, budget = usable, None
+            if usable > num_computed_tokens:
+                d = self._decide(request, hit, num_computed_tokens, usable, ov)
+                if got is None:
+                    self.decisions.append((request.request_id, d))
+                    log.info("ctxstream: request %s claims %d of %d stored tokens (%s; forecast %.1f Mbit/s: "
+                             "load %.3f s + compute %.3f s vs compute %.3f s; error %.2f, %d samples)", request.request_id,
+                             d.tokens, usable, d.reason, self._link(ov)[0] / 1e6, d.load_s, d.ttft_s - d.load_s,
+                             d.compute_s, self._link(ov)[1], self._link(ov)[2])
+                claim, budget = d.tokens // self.block_size * self.block_size, d.saved_s
+                if claim <= num_computed_tokens:
+                    self._maybe_probe(hit, ov)
+            self._hits[request.request_id] = (hit, num_computed_tokens, claim, budget)
+            return max(0, claim - num_computed_tokens), False
         except Exception:  # noqa: BLE001 - a connector error must never reach the engine: compute instead
             log.exception("ctxstream get_num_new_matched_tokens failed; computing the prompt")
             return 0, False
+
+    def _link(self, ov: RequestOverrides | None) -> tuple[float, float, int, float]:
+        """The forecast of this request's link: the worker's measurement, else the config's prior."""
+        key = link_key((ov.token if ov else None) or self.cfg.token, ov.shape_rate if ov else None)
+        got = self._links.get(key)
+        if got is not None:
+            return got
+        from ctxstream.loader.context import DEFAULT_PRIOR_BPS
+
+        return (float(self.cfg.prior_bps or DEFAULT_PRIOR_BPS), 0.0, 0, 0.0)
+
+    def _decide(self, request, hit: PrefixHit, computed: int, usable: int,
+                ov: RequestOverrides | None) -> PrefixDecision:
+        """The scheduler's load-or-compute decision (:func:`decide_prefix`) for this request's stored prefix."""
+        from ctxstream.policies.adaptation import TEXT, FixedPolicy, make_policy
+
+        manifest = Manifest.from_json(hit.manifest_json)
+        allowed = ov.levels if ov is not None and ov.levels is not None else self.cfg.levels
+        policy = make_policy((ov.policy if ov is not None else None) or self.cfg.policy)
+        if isinstance(policy, FixedPolicy):  # the levels this load may use
+            allowed = () if policy.choice == TEXT else (policy.choice,)
+        slowest = max(self._ingest.values(), default=(0.0, 0.0))  # a level not calibrated: as the slowest
+        chunks = []
+        for c in manifest.chunks:
+            opts = {}
+            for lv, nbytes in c.sizes.items():
+                if allowed is None or lv in allowed:
+                    per_chunk, per_token = self._ingest.get(lv, slowest)
+                    opts[lv] = (float(nbytes), per_chunk + per_token * c.tokens)
+            chunks.append(ChunkCost(c.start, c.tokens, opts))
+        bps, err, _n, _t = self._link(ov)
+        prompt = int(getattr(request, "num_prompt_tokens", 0) or len(request.prompt_token_ids or []))
+        return decide_prefix(chunks, prompt, computed, usable, bps, err, self._prefill,
+                             overhead_s=self.cfg.load_overhead_s, min_gain_s=self.cfg.min_gain_s,
+                             min_gain_frac=self.cfg.min_gain_frac)
+
+    def _maybe_probe(self, hit: PrefixHit, ov: RequestOverrides | None) -> None:
+        """A declined link whose forecast is older than ``probe_after_s``: the worker fetches one chunk of
+        this context in the background (the next decision sees a fresh sample; no TTFT cost)."""
+        if not hit.context_id or self.cfg.probe_after_s is None or self.cfg.probe_after_s < 0:
+            return
+        key = link_key((ov.token if ov else None) or self.cfg.token, ov.shape_rate if ov else None)
+        now = time.monotonic()
+        last = max(self._link(ov)[3], self._probed.get(key, 0.0))
+        if now - last < self.cfg.probe_after_s:
+            return
+        self._probed[key] = now
+        self._probes.append(LoadSpec("probe", hit.context_id, hit.manifest_json, [], 0, 0, ov))
+
+    def update_connector_output(self, connector_output) -> None:
+        """The worker's measurements (:class:`CtxstreamWorkerMeta`): link forecasts, ingest, prefill speed."""
+        meta = getattr(connector_output, "kv_connector_worker_meta", None)
+        if not isinstance(meta, CtxstreamWorkerMeta):
+            return
+        self._links.update(meta.links)
+        self._ingest.update(meta.ingest)
+        if meta.prefill is not None:
+            self._prefill = meta.prefill
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         got = self._hits.pop(request.request_id, None)
@@ -526,25 +918,29 @@ class CtxstreamConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output) -> CtxstreamMetadata:
         meta = CtxstreamMetadata()
+        num = getattr(scheduler_output, "num_scheduled_tokens", None) or {}
         for new in scheduler_output.scheduled_new_reqs:
+            if new.req_id in num:
+                meta.steps.append((int(num[new.req_id]), int(new.num_computed_tokens)))
             got = self._pending.pop(new.req_id, None)
             if got is None:
                 continue
-            hit, computed, ov = got
-            usable = hit.tokens // self.block_size * self.block_size
+            hit, computed, claim, budget, ov = got
             meta.loads.append(LoadSpec(new.req_id, hit.context_id, hit.manifest_json, list(new.block_ids[0]),
-                                       computed, usable, ov))
+                                       computed, claim, ov, budget))
         # a preempted request resumed: its claimed prefix is loaded again (its new block ids are all its blocks)
         cached = scheduler_output.scheduled_cached_reqs
         resumed = getattr(cached, "resumed_req_ids", set())
         for i, req_id in enumerate(cached.req_ids):
+            if req_id in num:
+                meta.steps.append((int(num[req_id]), int(cached.num_computed_tokens[i])))
             if req_id not in resumed or req_id not in self._pending or cached.new_block_ids[i] is None:
                 continue
-            hit, computed, ov = self._pending.pop(req_id)
-            usable = hit.tokens // self.block_size * self.block_size
+            hit, computed, claim, budget, ov = self._pending.pop(req_id)
             meta.loads.append(LoadSpec(req_id, hit.context_id, hit.manifest_json, list(cached.new_block_ids[i][0]),
-                                       computed, usable, ov))
+                                       computed, claim, ov, budget))
         meta.saves, self._saves = self._saves, []
+        meta.probes, self._probes = self._probes, []
         return meta
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
@@ -580,17 +976,42 @@ class CtxstreamConnector(KVConnectorBase_V1):
         try:
             self._loader = PrefixLoader(self.cfg)
             cal_codec = self._loader.context.local_codec(self._loader.adapter)
-            self._loader._run(self._loader.loader.calibrate(cal_codec), 600.0)  # once, at engine start
+            self._loader.cal = self._loader._run(self._loader.loader.calibrate(cal_codec), 600.0)  # at engine start
+            self._loader.version += 1
         except Exception:  # noqa: BLE001 - without a loader every hit is recomputed, the engine still runs
             log.exception("ctxstream connector: loader setup failed; loads will be recomputed")
             self._loader = None
 
+    def bind_connector_metadata(self, connector_metadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        self._t_bind = time.perf_counter()  # the forward starts now (loads first, when there are any)
+        self._load_wait_s = 0.0
+
+    def _layerwise(self, meta: CtxstreamMetadata) -> bool:
+        return all((s.overrides.layerwise if s.overrides is not None and s.overrides.layerwise is not None
+                    else self.cfg.layerwise) for s in meta.loads)
+
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
-        if not isinstance(meta, CtxstreamMetadata) or not meta.loads:
+        if not isinstance(meta, CtxstreamMetadata):
             return
+        for spec in meta.probes:
+            try:
+                if self._loader is not None:
+                    self._loader.probe(spec.context_id, Manifest.from_json(spec.manifest_json), spec.overrides)
+            except Exception as exc:  # noqa: BLE001 - best effort, never into the engine
+                log.info("ctxstream probe failed: %s", exc)
+        if not meta.loads:
+            return
+        t0 = time.perf_counter()
         layers = {name: layer for name, layer in forward_context.no_compile_layers.items()
                   if getattr(layer, "kv_cache", None) is not None}
+        if self._layerwise(meta):
+            self._gate = _LayerGate(layers, len(meta.loads))
+            self._gate_thread = threading.Thread(target=self._load_in_background, args=(meta, layers, self._gate),
+                                                 name="ctxstream-layerwise", daemon=True)
+            self._gate_thread.start()
+            return
         threads = torch.get_num_threads()
         if self.cfg.load_threads:
             torch.set_num_threads(self.cfg.load_threads)
@@ -598,16 +1019,52 @@ class CtxstreamConnector(KVConnectorBase_V1):
             self._load_all(meta, layers)
         finally:
             torch.set_num_threads(threads)
+            self._load_wait_s += time.perf_counter() - t0
 
-    def _load_all(self, meta: CtxstreamMetadata, layers: dict) -> None:
+    def _load_in_background(self, meta: CtxstreamMetadata, layers: dict, gate: "_LayerGate") -> None:
+        threads = torch.get_num_threads()
+        try:
+            if self.cfg.load_threads:
+                torch.set_num_threads(self.cfg.load_threads)
+            self._load_all(meta, layers, gate)
+        except Exception:  # noqa: BLE001 - never into the engine (the blocks were marked by _load_all)
+            log.exception("ctxstream layer-wise load failed")
+        finally:
+            torch.set_num_threads(threads)
+            gate.finish_all()
+
+    def _wait_gate(self) -> None:
+        """The layer-wise load of this step, joined (its errors must be known before the step ends)."""
+        th, gate = self._gate_thread, self._gate
+        if th is None:
+            return
+        t = time.perf_counter()
+        th.join(self.cfg.load_timeout_s)
+        gate.waited_s += time.perf_counter() - t
+        self._load_wait_s += time.perf_counter() - t
+        self._gate_thread = self._gate = None
+        log.info("ctxstream: layer-wise: the forward waited %.3f s at layer 0, %.3f s at later layers, "
+                 "%.3f s at the end; layer 0 ready after %.3f s, all after %.3f s", gate.first_wait_s or 0.0,
+                 gate.later_wait_s, time.perf_counter() - t,
+                 gate.ready_at.get(gate.names[0], -1.0) if gate.names else -1.0,
+                 max(gate.ready_at.values(), default=-1.0))
+        if th.is_alive():  # stuck past load_timeout_s: recompute everything it was loading
+            log.warning("ctxstream layer-wise load still running after %.0f s; vLLM recomputes", self.cfg.load_timeout_s)
+            for spec in gate.specs:
+                self._errors.update(spec.block_ids[spec.skip_tokens // self.block_size:])
+
+    def _load_all(self, meta: CtxstreamMetadata, layers: dict, gate: "_LayerGate | None" = None) -> None:
         for spec in meta.loads:
             loaded = spec.skip_tokens
+            if gate is not None:
+                gate.specs.append(spec)
             try:
                 if self._loader is None:
                     raise RuntimeError("no loader (setup failed)")
                 manifest = Manifest.from_json(spec.manifest_json)
-                write = lambda start, k, v, spec=spec: self._write(layers, spec, start, k, v)  # noqa: E731
-                out = self._loader.load(spec.context_id, manifest, spec.tokens, write, spec.overrides)
+                write = lambda start, k, v, spec=spec: self._write(layers, spec, start, k, v, gate)  # noqa: E731
+                out = self._loader.load(spec.context_id, manifest, spec.tokens, write, spec.overrides,
+                                        skip_tokens=spec.skip_tokens, budget_s=spec.budget_s)
                 self.outcomes.append(out)
                 loaded = max(loaded, min(out.loaded_tokens, spec.tokens))
                 log.info("ctxstream: request %s loaded %d of %d tokens (%s) in %.3f s (first chunk %.3f s; "
@@ -619,8 +1076,11 @@ class CtxstreamConnector(KVConnectorBase_V1):
             first_bad = loaded // self.block_size
             last = -(-spec.tokens // self.block_size)
             self._errors.update(spec.block_ids[first_bad:last])
+            if gate is not None:
+                gate.finish(spec)
 
-    def _write(self, layers: dict, spec: LoadSpec, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def _write(self, layers: dict, spec: LoadSpec, start: int, keys: torch.Tensor, values: torch.Tensor,
+               gate: "_LayerGate | None" = None) -> None:
         """Write KV ``[L, H, T, D]`` of tokens ``start..start+T`` into the request's blocks (tokens before
         ``spec.skip_tokens`` are vLLM's own, possibly shared, blocks: left alone)."""
         T = keys.shape[2]
@@ -642,6 +1102,8 @@ class CtxstreamConnector(KVConnectorBase_V1):
                 kt = keys[:, :, lo - start:hi - start].permute(0, 2, 1, 3).to(cache.dtype).contiguous()
                 vt = values[:, :, lo - start:hi - start].permute(0, 2, 1, 3).to(cache.dtype).contiguous()
             self._write_layer(layer, cache, kt[li], vt[li], slots)
+            if gate is not None and hi >= spec.tokens:  # the prefix's last chunk: this layer is complete
+                gate.layer_done(spec, name)
 
     @staticmethod
     def _write_layer(layer, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -658,15 +1120,36 @@ class CtxstreamConnector(KVConnectorBase_V1):
                                        kv_cache_dtype=getattr(layer, "kv_cache_dtype", "auto"))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # start_load_kv writes every layer of the prefix before the forward begins
+        """Layer-wise loads: block until ``layer_name``'s KV of every prefix this step loads is written (the
+        pipelined default wrote everything in start_load_kv: nothing to wait for)."""
+        gate = self._gate
+        if gate is None:
+            return
+        t = time.perf_counter()
+        if not gate.wait(layer_name, self.cfg.load_timeout_s):
+            log.warning("ctxstream: layer %s not loaded after %.0f s", layer_name, self.cfg.load_timeout_s)
+        dt = time.perf_counter() - t
+        self._load_wait_s += dt
+        if gate.first_wait_s is None:
+            gate.first_wait_s = dt
+        else:
+            gate.later_wait_s += dt
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
         return  # a request is saved whole once it finished (wait_for_save), not layer by layer per step
 
     def wait_for_save(self) -> None:
         """Copy the KV of the requests that finished (this step's metadata) out of vLLM's blocks and queue
-        their uploads; once this returns their blocks may be reused (:meth:`get_finished` reports them)."""
+        their uploads; once this returns their blocks may be reused (:meth:`get_finished` reports them).
+        First, the step's forward time (since the metadata arrived, less the loads) is a prefill sample."""
         meta = self._get_connector_metadata() if self.has_connector_metadata() else None
+        self._wait_gate()
+        if isinstance(meta, CtxstreamMetadata) and self._t_bind is not None:
+            try:
+                self._note_step(meta, time.perf_counter() - self._t_bind - self._load_wait_s)
+            except Exception:  # noqa: BLE001 - measurements only
+                log.exception("ctxstream: step timing failed")
+            self._t_bind = None
         if not isinstance(meta, CtxstreamMetadata) or not meta.saves:
             return
         for spec in meta.saves:
@@ -770,6 +1253,30 @@ class CtxstreamConnector(KVConnectorBase_V1):
         self._finished_seen -= done
         self._expected -= done
         return (done or None), None
+
+    MIN_STEP_TOKENS = 64  # steps with fewer new tokens (decoding) say little about prefill speed
+
+    def _note_step(self, meta: CtxstreamMetadata, seconds: float) -> None:
+        if seconds <= 0 or sum(n for n, _p in meta.steps) < self.MIN_STEP_TOKENS:
+            return
+        self._step_samples.append((tuple(meta.steps), seconds))
+        seed = PrefillModel(self.cfg.prefill_s_per_step, self.cfg.prefill_s_per_token, self.cfg.prefill_s_per_attended)
+        self._prefill_fit = fit_prefill(list(self._step_samples), seed)
+
+    def build_connector_worker_meta(self):
+        """The measurements, to the scheduler's load-or-compute decision, when they changed this step."""
+        try:
+            version = (self._loader.version if self._loader is not None else 0, len(self._step_samples),
+                       self._step_samples[-1][1] if self._step_samples else 0.0)
+            if version == self._published:
+                return None
+            self._published = version
+            if self._loader is None:
+                return CtxstreamWorkerMeta({}, {}, self._prefill_fit)
+            return CtxstreamWorkerMeta(self._loader.forecasts(), self._loader.ingest_table(), self._prefill_fit)
+        except Exception:  # noqa: BLE001 - never into the engine
+            log.exception("ctxstream: worker metadata failed")
+            return None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         out, self._errors = self._errors, set()
