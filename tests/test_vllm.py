@@ -148,6 +148,22 @@ def test_decide_prefix_may_claim_a_prefix_shorter_than_the_hit():
     assert d.tokens == 768 and d.chunks == 3
 
 
+def test_fastest_rest_keeps_loading_a_claimed_prefix_only_while_it_fits():
+    import types
+
+    from ctxstream.integrations.vllm import _fastest_rest
+
+    cal = types.SimpleNamespace(ingest_s=lambda lv, n: {"fp16": 0.01, "q1": 0.05}[lv])
+    chunks = [types.SimpleNamespace(start=i * 256, tokens=256, sizes={"fp16": 6e6, "q1": 1.1e6}) for i in range(4)]
+    # 1 Gbit/s: fp16 fetches in 0.048 s, faster than q1's decode; 4 chunks fit in 0.5 s
+    lv, hedge = _fastest_rest(chunks, 1024, ["fp16", "q1"], 1e9, cal, 0.5)
+    assert lv == "fp16" and hedge == 0.5
+    assert _fastest_rest(chunks, 512, ["q1"], 1e9, cal, 0.5)[0] == "q1"
+    # 10 Mbit/s: 0.9 s a chunk at q1 -- past the budget: vLLM computes from here
+    assert _fastest_rest(chunks, 1024, ["fp16", "q1"], 10e6, cal, 0.5) is None
+    assert _fastest_rest(chunks, 1024, [], 1e9, cal, 0.5) is None
+
+
 def test_fit_prefill_learns_the_engines_speed_from_its_steps():
     from ctxstream.integrations.vllm import PrefillModel, fit_prefill
 

@@ -19,7 +19,15 @@ How the pieces map onto vLLM's connector API:
 
 * scheduler side, ``get_num_new_matched_tokens``: ``POST /v1/lookup`` with the request's prompt token ids
   (all but the last, which vLLM must compute) answers the longest stored chunk-aligned prefix and its
-  manifest; the connector claims those tokens (a synchronous load).
+  manifest; :func:`decide_prefix` (pure) then forecasts, per prefix length, the load (chunk sizes from the
+  manifest over the link's throughput forecast, pipelined with the ingest) plus vLLM computing the rest,
+  against vLLM computing it all, and the connector claims only the prefix worth loading (0 when the link
+  is too slow: then a slow link costs the lookup, nothing else). The forecast is the worker's: after a
+  step whose measurements changed, ``build_connector_worker_meta`` sends the throughput estimate of each
+  link, the ingest seconds per level and vLLM's prefill speed fitted on the engine's own steps
+  (:func:`fit_prefill`) to the scheduler's ``update_connector_output``; until then the config's seeds
+  (``prior_bps``, ``prefill_s_*``). A declined link whose forecast is older than ``probe_after_s`` gets
+  one chunk fetched in the background, so a link that got faster is noticed.
 * worker side, ``start_load_kv``: per chunk in order the loader's :class:`~ctxstream.loader.planner.Planner`
   decides a level within ``ttft_budget_s`` (or recompute), the loader's fetcher fetches it (retries,
   range resume, checksums; measured throughput feeds the next decision), the codec decodes it, and vLLM's
@@ -27,9 +35,12 @@ How the pieces map onto vLLM's connector API:
   while the last one decodes and writes. The first chunk the policy leaves to recompute, or that fails to
   fetch, decode or write, ends the loaded prefix: its blocks and all after are returned from
   ``get_block_ids_with_load_errors`` and vLLM recomputes them (``kv_load_failure_policy: "recompute"``).
-  Nothing raises into the engine. The whole prefix is in the blocks before the forward starts, so
-  ``wait_for_layer_load`` has nothing to wait for (not layer-wise: a chunk carries every layer, so the
-  last chunk's layer 0 arrives at the end of the load anyway).
+  Nothing raises into the engine. The planner's budget is ``ttft_budget_s`` capped at vLLM's forecast
+  seconds for the claimed tokens (a load slower than that loses). By default the whole prefix is in the
+  blocks before the forward starts (``wait_for_layer_load`` has nothing to wait for); with ``layerwise``
+  (config or per request) ``start_load_kv`` starts the load in a thread and ``wait_for_layer_load`` waits
+  for each layer of the whole prefix. A chunk carries every layer, so layer 0 is complete only when the
+  last chunk is fetched and decoded: the README has the measurement (no gain on this CPU; off).
 * save: when a request finishes (``request_finished``, scheduler side) holding a whole chunk the streamer
   lacks, vLLM keeps its blocks; the next step's ``wait_for_save`` (worker side) copies the KV of its tokens
   (prompt and answer) out of the paged blocks (:class:`PagedKVReader`: the backend's layout probed through
@@ -620,12 +631,21 @@ class PrefixLoader:
                     # computes only after the load, so the same plan runs as a prefix plan: its fetched chunks
                     # first, its recomputed ones at the end. All text (or no plan): vLLM computes from here.
                     later = [c for c in getattr(planner.policy, "last_plan", ())[1:] if c != TEXT and c in entry.sizes]
-                    if not later or d.error:
-                        out.error = out.error or d.error
-                        break
-                    choice = later[0]
+                    if later and not d.error:
+                        choice = later[0]
+                        timeout_s = planner.policy.fetch_timeout_s(d.state, choice)
+                    else:
+                        # the scheduler claimed this chunk as worth loading (budget_s: vLLM's seconds for the
+                        # claimed tokens): a prefix ended here costs vLLM a rescheduled prefill, so the rest is
+                        # loaded at its fastest level while the current forecast still fits that budget
+                        fast = (None if d.error or budget_s is None else
+                                _fastest_rest(manifest.chunks[i:], end_tokens, usable, est.estimate(), cal,
+                                              budget_s - (time.perf_counter() - t0)))
+                        if fast is None:
+                            out.error = out.error or d.error
+                            break
+                        choice, timeout_s = fast
                     planner.used[i] = choice
-                    timeout_s = planner.policy.fetch_timeout_s(d.state, choice)
                 t_f = time.perf_counter()
                 try:
                     got = await fetcher.chunk(context_id, entry, choice, est, codec.limits, timeout_s)
@@ -652,6 +672,27 @@ class PrefixLoader:
             self.ingest_factor = min(8.0, max(0.125, self.ingest_factor * ratio ** 0.5))
             self.version += 1
         return out
+
+
+def _fastest_rest(chunks, end_tokens: int, levels: Sequence[str], bps: float, cal,
+                  remaining_s: float) -> tuple[str, float] | None:
+    """The level of ``chunks[0]`` that loads fastest and a hedge for its fetch, if the claimed chunks from it
+    on (those starting before ``end_tokens``) at their fastest levels are forecast to load within
+    ``remaining_s``; else None."""
+    total, first = 0.0, None
+    for c in chunks:
+        if c.start >= end_tokens:
+            break
+        opts = [(max(c.sizes[lv] * 8 / max(bps, 1.0), cal.ingest_s(lv, c.tokens)), lv) for lv in levels if lv in c.sizes]
+        if not opts:
+            return None
+        t, lv = min(opts)
+        total += t
+        if first is None:
+            first = (lv, t)
+    if first is None or total > remaining_s:
+        return None
+    return first[0], max(remaining_s, 2 * first[1])
 
 
 # ------------------------------------------------------------------------------------- reading vLLM's paged KV
