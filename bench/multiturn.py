@@ -93,7 +93,7 @@ from ctxstream.streamer.sessions import SessionStore  # noqa: E402
 from ctxstream.streamer.storage import DiskStore, MemoryStore, RedisStore  # noqa: E402
 
 SYSTEM = "You are a helpful AI assistant."
-POLICIES = ["scheduler", "scheduler-size", "scheduler-odds", "lru", "fifo", "lru-global", "fifo-global"]
+POLICIES = ["scheduler", "scheduler-size", "scheduler-odds", "scheduler-served", "lru", "fifo", "lru-global", "fifo-global"]
 TIER_NAMES = ["memory", "disk", "redis"]
 
 
@@ -283,6 +283,7 @@ class Replayer(_DropLog):
         self.ss = SessionStore(self.hier, info, dtype="float16")
         self.sessions, self.order = sessions, order
         self.big_k, self.big_v = synthetic_kv(info, sessions)
+        self.bytes_posted = self.full_posts = 0  # bytes saved; saves of the whole conversation again
 
     def conv_hist(self, s: int, turn: int) -> tuple[Conversation, list[int]]:
         return conv_hist(self.sessions[self.order[s]], turn)
@@ -308,15 +309,20 @@ class Replayer(_DropLog):
         self.running.discard(sid)
         if turn + 1 >= len(conv.turns):
             self.live.discard(sid)  # (the store is not told when a conversation ends: it cannot know)
-        self.ss.save(sid, hist + q + a, self.big_k[:, :, :total], self.big_v[:, :, :total], turn=turn)
+        task = self.ss.save(sid, hist + q + a, self.big_k[:, :, :total], self.big_v[:, :, :total], turn=turn)
         await self.ss.flush()
+        res = task.result()
+        self.bytes_posted += res.delta_bytes
+        self.full_posts += bool(res.stored and res.delta_tokens == total and turn > 0)
         await self.hier.set_queue([f"u{j.session}" for j in queue])
 
     async def close(self) -> dict:
         for e in self.hier.entry_views():  # leave nothing behind
             await self.hier.delete(e.key)
         await self.hier.close()
-        return self.result(self.hier.stats.__dict__.copy())
+        out = self.result(self.hier.stats.__dict__.copy())
+        out.update({"bytes_posted": self.bytes_posted, "full_posts": self.full_posts})
+        return out
 
 
 def conv_hist(conv: Conversation, turn: int) -> tuple[Conversation, list[int]]:
@@ -386,6 +392,8 @@ class HttpReplayer(_DropLog):
         self.seconds: dict[str, float] = {}  # wall seconds per route (client side)
         self.refused = 0
         self.bytes_fetched = 0
+        self.bytes_posted = 0  # KV bytes the serving side uploaded (deltas, or whole conversations after a drop)
+        self.full_posts = 0  # saves that carried the whole conversation again (the session was dropped)
 
     async def _req(self, method: str, url: str, **kw):
         self.requests += 1
@@ -455,7 +463,9 @@ class HttpReplayer(_DropLog):
                            fingerprint=self.fingerprint, dtype="float16")
             r = await self._req("POST", f"/v1/sessions/{sid}/turns", content=body,
                                 params={"start": start, "turn": turn}, headers={"Content-Type": CONTENT_TYPE})
+            self.bytes_posted += len(body)
             if r.status_code == 201:
+                self.full_posts += start == 0 and turn > 0
                 self.stored[sid] = int(r.json()["tokens"])
                 break
             if r.status_code == 507:  # no tier could take it: not stored
@@ -478,7 +488,8 @@ class HttpReplayer(_DropLog):
         self.srv.stop()
         out = self.result(stats)
         out.update({"http_requests": self.requests, "http_seconds_by_route": self.seconds, "saves_refused": self.refused,
-                    "bytes_fetched": self.bytes_fetched})
+                    "bytes_fetched": self.bytes_fetched, "bytes_posted": self.bytes_posted,
+                    "full_posts": self.full_posts})
         return out
 
 
@@ -913,7 +924,8 @@ def main(argv=None) -> int:
                 "live_kv_bytes_max": live_max,
                 "bytes_per_token_replay": bpt,
                 "bytes_per_token_stored": bpt_store,
-                **{k2: res[k2] for k2 in ("http_requests", "http_seconds_by_route", "saves_refused", "bytes_fetched") if k2 in res},
+                **{k2: res[k2] for k2 in ("http_requests", "http_seconds_by_route", "saves_refused", "bytes_fetched",
+                                            "bytes_posted", "full_posts") if k2 in res},
                 "bytes_per_token_model": bpt_model,
                 "moves": res["stats"],
                 "sessions": args.sessions,

@@ -43,7 +43,8 @@ Contract (who calls what, when, in which units):
 Registry: :func:`make_placement` (``"lru"``, ``"fifo"``, ``"scheduler"``, and the global-order
 baselines ``"lru-global"``, ``"fifo-global"``; ``"scheduler-size"``: the scheduler-aware policy with
 unqueued entries ordered by idle time x bytes instead of LRU; ``"scheduler-odds"``: by return odds per
-byte, learned from the observed return gaps), :func:`register_placement`
+byte, learned from the observed return gaps; ``"scheduler-served"``: ``scheduler-odds`` that first drops
+entries read since their last save, i.e. in service), :func:`register_placement`
 (duplicate names are rejected), :func:`placement_names`.
 """
 
@@ -78,6 +79,9 @@ class EntryView:
     tier: int  # index of the tier that holds it (0 = fastest)
     last_access: int  # store clock of the last load/save/touch
     inserted: int  # store clock when the entry was first admitted to the store
+    # True when the entry was read (loaded or touched) after its last save: its session is being
+    # served (or was, and will be saved back after the turn); False while it waits for its next use
+    read_since_save: bool = False
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,12 @@ class SchedulerAwarePlacement(PlacementPolicy):
       (almost) every session ever stayed away has probably ended (odds ~ 0: it goes first, largest
       first); among those likely to return, the largest goes first (one miss frees the most room).
       Until ``min_samples`` gaps are seen it orders as ``size``;
+    * ``served_first`` (registered as ``scheduler-served``, with ``unqueued="odds"``): among
+      unqueued entries, those **read since their last save** (:attr:`EntryView.read_since_save`:
+      the session's request was served from them and left the queue) leave first, largest first.
+      Their KV is with the serving side for the turn and comes back with the turn's save; dropping
+      one costs no miss, only that save then carries the whole conversation instead of its delta
+      (more bytes uploaded), while a thinking session's entry kept instead is a hit on its next turn;
     * **prefetch window** = free tier-0 bytes // ``mean``, where free counts the bytes held in tier
       0 by unqueued entries (the first victims, so they make room for a prefetch): that many of the
       queued sessions that are not in tier 0, in queue order, are brought up, next first.
@@ -214,8 +224,10 @@ class SchedulerAwarePlacement(PlacementPolicy):
     global_drops = True
 
     def __init__(self, *, prefetch_window: int | None = None, eviction_window: int | None = None,
-                 unqueued: str = "lru", gap_samples: int = 512, min_samples: int = 16):
+                 unqueued: str = "lru", gap_samples: int = 512, min_samples: int = 16,
+                 served_first: bool = False):
         super().__init__()
+        self.served_first = bool(served_first)
         if unqueued not in ("lru", "size", "odds"):
             raise PlacementError(f"unqueued must be 'lru', 'size' or 'odds', got {unqueued!r}")
         if gap_samples < 1 or min_samples < 1:
@@ -266,11 +278,21 @@ class SchedulerAwarePlacement(PlacementPolicy):
             self._sorted = sorted(self._gaps)
         return 1.0 - bisect.bisect_right(self._sorted, idle_ticks) / len(self._sorted)
 
+    def _served(self, e: EntryView) -> bool:
+        return self.served_first and e.read_since_save and self.rank(e.key) == math.inf
+
     def _order(self, candidates: Sequence[EntryView], incoming: EntryView | None) -> list[EntryView]:
         floor = self.rank(incoming.key) if incoming is not None else -1
         allowed = [e for e in candidates if self.rank(e.key) >= floor and (incoming is None or e.key != incoming.key)]
+        now = max((e.last_access for e in allowed), default=0) + 1
+        if self.served_first:  # entries in service first (largest first), then the rest in this policy's order
+            served = sorted((e for e in allowed if self._served(e)), key=lambda e: (-e.nbytes, e.last_access, e.key))
+            if served:
+                return served + self._order_waiting([e for e in allowed if not self._served(e)], now)
+        return self._order_waiting(allowed, now)
+
+    def _order_waiting(self, allowed: list[EntryView], now: int) -> list[EntryView]:
         if self.unqueued == "odds" and len(self._gaps) >= self.min_samples:
-            now = max((e.last_access for e in allowed), default=0) + 1
 
             def key_odds(e: EntryView):
                 if self.rank(e.key) != math.inf:
@@ -279,7 +301,6 @@ class SchedulerAwarePlacement(PlacementPolicy):
 
             return sorted(allowed, key=key_odds)
         if self.unqueued in ("size", "odds"):  # unqueued: idle time x bytes, largest first (GreedyDual-Size-like)
-            now = max((e.last_access for e in allowed), default=0) + 1
             return sorted(allowed, key=lambda e: (-self.rank(e.key), -(now - e.last_access) * e.nbytes
                                                   if self.rank(e.key) == math.inf else e.last_access, e.key))
         return sorted(allowed, key=lambda e: (-self.rank(e.key), e.last_access, e.key))
@@ -343,5 +364,6 @@ register_placement("fifo", FifoPlacement)
 register_placement("scheduler", SchedulerAwarePlacement)
 register_placement("scheduler-size", lambda **kw: SchedulerAwarePlacement(unqueued="size", **kw))
 register_placement("scheduler-odds", lambda **kw: SchedulerAwarePlacement(unqueued="odds", **kw))
+register_placement("scheduler-served", lambda **kw: SchedulerAwarePlacement(unqueued="odds", served_first=True, **kw))
 register_placement("lru-global", GlobalLruPlacement)
 register_placement("fifo-global", GlobalFifoPlacement)

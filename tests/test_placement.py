@@ -373,3 +373,46 @@ def test_scheduler_odds_evicts_the_probably_ended_session_first(tmp_path):
         assert seen == [("a", 2)]
 
     asyncio.run(go())
+
+
+def test_scheduler_served_drops_the_entry_in_service_first():
+    """scheduler-served: an unqueued entry read since its last save (its session is being served;
+    its KV comes back with the turn's save) leaves before a thinking session's entry (saved, not read
+    since: its next turn would miss), largest first among the served; scheduler-odds (same order
+    otherwise) would take the thinking one, which is larger; queued entries stay last."""
+    p = make_placement("scheduler-served", min_samples=4)
+    odds = make_placement("scheduler-odds", min_samples=4)
+    for pol in (p, odds):
+        for g in (5, 6, 8, 20):
+            pol.observe_return("x", g)
+        pol.set_queue(["q1"])
+    cands = [ev("thinking-big", 1000, last=90), EntryView("served-small", 100, 0, 95, 1, True),
+             EntryView("served-mid", 300, 0, 93, 2, True), ev("q1", 50, last=1),
+             EntryView("q1-read", 50, 0, 97, 3, True)]
+    p.set_queue(["q1", "q1-read"])
+    odds.set_queue(["q1", "q1-read"])
+    assert p.victims(0, 1, cands, None, TIERS) == ["served-mid", "served-small", "thinking-big", "q1-read", "q1"]
+    assert odds.victims(0, 1, cands, None, TIERS)[0] == "thinking-big"
+    assert p.drop_order(0, cands, None, TIERS)[:2] == ["served-mid", "served-small"]
+    # never the incoming entry, even when it was read since its save
+    assert "served-mid" not in p.victims(0, 1, cands, cands[2], TIERS)
+
+
+def test_hierarchy_marks_entries_read_since_their_save_and_drops_them_first(tmp_path):
+    """The store's views say which entries were read (or touched) after their last put; with
+    scheduler-served the one read since its save is dropped, not the older thinking one that LRU-like
+    orders would take; a save clears the mark."""
+    async def go():
+        h = HierarchicalStore([Tier(MemoryStore(), 3 * KB, "memory")], "scheduler-served")
+        await _fill(h, ["think", "served", "other"])
+        await h.touch("served")
+        views = {e.key: e.read_since_save for e in h.entry_views()}
+        assert views == {"think": False, "served": True, "other": False}
+        await h.put("new", "o.new", b"n" * KB)  # the store must shed one entry
+        assert "served" not in h and {"think", "other", "new"} <= {e.key for e in h.entry_views()}
+        await h.get("think", ["o.think"])
+        await h.put("think", "o.think2", b"t" * 10)  # saved again: no longer "read since its save"
+        assert {e.key: e.read_since_save for e in h.entry_views()}["think"] is False
+        await h.close()
+
+    asyncio.run(go())
