@@ -5,6 +5,7 @@
 #   micro   bench/gpu_ttft.py's prepared-path, hidden-share and decode numbers (no TTFT grid)
 #   grid    bench/gpu_ttft.py's TTFT grid through ContextLoader (keeps the micro numbers of an earlier run)
 #   policies  the grid's recompute, slo and mpc cells only (keeps the fixed-level cells of an earlier run)
+#   trace   the hidden-share cell's host/GPU time split and torch.profiler traces (into $OUT only)
 # e.g. `bash scripts/device_gpu.sh tests micro`. Results go to bench/results/ and to $OUT.
 set -euo pipefail
 R="$(cd "$(dirname "$0")/.." && pwd)"
@@ -38,6 +39,12 @@ for step in "$@"; do
     policies)  # recompute, slo and mpc again; the fixed-level cells of the kept run stay
         (cd /tmp && timeout "${GRID_S:-560}" $py -m bench.gpu_ttft --no-micro --only-policies --reps 2 --cap-s 2.0 \
             --calib-segments 2 --keep "$R/bench/results/gpu-ttft-nvidia-h200.json" 2>&1 | tee "$OUT/policies.txt" | tail -40)
+        ;;
+    trace)  # where the target cell's time goes: host/GPU split and profiler traces (to $OUT only)
+        (cd /tmp && timeout "${TRACE_S:-400}" $py -m bench.gpu_ttft --no-grid --reps 2 --calib-segments 2 \
+            --contexts 16384 --questions 64 --levels "${TRACE_LEVELS:-fp16,q0,q2,q4}" --trace "$OUT/trace" \
+            --json "$OUT/trace.json" 2>&1 | tee "$OUT/trace.txt" | tail -40) || true
+        gzip -f "$OUT"/trace/*.json || true
         ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
     esac
