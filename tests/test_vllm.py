@@ -386,10 +386,11 @@ def test_vllm_second_request_loads_from_ctxstream_and_answers_the_same(engine):
     assert streamer_metric(engine, "ctxstream_prefix_lookups_total", outcome="hit") == hits0 + 1
     assert streamer_metric(engine, "ctxstream_chunks_served_total", level="fp16") == fp16_0 + 3  # 768 tokens
     assert second["text"] == first["text"]  # greedy, fp16 KV
-    # a lossy level: loaded (q chunks served), and the greedy answer's log-probabilities stay close
-    q0 = streamer_metric(engine, "ctxstream_chunks_served_total", level="q1")
-    third = complete(engine, ctxstream={"policy": "fixed:q1"})
-    assert streamer_metric(engine, "ctxstream_chunks_served_total", level="q1") == q0 + 3
+    # a lossy level within the 1% quality bound (q0; q1's prior is outside it): loaded (q0 chunks
+    # served), and the greedy answer's log-probabilities stay close
+    q0 = streamer_metric(engine, "ctxstream_chunks_served_total", level="q0")
+    third = complete(engine, ctxstream={"policy": "fixed:q0"})
+    assert streamer_metric(engine, "ctxstream_chunks_served_total", level="q0") == q0 + 3
     # greedy decoding from slightly different KV may part ways after a few tokens: the tokens up to the
     # first divergence (at least 4) carry nearly the exact log-probabilities
     same = 0
