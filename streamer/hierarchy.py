@@ -124,8 +124,7 @@ class _Entry:
     last_access: int = 0
     inserted: int = 0
     saved_at: int = -1  # store clock of the last put; -1 once a read or touch has followed it
-    read_at: int = -1  # store clock of the last read or touch (-1: none)
-    put_at: int = 0  # store clock of the last put
+    read_since_put: bool = False  # a read or touch followed the last put (the session is in service)
     pins: int = 0  # > 0: in use (being read or written): never moved or dropped
     reserved: int = 0  # bytes of objects being written (counted in the tier, not yet readable)
 
@@ -176,11 +175,11 @@ class HierarchicalStore:
         if e.saved_at >= 0:
             self.policy.observe_return(e.key, now - e.saved_at)
             e.saved_at = -1
-        e.read_at = now
+        e.read_since_put = True
         return now
 
     def _view(self, e: _Entry) -> EntryView:
-        return EntryView(e.key, e.nbytes, e.tier, e.last_access, e.inserted, e.read_at > e.put_at)
+        return EntryView(e.key, e.nbytes, e.tier, e.last_access, e.inserted, e.read_since_put)
 
     def tier_views(self) -> list[TierView]:
         return [TierView(t.name, t.capacity_bytes, t.used_bytes) for t in self.tiers]
@@ -234,7 +233,7 @@ class HierarchicalStore:
             else:
                 e.last_access = now
             e.saved_at = now
-            e.put_at = now
+            e.read_since_put = False
             old_size = e.objects.get(key, 0)
             delta = len(value) - old_size
             new_total = e.nbytes + delta
