@@ -937,6 +937,12 @@ def main(argv=None) -> int:
                 "machine": machine(),
                 "model": info.name,
             })
+            if args.json:  # partial results after each policy, with params (the final write adds the TTFT part)
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                params = {kk: (str(v) if isinstance(v, Path) else v) for kk, v in vars(args).items()}
+                args.json.write_text(json.dumps([{**r, "params": params, "partial": True,
+                                                  "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
+                                                 for r in rows], indent=1))
         meas, buckets = {}, {}
         for t in tier_names if ttft_rows else []:
             rec = np.array([r["recompute_s"] for r in ttft_rows])
