@@ -17,7 +17,12 @@ Candidates (``--candidates``, comma separated):
   group's coefficients so that one uniform step equalises the marginal loss per bit
   (see ``profile.sensitivity_scales``).
 
+Token-step schemes (``--variants``): ``fine`` (the binary list, ``--fine-frac`` of the tokens 4x
+finer) or ``gA:LO:HI`` (graded per-token steps, ``LevelSpec(grade=A, grade_lo=LO, grade_hi=HI)``),
+chosen from the raw importance or its attention share (``--weight``).
+
     .venv/bin/python bench/codec_rd.py --split dev --contexts 4 --candidates pydoc8,dev32,dev32-rd
+    .venv/bin/python bench/codec_rd.py --split dev --contexts 8 --candidates pydoc8 --variants fine,g1:0:6 --weight share
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import torch
 
 from ctxstream.codec import Codec
 from ctxstream.codec.codec import DEFAULT_LEVELS, LevelSpec
+from ctxstream.codec.quality import attention_share
 from ctxstream.codec.profile import Profile, build_profile, dev_calibration_text, group_sensitivity, rescale_profile
 from ctxstream.corpora import DEFAULT_DATA_DIR, token_windows
 from ctxstream.hostinfo import host_info
@@ -103,6 +109,13 @@ def main(argv=None) -> int:
     ap.add_argument("--candidates", default="pydoc8,dev32,dev32-rd")
     ap.add_argument("--steps", default="0.15,0.25,0.32,0.45,0.6,1.0")
     ap.add_argument("--fine-frac", type=float, default=0.05)
+    ap.add_argument("--variants", default=None,
+                    help="token-step schemes, comma separated: 'fine' (the binary fine list, --fine-frac), "
+                         "'gA:LO:HI' (graded per-token shifts: grade A, shifts clipped to [LO, HI] half-octaves); "
+                         "default: fine")
+    ap.add_argument("--weight", default="importance", choices=["importance", "share"],
+                    help="what the per-token steps are chosen from: the raw importance, or the attention "
+                         "share per query that could see the token (quality.attention_share)")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/ctxstream-bench-cache"))
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -113,20 +126,32 @@ def main(argv=None) -> int:
     rows = []
     for cand in args.candidates.split(","):
         prof = candidate_profile(adapter, cand, args.cache / "profiles")
-        specs = [LevelSpec(f"s{s}", 1, "tc", step=s, fine_frac=args.fine_frac) for s in steps]
+        specs = []
+        for var in (args.variants or "fine").split(","):
+            for st in steps:
+                if var == "fine":
+                    specs.append(LevelSpec(f"fine-s{st}", 1, "tc", step=st, fine_frac=args.fine_frac))
+                else:
+                    g, lo, hi = var[1:].split(":")
+                    specs.append(LevelSpec(f"{var}-s{st}", 1, "tc", step=st, grade=float(g),
+                                           grade_lo=int(lo), grade_hi=int(hi)))
         codec = Codec(adapter.info, prof, levels=specs)
         for spec in specs:
             bits, d = [], []
             for ids, k, v, imp, base in ctxs:
-                blob = codec.encode(k, v, spec.name, importance=imp)
+                w = attention_share(imp) if args.weight == "share" else imp
+                blob = codec.encode(k, v, spec.name, importance=w)
                 k2, v2 = codec.decode(blob)
                 bits.append(len(blob) * 8 / (2 * k.numel()))
                 d.append(math.exp(ce_next(adapter, ids, k2, v2) - base) - 1)
-            row = {"candidate": cand, "step": spec.step, "fine_frac": spec.fine_frac, "bits": float(np.mean(bits)),
+            row = {"candidate": cand, "variant": spec.name.rsplit("-s", 1)[0], "weight": args.weight,
+                   "step": spec.step, "fine_frac": spec.fine_frac if not spec.graded else 0.0,
+                   "grade": [spec.grade, spec.grade_lo, spec.grade_hi] if spec.graded else None,
+                   "bits": float(np.mean(bits)),
                    "x_vs_quant8": 8.25 / float(np.mean(bits)), "dppl_pct": 100 * float(np.mean(d)),
                    "dppl_pct_max": 100 * float(np.max(d)), "per_context_pct": [100 * x for x in d]}
             rows.append(row)
-            print(f"{cand:10s} step {spec.step:5.2f} bits {row['bits']:.3f} x{row['x_vs_quant8']:5.2f} "
+            print(f"{cand:10s} {row['variant']:12s} step {spec.step:5.2f} bits {row['bits']:.3f} x{row['x_vs_quant8']:5.2f} "
                   f"dppl {row['dppl_pct']:+6.2f}% (max {row['dppl_pct_max']:+.2f}%)", flush=True)
     out = args.out or ROOT / "bench" / "results" / f"codec-rd-{args.split}.json"
     out.write_text(json.dumps({"machine": host_info(), "split": args.split, "contexts": len(ctxs),

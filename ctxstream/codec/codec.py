@@ -64,6 +64,7 @@ from .profile import (
 )
 
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+MAX_SHIFT = 8  # per-token step shifts lie in [-MAX_SHIFT, MAX_SHIFT] half-octaves (a level's range is narrower)
 
 
 @dataclass(frozen=True)
@@ -77,11 +78,29 @@ class LevelSpec:
     block: int = 64  # tc: tokens per rANS stream
     fine_frac: float = 0.0  # tc: share of a chunk's tokens (the most attended) quantised finer
     fine_shift: int = 4  # tc: how much finer, in half-octaves (4: step / 4)
+    # tc, graded per-token steps (replace the binary fine list when > 0): token t's step is
+    # step * 2**(-shift_t / 2) with shift_t = round(grade * log2(importance_t / chunk's geometric
+    # mean of importance)) clipped to [grade_lo, grade_hi] half-octaves. Rate-distortion theory for
+    # a distortion weighted by the attention a token receives gives grade 1 (step ~ importance^-1/2).
+    grade: float = 0.0
+    grade_lo: int = 0
+    grade_hi: int = 0
     description: str = ""
 
     @property
     def fine_factor(self) -> float:
         return 2.0 ** (self.fine_shift / 2.0)
+
+    @property
+    def graded(self) -> bool:
+        return self.kind == "tc" and self.grade > 0
+
+    @property
+    def shift_range(self) -> tuple[int, int]:
+        """Smallest and largest per-token shift (half-octaves; positive: finer) this level writes."""
+        if self.graded:
+            return self.grade_lo, self.grade_hi
+        return (0, self.fine_shift) if self.fine_frac > 0 else (0, 0)
 
 
 REFERENCE_FORMATS: tuple[LevelSpec, ...] = (
@@ -159,6 +178,9 @@ class Codec:
         specs = list(REFERENCE_FORMATS) + [s for s in levels if profile is not None or s.kind != "tc"]
         self._specs: dict[str, LevelSpec] = {}
         for s in specs:
+            lo, hi = s.shift_range
+            if not -MAX_SHIFT <= lo <= 0 <= hi <= MAX_SHIFT:
+                raise ValueError(f"level {s.name}: per-token shifts [{lo}, {hi}] outside [-{MAX_SHIFT}, {MAX_SHIFT}]")
             if s.name in self._specs:
                 raise ValueError(f"duplicate level name {s.name!r}")
             self._specs[s.name] = s
@@ -220,15 +242,24 @@ class Codec:
             raise CodecError(f"unsupported dtype {keys.dtype}")
         k32, v32 = keys.detach().to("cpu", torch.float32), values.detach().to("cpu", torch.float32)
         T = keys.shape[2]
-        fine = self._fine_tokens(spec, importance, start, T)
-        ctx = _ChunkContext.make(self.info, spec, start, T, fine) if spec.kind == "tc" else None
+        params: dict = {}
+        ctx = None
+        if spec.kind == "tc":
+            params = {"step": spec.step, "block": spec.block}
+            if spec.graded:
+                shifts = self._token_shifts(spec, importance, start, T)
+                if shifts is not None:
+                    params["shifts"] = shifts.tobytes()  # one int8 per token (msgpack bin)
+                ctx = _ChunkContext.make(self.info, spec, start, T, shifts=shifts)
+            else:
+                params["fine"] = fine = self._fine_tokens(spec, importance, start, T)
+                ctx = _ChunkContext.make(self.info, spec, start, T, fine)
         bodies = [self._encode_layer(spec, layer, k32[layer], v32[layer], start, ctx)
                   for layer in range(self.info.num_layers)]
         header = ChunkHeader(
             fingerprint=self.info.fingerprint, level=spec.name, level_version=spec.version, start=int(start),
             shape=tuple(keys.shape), dtype=dtype, profile=self.profile.id if spec.kind == "tc" else "",
-            sections=tuple(len(b) for b in bodies),
-            params={"step": spec.step, "block": spec.block, "fine": fine} if spec.kind == "tc" else {},
+            sections=tuple(len(b) for b in bodies), params=params,
         )
         return header.pack() + b"".join(frame_section(b) for b in bodies)
 
@@ -248,6 +279,38 @@ class Codec:
         # NaN/inf propagate through a sum; summed in float32, as a float16 sum of finite values overflows
         if not (torch.isfinite(keys.sum(dtype=torch.float32)) and torch.isfinite(values.sum(dtype=torch.float32))):
             raise CodecError("keys/values contain NaN or infinity")
+
+    def token_steps(self, level: str, importance, start: int, T: int) -> np.ndarray:
+        """float32 ``[T]``: the step each token of a chunk is quantised with at transform level
+        ``level`` (as :meth:`encode` chooses it from ``importance``)."""
+        spec = self.spec(level)
+        if spec.graded:
+            ft = FineTokens.make(spec, T, shifts=self._token_shifts(spec, importance, start, T))
+        else:
+            ft = FineTokens.make(spec, T, self._fine_tokens(spec, importance, start, T))
+        return ft.step_padded[:T]
+
+    @staticmethod
+    def _token_shifts(spec: LevelSpec, importance, start: int, T: int) -> np.ndarray | None:
+        """Graded levels: each token's step shift in half-octaves (int8 ``[T]``, positive = finer),
+        ``grade * log2(importance / geometric mean of the chunk's importance)`` rounded and clipped
+        to the level's range; the sink (stored exactly) gets 0. None without importance."""
+        if not spec.graded or importance is None:
+            return None
+        imp = torch.as_tensor(importance, dtype=torch.float64).flatten()
+        if imp.numel() != T:
+            raise ModelMismatchError(f"importance has {imp.numel()} entries for {T} tokens")
+        if not bool(torch.isfinite(imp).all()):
+            raise CodecError("importance contains NaN or infinity")
+        n_sink = max(0, min(T, SINK_TOKENS - start))
+        shifts = np.zeros(T, np.int8)
+        if n_sink >= T:
+            return shifts
+        # a floor keeps tokens nobody attends to finite in the log (they get grade_lo anyway)
+        lg = torch.log2(imp[n_sink:].clamp_min(1e-12))
+        s = torch.round(spec.grade * (lg - lg.mean())).clamp_(spec.grade_lo, spec.grade_hi)
+        shifts[n_sink:] = s.to(torch.int8).numpy()
+        return shifts
 
     @staticmethod
     def _fine_tokens(spec: LevelSpec, importance, start: int, T: int) -> list[int]:
@@ -297,12 +360,12 @@ class Codec:
             q = quantize(coef.mul_(ctx.inv_step), lt.deadzone)
             if n_sink:
                 q[:, :n_sink] = 0
-            qlo, qhi = lt.qrange(kv, layer, ctx.fine_mask)
+            qlo, qhi = lt.qrange(kv, layer, ctx.shift_index)
             escape = (q < qlo) | (q > qhi)
             escapes.append(q[escape].to(torch.int32).numpy())
             sym[kv, :, :T] = q.add_(ZERO_SYMBOL).clamp_(0, 255).masked_fill_(escape, ESC).to(torch.uint8).numpy()
         states, sizes, words = rans.encode(sym.reshape(2 * H * blocks, spec.block * D),
-                                           lt.stream_tables(layer, blocks, ctx.fine_padded), self.profile.tables)
+                                           lt.stream_tables(layer, blocks, ctx.shift_padded), self.profile.tables)
         parts = [struct.pack("<III", len(words), len(escapes[0]), len(escapes[1])), _le(states, np.uint32),
                  _le(sizes, np.uint32), _le(escapes[0], np.int32), _le(escapes[1], np.int32), _le(words, np.uint16)]
         if n_sink:
@@ -328,7 +391,8 @@ class Codec:
                       for x in (k, v)]
         else:
             D = self.info.head_dim
-            chan = spec.step * np.abs(self.profile.synthesis).sum(-2)  # [2, L, H, D]
+            coarsest = spec.step * 2.0 ** (-min(spec.shift_range[0], 0) / 2.0)  # graded: the largest token step
+            chan = coarsest * np.abs(self.profile.synthesis).sum(-2)  # [2, L, H, D]
             kb = torch.from_numpy(np.sqrt(chan[0] ** 2 + np.roll(chan[0], D // 2, axis=-1) ** 2)).float()
             vb = torch.from_numpy(chan[1]).float()
             bounds = [kb[:, :, None, :].expand_as(k).clone(), vb[:, :, None, :].expand_as(v).clone()]
@@ -373,7 +437,14 @@ class Codec:
                 raise ModelMismatchError(f"chunk needs profile {h.profile}, this codec has {self.profile.id}")
             if h.params.get("step") != spec.step or h.params.get("block") != spec.block:
                 raise VersionError(f"level {h.level} parameters {h.params} differ from this codec's")
-            _check_fine(h.params.get("fine", []), h.tokens)
+            if spec.graded:
+                if "fine" in h.params:
+                    raise MalformedError(f"level {h.level} has per-token shifts, not a fine-token list")
+                _check_shifts(h.params.get("shifts"), h.tokens, spec)
+            else:
+                if "shifts" in h.params:
+                    raise MalformedError(f"level {h.level} has a fine-token list, not per-token shifts")
+                _check_fine(h.params.get("fine", []), h.tokens)
         return spec
 
     def _decode_layer(self, spec: LevelSpec, hdr: ChunkHeader, layer: int, body: bytes, ctx=None,
@@ -410,7 +481,7 @@ class Codec:
         states, sizes = r.array("<u4", n), r.array("<u4", n)
         esc_q = r.array("<i4", esc_k + esc_v)
         words = r.array("<u2", n_words)
-        table_idx = lt.stream_tables(layer, blocks, ctx.fine_padded)
+        table_idx = lt.stream_tables(layer, blocks, ctx.shift_padded)
         try:
             sym = rans.decode(words, sizes, states, table_idx, self.profile.tables, spec.block * D)
         except rans.RansError as exc:
@@ -418,18 +489,22 @@ class Codec:
         coef, escapes = rans.dequantize(sym, table_idx, lt.rtab)
         if escapes != esc_k + esc_v:
             raise MalformedError(f"layer {layer}: {escapes} escapes in the streams, {esc_k + esc_v} stored")
+        # The format's reference order (the GPU decoder's too, bit for bit): escapes first, each q *
+        # its own token's step (float64 product, then float32); then every shifted token times mul
+        # (rtab holds recon * step; float32 products), and its escapes times 1 / mul back (float32).
         if escapes:
             where = np.flatnonzero(sym.reshape(-1) == ESC)
             if int((where < H * blocks * spec.block * D).sum()) != esc_k:
                 raise MalformedError(f"layer {layer}: escapes split between K and V inconsistently")
-            coef.reshape(-1)[where] = esc_q * ctx.step_padded[(where // D) % (blocks * spec.block)]
+            esc_tok = (where // D) % (blocks * spec.block)
+            coef.reshape(-1)[where] = esc_q * ctx.step_padded[esc_tok]
+        if ctx.shift_padded is not None:
+            coef.reshape(2 * H, blocks * spec.block, D)[...] *= ctx.mul_padded[None, :, None]
+            if escapes:
+                shifted = ctx.shift_padded[esc_tok] != 0
+                flat = coef.reshape(-1)
+                flat[where[shifted]] *= ctx.unmul_padded[esc_tok[shifted]]
         coef = torch.from_numpy(coef).view(2, H, blocks * spec.block, D)
-        if ctx.fine:
-            coef[:, :, ctx.fine] *= 1.0 / spec.fine_factor  # rtab holds recon * step; fine tokens: step / factor
-            if escapes:  # escapes were already written with their own step
-                flat = coef.view(-1)
-                fine_esc = torch.from_numpy(where[ctx.fine_padded[(where // D) % (blocks * spec.block)]])
-                flat[fine_esc] *= spec.fine_factor
         coef = coef[:, :, :T]
         k = apply_rope(torch.baddbmm(lt.mean[0, layer].expand(H, T, D), coef[0], lt.synthesis[0, layer]),
                        ctx.cos, ctx.sin)
@@ -459,38 +534,69 @@ class _LevelTables:
         lo = nz.argmax(1) + 1 - ZERO_SYMBOL
         hi = 255 - nz[:, ::-1].argmax(1) - ZERO_SYMBOL
         lo, hi = np.maximum(lo, -MAX_Q), np.minimum(hi, MAX_Q)
-        self.fine_ids = np.stack([np.minimum(profile.classes(kv, spec.step) + spec.fine_shift, NUM_CLASSES - 1)
-                                  + kv * NUM_CLASSES for kv in range(2)]).astype(np.uint16)
-        def per_coef(bound, ids):  # [2, L, H, 1, D]
-            return torch.from_numpy(bound[ids].astype(np.float32))[:, :, :, None, :]
+        # Tables of a token shifted by s half-octaves (finer: s > 0): its class moves by s, clipped
+        # to the K|V half's classes. shift_ids[s + MAX_SHIFT]: [2, L, H, D].
+        base = np.stack([profile.classes(kv, spec.step).astype(np.int64) for kv in range(2)])
+        self.shift_ids = np.stack([np.clip(base + s, 0, NUM_CLASSES - 1)
+                                   + np.arange(2)[:, None, None, None] * NUM_CLASSES
+                                   for s in range(-MAX_SHIFT, MAX_SHIFT + 1)]).astype(np.uint16)
+        self._graded, self._name, self.fine_shift = spec.graded, spec.name, spec.fine_shift
+        self._fine_ids = self.shift_ids[spec.fine_shift + MAX_SHIFT]
+        def per_coef(bound, ids):  # [..., 2, L, H, 1, D]
+            return torch.from_numpy(bound[ids].astype(np.float32)).unsqueeze(-2)
 
         self.qlo, self.qhi = per_coef(lo, self.table_ids), per_coef(hi, self.table_ids)
-        self.qlo_fine, self.qhi_fine = per_coef(lo, self.fine_ids), per_coef(hi, self.fine_ids)
+        self.qlo_shift, self.qhi_shift = per_coef(lo, self.shift_ids), per_coef(hi, self.shift_ids)  # [S, 2, L, H, 1, D]
         gaps = [t for t in range(len(freqs)) if not nz[t, lo[t] + ZERO_SYMBOL - 1 : hi[t] + ZERO_SYMBOL].all()]
         if gaps:
             raise MalformedError(f"profile tables {gaps} have holes in their codable range")
         self.rtab = (profile.recon.reshape(-1, 256) * np.float32(spec.step)).astype(np.float32)
         self.rtab[:, ESC] = 0.0
 
-    def qrange(self, kv: int, layer: int, fine_mask: torch.Tensor | None):
-        """Codable q range ``[H, T or 1, D]`` of each coefficient (finer tokens use other tables)."""
-        if fine_mask is None:
-            return self.qlo[kv, layer], self.qhi[kv, layer]
-        m = fine_mask[None, :, None]
-        return (torch.where(m, self.qlo_fine[kv, layer], self.qlo[kv, layer]),
-                torch.where(m, self.qhi_fine[kv, layer], self.qhi[kv, layer]))
+    @property
+    def fine_ids(self) -> np.ndarray:
+        """``[2, L, H, D]``: the tables of the binary fine list's tokens (what the GPU decoder reads).
+        Graded levels have no single fine table set: CodecError, not a silently wrong decode."""
+        if self._graded:
+            raise CodecError(f"level {self._name} has graded per-token steps, not a binary fine list")
+        return self._fine_ids
 
-    def stream_tables(self, layer: int, blocks: int, fine_padded: np.ndarray | None = None) -> np.ndarray:
+    def qrange(self, kv: int, layer: int, shift_index: torch.Tensor | None):
+        """Codable q range ``[H, T or 1, D]`` of each coefficient (shifted tokens use other tables);
+        ``shift_index`` ``[T]``: each token's shift + MAX_SHIFT."""
+        if shift_index is None:
+            return self.qlo[kv, layer], self.qhi[kv, layer]
+        lo = self.qlo_shift[:, kv, layer, :, 0]  # [S, H, D]
+        hi = self.qhi_shift[:, kv, layer, :, 0]
+        return lo[shift_index].transpose(0, 1), hi[shift_index].transpose(0, 1)
+
+    def stream_tables(self, layer: int, blocks: int, shift_padded: np.ndarray | None = None) -> np.ndarray:
         """Table index of every stream (K heads then V heads, each head's blocks) and position.
 
-        ``[2*H*blocks, D]`` (period D) when no token is fine, else ``[2*H*blocks, block*D]``."""
+        ``[2*H*blocks, D]`` (period D) when no token is shifted, else ``[2*H*blocks, block*D]``
+        (``shift_padded`` ``[blocks*block]`` int8: each padded token's shift; a bool array is the
+        binary fine list's mask, its tokens shifted by the level's ``fine_shift``)."""
         D = self.table_ids.shape[-1]
         base = self.table_ids[:, layer].reshape(-1, D)  # [2H, D]
-        if fine_padded is None:
+        if shift_padded is None:
             return np.repeat(base, blocks, axis=0)
-        fine = self.fine_ids[:, layer].reshape(-1, D)
-        per_token = np.where(fine_padded[None, :, None], fine[:, None, :], base[:, None, :])  # [2H, Tp, D]
+        if shift_padded.dtype == np.bool_:
+            shift_padded = np.where(shift_padded, self.fine_shift, 0).astype(np.int8)
+        by_shift = self.shift_ids[:, :, layer].reshape(2 * MAX_SHIFT + 1, -1, D)  # [S, 2H, D]
+        per_token = by_shift[shift_padded.astype(np.int64) + MAX_SHIFT].transpose(1, 0, 2)  # [2H, Tp, D]
         return np.ascontiguousarray(per_token.reshape(base.shape[0] * blocks, -1))
+
+
+def _check_shifts(shifts, tokens: int, spec: LevelSpec) -> None:
+    """The header's per-token shifts: absent, or ``tokens`` int8 bytes within the level's range."""
+    if shifts is None:
+        return
+    if not isinstance(shifts, bytes) or len(shifts) != tokens:
+        raise MalformedError("bad per-token shifts")
+    a = np.frombuffer(shifts, np.int8)
+    lo, hi = spec.shift_range
+    if a.size and (int(a.min()) < lo or int(a.max()) > hi):
+        raise MalformedError(f"per-token shifts outside [{lo}, {hi}]")
 
 
 def _check_fine(fine, tokens: int) -> None:
@@ -508,25 +614,50 @@ def _check_fine(fine, tokens: int) -> None:
         raise MalformedError("bad list of finely quantised tokens")
 
 
+_NO_SHIFTS = object()  # FineTokens.make: the caller passed no per-token shifts at all
+
+
 @dataclass
 class FineTokens:
-    """Which tokens of a chunk are quantised finer, and each (padded) token's step. Shared by the CPU
-    decoder and the GPU one (``gpu.py``), which keeps its own RoPE tables on the device."""
+    """Each (padded) token's step of a chunk: the binary fine list (``fine_frac`` levels) or graded
+    per-token shifts (``grade`` levels), both as a shift per token. Shared by the CPU decoder and
+    the GPU one (``gpu.py``), which keeps its own RoPE tables on the device."""
 
-    fine: list[int]  # token offsets quantised finer
-    fine_padded: np.ndarray | None  # [blocks*block] bool, None when no token is fine
-    step_padded: np.ndarray  # [blocks*block] float32: each token's step
+    fine: list[int]  # token offsets with a non-zero shift
+    shift_padded: np.ndarray | None  # [blocks*block] int8 shift in half-octaves (positive: finer); None: all 0
+    step_padded: np.ndarray  # [blocks*block] float32: each token's step (escapes are q * this)
+    mul_padded: np.ndarray | None = None  # [blocks*block] float32: f32(1 / 2**(shift/2)), the factor on rtab's recon * step
+    unmul_padded: np.ndarray | None = None  # [blocks*block] float32: f32(2**(shift/2)), taking mul back off an escape
+
+    @property
+    def fine_padded(self) -> np.ndarray | None:
+        """[blocks*block] bool: tokens with a non-zero shift (None when none)."""
+        return None if self.shift_padded is None else self.shift_padded != 0
 
     @classmethod
-    def make(cls, spec: LevelSpec, T: int, fine: list[int]) -> "FineTokens":
+    def make(cls, spec: LevelSpec, T: int, fine: list[int] | None = None,
+             shifts: np.ndarray | bytes | None | object = _NO_SHIFTS) -> "FineTokens":
+        """``fine``: the header's fine-token list (binary levels); ``shifts``: its per-token shifts
+        (graded levels: int8 bytes, or None when the chunk has none). A graded level must be given
+        ``shifts`` explicitly: a caller that reads only the fine list (the GPU decoder) gets a
+        :class:`CodecError` instead of a silently wrong decode."""
+        if shifts is _NO_SHIFTS:
+            if spec.graded:
+                raise CodecError(f"level {spec.name} has graded per-token steps; this decoder path reads "
+                                 "only the binary fine-token list (decode it with Codec.decode)")
+            shifts = None
         padded_len = -(-T // spec.block) * spec.block
-        step_padded = np.full(padded_len, spec.step, np.float32)
-        if not fine:
-            return cls([], None, step_padded)
-        fine_padded = np.zeros(padded_len, bool)
-        fine_padded[fine] = True
-        step_padded[fine_padded] = spec.step / spec.fine_factor
-        return cls(list(fine), fine_padded, step_padded)
+        sp = np.zeros(padded_len, np.int8)
+        if shifts is not None:
+            sp[:T] = np.frombuffer(shifts, np.int8) if isinstance(shifts, bytes) else np.asarray(shifts, np.int8)
+        if fine:
+            sp[list(fine)] = spec.fine_shift
+        if not sp.any():
+            ones = np.ones(padded_len, np.float32)
+            return cls([], None, np.full(padded_len, spec.step, np.float32), ones, ones)
+        up = (2.0 ** (np.arange(-MAX_SHIFT, MAX_SHIFT + 1) / 2.0))[sp.astype(np.int64) + MAX_SHIFT]  # finer by
+        return cls([int(t) for t in np.flatnonzero(sp[:T])], sp, (spec.step / up).astype(np.float32),
+                   (1.0 / up).astype(np.float32), up.astype(np.float32))
 
 
 @dataclass
@@ -535,17 +666,19 @@ class _ChunkContext(FineTokens):
 
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
-    fine_mask: torch.Tensor | None = None  # [T] bool
+    shift_index: torch.Tensor | None = None  # [T] long: shift + MAX_SHIFT (None: no token shifted)
     inv_step: torch.Tensor | float = 1.0  # multiply coefficients by this to get them in steps
 
     @classmethod
-    def make(cls, info: ModelInfo, spec: LevelSpec, start: int, T: int, fine: list[int]) -> "_ChunkContext":
-        ft = FineTokens.make(spec, T, fine)
+    def make(cls, info: ModelInfo, spec: LevelSpec, start: int, T: int, fine: list[int] | None = None,
+             shifts: np.ndarray | bytes | None | object = _NO_SHIFTS) -> "_ChunkContext":
+        ft = FineTokens.make(spec, T, fine, shifts)
         cos, sin = rope_cos_sin(info, torch.arange(start, start + T))
-        if not ft.fine:
-            return cls(ft.fine, None, ft.step_padded, cos, sin, None, 1.0 / spec.step)
+        if ft.shift_padded is None:
+            return cls(ft.fine, None, ft.step_padded, ft.mul_padded, ft.unmul_padded, cos, sin, None, 1.0 / spec.step)
         inv = torch.from_numpy(1.0 / ft.step_padded[:T])[None, :, None]
-        return cls(ft.fine, ft.fine_padded, ft.step_padded, cos, sin, torch.from_numpy(ft.fine_padded[:T]), inv)
+        idx = torch.from_numpy(ft.shift_padded[:T].astype(np.int64) + MAX_SHIFT)
+        return cls(ft.fine, ft.shift_padded, ft.step_padded, ft.mul_padded, ft.unmul_padded, cos, sin, idx, inv)
 
 
 class IncrementalDecoder:
@@ -598,7 +731,8 @@ class IncrementalDecoder:
             if self.start is None:
                 self.start = h.start
             if self._spec.kind == "tc":
-                self._ctx = _ChunkContext.make(self.codec.info, self._spec, self.start, h.tokens, h.params.get("fine", []))
+                self._ctx = _ChunkContext.make(self.codec.info, self._spec, self.start, h.tokens,
+                                               h.params.get("fine", []), h.params.get("shifts"))
         if len(self._buf) > self._info.total_bytes:
             raise MalformedError(f"chunk has {len(self._buf) - self._info.total_bytes} bytes after its end")
         new = []

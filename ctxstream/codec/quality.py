@@ -58,7 +58,10 @@ def attention_share(importance: torch.Tensor, *, query_stride: int = 16, window:
 
 def _prior_key(spec) -> str:
     """Key of a level's prior entry: its name and the parameters that shape its error."""
-    return f"{spec.name}/{spec.kind}/{spec.step:g}/{spec.fine_frac:g}/{spec.fine_shift}"
+    key = f"{spec.name}/{spec.kind}/{spec.step:g}/{spec.fine_frac:g}/{spec.fine_shift}"
+    if getattr(spec, "graded", False):  # graded per-token steps shape the error too
+        key += f"/g{spec.grade:g}/{spec.grade_lo}/{spec.grade_hi}"
+    return key
 
 
 @dataclass(frozen=True)
@@ -133,10 +136,7 @@ class QualityEstimator:
         for lv in levels:
             spec = codec.spec(lv)
             if spec.kind == "tc":
-                step = torch.full((T,), spec.step)
-                fine = codec._fine_tokens(spec, importance, start, T)
-                if fine:
-                    step[fine] = spec.step / spec.fine_factor
+                step = torch.from_numpy(codec.token_steps(lv, importance, start, T).astype(np.float32))
                 y = coef / step[:, None]
                 e = ((y - torch.round(y)) * step[:, None]).pow(2)
             else:
