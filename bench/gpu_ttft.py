@@ -166,6 +166,11 @@ def main() -> None:  # noqa: C901 - one linear script
     ap.add_argument("--trace", default=None,
                     help="a folder: torch.profiler traces (Chrome JSON) of the target cell's pipelined and "
                          "sequential prefill per level, and each one's host/GPU time split")
+    ap.add_argument("--no-graphs", action="store_true",
+                    help="micro: skip the target cell's variant with the chunks' decodes captured as CUDA graphs")
+    ap.add_argument("--gpu-graphs", action="store_true",
+                    help="grid: ContextLoader's GPU sink records each chunk's decode as CUDA graphs as it arrives "
+                         "(LoaderContext(gpu_graphs=True), as `ctxstream ask --gpu-graphs`)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -305,7 +310,8 @@ def main() -> None:  # noqa: C901 - one linear script
 async def grid(args, res, url, adapter, codec, cid, sizes, contexts, rates, question_of, levels, save,
                kept) -> None:
     """The TTFT grid through ContextLoader (one loader per policy, reused across cells)."""
-    lctx = LoaderContext(persist=False)
+    lctx = LoaderContext(persist=False, gpu_graphs=args.gpu_graphs)
+    res["gpu_graphs"] = bool(args.gpu_graphs)
     t0 = time.perf_counter()
     loaders = {}
     opts = FetchOptions(piece_bytes=1 << 20)
@@ -393,20 +399,24 @@ def micro(args, res, url, adapter, codec, cid, sizes, contexts, question_of, lev
     prepared = {lv: [dec.prepare(p, groups, verify=False) for p in pl] for lv, pl in pinned.items()}
     C = res["chunk_tokens"]
 
-    def src(T, lv, merge=True, **kw):
-        n = T // C
-        return GpuLayerSource(dec, pinned[lv][:n], groups=groups, verified=True, prepared=prepared[lv][:n],
-                              merge=merge, **kw)
+    captured: dict = {}  # level -> the longest context's chunks captured as CUDA graphs (target cell)
 
-    def load(T, lv, merge=True):
-        s = src(T, lv, merge)
+    def src(T, lv, variant="runs", **kw):
+        n = T // C
+        if variant == "graphs":
+            return GpuLayerSource(dec, pinned[lv][:n], groups=groups, verified=True, captured=captured[lv][:n], **kw)
+        return GpuLayerSource(dec, pinned[lv][:n], groups=groups, verified=True, prepared=prepared[lv][:n],
+                              merge=variant == "runs", **kw)
+
+    def load(T, lv, variant="runs"):
+        s = src(T, lv, variant)
         s.start()
         for i in range(L):
             s.layer(i)
         s.finish()
 
-    def seq(T, lv, q, merge=True):
-        s = src(T, lv, merge)
+    def seq(T, lv, q, variant="runs"):
+        s = src(T, lv, variant)
         s.start()
         cache = DynamicCache(config=model.config)
         for i in range(L):
@@ -415,8 +425,8 @@ def micro(args, res, url, adapter, codec, cid, sizes, contexts, question_of, lev
         run_model(adapter, cache, q)
         s.finish()
 
-    def pipe(T, lv, q, merge=True):
-        s = src(T, lv, merge)
+    def pipe(T, lv, q, variant="runs"):
+        s = src(T, lv, variant)
         cache = PipelinedCache(s, model.config)
         run_model(adapter, cache, q)
         s.finish()
@@ -426,17 +436,37 @@ def micro(args, res, url, adapter, codec, cid, sizes, contexts, question_of, lev
     for Q, q in question_of.items():
         for T in contexts:
             for lv in levels:
-                # the target cell (shortest question, longest context) also without runs of chunks
-                variants = [True, False] if (Q, T) == (Q0, Tmax) and prepared[lv][0].plans is not None else [True]
-                for merge in variants:
-                    t_load, t_seq, t_pipe = paired([lambda: load(T, lv, merge), lambda: seq(T, lv, q, merge),
-                                                    lambda: pipe(T, lv, q, merge)], args.reps + 2, dev)
+                # the target cell (shortest question, longest context) also without runs of chunks, and
+                # with every chunk's decode captured as CUDA graphs beforehand (GpuSink(graphs=True) does
+                # it as each chunk arrives): the capture's host time is reported, not in the load
+                variants = ["runs"]
+                if (Q, T) == (Q0, Tmax) and prepared[lv][0].plans is not None:
+                    variants.append("per-chunk")
+                    if not args.no_graphs:
+                        t0 = time.perf_counter()
+                        caps = [dec.capture(p, pl, dtype=adapter.dtype) for p, pl in zip(prepared[lv], pinned[lv])]
+                        sync_device(dev)
+                        cap_s = time.perf_counter() - t0
+                        if all(c is not None for c in caps):
+                            captured[lv] = caps
+                            variants.append("graphs")
+                        else:
+                            print(f"  graphs {lv}: capture refused, variant skipped", flush=True)
+                for variant in variants:
+                    t_load, t_seq, t_pipe = paired([lambda: load(T, lv, variant), lambda: seq(T, lv, q, variant),
+                                                    lambda: pipe(T, lv, q, variant)], args.reps + 2, dev)
                     diffs = np.asarray(t_seq) - np.asarray(t_pipe)
-                    key = f"q{Q}/{T}/{lv}" + ("" if merge else "/per-chunk")
+                    key = f"q{Q}/{T}/{lv}" + ("" if variant == "runs" else f"/{variant}")
                     prep[key] = {"load_s": median(t_load), "seq_s": median(t_seq), "pipe_s": median(t_pipe),
                                  "hidden_share": float(np.median(diffs)) / median(t_load)}
-                    print(f"  prepared {key}: load {prep[key]['load_s'] * 1e3:.1f} ms, hidden "
-                          f"{prep[key]['hidden_share']:.0%}", flush=True)
+                    if variant == "graphs":
+                        prep[key]["capture_s"] = cap_s
+                        prep[key]["capture_s_per_chunk"] = cap_s / len(captured[lv])
+                    print(f"  prepared {key}: load {prep[key]['load_s'] * 1e3:.1f} ms, seq "
+                          f"{prep[key]['seq_s'] * 1e3:.1f} ms, pipe {prep[key]['pipe_s'] * 1e3:.1f} ms, hidden "
+                          f"{prep[key]['hidden_share']:.0%}" + (f", capture {cap_s * 1e3:.0f} ms"
+                                                               if variant == "graphs" else ""), flush=True)
+                captured.pop(lv, None)  # the graphs' memory (about the context's KV per level) goes now
     res["prepared_path"] = prep
     if args.trace:
         res["host_split"] = trace_cell(args.trace, src, run_model, adapter, question_of[Q0], Tmax, levels, dev, L)

@@ -35,6 +35,9 @@ def register(sub) -> None:
                         "and fed layer by layer (GPU sink), recompute runs there too")
     p.add_argument("--sink", choices=("auto", "cpu", "gpu"), default="auto",
                    help="KV sink: auto (gpu when the model is on CUDA and the GPU decoder builds), cpu, gpu")
+    p.add_argument("--gpu-graphs", action="store_true",
+                   help="GPU sink: record each chunk's decode as CUDA graphs as it arrives (one graph launch "
+                        "per layer group and chunk at load time instead of every kernel launch)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's; 1 is often faster on a busy 2-core machine)")
     p.add_argument("--json", action="store_true", help="print the load report (with the answer) as JSON")
@@ -89,7 +92,7 @@ def progress_printer(stream):
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from . import DEFAULT_SLO_S, ContextLoader, LoaderError, PlanOptions, chat_prompt_ids
+    from . import DEFAULT_SLO_S, ContextLoader, LoaderContext, LoaderError, PlanOptions, chat_prompt_ids
 
     question = sys.stdin.read() if args.question == "-" else args.question
     token = args.token or os.environ.get("CTXSTREAM_TOKEN")
@@ -118,6 +121,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     async def run():
         async with ContextLoader(args.server, model=adapter, policy=args.policy, slo_s=slo, token=token,
                                  shaper=shaper, plan=PlanOptions(prior_bps=prior), sink=args.sink,
+                                 context=LoaderContext(gpu_graphs=True) if args.gpu_graphs else None,
                                  progress=None if args.quiet else progress_printer(err)) as cl:
             manifest = await cl.fetch_manifest(args.context)
             prompt = chat_prompt_ids(adapter, question, manifest.token_ids)

@@ -44,15 +44,19 @@ class LoaderContext:
 
     ``cache_dir``: where calibrations and local profiles live (default ``~/.cache/ctxstream``);
     ``persist``: keep calibrations on disk; ``prior_bps``: throughput prior for a server never seen;
-    ``calibration_prefixes``: prefix lengths the recompute fit is measured at (it extrapolates beyond).
+    ``calibration_prefixes``: prefix lengths the recompute fit is measured at (it extrapolates beyond);
+    ``gpu_graphs``: the GPU sink records each chunk's decode as CUDA graphs as it arrives
+    (:class:`~ctxstream.loader.sink.GpuSink`).
     """
 
     def __init__(self, *, cache_dir: str | Path | None = None, persist: bool = True,
-                 prior_bps: float = DEFAULT_PRIOR_BPS, calibration_prefixes: tuple[int, ...] = (2048, 8192)):
+                 prior_bps: float = DEFAULT_PRIOR_BPS, calibration_prefixes: tuple[int, ...] = (2048, 8192),
+                 gpu_graphs: bool = False):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.persist = bool(persist)
         self.prior_bps = float(prior_bps)
         self.calibration_prefixes = tuple(int(p) for p in calibration_prefixes)
+        self.gpu_graphs = bool(gpu_graphs)
         self.server_bps: dict[str, float] = {}  # server url -> last throughput estimate
         self.codecs: dict[tuple[str, str], Codec] = {}  # (fingerprint, profile id) -> codec
         self._calibrations: dict[tuple[str, str, str], Calibration] = {}  # (fingerprint, sink, device) ->
@@ -104,7 +108,8 @@ class LoaderContext:
         from .sink import GpuSink, make_sink
 
         if kind == "gpu":
-            return lambda adapter, codec: GpuSink(adapter, codec, decoder=self.gpu_decoder(codec, adapter.device))
+            return lambda adapter, codec: GpuSink(adapter, codec, decoder=self.gpu_decoder(codec, adapter.device),
+                                                  graphs=self.gpu_graphs)
         return lambda adapter, codec: make_sink(kind, adapter, codec)
 
     # ------------------------------------------------------------------ calibration

@@ -87,6 +87,13 @@ class LayerSource:
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def layer_parts(self, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Layer ``index``'s prefix KV as consecutive pieces along the token axis (their concatenation
+        is :meth:`layer`): a source that decodes chunk by chunk hands its pieces over, and the cache
+        joins them with the new tokens in one copy."""
+        k, v = self.layer(index)
+        return [k], [v]
+
     def finish(self) -> None:
         """Wait for everything started and raise on any integrity error."""
 
@@ -194,6 +201,14 @@ class StackedSource(LayerSource):
         return (torch.cat([b.keys, k.to(b.keys.device, b.keys.dtype)], 2),
                 torch.cat([b.values, v.to(b.values.device, b.values.dtype)], 2))
 
+    def layer_parts(self, index: int):
+        ks, vs = self.source.layer_parts(index)
+        if not self.base_tokens:
+            return ks, vs
+        b = self.base.layers[index]
+        return ([b.keys, *(k.to(b.keys.device, b.keys.dtype) for k in ks)],
+                [b.values, *(v.to(b.values.device, b.values.dtype) for v in vs)])
+
     def finish(self) -> None:
         self.source.finish()
 
@@ -221,12 +236,19 @@ class GpuLayerSource(LayerSource):
     everything is queued in :meth:`start`, before the model's first layer (the host is then free for
     the forward pass and the GPU runs decode kernels beside the model's); ``True``: a host thread
     queues them while the model runs (they share the GIL with the forward pass).
+
+    ``captured``: the chunks' decodes already recorded as CUDA graphs, one
+    :class:`~ctxstream.codec.gpu.CapturedChunk` per blob (:meth:`~ctxstream.codec.gpu.GpuDecoder.capture`,
+    done as each chunk arrives, their bytes already on the GPU): :meth:`start` then replays, per layer
+    group, each chunk's graph on side stream ``c % streams`` (one graph launch per (group, chunk)
+    instead of the host queueing every copy and kernel: the host work is off the load's critical
+    path), each chunk writing its own buffers; :meth:`layer_parts` hands over the chunks' pieces.
     """
 
     def __init__(self, decoder, blobs: Sequence, *, dtype: torch.dtype = torch.bfloat16,
                  groups: str | int | Sequence[Sequence[int]] = "geometric", threaded: bool = False,
                  verified: bool = False, priority: int = 0, streams: int | None = None, prepared=None,
-                 merge: bool = True, max_run_tokens: int = 16384):
+                 merge: bool = True, max_run_tokens: int = 16384, captured=None):
         self.decoder = decoder
         self.codec = decoder.codec
         self.device = decoder.device
@@ -243,6 +265,12 @@ class GpuLayerSource(LayerSource):
         self.num_layers = self.codec.info.num_layers
         self.groups = layer_groups(self.num_layers, groups)
         self.verified = verified
+        self.captured = None if captured is None else list(captured)
+        if self.captured is not None:
+            if len(self.captured) != len(self.pinned) or any(
+                    cc is None or cc.prep.groups != self.groups or cc.keys.dtype != dtype for cc in self.captured):
+                raise ValueError("captured chunks must be one per blob, made with the same layer groups and dtype")
+            prepared = [cc.prep for cc in self.captured]
         if prepared is not None:
             if len(prepared) != len(self.pinned) or any(p.groups != self.groups for p in prepared):
                 raise ValueError("prepared chunks must be one per blob, made with the same layer groups")
@@ -258,9 +286,10 @@ class GpuLayerSource(LayerSource):
         # runs of chunks decoded together (GpuDecoder.merge): one set of launches per (group, run)
         from ctxstream.codec.gpu import run_bounds
 
-        bounds = (run_bounds(self.prepared, max_run_tokens) if merge else
+        bounds = (run_bounds(self.prepared, max_run_tokens) if merge and self.captured is None else
                   [(i, i + 1) for i in range(len(self.prepared))])
-        self.runs = [(i, j, decoder.merge(self.prepared[i:j], check=False)) for i, j in bounds]
+        self.runs = ([(i, i + 1, p) for i, p in enumerate(self.prepared)] if self.captured is not None else
+                     [(i, j, decoder.merge(self.prepared[i:j], check=False)) for i, j in bounds])
         _, self.kv_heads, _, self.head_dim = self.prepared[0].header.shape
         self.threaded = threaded
         # chunk c is decoded on side stream c % streams: the chunks' kernels run side by side (one
@@ -298,6 +327,8 @@ class GpuLayerSource(LayerSource):
             self._produce()
 
     def _produce(self) -> None:
+        if self.captured is not None:
+            return self._replay()
         try:
             dev, dec, streams = self.device, self.decoder, self.streams
             ns = len(streams)
@@ -349,18 +380,68 @@ class GpuLayerSource(LayerSource):
             for ev in self._ready:
                 ev.set()
 
+    def _replay(self) -> None:
+        """Captured chunks (``captured``): per layer group, each chunk's graph replayed on side stream
+        ``c % streams``, then one event per stream; each chunk writes its own KV buffers."""
+        try:
+            streams, ns = self.streams, len(self.streams)
+            with torch.cuda.device(self.device):
+                for c, cc in enumerate(self.captured):
+                    cc.keys.record_stream(streams[c % ns])
+                    cc.values.record_stream(streams[c % ns])
+                for gi, group in enumerate(self.groups):
+                    for c, cc in enumerate(self.captured):
+                        with torch.cuda.stream(streams[c % ns]):
+                            self._pending.append(cc.replay(gi))
+                    evs = []
+                    for st in streams[: min(ns, len(self.captured))]:
+                        ev = torch.cuda.Event()
+                        ev.record(st)
+                        evs.append(ev)
+                    for layer in group:
+                        self._events[layer] = evs
+                        self._ready[layer].set()
+                for st in streams[1:]:
+                    streams[0].wait_stream(st)
+                self.done_event = torch.cuda.Event()
+                self.done_event.record(streams[0])
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            self._error = exc
+        finally:
+            for ev in self._ready:
+                ev.set()
+
     # ------------------------------------------------------------------------------ consumer
-    def layer(self, index: int):
+    def _buffers(self) -> list[torch.Tensor]:
+        if self.captured is not None:
+            return [b for cc in self.captured for b in (cc.keys, cc.values)]
+        return [self._keys, self._values]
+
+    def _wait(self, index: int) -> None:
+        """Make the current stream wait (on the device) for layer ``index``, whose buffers are used there
+        (the host waits only until the layer's work is queued: a threaded producer allocates them)."""
         self._ready[index].wait()
         if self._error is not None:
             raise self._error
         cur = torch.cuda.current_stream(self.device)
         for ev in self._events[index]:  # device-side waits: the host does not block
             cur.wait_event(ev)
-        if cur not in self._handed:  # allocated on the side stream, used (and freed) on this one
-            self._keys.record_stream(cur)
-            self._values.record_stream(cur)
+        if cur not in self._handed:  # allocated on another stream, used (and freed) on this one
+            for b in self._buffers():
+                b.record_stream(cur)
             self._handed.add(cur)
+
+    def layer_parts(self, index: int):
+        if self.captured is None:
+            return super().layer_parts(index)
+        self._wait(index)
+        return ([cc.keys[index][None] for cc in self.captured], [cc.values[index][None] for cc in self.captured])
+
+    def layer(self, index: int):
+        if self.captured is not None:
+            ks, vs = self.layer_parts(index)
+            return (ks[0], vs[0]) if len(ks) == 1 else (torch.cat(ks, 2), torch.cat(vs, 2))
+        self._wait(index)
         return self._keys[index][None], self._values[index][None]
 
     def finish(self) -> None:
@@ -386,23 +467,31 @@ class PendingPrefixLayer(DynamicLayer):
         self.index = index
         self.pending = True
 
-    def _take(self, like: torch.Tensor | None, dtype: torch.dtype | None = None, device=None) -> None:
+    def _take(self, like: torch.Tensor | None, dtype: torch.dtype | None = None, device=None,
+              new: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Take the prefix from the source (``new``: the new tokens' KV, appended in the same copy)."""
         self.source.start()
-        k, v = self.source.layer(self.index)
+        ks, vs = self.source.layer_parts(self.index)
         if like is not None:
-            if k.shape[1] != like.shape[1] or k.shape[3] != like.shape[3]:
-                raise ValueError(f"layer {self.index}: prefix KV {tuple(k.shape)} does not fit the model's "
+            if ks[0].shape[1] != like.shape[1] or ks[0].shape[3] != like.shape[3]:
+                raise ValueError(f"layer {self.index}: prefix KV {tuple(ks[0].shape)} does not fit the model's "
                                  f"{tuple(like.shape)}")
             dtype, device = like.dtype, like.device
         self.dtype, self.device = dtype, device
-        self.keys = k.to(device, dtype)
-        self.values = v.to(device, dtype)
+        ks = [k.to(device, dtype) for k in ks]
+        vs = [v.to(device, dtype) for v in vs]
+        if new is not None:
+            ks.append(new[0])
+            vs.append(new[1])
+        self.keys = ks[0] if len(ks) == 1 else torch.cat(ks, -2)
+        self.values = vs[0] if len(vs) == 1 else torch.cat(vs, -2)
         self.is_initialized = True
         self.pending = False
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if self.pending:
-            self._take(key_states)
+        if self.pending:  # prefix pieces and the new tokens joined in one copy (as DynamicLayer.update's cat)
+            self._take(key_states, new=(key_states, value_states))
+            return self.keys, self.values
         return super().update(key_states, value_states, *args, **kwargs)
 
     def get_seq_length(self) -> int:

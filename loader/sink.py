@@ -141,12 +141,17 @@ class CpuSink(KvSink):
 class GpuSink(KvSink):
     """Pins each chunk and prepares its GPU decode as it arrives; decodes on side streams at the end.
 
-    ``groups``: layer groups per decode launch (:func:`~ctxstream.loader.pipeline.layer_groups`)."""
+    ``groups``: layer groups per decode launch (:func:`~ctxstream.loader.pipeline.layer_groups`).
+    ``graphs``: also record each transform-coded chunk's decode as CUDA graphs when it arrives
+    (``GpuDecoder.capture``: its bytes go to the GPU then, and its launches are queued once, off the
+    load's critical path); the source then replays them, one graph launch per (layer group, chunk).
+    Where any chunk of the load cannot be captured (fp16 / quant8, or CUDA refuses), the load decodes
+    from the prepared chunks as without ``graphs``."""
 
     kind = "gpu"
 
     def __init__(self, adapter: ModelAdapter, codec: Codec, *, decoder=None, groups="geometric",
-                 streams: int | None = None):
+                 streams: int | None = None, graphs: bool = False):
         super().__init__(adapter, codec)
         from ctxstream.codec import gpu
 
@@ -157,8 +162,11 @@ class GpuSink(KvSink):
         self.decoder = decoder if decoder is not None and decoder.codec is codec else gpu.GpuDecoder(codec, adapter.device)
         self.groups = layer_groups(codec.info.num_layers, groups)
         self.streams = streams
+        self.graphs = bool(graphs)
         self._pinned: list[torch.Tensor] = []
         self._prepared: list = []
+        self._captured: list = []  # per chunk a CapturedChunk, or None (not captured)
+        self._replayed: list = []  # captured chunks handed to sources, released at close()
 
     def _add(self, blob, start, tokens, verified):
         pinned = torch.empty(len(blob), dtype=torch.uint8, pin_memory=True)
@@ -171,14 +179,36 @@ class GpuSink(KvSink):
             raise CodecError(f"chunk holds tokens {prep.header.start}+{prep.header.tokens}, expected {start}+{tokens}")
         self._pinned.append(pinned)
         self._prepared.append(prep)
+        if self.graphs and (not self._captured or self._captured[-1] is not None):
+            self._captured.append(self.decoder.capture(prep, pinned, dtype=self.adapter.dtype))
+        else:  # one chunk without graphs: the load decodes from the prepared chunks
+            self._captured.append(None)
 
     def _source(self):
         if not self._pinned:
             return None
+        captured = self._captured if self.graphs and all(c is not None for c in self._captured) else None
         src = GpuLayerSource(self.decoder, self._pinned, dtype=self.adapter.dtype, groups=self.groups,
-                             verified=True, streams=self.streams, prepared=self._prepared)
-        self._pinned, self._prepared = [], []
+                             verified=True, streams=self.streams, prepared=None if captured else self._prepared,
+                             captured=captured)
+        if captured:
+            self._replayed += captured
+        else:  # a chunk could not be captured: the others' graphs are not used
+            for c in self._captured:
+                if c is not None:
+                    c.release()
+        self._pinned, self._prepared, self._captured = [], [], []
         return src
+
+    def close(self) -> None:
+        """As :meth:`KvSink.close`, then free the graphs of every captured chunk (their memory is about
+        the KV they decode: a long-lived loader must not wait for the garbage collector)."""
+        try:
+            super().close()
+        finally:
+            for cc in self._replayed + [c for c in self._captured if c is not None]:
+                cc.release()
+            self._replayed, self._captured = [], []
 
 
 _SINKS = {"cpu": CpuSink, "gpu": GpuSink}

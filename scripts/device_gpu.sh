@@ -3,8 +3,10 @@
 # wheels carried in .whl/ (pip download them here for the device's Python first), then runs
 #   tests   the GPU tests (decoder, pipeline, loader on both sinks)
 #   micro   bench/gpu_ttft.py's prepared-path, hidden-share and decode numbers (no TTFT grid)
-#   grid    bench/gpu_ttft.py's TTFT grid through ContextLoader (keeps the micro numbers of an earlier run)
+#   grid    bench/gpu_ttft.py's TTFT grid through ContextLoader (keeps the micro numbers of an earlier run;
+#           GRID_ARGS: more flags, e.g. '--gpu-graphs --json $OUT/gpu-ttft-graphs.json')
 #   policies  the grid's recompute, slo and mpc cells only (keeps the fixed-level cells of an earlier run)
+#   graphs  the hidden-share cell (16K, 64-token question) with CUDA-graph-captured chunks too (into $OUT only)
 #   trace   the hidden-share cell's host/GPU time split and torch.profiler traces (into $OUT only)
 # e.g. `bash scripts/device_gpu.sh tests micro`. Results go to bench/results/ and to $OUT.
 set -euo pipefail
@@ -34,11 +36,16 @@ for step in "$@"; do
         ;;
     grid)
         (cd /tmp && timeout "${GRID_S:-560}" $py -m bench.gpu_ttft --no-micro --reps 2 --cap-s 2.0 --calib-segments 2 \
-            --keep "$R/bench/results/gpu-ttft-nvidia-h200.json" 2>&1 | tee "$OUT/grid.txt" | tail -40)
+            --keep "$R/bench/results/gpu-ttft-nvidia-h200.json" ${GRID_ARGS:-} 2>&1 | tee "$OUT/grid.txt" | tail -40)
         ;;
     policies)  # recompute, slo and mpc again; the fixed-level cells of the kept run stay
         (cd /tmp && timeout "${GRID_S:-560}" $py -m bench.gpu_ttft --no-micro --only-policies --reps 2 --cap-s 2.0 \
             --calib-segments 2 --keep "$R/bench/results/gpu-ttft-nvidia-h200.json" 2>&1 | tee "$OUT/policies.txt" | tail -40)
+        ;;
+    graphs)  # the hidden-share cell with the chunks' decodes captured as CUDA graphs, beside the launched ones
+        (cd /tmp && timeout "${GRAPHS_S:-400}" $py -m bench.gpu_ttft --no-grid --reps 2 --calib-segments 2 \
+            --contexts 16384 --questions 64 --levels "${GRAPHS_LEVELS:-fp16,q0,q2,q4}" \
+            --json "$OUT/graphs.json" 2>&1 | tee "$OUT/graphs.txt" | tail -40) || true
         ;;
     trace)  # where the target cell's time goes: host/GPU split and profiler traces (to $OUT only)
         (cd /tmp && timeout "${TRACE_S:-400}" $py -m bench.gpu_ttft --no-grid --reps 2 --calib-segments 2 \
