@@ -157,12 +157,15 @@ class ChunkFeedback:
 
 
 # ------------------------------------------------------------------------------- timing model
-def plan_finish_s(state: ChunkState, plans, options: Sequence[Choice], rates_bps) -> np.ndarray:
+def plan_finish_s(state: ChunkState, plans, options: Sequence[Choice], rates_bps, *,
+                  per_chunk: bool = False) -> np.ndarray:
     """The execution model: seconds from now until ``state.chunks[:n]`` are all in the cache, for every
     plan and rate.
 
     ``plans``: int array ``[P, n]``, each entry an index into ``options`` (levels and/or :data:`TEXT`)
-    for chunk ``state.chunks[j]``; ``rates_bps``: ``[R]`` throughputs. Returns ``[R, P]`` seconds.
+    for chunk ``state.chunks[j]``; ``rates_bps``: ``[R]`` throughputs. Returns ``[R, P]`` seconds
+    (``per_chunk``: ``[R, P, n]``, entry ``j`` the seconds until ``state.chunks[:j + 1]`` are in the
+    cache -- the finish of every prefix of every plan, in one pass).
     Network: one fetch at a time (``latency_s`` + bytes / throughput each); compute: in chunk order
     after ``compute_backlog_s``, a fetched chunk's work once it has arrived, a text chunk's recompute
     as soon as the previous chunk is done.
@@ -175,6 +178,7 @@ def plan_finish_s(state: ChunkState, plans, options: Sequence[Choice], rates_bps
     is_text = np.array([o == TEXT for o in options])
     net = np.zeros((rates.shape[0], plans.shape[0]))
     cpu = np.full_like(net, max(0.0, state.compute_backlog_s))
+    steps: list[np.ndarray] = []
     for j, info in enumerate(state.chunks[: plans.shape[1]]):
         col = plans[:, j]
         sizes = np.array([0.0 if o == TEXT else float(info.sizes_bytes.get(o, 0)) for o in options])[col]
@@ -183,6 +187,10 @@ def plan_finish_s(state: ChunkState, plans, options: Sequence[Choice], rates_bps
         net_new = net + state.latency_s + sizes * 8.0 / rates
         cpu = np.where(text, cpu + work, np.maximum(cpu, net_new) + work)
         net = np.where(text, net, net_new)
+        if per_chunk:
+            steps.append(cpu)
+    if per_chunk:
+        return np.stack(steps, axis=-1) if steps else np.zeros((*cpu.shape, 0))
     return cpu
 
 

@@ -164,6 +164,100 @@ def test_fastest_rest_keeps_loading_a_claimed_prefix_only_while_it_fits():
     assert _fastest_rest(chunks, 1024, [], 1e9, cal, 0.5) is None
 
 
+def test_fastest_loads_follow_the_loaders_execution_model():
+    """Per prefix, the fastest candidate plan with finish times from plan_finish_s: one fetch at a time,
+    each chunk ingested once it has arrived and the one before it is in (worked by hand below)."""
+    from ctxstream.integrations.vllm import ChunkCost, fastest_loads
+
+    bps = 8e6  # 1 MB a second
+    # a: fetch 1.0 s, ingest 0.1 s; b: fetch 0.2 s, ingest 0.9 s (per chunk alone b is faster: 0.9 < 1.0)
+    opts = {"a": (1e6, 0.1), "b": (0.2e6, 0.9)}
+    chunks = [ChunkCost(0, 256, dict(opts)), ChunkCost(256, 256, dict(opts)), ChunkCost(512, 256, {})]
+    got = fastest_loads(chunks, bps)
+    assert len(got) == 2  # the chunk offering no level ends the prefix
+    # b,b: fetches end at 0.2 / 0.4 s, ingests at 0.2 + 0.9 = 1.1 and max(1.1, 0.4) + 0.9 = 2.0 s;
+    # a,a: 1.0 + 0.1 = 1.1, then max(1.1, 2.0) + 0.1 = 2.1 s
+    assert got[0][1] == ("b",) and abs(got[0][0] - 1.1) < 1e-9
+    assert got[1][1] == ("b", "b") and abs(got[1][0] - 2.0) < 1e-9
+    # a faster link: a's fetch shrinks below b's ingest and all-a wins (0.1 + 0.1, then 0.2 + 0.1)
+    fast = fastest_loads(chunks, 80e6)
+    assert fast[1][1] == ("a", "a") and abs(fast[1][0] - 0.3) < 1e-9
+    # a level one chunk lacks: plans using it are not candidates for prefixes past that chunk
+    gap = [ChunkCost(0, 256, dict(opts)), ChunkCost(256, 256, {"b": opts["b"]})]
+    # (all-a is out; the greedy a,b: a in by 0.1 + 0.1, b fetched by 0.12, ingested 0.2 + 0.9)
+    seconds, levels = fastest_loads(gap, 80e6)[1]
+    assert levels == ("a", "b") and abs(seconds - 1.1) < 1e-9
+    assert fastest_loads([], bps) == []
+
+
+class _RangeServer:
+    """A real HTTP server on loopback serving ``size`` bytes with Range support (a stored chunk's body)."""
+
+    def __init__(self, size: int):
+        import http.server
+        import threading
+
+        body = bytes(range(256)) * (size // 256 + 1)
+        body = body[:size]
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                if not self.path.startswith("/chunk"):
+                    self.send_error(404)
+                    return
+                rng = self.headers.get("Range", "")
+                a, b = 0, size - 1
+                if rng.startswith("bytes="):
+                    lo, hi = rng[6:].split("-")
+                    a, b = int(lo), min(int(hi), size - 1)
+                self.send_response(206 if rng else 200)
+                self.send_header("Content-Length", str(b - a + 1))
+                self.end_headers()
+                try:
+                    self.wfile.write(body[a:b + 1])
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the probe stopped reading at its deadline
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_link_probe_measures_a_shaped_link_and_reports_failures():
+    import time as _time
+
+    from ctxstream.integrations.vllm import LinkProbe
+
+    srv = _RangeServer(1 << 20)
+    probe = LinkProbe()
+    try:
+        # 20 Mbit/s: 512 KB come in ~0.2 s after the warm-up; the rate is measured past the warm-up
+        r = probe.measure(srv.url + "/chunk", "tok", "fp16", 512 * 1024, 3.0, "20mbit")
+        assert r.error is None and not r.cut and r.nbytes == 512 * 1024
+        assert 14e6 < r.bps < 26e6, r
+        # cut at its deadline: what came in over the time it waited (a slow link is not worth a load)
+        t = _time.perf_counter()
+        slow = probe.measure(srv.url + "/chunk", "tok", "fp16", 1 << 20, 0.3, "2mbit")
+        assert _time.perf_counter() - t < 0.3 + LinkProbe.grace_s + 0.2
+        assert slow.cut and slow.bps is not None and slow.bps < 3e6 and slow.nbytes < 1 << 20, slow
+        # an HTTP error or no server: nothing measured, and why -- never an exception
+        miss = probe.measure(srv.url + "/nothing", "tok", "fp16", 1000, 1.0)
+        assert miss.bps is None and "404" in miss.error
+        port = srv.httpd.server_address[1]
+        srv.close()
+        gone = probe.measure(f"http://127.0.0.1:{port}/chunk", "tok", "fp16", 1000, 1.0)
+        assert gone.bps is None and gone.error
+    finally:
+        probe.close()
+
+
 def test_fit_prefill_learns_the_engines_speed_from_its_steps():
     from ctxstream.integrations.vllm import PrefillModel, fit_prefill
 
@@ -199,6 +293,7 @@ def test_worker_meta_aggregates_and_link_keys_hide_tokens():
 # --------------------------------------------------------------------------- the real engine
 import json  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
@@ -297,7 +392,7 @@ def engine(tmp_path_factory):
                "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
                "kv_connector_extra_config": {"url": f"http://127.0.0.1:{proxy.port}", "token": TENANT_TOKEN["acme"],
                                              "model": model, "policy": "fp16", "ttft_budget_s": 30.0,
-                                             "prior_bps": 1e9}}
+                                             "prior_bps": 1e9, "probe_frac": 0.1}}
         v_log = tmp / "vllm.log"
         vllm = subprocess.Popen([str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", model,
                                  "--dtype", "float32", "--port", str(v_port), "--max-model-len", "2048",
@@ -382,9 +477,16 @@ def test_vllm_second_request_loads_from_ctxstream_and_answers_the_same(engine):
     assert streamer_metric(engine, "ctxstream_model_seconds_count") == model0
     hits0 = streamer_metric(engine, "ctxstream_prefix_lookups_total", outcome="hit")
     fp16_0 = streamer_metric(engine, "ctxstream_chunks_served_total", level="fp16")
+    since = len(engine["vllm_log"].read_text(errors="replace"))
     second = complete(engine)
     assert streamer_metric(engine, "ctxstream_prefix_lookups_total", outcome="hit") == hits0 + 1
-    assert streamer_metric(engine, "ctxstream_chunks_served_total", level="fp16") == fp16_0 + 3  # 768 tokens
+    # the first hit on the streamer's link: the scheduler probed it (a Range fetch of chunk 0 at its largest
+    # level, fp16) before deciding, then the load fetched the 3 chunks (768 tokens)
+    time.sleep(0.5)
+    probes = [x for x in engine["vllm_log"].read_text(errors="replace")[since:].splitlines()
+              if "never measured: probe of" in x]
+    assert len(probes) == 1 and "(fp16)" in probes[0], probes
+    assert streamer_metric(engine, "ctxstream_chunks_served_total", level="fp16") == fp16_0 + 1 + 3
     assert second["text"] == first["text"]  # greedy, fp16 KV
     # a lossy level within the 1% quality bound (q0; q1's prior is outside it): loaded (q0 chunks
     # served), and the greedy answer's log-probabilities stay close
@@ -411,23 +513,30 @@ def test_vllm_other_tenant_never_hits(engine):
     assert streamer_metric(engine, "ctxstream_prefix_lookups_total", outcome="miss") == misses0 + 1
 
 
-def test_vllm_scheduler_declines_a_link_too_slow_to_beat_recompute(engine):
-    """The scheduler side decides from the worker's measured forecast: once a (shaped, 20 Mbit/s) link has
-    been measured, loading the 768 stored tokens at q1 (1.1 MB a chunk, ~1.4 s) loses to vLLM computing
-    them (<1 s), so nothing is claimed -- no chunk fetched, no load to fail -- and vLLM computes."""
+def test_vllm_scheduler_probes_a_new_link_and_declines_it_when_too_slow(engine):
+    """The first hit on a link never measured (a shaped 20 Mbit/s one) is probed before the decision: the
+    scheduler times a Range fetch of its first chunk, cut at ``probe_frac`` of vLLM's forecast prefill, and
+    at the rate it measured loading the 768 stored tokens at q1 (1.1 MB a chunk, ~1.4 s) loses to vLLM
+    computing them (<1 s): nothing is claimed -- no chunk loaded, no load to fail -- and vLLM computes. The
+    next request on that link is declined from the probe's forecast, without a probe."""
     reference = complete(engine, ctxstream={"token": TENANT_TOKEN["umbrella"]})
     slow = {"shape_rate": "20mbit", "policy": "fixed:q1"}
-    complete(engine, ctxstream=slow)  # the link's first load: the prior (1 Gbit/s) claims, the load measures it
     q1 = streamer_metric(engine, "ctxstream_chunks_served_total", level="q1")
     hits0 = streamer_metric(engine, "ctxstream_prefix_lookups_total", outcome="hit")
-    got = complete(engine, ctxstream=slow)
-    assert streamer_metric(engine, "ctxstream_prefix_lookups_total", outcome="hit") == hits0 + 1
-    assert streamer_metric(engine, "ctxstream_chunks_served_total", level="q1") == q1  # nothing fetched
-    assert got["text"] == reference["text"]
+    since = len(engine["vllm_log"].read_text(errors="replace"))
+    first = complete(engine, ctxstream=slow)
+    again = complete(engine, ctxstream=slow)
+    assert streamer_metric(engine, "ctxstream_prefix_lookups_total", outcome="hit") == hits0 + 2
+    assert streamer_metric(engine, "ctxstream_chunks_served_total", level="q1") == q1  # nothing loaded
+    assert first["text"] == again["text"] == reference["text"]
     time.sleep(0.5)
-    claims = [line for line in engine["vllm_log"].read_text(errors="replace").splitlines() if "stored tokens" in line]
-    assert "claims 0 of 768 stored tokens" in claims[-1], claims[-3:]
-    assert "claims 768 of 768" in claims[-2], claims[-3:]
+    lines = engine["vllm_log"].read_text(errors="replace")[since:].splitlines()
+    probes = [line for line in lines if "never measured: probe of" in line]
+    claims = [line for line in lines if "stored tokens" in line]
+    assert len(probes) == 1, probes
+    rate = re.search(r"-> ([\d.]+) Mbit/s", probes[0])
+    assert rate and float(rate.group(1)) < 40, probes[0]  # ~20 Mbit/s (an upper bound when the warm-up was cut)
+    assert len(claims) == 2 and all("claims 0 of 768 stored tokens" in c for c in claims), claims
 
 
 def test_vllm_streamer_killed_mid_load_request_still_completes(engine):

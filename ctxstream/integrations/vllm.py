@@ -134,6 +134,15 @@ class ConnectorConfig:
     min_gain_s: float = 0.1  # claim a prefix only if it is forecast to save this much ...
     min_gain_frac: float = 0.05  # ... and this share of vLLM computing it
     probe_after_s: float = 30.0  # a declined link's forecast older than this: one chunk fetched in the background
+    # The first hit on a link never measured: before deciding, the scheduler times a Range fetch of the first
+    # chunk (:class:`LinkProbe`) cut after ``probe_frac`` of vLLM's forecast prefill of the prompt (at most
+    # ``probe_max_s``); the decision then uses that rate with a relative error ``probe_error``. Shorter than
+    # ``probe_min_s``: no probe, the hit is computed and the link probed in the background. A failed probe:
+    # computed. ``probe_frac: 0``: no probe, the first hit follows ``prior_bps``.
+    probe_frac: float = 0.03
+    probe_max_s: float = 0.3
+    probe_min_s: float = 0.01
+    probe_error: float = 0.25
     # start_load_kv only starts the load (a background thread) and the forward's wait_for_layer_load(layer)
     # waits until that layer of the whole prefix is written (README: measured, no gain on this CPU; off)
     layerwise: bool = False
@@ -200,6 +209,7 @@ class LoadSpec:
     tokens: int
     overrides: "RequestOverrides | None" = None
     budget_s: float | None = None  # the planner's budget: the config's, capped at vLLM's seconds for the tokens
+    link_bps: float | None = None  # the scheduler's forecast of the link (a probe's): the worker's until it measures
 
 
 @dataclass(frozen=True)
@@ -227,6 +237,127 @@ class RequestOverrides:
                    tuple(str(x) for x in levels) if isinstance(levels, list) else None, d.get("save") is not False,
                    str(d["shape_rate"]) if d.get("shape_rate") else None,
                    bool(d["layerwise"]) if d.get("layerwise") is not None else None)
+
+
+# ------------------------------------------------------------------------------------- measuring a new link
+@dataclass(frozen=True)
+class ProbeResult:
+    """A timed Range fetch: ``bps`` the link's rate as measured (None: nothing measured, ``error`` says
+    why), over ``nbytes`` body bytes in ``seconds`` (request to the last byte or the deadline); ``cut``: the
+    deadline ended it before the range was in."""
+
+    bps: float | None
+    nbytes: int
+    seconds: float
+    cut: bool = False
+    error: str | None = None
+
+
+class LinkProbe:
+    """Scheduler side: the rate of a link never measured, from a Range fetch of the first bytes of a stored
+    chunk, cut at a deadline (the caller sizes it: a few % of the prefill it decides about).
+
+    The first ``WARMUP_BYTES`` are not timed (socket buffers, TCP's first window; with ``shape_rate`` at
+    least the shaper's burst, its bucket starts full); the rate is the bytes after them over the time after
+    them, up to the last byte or the deadline (a cut fetch counts its unfinished wait). Less than the
+    warm-up in the deadline: the bytes that came over the time (a link that slow is not worth a load). No
+    body byte in the deadline, an HTTP error or a failed connection: nothing measured (``bps`` None,
+    ``error`` says why). Runs on its own event loop thread; :meth:`measure` returns within the deadline plus
+    ``grace_s`` whatever happens and never raises."""
+
+    WARMUP_BYTES = 16 * 1024
+    PIECE_BYTES = 16 * 1024
+    MAX_BYTES = 2 * 1024 * 1024
+    grace_s = 0.05
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._session = None
+        self._lock = threading.Lock()
+
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                threading.Thread(target=self._loop.run_forever, name="ctxstream-link-probe", daemon=True).start()
+            return self._loop
+
+    def measure(self, url: str, token: str, level: str, nbytes: int, deadline_s: float,
+                shape_rate: str | None = None) -> ProbeResult:
+        """GET ``url?level=level`` with ``Range: bytes=0-(nbytes-1)`` (at most ``MAX_BYTES``) as ``token``,
+        the body paced as a link of ``shape_rate`` when given (benchmarks), for at most ``deadline_s``."""
+        t0 = time.perf_counter()
+        deadline_s = max(0.0, float(deadline_s))
+        fut = None
+        try:
+            fut = asyncio.run_coroutine_threadsafe(
+                self._measure(url, token, level, max(1, min(int(nbytes), self.MAX_BYTES)), deadline_s, shape_rate),
+                self._ensure_loop())
+            return fut.result(deadline_s + self.grace_s)
+        except Exception as exc:  # noqa: BLE001 - a probe that fails measures nothing (the caller computes)
+            if fut is not None:
+                fut.cancel()
+            return ProbeResult(None, 0, time.perf_counter() - t0, True, f"{type(exc).__name__}: {exc}")
+
+    async def _measure(self, url: str, token: str, level: str, nbytes: int, deadline_s: float,
+                       shape_rate: str | None) -> ProbeResult:
+        import aiohttp
+
+        from ctxstream.traces.shaping import RateShaper
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(auto_decompress=False)
+        shaper = RateShaper(shape_rate) if shape_rate else None
+        warmup = max(self.WARMUP_BYTES, shaper.burst_bytes if shaper is not None else 0)
+        got = {"bytes": 0, "t_warm": None, "warm_bytes": 0, "t_last": None}
+        t0 = time.perf_counter()
+
+        async def body() -> None:
+            headers = {"Authorization": f"Bearer {token}", "Range": f"bytes=0-{nbytes - 1}"}
+            async with self._session.get(url, params={"level": level}, headers=headers) as resp:
+                if resp.status not in (200, 206):
+                    raise RuntimeError(f"HTTP {resp.status}")
+                async for piece in resp.content.iter_chunked(self.PIECE_BYTES):
+                    if shaper is not None:
+                        await shaper.consume(len(piece))
+                    now = time.perf_counter()
+                    got["bytes"] += len(piece)
+                    got["t_last"] = now
+                    if got["t_warm"] is None and got["bytes"] >= warmup:
+                        got["t_warm"], got["warm_bytes"] = now, got["bytes"]
+                    if got["bytes"] >= nbytes:
+                        break
+
+        cut = False
+        try:
+            await asyncio.wait_for(body(), deadline_s)
+        except asyncio.TimeoutError:
+            cut = True
+        except Exception as exc:  # noqa: BLE001 - any failure of the fetch: nothing measured, and why
+            return ProbeResult(None, got["bytes"], time.perf_counter() - t0, False, f"{type(exc).__name__}: {exc}")
+        t_end = time.perf_counter() if cut else (got["t_last"] or time.perf_counter())
+        n, t_warm = got["bytes"], got["t_warm"]
+        if n == 0:  # no answer in time (or an empty body): nothing says how fast the link is
+            return ProbeResult(None, 0, t_end - t0, cut, "no body byte within the deadline" if cut else "empty body")
+        if t_warm is not None and n > got["warm_bytes"] and t_end > t_warm:
+            bps = (n - got["warm_bytes"]) * 8.0 / (t_end - t_warm)
+        else:  # the warm-up did not pass in the deadline (that slow at most), or the range came in one piece
+            bps = n * 8.0 / max(t_end - t0, 1e-6)  # (the latency included: a lower bound)
+        return ProbeResult(bps, n, t_end - t0, cut)
+
+    def close(self) -> None:
+        with self._lock:
+            loop, session = self._loop, self._session
+            self._loop = self._session = None
+        if loop is None:
+            return
+        try:
+            if session is not None:
+                asyncio.run_coroutine_threadsafe(session.close(), loop).result(5.0)
+        except Exception as exc:  # noqa: BLE001 - shutting down: the session goes with its loop anyway
+            log.info("ctxstream link probe: closing its HTTP session failed: %s", exc)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
 
 
 # ------------------------------------------------------------------------------------- load or compute (pure)
@@ -333,39 +464,89 @@ class PrefixDecision:
     reason: str
 
 
+def load_state(chunks: Sequence[ChunkCost], throughput_bps: float):
+    """``chunks`` as the loader's execution model sees a load of them
+    (:class:`ctxstream.policies.adaptation.ChunkState`): each chunk's bytes and ingest seconds per level,
+    the link at ``throughput_bps``, nothing queued, no per-request latency (the decision adds
+    ``overhead_s`` once per load). Needs at least one chunk."""
+    from ctxstream.policies.adaptation import ChunkInfo, ChunkState
+
+    infos = [ChunkInfo(i, c.tokens, {lv: int(round(b)) for lv, (b, _s) in c.options.items()},
+                       {lv: float(s) for lv, (_b, s) in c.options.items()}, 0.0) for i, c in enumerate(chunks)]
+    cur = infos[0]
+    return ChunkState(index=0, num_chunks=len(infos), tokens=cur.tokens, sizes_bytes=cur.sizes_bytes,
+                      decode_s=cur.decode_s, recompute_s=0.0, remaining_s=float("inf"),
+                      throughput_bps=max(float(throughput_bps), 1.0), upcoming=tuple(infos[1:]),
+                      context_tokens=sum(c.tokens for c in chunks))
+
+
+def fastest_loads(chunks: Sequence[ChunkCost], throughput_bps: float) -> list[tuple[float, tuple[str, ...]]]:
+    """Per prefix ``chunks[:k + 1]``: ``(seconds, levels)`` of its fastest load among the candidate plans --
+    every chunk at one level, and each chunk at the level that is fastest for it alone (``max(fetch,
+    ingest)``) -- with the finish times from the loader's execution model,
+    :func:`ctxstream.policies.adaptation.plan_finish_s` (one fetch at a time, each chunk ingested once it
+    has arrived, in order): the one model of a load, shared with the policies. A plan is a candidate for a
+    prefix only if every chunk of the prefix offers its levels; the list stops at the first chunk offering
+    none."""
+    import numpy as np
+
+    from ctxstream.policies import adaptation
+
+    n = 0
+    while n < len(chunks) and chunks[n].options:
+        n += 1
+    if n == 0:
+        return []
+    chunks = list(chunks[:n])
+    bps = max(float(throughput_bps), 1.0)
+    options = sorted({lv for c in chunks for lv in c.options})
+    greedy = [min(c.options, key=lambda lv, c=c: (max(c.options[lv][0] * 8 / bps, c.options[lv][1]), lv))
+              for c in chunks]
+    plans = [greedy] + [[lv] * n for lv in options]
+    idx = np.array([[options.index(lv) for lv in plan] for plan in plans], dtype=np.int64)
+    offered = np.array([[lv in c.options for c, lv in zip(chunks, plan)] for plan in plans])
+    valid = np.cumprod(offered, axis=1).astype(bool)  # [plans, n]: the plan's prefix k+1 is loadable
+    t = adaptation.plan_finish_s(load_state(chunks, bps), idx, options, [bps], per_chunk=True)[0]
+    t = np.where(valid, t, np.inf)
+    out = []
+    for k in range(n):
+        p = int(np.argmin(t[:, k]))  # the greedy plan first on ties (it is row 0)
+        out.append((float(t[p, k]), tuple(plans[p][:k + 1])))
+    return out
+
+
 def decide_prefix(chunks: Sequence[ChunkCost], prompt_tokens: int, computed_tokens: int, claimable_tokens: int,
                   throughput_bps: float, throughput_err: float, prefill: PrefillModel, *,
                   overhead_s: float = 0.05, min_gain_s: float = 0.1, min_gain_frac: float = 0.05,
                   max_err: float = 1.0) -> PrefixDecision:
     """Load or compute: the prefix of ``chunks`` (chunk-aligned, at most ``claimable_tokens``) whose
-    forecast TTFT -- a load of its chunks, each fetched at ``throughput_bps / (1 + throughput_err)``
-    (the error capped at ``max_err``: one stalled sample on a fast link must not halve it ten times)
-    while the one before it is ingested (the connector's pipeline), at the level that is fastest for it,
-    then vLLM computing the rest of the ``prompt_tokens`` -- is lowest, if that beats vLLM computing
-    everything after its ``computed_tokens`` by ``min_gain_s`` and ``min_gain_frac``; else 0 tokens. Pure:
-    no I/O, no state (the connector's scheduler side calls it with its forecast)."""
+    forecast TTFT -- ``overhead_s`` plus the fastest load of its chunks (:func:`fastest_loads`: the
+    loader's execution model, :func:`ctxstream.policies.adaptation.plan_finish_s`) at ``throughput_bps /
+    (1 + throughput_err)`` (the error capped at ``max_err``: one stalled sample on a fast link must not
+    halve it ten times), then vLLM computing the rest of the ``prompt_tokens`` (``prefill``) -- is lowest,
+    if that beats vLLM computing everything after its ``computed_tokens`` by ``min_gain_s`` and
+    ``min_gain_frac``; else 0 tokens. Chunks vLLM has already (ending at or before ``computed_tokens``) are
+    not fetched (the worker skips them too). Pure: no I/O, no state (the connector's scheduler side calls
+    it with its forecast)."""
     compute_s = prefill.seconds(prompt_tokens - computed_tokens, computed_tokens)
     bps = max(float(throughput_bps), 1.0) / (1.0 + min(max(0.0, float(throughput_err)), max_err))
     best = PrefixDecision(0, 0, (), 0.0, compute_s, compute_s, 0.0, "vLLM computing all is fastest")
-    fetched = ingested = 0.0  # when the last chunk's fetch / ingest ends (pipelined)
-    levels: list[str] = []
-    for i, c in enumerate(chunks):
-        end = c.start + c.tokens
-        if end > claimable_tokens:
+    first = 0  # chunks before it vLLM has already
+    while first < len(chunks) and chunks[first].start + chunks[first].tokens <= computed_tokens \
+            and chunks[first].options:
+        first += 1
+    todo = []
+    for c in chunks[first:]:
+        if c.start + c.tokens > claimable_tokens:
             break
-        if not c.options:
-            break  # nothing this load may fetch: the prefix ends here
-        if end <= computed_tokens:
-            continue  # vLLM has it already: not fetched (the worker skips it too)
-        lv, (nbytes, ingest_s) = min(c.options.items(), key=lambda kv: max(kv[1][0] * 8 / bps, kv[1][1]))
-        fetched += nbytes * 8 / bps
-        ingested = max(ingested, fetched) + ingest_s
-        levels.append(lv)
-        load_s = overhead_s + ingested
-        ttft = load_s + prefill.seconds(prompt_tokens - end, end)
-        if ttft < best.ttft_s:
-            saved = compute_s - prefill.seconds(prompt_tokens - end, end)
-            best = PrefixDecision(end, i + 1, tuple(levels), load_s, ttft, compute_s, saved, "")
+        todo.append(c)
+    for k, (seconds, levels) in enumerate(fastest_loads(todo, bps) if todo else []):
+        end = todo[k].start + todo[k].tokens
+        load_s = overhead_s + seconds
+        rest_s = prefill.seconds(prompt_tokens - end, end)
+        if load_s + rest_s < best.ttft_s:
+            best = PrefixDecision(end, first + k + 1, levels, load_s, load_s + rest_s, compute_s,
+                                  compute_s - rest_s, "")
     gain = compute_s - best.ttft_s
     if best.tokens and (gain < min_gain_s or gain < min_gain_frac * compute_s):
         return PrefixDecision(0, 0, (), 0.0, compute_s, compute_s, 0.0,
@@ -481,11 +662,12 @@ class PrefixLoader:
 
     def load(self, context_id: str, manifest: Manifest, end_tokens: int, write,
              overrides: RequestOverrides | None = None, *, skip_tokens: int = 0,
-             budget_s: float | None = None) -> LoadOutcome:
+             budget_s: float | None = None, link_bps: float | None = None) -> LoadOutcome:
         """Load chunks up to ``end_tokens`` (those ending at or before ``skip_tokens`` are not fetched:
-        vLLM has them), the policy planning within ``budget_s`` (default the config's)."""
+        vLLM has them), the policy planning within ``budget_s`` (default the config's); ``link_bps``: the
+        scheduler's forecast of the link (its probe's), the estimate until this link has a sample."""
         return self._run(self._load(context_id, manifest, end_tokens, write, overrides or RequestOverrides(),
-                                    skip_tokens, budget_s), self.cfg.load_timeout_s)
+                                    skip_tokens, budget_s, link_bps), self.cfg.load_timeout_s)
 
     def probe(self, context_id: str, manifest: Manifest, overrides: RequestOverrides | None = None) -> None:
         """Fetch one chunk in the background (nothing written): a link the scheduler declined to load
@@ -561,7 +743,8 @@ class PrefixLoader:
         return self._ests[key]
 
     async def _load(self, context_id: str, manifest: Manifest, end_tokens: int, write,
-                    ov: RequestOverrides, skip_tokens: int = 0, budget_s: float | None = None) -> LoadOutcome:
+                    ov: RequestOverrides, skip_tokens: int = 0, budget_s: float | None = None,
+                    link_bps: float | None = None) -> LoadOutcome:
         """Two stages: this coroutine plans and fetches chunk after chunk (the link stays busy), a second
         one decodes and writes each fetched chunk meanwhile (off the event loop), in order. The first chunk
         left to recompute or failing anywhere ends the loaded prefix."""
@@ -578,6 +761,8 @@ class PrefixLoader:
         usable = [lv for lv in manifest.levels if lv in codec.all_levels and (allowed is None or lv in allowed)]
         fetcher = self._fetcher(ov.token, ov.shape_rate)
         est = self._estimator(ov.token, ov.shape_rate)
+        if not est.samples and link_bps and link_bps > 0:
+            est.prior_bps = float(link_bps)  # the scheduler's probe of this link: better than the config's prior
         slo = self.cfg.ttft_budget_s
         if budget_s is not None:
             slo = budget_s if slo is None else min(slo, budget_s)
@@ -676,23 +861,21 @@ class PrefixLoader:
 
 def _fastest_rest(chunks, end_tokens: int, levels: Sequence[str], bps: float, cal,
                   remaining_s: float) -> tuple[str, float] | None:
-    """The level of ``chunks[0]`` that loads fastest and a hedge for its fetch, if the claimed chunks from it
-    on (those starting before ``end_tokens``) at their fastest levels are forecast to load within
-    ``remaining_s``; else None."""
-    total, first = 0.0, None
+    """The level of ``chunks[0]`` in the fastest load (:func:`fastest_loads`, the loader's execution model)
+    of the claimed chunks from it on (those starting before ``end_tokens``) and a hedge for its fetch, if
+    that load is forecast to finish within ``remaining_s``; else None."""
+    costs = []
     for c in chunks:
         if c.start >= end_tokens:
             break
-        opts = [(max(c.sizes[lv] * 8 / max(bps, 1.0), cal.ingest_s(lv, c.tokens)), lv) for lv in levels if lv in c.sizes]
-        if not opts:
-            return None
-        t, lv = min(opts)
-        total += t
-        if first is None:
-            first = (lv, t)
-    if first is None or total > remaining_s:
+        costs.append(ChunkCost(c.start, c.tokens, {lv: (float(c.sizes[lv]), float(cal.ingest_s(lv, c.tokens)))
+                                                   for lv in levels if lv in c.sizes}))
+    loads = fastest_loads(costs, bps)
+    if not costs or len(loads) < len(costs) or loads[-1][0] > remaining_s:
         return None
-    return first[0], max(remaining_s, 2 * first[1])
+    level = loads[-1][1][0]
+    nbytes, ingest_s = costs[0].options[level]
+    return level, max(remaining_s, 2 * max(nbytes * 8 / max(bps, 1.0), ingest_s))
 
 
 # ------------------------------------------------------------------------------------- reading vLLM's paged KV
@@ -825,8 +1008,11 @@ class CtxstreamConnector(KVConnectorBase_V1):
                         "policy leaves to recompute (or a failed fetch) fails the request")
         self.block_size = vllm_config.cache_config.block_size
         # scheduler side
-        self._hits: dict[str, tuple[PrefixHit, int]] = {}  # request id -> (its lookup, tokens vLLM had)
-        self._pending: dict[str, tuple] = {}  # request id -> (hit, tokens vLLM had, overrides)
+        # request id -> (its lookup, tokens vLLM had, tokens claimed, the load's budget, the link's forecast in
+        # bit/s when measured -- the worker's or a probe's -- else None: the worker's own prior)
+        self._hits: dict[str, tuple[PrefixHit, int, int, float | None, float | None]] = {}
+        # request id -> the same and the request's overrides: a load the next step starts
+        self._pending: dict[str, tuple[PrefixHit, int, int, float | None, float | None, RequestOverrides | None]] = {}
         self._matched: dict[str, PrefixHit] = {}  # request id -> its lookup, until it finishes (saves)
         self._saves: list[SaveSpec] = []  # finished requests whose KV the worker copies out next step
         self._chunk_tokens: int | None = None  # the streamer's, from any lookup answer
@@ -839,6 +1025,8 @@ class CtxstreamConnector(KVConnectorBase_V1):
         self._probes: list[LoadSpec] = []
         self._probed: dict[str, float] = {}  # link -> time.monotonic() of the last probe asked for
         self.decisions: deque[tuple[str, PrefixDecision]] = deque(maxlen=256)  # (request id, decision)
+        self._prober: LinkProbe | None = None  # the first hit on a link never measured is probed first
+        self.link_probes: deque[tuple[str, str, ProbeResult]] = deque(maxlen=256)  # (request id, link, result)
         # worker side
         self._loader: PrefixLoader | None = None
         self._kv_caches: dict[str, torch.Tensor] = {}
@@ -878,6 +1066,14 @@ class CtxstreamConnector(KVConnectorBase_V1):
             usable = hit.tokens // self.block_size * self.block_size
             claim, budget = usable, None
             if usable > num_computed_tokens:
+                # a link never measured: probed once, on the request's first call (a repeated call -- the request
+                # was not scheduled -- keeps that call's outcome); no probe affordable or nothing measured: vLLM
+                # computes and the worker probes the link in the background
+                if not self._measured(ov) and (got is not None or not self._probe_link(request, hit,
+                                                                                       num_computed_tokens, ov)):
+                    self._hits[request.request_id] = (hit, num_computed_tokens, 0, None, None)
+                    self._maybe_probe(hit, ov)
+                    return 0, False
                 d = self._decide(request, hit, num_computed_tokens, usable, ov)
                 if got is None:
                     self.decisions.append((request.request_id, d))
@@ -888,16 +1084,58 @@ class CtxstreamConnector(KVConnectorBase_V1):
                 claim, budget = d.tokens // self.block_size * self.block_size, d.saved_s
                 if claim <= num_computed_tokens:
                     self._maybe_probe(hit, ov)
-            self._hits[request.request_id] = (hit, num_computed_tokens, claim, budget)
+            known = self._links.get(self._link_key(ov))
+            self._hits[request.request_id] = (hit, num_computed_tokens, claim, budget, known[0] if known else None)
             return max(0, claim - num_computed_tokens), False
         except Exception:  # noqa: BLE001 - a connector error must never reach the engine: compute instead
             log.exception("ctxstream get_num_new_matched_tokens failed; computing the prompt")
             return 0, False
 
+    def _link_key(self, ov: RequestOverrides | None) -> str:
+        return link_key((ov.token if ov else None) or self.cfg.token, ov.shape_rate if ov else None)
+
+    def _measured(self, ov: RequestOverrides | None) -> bool:
+        """Whether this request's link has a forecast (the worker's, or a probe's); without probes
+        (``probe_frac`` 0) the prior counts as one."""
+        return self._link_key(ov) in self._links or not self.cfg.probe_frac or self.cfg.probe_frac <= 0
+
+    def _probe_link(self, request, hit: PrefixHit, computed: int, ov: RequestOverrides | None) -> bool:
+        """The first hit on a link never measured: time a Range fetch of the hit's first chunk, cut after
+        ``probe_frac`` of vLLM's forecast prefill of the prompt (so it costs a few % of what it decides
+        about), and make its rate the link's forecast (error ``probe_error``). False when no probe is
+        affordable (``probe_min_s``) or it measured nothing: the caller computes the prompt. A link too
+        slow to pass the probe's warm-up in time gets that upper bound as its forecast (declined)."""
+        key = self._link_key(ov)
+        prompt = int(getattr(request, "num_prompt_tokens", 0) or len(request.prompt_token_ids or []))
+        compute_s = self._prefill.seconds(prompt - computed, computed)
+        deadline = min(self.cfg.probe_frac * compute_s, self.cfg.probe_max_s)
+        if deadline < self.cfg.probe_min_s or not hit.context_id or not hit.manifest_json:
+            log.info("ctxstream: link %s never measured, no probe (%.3f s of a %.3f s prefill): computing",
+                     key or "(streamer)", deadline, compute_s)
+            return False
+        chunks = Manifest.from_json(hit.manifest_json).chunks
+        if not chunks or not chunks[0].sizes:
+            return False
+        entry = chunks[0]
+        level = max(entry.sizes, key=lambda lv: entry.sizes[lv])  # the most bytes to time
+        if self._prober is None:
+            self._prober = LinkProbe()
+        url = f"{self.cfg.url.rstrip('/')}/v1/contexts/{hit.context_id}/chunks/{entry.index}"
+        r = self._prober.measure(url, (ov.token if ov else None) or self.cfg.token, level, entry.sizes[level],
+                                 deadline, ov.shape_rate if ov else None)
+        log.info("ctxstream: link %s never measured: probe of %d bytes (%s) in %.3f s%s -> %s (deadline %.3f s = "
+                 "%.1f%% of the %.3f s prefill)%s", key or "(streamer)", r.nbytes, level, r.seconds,
+                 " cut" if r.cut else "", f"{r.bps / 1e6:.1f} Mbit/s" if r.bps else "nothing measured", deadline,
+                 100 * deadline / max(compute_s, 1e-9), compute_s, f"; {r.error}" if r.error else "")
+        self.link_probes.append((request.request_id, key, r))
+        if r.bps is None:
+            return False
+        self._links[key] = (float(r.bps), float(self.cfg.probe_error), 1, time.monotonic())
+        return True
+
     def _link(self, ov: RequestOverrides | None) -> tuple[float, float, int, float]:
         """The forecast of this request's link: the worker's measurement, else the config's prior."""
-        key = link_key((ov.token if ov else None) or self.cfg.token, ov.shape_rate if ov else None)
-        got = self._links.get(key)
+        got = self._links.get(self._link_key(ov))
         if got is not None:
             return got
         from ctxstream.loader.context import DEFAULT_PRIOR_BPS
@@ -934,7 +1172,7 @@ class CtxstreamConnector(KVConnectorBase_V1):
         this context in the background (the next decision sees a fresh sample; no TTFT cost)."""
         if not hit.context_id or self.cfg.probe_after_s is None or self.cfg.probe_after_s < 0:
             return
-        key = link_key((ov.token if ov else None) or self.cfg.token, ov.shape_rate if ov else None)
+        key = self._link_key(ov)
         now = time.monotonic()
         last = max(self._link(ov)[3], self._probed.get(key, 0.0))
         if now - last < self.cfg.probe_after_s:
@@ -966,9 +1204,9 @@ class CtxstreamConnector(KVConnectorBase_V1):
             got = self._pending.pop(new.req_id, None)
             if got is None:
                 continue
-            hit, computed, claim, budget, ov = got
+            hit, computed, claim, budget, link_bps, ov = got
             meta.loads.append(LoadSpec(new.req_id, hit.context_id, hit.manifest_json, list(new.block_ids[0]),
-                                       computed, claim, ov, budget))
+                                       computed, claim, ov, budget, link_bps))
         # a preempted request resumed: its claimed prefix is loaded again (its new block ids are all its blocks)
         cached = scheduler_output.scheduled_cached_reqs
         resumed = getattr(cached, "resumed_req_ids", set())
@@ -977,9 +1215,9 @@ class CtxstreamConnector(KVConnectorBase_V1):
                 meta.steps.append((int(num[req_id]), int(cached.num_computed_tokens[i])))
             if req_id not in resumed or req_id not in self._pending or cached.new_block_ids[i] is None:
                 continue
-            hit, computed, claim, budget, ov = self._pending.pop(req_id)
+            hit, computed, claim, budget, link_bps, ov = self._pending.pop(req_id)
             meta.loads.append(LoadSpec(req_id, hit.context_id, hit.manifest_json, list(cached.new_block_ids[i][0]),
-                                       computed, claim, ov, budget))
+                                       computed, claim, ov, budget, link_bps))
         meta.saves, self._saves = self._saves, []
         meta.probes, self._probes = self._probes, []
         return meta
@@ -1105,7 +1343,7 @@ class CtxstreamConnector(KVConnectorBase_V1):
                 manifest = Manifest.from_json(spec.manifest_json)
                 write = lambda start, k, v, spec=spec: self._write(layers, spec, start, k, v, gate)  # noqa: E731
                 out = self._loader.load(spec.context_id, manifest, spec.tokens, write, spec.overrides,
-                                        skip_tokens=spec.skip_tokens, budget_s=spec.budget_s)
+                                        skip_tokens=spec.skip_tokens, budget_s=spec.budget_s, link_bps=spec.link_bps)
                 self.outcomes.append(out)
                 loaded = max(loaded, min(out.loaded_tokens, spec.tokens))
                 log.info("ctxstream: request %s loaded %d of %d tokens (%s) in %.3f s (first chunk %.3f s; "
@@ -1324,6 +1562,8 @@ class CtxstreamConnector(KVConnectorBase_V1):
         return out
 
     def shutdown(self) -> None:
+        if self._prober is not None:
+            self._prober.close()
         if self._loader is not None:
             self._loader.close()
         if self._saver is not None:
