@@ -327,89 +327,83 @@ class GpuLayerSource(LayerSource):
             self._produce()
 
     def _produce(self) -> None:
-        if self.captured is not None:
-            return self._replay()
         try:
-            dev, dec, streams = self.device, self.decoder, self.streams
-            ns = len(streams)
-            with torch.cuda.device(dev):
-                with torch.cuda.stream(streams[0]):
-                    shape = (self.num_layers, self.kv_heads, self.prefix_tokens, self.head_dim)
-                    self._keys = torch.empty(shape, dtype=self.dtype, device=dev)
-                    self._values = torch.empty(shape, dtype=self.dtype, device=dev)
-                for st in streams[1:]:  # written there too: not reused before those writes are done
-                    st.wait_stream(streams[0])
-                    self._keys.record_stream(st)
-                    self._values.record_stream(st)
-                tables = []
-                for r, (_, _, p) in enumerate(self.runs):
-                    with torch.cuda.stream(streams[r % ns]):
-                        tables.append(p.host.to(dev, non_blocking=True) if p.host is not None else None)
-                starts = np.cumsum([0] + [p.header.tokens for p in self.prepared])
-                for gi, group in enumerate(self.groups):
-                    g0, g1 = group[0], group[-1] + 1
-                    for r, (c0, c1, prep) in enumerate(self.runs):
-                        with torch.cuda.stream(streams[r % ns]):
-                            o0, o1 = prep.spans[gi]
-                            raw = torch.empty(o1 - o0, dtype=torch.uint8, device=dev)
-                            if prep.parts is None:
-                                raw.copy_(self.pinned[c0][o0:o1], non_blocking=True)
-                            else:  # each member's group bytes into its place in the run's buffer
-                                for m, a0, a1, dst in prep.parts[gi]:
-                                    raw[dst : dst + a1 - a0].copy_(self.pinned[c0 + m][a0:a1], non_blocking=True)
-                            t0, t1 = int(starts[c0]), int(starts[c1])
-                            out = (self._keys[g0:g1, :, t0:t1], self._values[g0:g1, :, t0:t1])
-                            pend = dec.launch_prepared(prep, gi, raw, tables[r], out)
-                        if pend is not None:
-                            self._pending.append(pend)
-                    evs = []
-                    for st in streams[: min(ns, len(self.runs))]:
-                        ev = torch.cuda.Event()
-                        ev.record(st)
-                        evs.append(ev)
-                    for layer in group:
-                        self._events[layer] = evs
-                        self._ready[layer].set()
-                for st in streams[1:]:
-                    streams[0].wait_stream(st)
+            with torch.cuda.device(self.device):
+                if self.captured is not None:
+                    self._queue_replays()
+                else:
+                    self._queue_decodes()
+                for st in self.streams[1:]:
+                    self.streams[0].wait_stream(st)
                 self.done_event = torch.cuda.Event()
-                self.done_event.record(streams[0])
+                self.done_event.record(self.streams[0])
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             self._error = exc
         finally:
             for ev in self._ready:
                 ev.set()
 
-    def _replay(self) -> None:
+    def _group_queued(self, group: list[int], used: int) -> None:
+        """Every decode of layer ``group`` is queued on the first ``used`` streams: one event per stream,
+        and the group's layers are ready for the consumer."""
+        evs = []
+        for st in self.streams[: min(len(self.streams), used)]:
+            ev = torch.cuda.Event()
+            ev.record(st)
+            evs.append(ev)
+        for layer in group:
+            self._events[layer] = evs
+            self._ready[layer].set()
+
+    def _queue_decodes(self) -> None:
+        """Per layer group, per run of chunks: its bytes' copies and kernels on side stream ``r % streams``,
+        writing into one ``[layers, kv_heads, tokens, head_dim]`` buffer per K and V."""
+        dev, dec, streams = self.device, self.decoder, self.streams
+        ns = len(streams)
+        with torch.cuda.device(dev):
+            with torch.cuda.stream(streams[0]):
+                shape = (self.num_layers, self.kv_heads, self.prefix_tokens, self.head_dim)
+                self._keys = torch.empty(shape, dtype=self.dtype, device=dev)
+                self._values = torch.empty(shape, dtype=self.dtype, device=dev)
+            for st in streams[1:]:  # written there too: not reused before those writes are done
+                st.wait_stream(streams[0])
+                self._keys.record_stream(st)
+                self._values.record_stream(st)
+            tables = []
+            for r, (_, _, p) in enumerate(self.runs):
+                with torch.cuda.stream(streams[r % ns]):
+                    tables.append(p.host.to(dev, non_blocking=True) if p.host is not None else None)
+            starts = np.cumsum([0] + [p.header.tokens for p in self.prepared])
+            for gi, group in enumerate(self.groups):
+                g0, g1 = group[0], group[-1] + 1
+                for r, (c0, c1, prep) in enumerate(self.runs):
+                    with torch.cuda.stream(streams[r % ns]):
+                        o0, o1 = prep.spans[gi]
+                        raw = torch.empty(o1 - o0, dtype=torch.uint8, device=dev)
+                        if prep.parts is None:
+                            raw.copy_(self.pinned[c0][o0:o1], non_blocking=True)
+                        else:  # each member's group bytes into its place in the run's buffer
+                            for m, a0, a1, dst in prep.parts[gi]:
+                                raw[dst : dst + a1 - a0].copy_(self.pinned[c0 + m][a0:a1], non_blocking=True)
+                        t0, t1 = int(starts[c0]), int(starts[c1])
+                        out = (self._keys[g0:g1, :, t0:t1], self._values[g0:g1, :, t0:t1])
+                        pend = dec.launch_prepared(prep, gi, raw, tables[r], out)
+                    if pend is not None:
+                        self._pending.append(pend)
+                self._group_queued(group, len(self.runs))
+
+    def _queue_replays(self) -> None:
         """Captured chunks (``captured``): per layer group, each chunk's graph replayed on side stream
-        ``c % streams``, then one event per stream; each chunk writes its own KV buffers."""
-        try:
-            streams, ns = self.streams, len(self.streams)
-            with torch.cuda.device(self.device):
-                for c, cc in enumerate(self.captured):
-                    cc.keys.record_stream(streams[c % ns])
-                    cc.values.record_stream(streams[c % ns])
-                for gi, group in enumerate(self.groups):
-                    for c, cc in enumerate(self.captured):
-                        with torch.cuda.stream(streams[c % ns]):
-                            self._pending.append(cc.replay(gi))
-                    evs = []
-                    for st in streams[: min(ns, len(self.captured))]:
-                        ev = torch.cuda.Event()
-                        ev.record(st)
-                        evs.append(ev)
-                    for layer in group:
-                        self._events[layer] = evs
-                        self._ready[layer].set()
-                for st in streams[1:]:
-                    streams[0].wait_stream(st)
-                self.done_event = torch.cuda.Event()
-                self.done_event.record(streams[0])
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            self._error = exc
-        finally:
-            for ev in self._ready:
-                ev.set()
+        ``c % streams``; each chunk writes its own KV buffers."""
+        streams, ns = self.streams, len(self.streams)
+        for c, cc in enumerate(self.captured):
+            cc.keys.record_stream(streams[c % ns])
+            cc.values.record_stream(streams[c % ns])
+        for gi, group in enumerate(self.groups):
+            for c, cc in enumerate(self.captured):
+                with torch.cuda.stream(streams[c % ns]):
+                    self._pending.append(cc.replay(gi))
+            self._group_queued(group, len(self.captured))
 
     # ------------------------------------------------------------------------------ consumer
     def _buffers(self) -> list[torch.Tensor]:
