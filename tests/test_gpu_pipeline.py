@@ -339,3 +339,40 @@ def test_gpu_sink_with_graphs_equals_the_gpu_sink(gpu_adapter, tiny_codec):
             out[graphs] = (logits, ModelAdapter.cache_to_tensors(cache, 0, 300))
         assert torch.equal(out[True][0], out[False][0])
         assert torch.equal(out[True][1][0], out[False][1][0]) and torch.equal(out[True][1][1], out[False][1][1])
+
+
+def test_released_captures_give_their_memory_back(gpu_adapter, tiny_codec, chunks):
+    """Captured chunks hold graph memory (about their KV) until released: loads that capture, replay and
+    release -- directly and through GpuSink.close -- leave the allocated memory where it was."""
+    from bench.gpu import synthetic_codec
+    from ctxstream.loader.sink import GpuSink
+
+    codec = synthetic_codec(layers=4, kv_heads=2, head_dim=64)
+    blobs = _run_chunks(codec)
+    dec = gpu.GpuDecoder(codec, "cuda")
+    pinned = [torch.frombuffer(bytearray(b), dtype=torch.uint8).pin_memory() for b in blobs]
+    groups = [list(range(4))]
+
+    def direct():
+        caps = [dec.capture(dec.prepare(p, groups, verify=False), p) for p in pinned]
+        assert all(c is not None for c in caps)
+        _source_kv(GpuLayerSource(dec, pinned, groups=groups, verified=True, captured=caps), 4)
+        for c in caps:
+            c.release()
+
+    def via_sink():
+        sink = GpuSink(gpu_adapter, tiny_codec, graphs=True)
+        for (a, b), blob in zip([(0, 100), (100, 200)], chunks[:2]):
+            sink.add_blob(blob, a, b - a, verified=False)
+        gpu_adapter.extend(sink.finish(), QUESTION)
+        sink.close()
+
+    for run in (direct, via_sink):
+        run()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        for _ in range(4):
+            run()
+        torch.cuda.synchronize()
+        grown = torch.cuda.memory_allocated() - base
+        assert grown <= 1 << 20, (run.__name__, grown, torch.cuda.memory_stats().get("allocated_bytes.all.current"))
