@@ -74,6 +74,11 @@ def layer_groups(num_layers: int, groups: str | int | Sequence[Sequence[int]] = 
 
 
 # ------------------------------------------------------------------------------------ sources
+def _joined(ks: list[torch.Tensor], vs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pieces along the token axis (``layer_parts``) as one ``(keys, values)``; one piece is not copied."""
+    return (ks[0], vs[0]) if len(ks) == 1 else (torch.cat(ks, 2), torch.cat(vs, 2))
+
+
 class LayerSource:
     """Produces the prefix KV of each layer: ``layer(l)`` -> ``(keys, values)`` ``[1, kv_heads,
     prefix_tokens, head_dim]`` on the model's device, usable on the current stream."""
@@ -194,12 +199,7 @@ class StackedSource(LayerSource):
         self.source.start()
 
     def layer(self, index: int):
-        k, v = self.source.layer(index)
-        if not self.base_tokens:
-            return k, v
-        b = self.base.layers[index]
-        return (torch.cat([b.keys, k.to(b.keys.device, b.keys.dtype)], 2),
-                torch.cat([b.values, v.to(b.values.device, b.values.dtype)], 2))
+        return _joined(*self.layer_parts(index))
 
     def layer_parts(self, index: int):
         ks, vs = self.source.layer_parts(index)
@@ -287,9 +287,8 @@ class GpuLayerSource(LayerSource):
         from ctxstream.codec.gpu import run_bounds
 
         bounds = (run_bounds(self.prepared, max_run_tokens) if merge and self.captured is None else
-                  [(i, i + 1) for i in range(len(self.prepared))])
-        self.runs = ([(i, i + 1, p) for i, p in enumerate(self.prepared)] if self.captured is not None else
-                     [(i, j, decoder.merge(self.prepared[i:j], check=False)) for i, j in bounds])
+                  [(i, i + 1) for i in range(len(self.prepared))])  # (a run of one is the chunk itself)
+        self.runs = [(i, j, decoder.merge(self.prepared[i:j], check=False)) for i, j in bounds]
         _, self.kv_heads, _, self.head_dim = self.prepared[0].header.shape
         self.threaded = threaded
         # chunk c is decoded on side stream c % streams: the chunks' kernels run side by side (one
@@ -360,37 +359,36 @@ class GpuLayerSource(LayerSource):
         writing into one ``[layers, kv_heads, tokens, head_dim]`` buffer per K and V."""
         dev, dec, streams = self.device, self.decoder, self.streams
         ns = len(streams)
-        with torch.cuda.device(dev):
-            with torch.cuda.stream(streams[0]):
-                shape = (self.num_layers, self.kv_heads, self.prefix_tokens, self.head_dim)
-                self._keys = torch.empty(shape, dtype=self.dtype, device=dev)
-                self._values = torch.empty(shape, dtype=self.dtype, device=dev)
-            for st in streams[1:]:  # written there too: not reused before those writes are done
-                st.wait_stream(streams[0])
-                self._keys.record_stream(st)
-                self._values.record_stream(st)
-            tables = []
-            for r, (_, _, p) in enumerate(self.runs):
+        with torch.cuda.stream(streams[0]):
+            shape = (self.num_layers, self.kv_heads, self.prefix_tokens, self.head_dim)
+            self._keys = torch.empty(shape, dtype=self.dtype, device=dev)
+            self._values = torch.empty(shape, dtype=self.dtype, device=dev)
+        for st in streams[1:]:  # written there too: not reused before those writes are done
+            st.wait_stream(streams[0])
+            self._keys.record_stream(st)
+            self._values.record_stream(st)
+        tables = []
+        for r, (_, _, p) in enumerate(self.runs):
+            with torch.cuda.stream(streams[r % ns]):
+                tables.append(p.host.to(dev, non_blocking=True) if p.host is not None else None)
+        starts = np.cumsum([0] + [p.header.tokens for p in self.prepared])
+        for gi, group in enumerate(self.groups):
+            g0, g1 = group[0], group[-1] + 1
+            for r, (c0, c1, prep) in enumerate(self.runs):
                 with torch.cuda.stream(streams[r % ns]):
-                    tables.append(p.host.to(dev, non_blocking=True) if p.host is not None else None)
-            starts = np.cumsum([0] + [p.header.tokens for p in self.prepared])
-            for gi, group in enumerate(self.groups):
-                g0, g1 = group[0], group[-1] + 1
-                for r, (c0, c1, prep) in enumerate(self.runs):
-                    with torch.cuda.stream(streams[r % ns]):
-                        o0, o1 = prep.spans[gi]
-                        raw = torch.empty(o1 - o0, dtype=torch.uint8, device=dev)
-                        if prep.parts is None:
-                            raw.copy_(self.pinned[c0][o0:o1], non_blocking=True)
-                        else:  # each member's group bytes into its place in the run's buffer
-                            for m, a0, a1, dst in prep.parts[gi]:
-                                raw[dst : dst + a1 - a0].copy_(self.pinned[c0 + m][a0:a1], non_blocking=True)
-                        t0, t1 = int(starts[c0]), int(starts[c1])
-                        out = (self._keys[g0:g1, :, t0:t1], self._values[g0:g1, :, t0:t1])
-                        pend = dec.launch_prepared(prep, gi, raw, tables[r], out)
-                    if pend is not None:
-                        self._pending.append(pend)
-                self._group_queued(group, len(self.runs))
+                    o0, o1 = prep.spans[gi]
+                    raw = torch.empty(o1 - o0, dtype=torch.uint8, device=dev)
+                    if prep.parts is None:
+                        raw.copy_(self.pinned[c0][o0:o1], non_blocking=True)
+                    else:  # each member's group bytes into its place in the run's buffer
+                        for m, a0, a1, dst in prep.parts[gi]:
+                            raw[dst : dst + a1 - a0].copy_(self.pinned[c0 + m][a0:a1], non_blocking=True)
+                    t0, t1 = int(starts[c0]), int(starts[c1])
+                    out = (self._keys[g0:g1, :, t0:t1], self._values[g0:g1, :, t0:t1])
+                    pend = dec.launch_prepared(prep, gi, raw, tables[r], out)
+                if pend is not None:
+                    self._pending.append(pend)
+            self._group_queued(group, len(self.runs))
 
     def _queue_replays(self) -> None:
         """Captured chunks (``captured``): per layer group, each chunk's graph replayed on side stream
@@ -433,8 +431,7 @@ class GpuLayerSource(LayerSource):
 
     def layer(self, index: int):
         if self.captured is not None:
-            ks, vs = self.layer_parts(index)
-            return (ks[0], vs[0]) if len(ks) == 1 else (torch.cat(ks, 2), torch.cat(vs, 2))
+            return _joined(*self.layer_parts(index))
         self._wait(index)
         return self._keys[index][None], self._values[index][None]
 

@@ -246,14 +246,12 @@ class Codec:
         ctx = None
         if spec.kind == "tc":
             params = {"step": spec.step, "block": spec.block}
-            if spec.graded:
-                shifts = self._token_shifts(spec, importance, start, T)
-                if shifts is not None:
-                    params["shifts"] = shifts.tobytes()  # one int8 per token (msgpack bin)
-                ctx = _ChunkContext.make(self.info, spec, start, T, shifts=shifts)
-            else:
-                params["fine"] = fine = self._fine_tokens(spec, importance, start, T)
-                ctx = _ChunkContext.make(self.info, spec, start, T, fine)
+            steps = self._token_choice(spec, importance, start, T)
+            if "fine" in steps:
+                params["fine"] = steps["fine"]
+            elif steps["shifts"] is not None:
+                params["shifts"] = steps["shifts"].tobytes()  # one int8 per token (msgpack bin)
+            ctx = _ChunkContext.make(self.info, spec, start, T, **steps)
         bodies = [self._encode_layer(spec, layer, k32[layer], v32[layer], start, ctx)
                   for layer in range(self.info.num_layers)]
         header = ChunkHeader(
@@ -284,11 +282,14 @@ class Codec:
         """float32 ``[T]``: the step each token of a chunk is quantised with at transform level
         ``level`` (as :meth:`encode` chooses it from ``importance``)."""
         spec = self.spec(level)
+        return FineTokens.make(spec, T, **self._token_choice(spec, importance, start, T)).step_padded[:T]
+
+    def _token_choice(self, spec: LevelSpec, importance, start: int, T: int) -> dict:
+        """A chunk's per-token steps as :meth:`FineTokens.make` takes them: ``{"shifts": ...}`` on graded
+        levels, else ``{"fine": [...]}`` (the binary list)."""
         if spec.graded:
-            ft = FineTokens.make(spec, T, shifts=self._token_shifts(spec, importance, start, T))
-        else:
-            ft = FineTokens.make(spec, T, self._fine_tokens(spec, importance, start, T))
-        return ft.step_padded[:T]
+            return {"shifts": self._token_shifts(spec, importance, start, T)}
+        return {"fine": self._fine_tokens(spec, importance, start, T)}
 
     @staticmethod
     def _token_shifts(spec: LevelSpec, importance, start: int, T: int) -> np.ndarray | None:

@@ -910,7 +910,8 @@ class GpuDecoder:
         pinned memory; the replays write ``keys`` / ``values`` ``[layers, kv_heads, tokens,
         head_dim]`` of ``dtype``, allocated here. The chunk's bytes and tables are copied to the GPU
         here (on the current stream: the copies overlap whatever else arrives); the graphs hold their
-        own scratch memory (about the chunk's KV size) until the :class:`CapturedChunk` is dropped.
+        own scratch memory (about the chunk's KV size) until :meth:`CapturedChunk.release` (or until it is
+        dropped).
 
         Returns ``None`` where a graph saves nothing or cannot hold the decode: fp16 / quant8 chunks (a
         copy and a conversion per group), runs of chunks (:meth:`merge`), and a capture that CUDA
