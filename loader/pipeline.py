@@ -242,7 +242,8 @@ class GpuLayerSource(LayerSource):
     done as each chunk arrives, their bytes already on the GPU): :meth:`start` then replays, per layer
     group, each chunk's graph on side stream ``c % streams`` (one graph launch per (group, chunk)
     instead of the host queueing every copy and kernel: the host work is off the load's critical
-    path), each chunk writing its own buffers; :meth:`layer_parts` hands over the chunks' pieces.
+    path), each chunk writing its own buffers; :meth:`layer_parts` hands over the chunks' pieces. A
+    chunk already decoded as it arrived (``CapturedChunk.decode_now``) is waited for, not replayed.
     """
 
     def __init__(self, decoder, blobs: Sequence, *, dtype: torch.dtype = torch.bfloat16,
@@ -392,7 +393,8 @@ class GpuLayerSource(LayerSource):
 
     def _queue_replays(self) -> None:
         """Captured chunks (``captured``): per layer group, each chunk's graph replayed on side stream
-        ``c % streams``; each chunk writes its own KV buffers."""
+        ``c % streams`` (or, for a chunk decoded as it arrived, that stream waits for its decode);
+        each chunk writes its own KV buffers."""
         streams, ns = self.streams, len(self.streams)
         for c, cc in enumerate(self.captured):
             cc.keys.record_stream(streams[c % ns])
@@ -400,7 +402,7 @@ class GpuLayerSource(LayerSource):
         for gi, group in enumerate(self.groups):
             for c, cc in enumerate(self.captured):
                 with torch.cuda.stream(streams[c % ns]):
-                    self._pending.append(cc.replay(gi))
+                    self._pending.append(cc.decoded(gi))
             self._group_queued(group, len(self.captured))
 
     # ------------------------------------------------------------------------------ consumer

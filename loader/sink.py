@@ -146,12 +146,15 @@ class GpuSink(KvSink):
     (``GpuDecoder.capture``: its bytes go to the GPU then, and its launches are queued once, off the
     load's critical path); the source then replays them, one graph launch per (layer group, chunk).
     Where any chunk of the load cannot be captured (fp16 / quant8, or CUDA refuses), the load decodes
-    from the prepared chunks as without ``graphs``."""
+    from the prepared chunks as without ``graphs``. ``decode_early`` (with ``graphs``): each captured
+    chunk is also decoded at once, on the sink's stream, so the GPU decodes chunk ``i`` while chunk
+    ``i + 1`` is in flight and the model waits only for the last one (the layer-wise source then waits
+    for those decodes instead of replaying them)."""
 
     kind = "gpu"
 
     def __init__(self, adapter: ModelAdapter, codec: Codec, *, decoder=None, groups="geometric",
-                 streams: int | None = None, graphs: bool = False):
+                 streams: int | None = None, graphs: bool = False, decode_early: bool = True):
         super().__init__(adapter, codec)
         from ctxstream.codec import gpu
 
@@ -163,6 +166,7 @@ class GpuSink(KvSink):
         self.groups = layer_groups(codec.info.num_layers, groups)
         self.streams = streams
         self.graphs = bool(graphs)
+        self._early = torch.cuda.Stream(adapter.device) if self.graphs and decode_early else None
         self._pinned: list[torch.Tensor] = []
         self._prepared: list = []
         self._captured: list = []  # per chunk a CapturedChunk, or None (not captured)
@@ -180,7 +184,10 @@ class GpuSink(KvSink):
         self._pinned.append(pinned)
         self._prepared.append(prep)
         if self.graphs and (not self._captured or self._captured[-1] is not None):
-            self._captured.append(self.decoder.capture(prep, pinned, dtype=self.adapter.dtype))
+            cap = self.decoder.capture(prep, pinned, dtype=self.adapter.dtype)
+            if cap is not None and self._early is not None:
+                cap.decode_now(self._early)
+            self._captured.append(cap)
         else:  # one chunk without graphs: the load decodes from the prepared chunks
             self._captured.append(None)
 
@@ -194,11 +201,17 @@ class GpuSink(KvSink):
         if captured:
             self._replayed += captured
         else:  # a chunk could not be captured: the others' graphs are not used
+            self._drain_early()
             for c in self._captured:
                 if c is not None:
                     c.release()
         self._pinned, self._prepared, self._captured = [], [], []
         return src
+
+    def _drain_early(self) -> None:
+        """Wait for the decodes queued as chunks arrived (their graphs' scratch is about to be reused)."""
+        if self._early is not None:
+            self._early.synchronize()
 
     def close(self) -> None:
         """As :meth:`KvSink.close`, then free the graphs of every captured chunk (their memory is about
@@ -206,6 +219,7 @@ class GpuSink(KvSink):
         try:
             super().close()
         finally:
+            self._drain_early()
             for cc in self._replayed + [c for c in self._captured if c is not None]:
                 cc.release()
             self._replayed, self._captured = [], []

@@ -312,9 +312,10 @@ def test_capture_sees_corruption_at_replay(tiny_codec, chunks):
 
 
 def test_gpu_sink_with_graphs_equals_the_gpu_sink(gpu_adapter, tiny_codec):
-    """GpuSink(graphs=True): the chunks' decodes captured as they arrive and replayed layer-wise during the
-    question give the model exactly the KV of the plain GPU sink (and the same logits); a load with a
-    chunk that cannot be captured (fp16) falls back to the prepared path."""
+    """GpuSink(graphs=True): the chunks' decodes captured as they arrive, and decoded then
+    (``decode_early``) or replayed layer-wise during the question, give the model exactly the KV of
+    the plain GPU sink (and the same logits); a load with a chunk that cannot be captured (fp16)
+    falls back to the prepared path."""
     from ctxstream.loader.sink import GpuSink
 
     g = torch.Generator().manual_seed(9)
@@ -325,25 +326,29 @@ def test_gpu_sink_with_graphs_equals_the_gpu_sink(gpu_adapter, tiny_codec):
     for levels in (["q2", "q0", "q2"], ["q2", "fp16", "q1"]):
         blobs = [tiny_codec.encode(keys[:, :, a:b], values[:, :, a:b], lv, start=a) for (a, b), lv in zip(bounds, levels)]
         out = {}
-        for graphs in (False, True):
-            sink = GpuSink(gpu_adapter, tiny_codec, graphs=graphs)
+        for graphs, early in ((False, False), (True, False), (True, True)):
+            sink = GpuSink(gpu_adapter, tiny_codec, graphs=graphs, decode_early=early)
             for (a, b), blob in zip(bounds, blobs):
                 sink.add_blob(blob, a, b - a, verified=False)
             caps = [c for c in sink._captured if c is not None]
             if graphs:
                 assert bool(caps) and (len(caps) == 3) == ("fp16" not in levels)
+                assert all((c.queued is not None) == early for c in caps)
             cache = sink.finish()
             logits = gpu_adapter.extend(cache, QUESTION).float().cpu()
             sink.close()
             assert all(not c.graphs for c in caps)  # the graphs' memory is freed at close
-            out[graphs] = (logits, ModelAdapter.cache_to_tensors(cache, 0, 300))
-        assert torch.equal(out[True][0], out[False][0])
-        assert torch.equal(out[True][1][0], out[False][1][0]) and torch.equal(out[True][1][1], out[False][1][1])
+            out[graphs, early] = (logits, ModelAdapter.cache_to_tensors(cache, 0, 300))
+        for key in ((True, False), (True, True)):
+            assert torch.equal(out[key][0], out[False, False][0]), key
+            assert torch.equal(out[key][1][0], out[False, False][1][0]), key
+            assert torch.equal(out[key][1][1], out[False, False][1][1]), key
 
 
 def test_released_captures_give_their_memory_back(gpu_adapter, tiny_codec, chunks):
     """Captured chunks hold graph memory (about their KV) until released: loads that capture, replay and
-    release -- directly and through GpuSink.close -- leave the allocated memory where it was."""
+    release -- directly and through GpuSink.close -- leave the allocated and the reserved memory where
+    they were (the released pools are reused)."""
     from bench.gpu import synthetic_codec
     from ctxstream.loader.sink import GpuSink
 
@@ -370,9 +375,16 @@ def test_released_captures_give_their_memory_back(gpu_adapter, tiny_codec, chunk
     for run in (direct, via_sink):
         run()
         torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
+        base, base_reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+        idle = gpu._GRAPH_POOLS.idle(dec.device)
+        assert idle >= 2  # the released chunks' pools wait for the next captures
         for _ in range(4):
             run()
         torch.cuda.synchronize()
         grown = torch.cuda.memory_allocated() - base
-        assert grown <= 1 << 20, (run.__name__, grown, torch.cuda.memory_stats().get("allocated_bytes.all.current"))
+        assert grown <= 1 << 20, (run.__name__, grown)
+        # each capture reuses a released chunk's pool: 4 more loads of 2 chunks reserve nothing new
+        # (a fresh private pool per graph reserved at least one 2 MiB segment each: >= 16 MiB here)
+        reserved = torch.cuda.memory_reserved() - base_reserved
+        assert reserved <= 4 << 20, (run.__name__, reserved)
+        assert gpu._GRAPH_POOLS.idle(dec.device) == idle

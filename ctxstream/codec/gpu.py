@@ -106,6 +106,77 @@ _MODES = {"symbols": 0, torch.float32: 1, torch.bfloat16: 2}
 _CAPTURE_WARNED: list[bool] = []  # a refused CUDA graph capture is logged once per process
 
 
+class _GraphPool:
+    """One graph memory pool (``torch.cuda.graph_pool_handle``) and the small graph that anchors it.
+
+    torch's device and pinned-host allocators count the live graphs of a pool and retire it when the
+    count reaches zero (its memory then waits for ``torch.cuda.empty_cache``, and the id cannot be
+    captured into again); the anchor, a one-op graph captured into the pool first and kept, holds the
+    count above zero so that the pool outlives the chunks captured into it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.id = torch.cuda.graph_pool_handle()
+        # every capture into the pool runs on this stream: the allocator reuses a freed block only
+        # for allocations on the stream it was allocated on
+        self.stream = torch.cuda.Stream(device)
+        self.stream.wait_stream(torch.cuda.current_stream(device))
+        self._host = torch.empty(1, dtype=torch.int64, pin_memory=True)
+        self._anchor = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(self.stream):
+            self._anchor.capture_begin(pool=self.id, capture_error_mode="relaxed")
+            try:  # a device allocation and a copy to pinned memory, as a decode's capture has: both
+                # allocators then count the anchor as the pool's user
+                self._host.copy_(torch.zeros(1, dtype=torch.int64, device=device), non_blocking=True)
+            finally:
+                self._anchor.capture_end()
+
+    def retire(self) -> None:
+        """Let the pool go (no graph captured into it is alive): its memory is torch's to free."""
+        self._anchor.reset()
+
+
+class _GraphPools:
+    """Memory pools for captured decodes (:meth:`GpuDecoder.capture`), recycled per device.
+
+    A CUDA graph allocates its scratch memory from a pool, and torch hands a pool's memory back to the
+    driver only in ``torch.cuda.empty_cache`` (never while a capture is under way), not to the next
+    graph: a loader that captured every chunk of every load into a pool of its own reserved new memory
+    for each until a capture ran out. Here a chunk's graphs share one :class:`_GraphPool` (its layer
+    groups replay in capture order, on one stream: they may reuse each other's scratch), and a released
+    chunk's pool goes back to the device's idle list, for the next capture to reuse its memory (pools
+    are never shared by chunks alive at once: their replays run side by side on several streams).
+    ``keep``: idle pools kept per device; more are retired."""
+
+    def __init__(self, keep: int = 16):
+        self.keep = keep
+        self._idle: dict[int, list[_GraphPool]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, device: torch.device) -> _GraphPool:
+        with self._lock:
+            idle = self._idle.setdefault(device.index, [])
+            if idle:
+                return idle.pop()
+        return _GraphPool(device)
+
+    def give(self, pool: _GraphPool) -> None:
+        """``pool`` is idle: every graph captured into it (but the anchor) was reset, every replay done."""
+        with self._lock:
+            idle = self._idle.setdefault(pool.device.index, [])
+            if len(idle) < self.keep:
+                idle.append(pool)
+                return
+        pool.retire()
+
+    def idle(self, device: torch.device) -> int:
+        with self._lock:
+            return len(self._idle.get(device.index, []))
+
+
+_GRAPH_POOLS = _GraphPools()
+
+
 def _nvcc() -> str | None:
     cands = []
     if os.environ.get("CTXSTREAM_NVCC"):
@@ -938,16 +1009,17 @@ class GpuDecoder:
         flags = [torch.empty(4, dtype=torch.int64, pin_memory=True) for _ in prep.groups]
         copied = torch.cuda.Event()
         copied.record()  # every replay waits for these copies
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))  # keys / values exist before the graphs write them
         graphs, pends = [], []
+        pool = _GRAPH_POOLS.take(dev)
+        side = pool.stream
+        side.wait_stream(torch.cuda.current_stream(dev))  # keys / values exist before the graphs write them
         try:
             for gi, group in enumerate(prep.groups):
                 g0, g1 = group[0], group[-1] + 1
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.stream(side):
                     # (not torch.cuda.graph: it synchronises the device and empties the allocator's cache)
-                    g.capture_begin(capture_error_mode="relaxed")
+                    g.capture_begin(pool=pool.id, capture_error_mode="relaxed")
                     try:
                         pend = self._launch(prep.plans[gi], raws[gi], dtype, what="kv",
                                             packed=_pack_views(tables, prep.layouts[gi]),
@@ -962,8 +1034,9 @@ class GpuDecoder:
                 _CAPTURE_WARNED.append(True)
                 logging.getLogger(__name__).warning("CUDA graph capture of the decode failed, decoding "
                                                     "without graphs: %s", exc)
+            pool.retire()  # (a refused capture's pool is not reused: its state is unknown)
             return None
-        return CapturedChunk(prep, graphs, pends, keys, values, copied, (tables, raws, flags, side, held))
+        return CapturedChunk(prep, graphs, pends, keys, values, copied, (tables, raws, flags, side, held), pool)
 
     def _launch(self, plan: _Plan, blob_dev: torch.Tensor, out_dtype, *, what: str, coef_dtype=None,
                 start: int | None = None, packed: dict | None = None, kv_out=None,
@@ -1148,13 +1221,17 @@ class CapturedChunk:
 
     ``keys`` / ``values``: ``[layers, kv_heads, tokens, head_dim]``, written by the replays;
     :meth:`replay` queues group ``g`` on the current stream and returns its :class:`PendingDecode`
-    (armed with an event recorded after the replay). Replaying again decodes the same bytes again."""
+    (armed with an event recorded after the replay). Replaying again decodes the same bytes again.
+    :meth:`decode_now` replays every group at once (as the chunk arrives); :meth:`decoded` then hands
+    group ``g``'s decode to a consumer stream instead of replaying it."""
 
-    def __init__(self, prep: "PreparedChunk", graphs, pends, keys, values, copied, keep):
+    def __init__(self, prep: "PreparedChunk", graphs, pends, keys, values, copied, keep, pool=None):
         self.prep, self.graphs, self.pends = prep, graphs, pends
         self.keys, self.values = keys, values
         self.copied = copied  # the bytes' and tables' copies to the device
         self._keep = keep  # device buffers and the capture stream the graphs refer to
+        self._pool = pool  # the graphs' memory pool, recycled at release
+        self.queued: list["PendingDecode"] | None = None  # decode_now's replays, one per group
 
     @property
     def header(self):
@@ -1163,10 +1240,13 @@ class CapturedChunk:
     def release(self) -> None:
         """Free the graphs and their scratch memory (the decoded ``keys`` / ``values`` stay). Call it
         once every replay has completed (e.g. after the source's ``finish``): the graphs' memory pool
-        goes back to the allocator at once, not when the garbage collector finds the chunk."""
+        goes back to the device's idle pools at once, for the next capture to reuse."""
         for g in self.graphs:
             g.reset()
-        self.graphs, self.pends, self._keep = [], [], None
+        self.graphs, self.pends, self._keep, self.queued = [], [], None, None
+        if self._pool is not None:
+            _GRAPH_POOLS.give(self._pool)
+            self._pool = None
 
     def replay(self, g: int) -> "PendingDecode":
         if not self.graphs:
@@ -1177,6 +1257,25 @@ class CapturedChunk:
         done = torch.cuda.Event()
         done.record(cur)
         return self.pends[g].arm(done)
+
+    def decode_now(self, stream: torch.cuda.Stream) -> None:
+        """Replay every group on ``stream`` now, in group order (e.g. as the chunk arrives, so that its
+        decode overlaps the next chunks' transfer); :meth:`decoded` hands them over later."""
+        if self.queued is not None:
+            return
+        self.keys.record_stream(stream)
+        self.values.record_stream(stream)
+        with torch.cuda.stream(stream):
+            self.queued = [self.replay(g) for g in range(len(self.graphs))]
+
+    def decoded(self, g: int) -> "PendingDecode":
+        """Group ``g``'s decode on the current stream: the replay :meth:`decode_now` queued (the current
+        stream waits for it, the host does not), else a replay now."""
+        if self.queued is None:
+            return self.replay(g)
+        pend = self.queued[g]
+        pend.wait_on(torch.cuda.current_stream(self.keys.device))
+        return pend
 
 
 class PendingDecode:
@@ -1196,6 +1295,11 @@ class PendingDecode:
 
     def ready(self) -> bool:
         return self._done is None or self._done.query()
+
+    def wait_on(self, stream: torch.cuda.Stream) -> None:
+        """Make ``stream`` wait (on the device) for this decode."""
+        if self._done is not None:
+            stream.wait_event(self._done)
 
     def result(self):
         if self._done is not None:
