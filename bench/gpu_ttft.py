@@ -535,13 +535,9 @@ def micro(args, res, url, adapter, codec, cid, sizes, contexts, question_of, lev
         (t,) = paired([via_sink], args.reps + 2, dev)
         key = lv + vname
         if lv == "q2":  # where the sink's host time goes, by Python function (kept in the JSON)
-            prof_py = cProfile.Profile()
-            prof_py.runcall(via_sink)
+            res.setdefault("host_bytes_profile", {})[key] = host_profile(via_sink, 20)
             spent["add_s"].pop()  # (not a timed sample)
             spent["decode_s"].pop()
-            buf = io.StringIO()
-            pstats.Stats(prof_py, stream=buf).sort_stats("tottime").print_stats(20)
-            res.setdefault("host_bytes_profile", {})[key] = buf.getvalue().splitlines()
         host[key] = kv_bytes[Tmax] / median(t) / 1e9
         add, decode = median(spent["add_s"][-len(t):]), median(spent["decode_s"][-len(t):])
         # as chunks stream in, chunk i's pin copy + prepare overlaps chunk i+1's arrival, and the
@@ -560,6 +556,15 @@ def micro(args, res, url, adapter, codec, cid, sizes, contexts, question_of, lev
     res["h2d_pinned_GBps"] = n / median(t) / 1e9
     print(f"decode_GBps {res['decode_GBps']:.1f}; from host bytes via the sink:",
           {k: round(v, 1) for k, v in host.items()}, f"; pinned H2D {res['h2d_pinned_GBps']:.1f} GB/s", flush=True)
+
+
+def host_profile(fn, top: int) -> list[str]:
+    """Run ``fn()`` under cProfile: the ``top`` functions by own host time, as text lines."""
+    prof = cProfile.Profile()
+    prof.runcall(fn)
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue().splitlines()
 
 
 def trace_cell(folder, src, run_model, adapter, q, T, levels, dev, L) -> dict:
@@ -596,17 +601,12 @@ def trace_cell(folder, src, run_model, adapter, q, T, levels, dev, L) -> dict:
         # the host's queueing of the decode, by Python function (what a faster launch must cut)
         sync_device(dev)
         s = src(T, lv)
-        prof_py = cProfile.Profile()
-        prof_py.enable()
-        s.start()
-        prof_py.disable()
+        lines = host_profile(s.start, 25)
         s.finish()
         sync_device(dev)
-        buf = io.StringIO()
-        pstats.Stats(prof_py, stream=buf).sort_stats("tottime").print_stats(25)
         with open(os.path.join(folder, f"start-{lv}.txt"), "w") as f:
-            f.write(buf.getvalue())
-        print("\n".join(buf.getvalue().splitlines()[:40]), flush=True)
+            f.write("\n".join(lines))
+        print("\n".join(lines[:40]), flush=True)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             s = src(T, lv)
             run_model(adapter, PipelinedCache(s, adapter.model.config), q)
