@@ -14,11 +14,13 @@ import time
 from dataclasses import dataclass
 
 import aiohttp
+import numpy as np
+import xxhash
 
 from ctxstream.codec import CodecError
 from ctxstream.codec.format import DecodeLimits, parse_header
 from ctxstream.errors import CtxstreamError
-from ctxstream.manifest import ChunkEntry, checksum_hex
+from ctxstream.manifest import ChunkEntry
 
 from .throughput import ThroughputEstimator
 
@@ -64,9 +66,10 @@ class FetchOptions:
 
 @dataclass(frozen=True)
 class Fetched:
-    """A chunk's verified bytes and how they came."""
+    """A chunk's verified bytes and how they came (``data``: the buffer the body was received into,
+    bytes-like, owned by the caller from here on)."""
 
-    data: bytes
+    data: memoryview | bytearray
     level: str
     bytes: int  # body bytes received over all attempts
     seconds: float  # from the first request to the verified body
@@ -76,6 +79,42 @@ class Fetched:
     error: str | None = None  # the last failure that was recovered from
     recovered: str | None = None  # "range-resume" or "refetch"
     verified: bool = False  # the whole body matched a checksum (manifest or X-Checksum-Xxh3)
+
+
+class _Body:
+    """A chunk body as it arrives: written into one buffer of the announced size (uninitialised: a
+    zero-filled ``bytearray`` of a 100 MB body costs more than receiving it on a fast link; no regrowth,
+    no final copy) and hashed piece by piece (xxh3, as ``checksum_hex``), so nothing is left to do over
+    the whole body after its last byte."""
+
+    def __init__(self, expected: int | None):
+        self.expected = expected
+        self.buf = memoryview(np.empty(expected, np.uint8)) if expected is not None else bytearray()
+        self.n = 0
+        self.hash = xxhash.xxh3_64()
+
+    def clear(self) -> None:
+        self.n = 0
+        self.hash.reset()
+        if self.expected is None:
+            self.buf = bytearray()
+
+    def add(self, piece: bytes) -> None:
+        k = len(piece)
+        if self.expected is None:
+            self.buf += piece
+        elif self.n + k > self.expected:
+            raise CodecError(f"more than the {self.expected} bytes the manifest announces")
+        else:
+            self.buf[self.n:self.n + k] = piece
+        self.hash.update(piece)
+        self.n += k
+
+    def data(self) -> memoryview | bytearray:
+        return self.buf
+
+    def hexdigest(self) -> str:
+        return self.hash.hexdigest().lower()
 
 
 class Fetcher:
@@ -147,7 +186,7 @@ class Fetcher:
         expected = entry.sizes.get(level)
         checksum = entry.checksums.get(level)
         url = self.chunk_url(context_id, entry.index)
-        buf = bytearray()
+        body = _Body(expected)
         restarts, body_s = 0, 0.0
         latency: float | None = None
         last_error, recovered = None, None
@@ -155,22 +194,22 @@ class Fetcher:
         t_begin = time.perf_counter()
         while True:
             headers = self._headers()
-            if buf:
-                headers["Range"] = f"bytes={len(buf)}-"
+            if body.n:
+                headers["Range"] = f"bytes={body.n}-"
                 if etag:
                     headers["If-Range"] = etag  # the server sends it whole if the object changed
             t_req = time.perf_counter()
             t_first = None
             try:
                 async with self._session.get(url, params={"level": level}, headers=headers) as resp:
-                    if resp.status == 206 and buf:
-                        if not resp.headers.get("Content-Range", "").startswith(f"bytes {len(buf)}-"):
-                            buf.clear()  # not the range asked for: start over
+                    if resp.status == 206 and body.n:
+                        if not resp.headers.get("Content-Range", "").startswith(f"bytes {body.n}-"):
+                            body.clear()  # not the range asked for: start over
                     elif resp.status == 200:
-                        buf.clear()
+                        body.clear()
                     else:
-                        body = await resp.read()
-                        raise HTTPStatusError(resp.status, body.decode("utf-8", "replace"))
+                        text = await resp.read()
+                        raise HTTPStatusError(resp.status, text.decode("utf-8", "replace"))
                     if resp.status == 200 and resp.content_length is not None and expected is not None \
                             and resp.content_length != expected:
                         raise CodecError(f"server sends {resp.content_length} bytes, manifest says {expected}")
@@ -185,19 +224,17 @@ class Fetcher:
                             step = self.options.piece_bytes
                             for off in range(0, len(piece), step):
                                 await self.shaper.consume(min(step, len(piece) - off))
-                        buf += piece
+                        body.add(piece)  # (raises CodecError past the announced size)
                         state["bytes"] += len(piece)
-                        if expected is not None and len(buf) > expected:
-                            raise CodecError(f"more than the {expected} bytes the manifest announces")
                     if t_first is not None:
                         body_s += time.perf_counter() - t_first
                     header_sum = resp.headers.get("X-Checksum-Xxh3")
                     etag = resp.headers.get("ETag") or etag
-                if expected is not None and len(buf) < expected:
-                    raise aiohttp.ClientPayloadError(f"body ended after {len(buf)} of {expected} bytes")
-                data = bytes(buf)
+                if expected is not None and body.n < expected:
+                    raise aiohttp.ClientPayloadError(f"body ended after {body.n} of {expected} bytes")
+                data = body.data()
                 want = checksum or header_sum
-                if want and checksum_hex(data).lower() != str(want).split(":")[-1].strip().lower():
+                if want and body.hexdigest() != str(want).split(":")[-1].strip().lower():
                     raise CodecError(f"checksum mismatch for chunk {entry.index} level {level}")
                 hdr = parse_header(data, limits).header
                 if hdr.level != level or hdr.start != entry.start or hdr.tokens != entry.tokens:
@@ -209,20 +246,20 @@ class Fetcher:
             except HTTPStatusError as exc:
                 last_error = str(exc)
                 if exc.status == 416:
-                    buf.clear()
+                    body.clear()
                 elif exc.status not in RETRYABLE_STATUS:
                     raise FetchFailed(last_error, state["retries"], state["bytes"],
                                       time.perf_counter() - t_begin) from exc
                 recovered = "refetch"
             except CodecError as exc:  # corrupt, inconsistent or wrong body: fetch it again from the start
                 last_error, recovered = str(exc), "refetch"
-                buf.clear()
+                body.clear()
                 restarts += 1
             except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
                 if t_first is not None:
                     body_s += time.perf_counter() - t_first
                 last_error = f"{type(exc).__name__}: {exc}"
-                recovered = "range-resume" if buf else "refetch"
+                recovered = "range-resume" if body.n else "refetch"
             state["retries"] += 1
             log.info("chunk %d (%s): %s; retry %d", entry.index, level, last_error, state["retries"])
             if state["retries"] > self.options.max_retries or restarts > 1:

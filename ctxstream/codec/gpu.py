@@ -52,7 +52,7 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -595,6 +595,18 @@ class _Plan:
     def Tp(self) -> int:
         return self.blocks * self.block
 
+    def group(self, i0: int, i1: int, byte0: int) -> "_Plan":
+        """The plan of layers ``layers[i0:i1]`` alone, its kernels reading those layers' bytes copied on
+        their own (``byte0``: where they start in the blob); equal to parsing just those layers."""
+        n = self.states.size // len(self.layers)
+        w0 = self.seg_dst[i0]
+        cum = np.concatenate(([0], np.cumsum(self.esc_counts.reshape(-1))))
+        return _Plan(self.header, self.spec, self.ctx, self.layers[i0:i1], self.H, self.T, self.D, self.blocks,
+                     self.block, self.n_sink, self.states[i0 * n:i1 * n], self.sizes[i0 * n:i1 * n],
+                     self.woff[i0 * n:i1 * n] - w0, self.seg_src[i0:i1] - byte0, self.seg_dst[i0:i1] - w0,
+                     self.seg_n[i0:i1], self.esc_q[cum[2 * i0]:cum[2 * i1]], self.esc_counts[i0:i1],
+                     None if self.sink is None else self.sink[i0:i1])
+
 
 class GpuDecoder:
     """Decodes transform-coded chunks of one :class:`~ctxstream.codec.Codec` on a CUDA device.
@@ -800,7 +812,8 @@ class GpuDecoder:
         """Host work of a chunk done once, ahead of its decode (e.g. as its bytes arrive): header
         parse, section checksums (``verify``, default ``verify_checksums``; ``False`` where the
         receiver already checked every section's xxh3 as the bytes came in), one plan per layer
-        group and all groups' small tables packed in one pinned buffer. ``groups``: lists of
+        group and all groups' small tables (packed in one pinned buffer when first used: a chunk
+        decoded inside a run, :meth:`merge`, is packed only as part of it). ``groups``: lists of
         consecutive layers (default: all layers in one group). Each group's bytes are the range
         ``spans[g]`` of the blob; :meth:`launch_prepared` queues one group's decode."""
         hb = _host_bytes(blob)
@@ -822,12 +835,13 @@ class GpuDecoder:
         spans = [(offs[g[0]], offs[g[-1]] + hdr.sections[g[-1]] + CHECK_BYTES) for g in groups]
         _, H, T, D = hdr.shape
         if spec.kind == "tc":
-            plans = []
+            # one parse of every group's layers, split per group (the kernels read each group's bytes,
+            # copied on their own)
+            whole = self._plan(mv, [x for g in groups for x in g], verify=False, hi=hi)
+            plans, i = [], 0
             for g, (o0, _) in zip(groups, spans):
-                p = self._plan(mv, g, verify=False, hi=hi)
-                p.seg_src = p.seg_src - o0  # the kernels read the group's bytes, copied on their own
-                plans.append(p)
-            host, layouts = _pack_host([self._tables(p) for p in plans])
+                plans.append(whole.group(i, i + len(g), o0))
+                i += len(g)
         else:
             want = {"fp16": 2 * 2 * H * T * D, "quant8": 2 * (2 * H * T + H * T * D)}.get(spec.kind)
             if want is None:
@@ -835,8 +849,8 @@ class GpuDecoder:
             bad = [x for g in groups for x in g if hdr.sections[x] != want]
             if bad:
                 raise MalformedError(f"layer {bad[0]}: {spec.kind} section of {hdr.sections[bad[0]]} bytes, not {want}")
-            plans, host, layouts = None, None, None
-        return PreparedChunk(hdr, spec, groups, spans, plans, host, layouts, verify)
+            plans = None
+        return PreparedChunk(hdr, spec, groups, spans, plans, verify)
 
     def launch_prepared(self, prep: "PreparedChunk", g: int, group_dev: torch.Tensor, tables_dev, out,
                         ) -> "PendingDecode | None":
@@ -924,9 +938,8 @@ class GpuDecoder:
                 np.concatenate(esc).astype(np.int32) if esc else np.zeros(0, np.int32),
                 sum(q.esc_counts for q in ps), q0.sink, members=C))
             parts.append(gparts)
-        host, layouts = _pack_host([self._tables(p) for p in plans])
         spans = [(0, g[-1][3] + g[-1][2] - g[-1][1]) for g in parts]
-        return PreparedChunk(first.header, first.spec, first.groups, spans, plans, host, layouts,
+        return PreparedChunk(first.header, first.spec, first.groups, spans, plans,
                              all(p.verified for p in preps), parts=parts, members=C)
 
     def _upload(self, blob, device_blob):
@@ -1199,21 +1212,42 @@ class GpuDecoder:
 
 @dataclass
 class PreparedChunk:
-    """A chunk's host-side work, done once (see :meth:`GpuDecoder.prepare`)."""
+    """A chunk's host-side work, done once (see :meth:`GpuDecoder.prepare`).
+
+    ``host`` / ``layouts``: every group's small tables packed in one pinned buffer, and where each
+    group's arrays lie in it; packed on first use (a chunk that is only ever decoded inside a run,
+    :meth:`GpuDecoder.merge`, never packs its own)."""
 
     header: object
     spec: object
     groups: list[list[int]]
     spans: list[tuple[int, int]]  # byte range of each group's sections (checksums included)
     plans: list[_Plan] | None  # transform-coded levels: one plan per group
-    host: torch.Tensor | None  # pinned: every group's tables
-    layouts: list[dict] | None
     verified: bool  # True: this decoder checked the sections' xxh3 (else the caller did, at receive)
     # a run of chunks (GpuDecoder.merge): per group, (member, start, end, dst) -- member ``member``'s
     # bytes [start, end) go to offset ``dst`` of the group's device buffer, of ``spans[g][1]`` bytes;
     # ``header`` is the first member's
     parts: list[list[tuple[int, int, int, int]]] | None = None
     members: int = 1
+    _packed: tuple[torch.Tensor, list[dict]] | None = field(default=None, init=False, repr=False)
+
+    def _pack(self) -> tuple[torch.Tensor, list[dict]] | None:
+        if self.plans is None:
+            return None
+        if self._packed is None:
+            self._packed = _pack_host([GpuDecoder._tables(p) for p in self.plans])
+        return self._packed
+
+    @property
+    def host(self) -> torch.Tensor | None:
+        """Pinned uint8: every group's tables (``None`` for fp16 / quant8 chunks, which have none)."""
+        packed = self._pack()
+        return None if packed is None else packed[0]
+
+    @property
+    def layouts(self) -> list[dict] | None:
+        packed = self._pack()
+        return None if packed is None else packed[1]
 
 
 class CapturedChunk:
