@@ -6,7 +6,7 @@ store, with the KV of a Llama-3-8B-shaped attention (32 layers, 8 KV heads, head
 of fp16 KV per 1024 tokens; random bf16 KV, so only the fp16 and quant8 sizes are those of a real
 model). One connection; the chunks of the context one after another, as a load fetches them:
 
-* ``raw``: ``session.get(url)`` + ``await resp.read()`` per chunk, nothing else;
+* ``raw``: ``session.get(url)`` + ``await resp.read()`` per chunk on a plain aiohttp session, nothing else;
 * ``fetcher``: ``Fetcher.chunk`` per chunk (manifest size and checksum checks, header check, Range
   resume bookkeeping), unshaped and shaped at each ``--rates-gbps`` (``RateShaper`` on the received
   bytes, as the GPU bench shapes the link); shaped rows also give the share of the nominal rate.
@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 
+import aiohttp
 import torch
 
 from bench.gpu import synthetic_profile
@@ -48,12 +49,13 @@ SHAPE = dict(num_hidden_layers=32, hidden_size=1024, num_attention_heads=8, num_
 async def measure(url: str, cid: str, levels: list[str], rates: list[float], reps: int, limits) -> list[dict]:
     f = Fetcher(url, token=TOKEN)
     await f.open()
+    session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}, auto_decompress=False)
     try:
         man = Manifest.from_json(await f.get_bytes(f"/v1/contexts/{cid}"))
 
         async def raw(lv):
             for e in man.chunks:
-                async with f._session.get(f.chunk_url(cid, e.index), params={"level": lv}, headers=f._headers()) as r:
+                async with session.get(f.chunk_url(cid, e.index), params={"level": lv}) as r:
                     body = await r.read()
                     if r.status != 200 or len(body) != e.sizes[lv]:
                         raise RuntimeError(f"chunk {e.index}: HTTP {r.status}, {len(body)} bytes")
@@ -91,6 +93,7 @@ async def measure(url: str, cid: str, levels: list[str], rates: list[float], rep
                       flush=True)
         return rows
     finally:
+        await session.close()
         await f.close()
 
 

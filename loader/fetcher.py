@@ -114,7 +114,7 @@ class _Body:
         return self.buf
 
     def hexdigest(self) -> str:
-        return self.hash.hexdigest().lower()
+        return self.hash.hexdigest()
 
 
 class Fetcher:

@@ -598,7 +598,7 @@ class _Plan:
     def group(self, i0: int, i1: int, byte0: int) -> "_Plan":
         """The plan of layers ``layers[i0:i1]`` alone, its kernels reading those layers' bytes copied on
         their own (``byte0``: where they start in the blob); equal to parsing just those layers."""
-        n = self.states.size // len(self.layers)
+        n = 2 * self.H * self.blocks  # streams per layer
         w0 = self.seg_dst[i0]
         cum = np.concatenate(([0], np.cumsum(self.esc_counts.reshape(-1))))
         return _Plan(self.header, self.spec, self.ctx, self.layers[i0:i1], self.H, self.T, self.D, self.blocks,
