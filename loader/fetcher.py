@@ -67,9 +67,9 @@ class FetchOptions:
 @dataclass(frozen=True)
 class Fetched:
     """A chunk's verified bytes and how they came (``data``: the buffer the body was received into,
-    bytes-like, owned by the caller from here on)."""
+    bytes-like, owned by the caller from here on: the one ``into`` gave, where it gave one)."""
 
-    data: memoryview | bytearray
+    data: object
     level: str
     bytes: int  # body bytes received over all attempts
     seconds: float  # from the first request to the verified body
@@ -85,11 +85,20 @@ class _Body:
     """A chunk body as it arrives: written into one buffer of the announced size (uninitialised: a
     zero-filled ``bytearray`` of a 100 MB body costs more than receiving it on a fast link; no regrowth,
     no final copy) and hashed piece by piece (xxh3, as ``checksum_hex``), so nothing is left to do over
-    the whole body after its last byte."""
+    the whole body after its last byte. ``into(nbytes)``: the caller's buffer for a body of known size
+    (e.g. memory the GPU copies from directly), else None for the body's own."""
 
-    def __init__(self, expected: int | None):
+    def __init__(self, expected: int | None, into=None):
         self.expected = expected
-        self.buf = memoryview(np.empty(expected, np.uint8)) if expected is not None else bytearray()
+        self.owner = into(expected) if into is not None and expected is not None else None
+        if self.owner is not None:
+            self.buf = memoryview(self.owner).cast("B")
+            if self.buf.readonly or self.buf.nbytes != expected:
+                raise ValueError(f"into() must give a writable buffer of {expected} bytes")
+        elif expected is not None:
+            self.buf = memoryview(np.empty(expected, np.uint8))
+        else:
+            self.buf = bytearray()
         self.n = 0
         self.hash = xxhash.xxh3_64()
 
@@ -110,8 +119,9 @@ class _Body:
         self.hash.update(piece)
         self.n += k
 
-    def data(self) -> memoryview | bytearray:
-        return self.buf
+    def data(self):
+        """The body (a bytes-like view) and the object to hand on: ``into``'s buffer where it gave one."""
+        return self.buf, (self.owner if self.owner is not None else self.buf)
 
     def hexdigest(self) -> str:
         return self.hash.hexdigest()
@@ -168,11 +178,13 @@ class Fetcher:
         raise FetchFailed(f"cannot get {path} from {self.server_url}: {last}")
 
     async def chunk(self, context_id: str, entry: ChunkEntry, level: str, est: ThroughputEstimator,
-                    limits: DecodeLimits, timeout_s: float | None = None) -> Fetched:
-        """Fetch chunk ``entry`` at ``level``; ``timeout_s`` (the policy's hedge): past it, give up."""
+                    limits: DecodeLimits, timeout_s: float | None = None, *, into=None) -> Fetched:
+        """Fetch chunk ``entry`` at ``level``; ``timeout_s`` (the policy's hedge): past it, give up.
+        ``into(nbytes)``: where to receive a body whose size the manifest gives (a writable buffer of
+        exactly ``nbytes``, or None for the fetcher's own); ``Fetched.data`` is then that buffer."""
         t0 = time.perf_counter()
         state = {"retries": 0, "bytes": 0}
-        job = self._chunk(context_id, entry, level, est, limits, state)
+        job = self._chunk(context_id, entry, level, est, limits, state, into)
         try:
             return await (asyncio.wait_for(job, timeout_s) if timeout_s else job)
         except asyncio.TimeoutError:
@@ -180,13 +192,13 @@ class Fetcher:
                               state["bytes"], time.perf_counter() - t0) from None
 
     async def _chunk(self, context_id: str, entry: ChunkEntry, level: str, est: ThroughputEstimator,
-                     limits: DecodeLimits, state: dict) -> Fetched:
+                     limits: DecodeLimits, state: dict, into=None) -> Fetched:
         if self._session is None:
             await self.open()
         expected = entry.sizes.get(level)
         checksum = entry.checksums.get(level)
         url = self.chunk_url(context_id, entry.index)
-        body = _Body(expected)
+        body = _Body(expected, into)
         restarts, body_s = 0, 0.0
         latency: float | None = None
         last_error, recovered = None, None
@@ -232,7 +244,7 @@ class Fetcher:
                     etag = resp.headers.get("ETag") or etag
                 if expected is not None and body.n < expected:
                     raise aiohttp.ClientPayloadError(f"body ended after {body.n} of {expected} bytes")
-                data = body.data()
+                data, handed = body.data()
                 want = checksum or header_sum
                 if want and body.hexdigest() != str(want).split(":")[-1].strip().lower():
                     raise CodecError(f"checksum mismatch for chunk {entry.index} level {level}")
@@ -241,7 +253,7 @@ class Fetcher:
                     raise WrongChunkError(f"chunk {entry.index}: asked for {level} tokens {entry.start}+{entry.tokens}, "
                                           f"the body holds {hdr.level} tokens {hdr.start}+{hdr.tokens}")
                 bps = est.add(state["bytes"], body_s) if body_s > 0 else None
-                return Fetched(data, level, state["bytes"], time.perf_counter() - t_begin, state["retries"], bps,
+                return Fetched(handed, level, state["bytes"], time.perf_counter() - t_begin, state["retries"], bps,
                                latency, last_error, recovered, verified=bool(want))
             except HTTPStatusError as exc:
                 last_error = str(exc)

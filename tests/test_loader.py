@@ -322,6 +322,46 @@ async def test_chunk_cut_mid_transfer_resumes_with_range(server, tiny, context):
     assert kv_close(adapter.cache_to_tensors(res.cache), (k_ref, v_ref), atol=2e-3)
 
 
+async def test_fetcher_receives_into_the_callers_buffer_across_a_range_resume(server, tiny, context):
+    """``Fetcher.chunk(into=...)``: the body lands in the buffer the caller gives (what a sink reads
+    directly), also when the transfer is cut and resumed with a Range request; ``into`` giving None
+    leaves the fetcher its own buffer; a buffer of the wrong size is refused."""
+    import numpy as np
+
+    from ctxstream.loader.fetcher import Fetcher
+    from ctxstream.loader.throughput import ThroughputEstimator
+
+    adapter, codec = tiny
+    ctx, _ = context
+    async with loader(server, tiny, policy="fp16", slo_s=None) as cl:
+        man = await cl.fetch_manifest(ctx)
+    given = []
+
+    def into(n):
+        given.append(np.full(n, 0xAB, np.uint8))  # (not zeros: every byte must be written)
+        return given[-1]
+
+    est = ThroughputEstimator(1e9)
+    direct = Fetcher(server.url, token=TOKEN)
+    try:
+        own = await direct.chunk(ctx, man.chunks[1], "fp16", est, codec.limits)
+    finally:
+        await direct.close()
+    async with CuttingProxy(server.url, cut={1: 1}) as proxy:
+        f = Fetcher(proxy.url, token=TOKEN)
+        try:
+            got = await f.chunk(ctx, man.chunks[1], "fp16", est, codec.limits, into=into)
+            assert got.data is given[-1] and got.verified and got.retries == 1 and got.recovered == "range-resume"
+            assert bytes(memoryview(got.data)) == bytes(own.data)
+            assert len(given) == 1  # one buffer for the whole fetch, resumed in place
+            none = await f.chunk(ctx, man.chunks[2], "fp16", est, codec.limits, into=lambda n: None)
+            assert codec.header(none.data).start == man.chunks[2].start and none.verified
+            with pytest.raises(ValueError, match="writable buffer"):
+                await f.chunk(ctx, man.chunks[0], "fp16", est, codec.limits, into=lambda n: np.empty(n - 1, np.uint8))
+        finally:
+            await f.close()
+
+
 async def test_unfetchable_chunk_is_recomputed_and_corruption_refetched(server, tiny, context):
     adapter, codec = tiny
     ctx, ids = context
