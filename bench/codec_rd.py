@@ -19,7 +19,9 @@ Candidates (``--candidates``, comma separated):
 
 Token-step schemes (``--variants``): ``fine`` (the binary list, ``--fine-frac`` of the tokens 4x
 finer) or ``gA:LO:HI`` (graded per-token steps, ``LevelSpec(grade=A, grade_lo=LO, grade_hi=HI)``),
-chosen from the raw importance or its attention share (``--weight``).
+chosen from the raw importance, its attention share, or the share times the profile's recency
+weight (``--weight share-recency``: tokens near the context's end, which the next tokens attend most,
+get finer steps; ``--recency-power`` scales how much).
 
     .venv/bin/python bench/codec_rd.py --split dev --contexts 4 --candidates pydoc8,dev32,dev32-rd
     .venv/bin/python bench/codec_rd.py --split dev --contexts 8 --candidates pydoc8 --variants fine,g1:0:6 --weight share
@@ -40,7 +42,7 @@ import torch
 
 from ctxstream.codec import Codec
 from ctxstream.codec.codec import DEFAULT_LEVELS, LevelSpec
-from ctxstream.codec.quality import attention_share
+from ctxstream.codec.quality import attention_share, recency, recency_weights
 from ctxstream.codec.profile import Profile, build_profile, dev_calibration_text, group_sensitivity, rescale_profile
 from ctxstream.corpora import DEFAULT_DATA_DIR, token_windows
 from ctxstream.hostinfo import host_info
@@ -113,9 +115,12 @@ def main(argv=None) -> int:
                     help="token-step schemes, comma separated: 'fine' (the binary fine list, --fine-frac), "
                          "'gA:LO:HI' (graded per-token shifts: grade A, shifts clipped to [LO, HI] half-octaves); "
                          "default: fine")
-    ap.add_argument("--weight", default="importance", choices=["importance", "share"],
-                    help="what the per-token steps are chosen from: the raw importance, or the attention "
-                         "share per query that could see the token (quality.attention_share)")
+    ap.add_argument("--weight", default="importance", choices=["importance", "share", "share-recency"],
+                    help="what the per-token steps are chosen from: the raw importance, the attention "
+                         "share per query that could see the token (quality.attention_share), or that share "
+                         "times the shipped profile's recency weight (quality.recency_weights)")
+    ap.add_argument("--recency-power", type=float, default=1.0,
+                    help="share-recency: the recency weight is raised to this power")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/ctxstream-bench-cache"))
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -123,6 +128,7 @@ def main(argv=None) -> int:
     adapter = ModelAdapter.load(None)
     ctxs = contexts(adapter, args.split, args.contexts, args.cache)
     steps = [float(s) for s in args.steps.split(",")]
+    rec = recency(Codec.for_model(adapter).profile) if args.weight == "share-recency" else None
     rows = []
     for cand in args.candidates.split(","):
         prof = candidate_profile(adapter, cand, args.cache / "profiles")
@@ -139,12 +145,16 @@ def main(argv=None) -> int:
         for spec in specs:
             bits, d = [], []
             for ids, k, v, imp, base in ctxs:
-                w = attention_share(imp) if args.weight == "share" else imp
+                w = attention_share(imp) if args.weight != "importance" else imp
+                if rec is not None:
+                    w = w * recency_weights(0, w.shape[-1], w.shape[-1], *rec) ** args.recency_power
                 blob = codec.encode(k, v, spec.name, importance=w)
                 k2, v2 = codec.decode(blob)
                 bits.append(len(blob) * 8 / (2 * k.numel()))
                 d.append(math.exp(ce_next(adapter, ids, k2, v2) - base) - 1)
             row = {"candidate": cand, "variant": spec.name.rsplit("-s", 1)[0], "weight": args.weight,
+                   "recency": ({"weights": list(rec[1]), "bucket_tokens": rec[0], "power": args.recency_power}
+                               if rec is not None else None),
                    "step": spec.step, "fine_frac": spec.fine_frac if not spec.graded else 0.0,
                    "grade": [spec.grade, spec.grade_lo, spec.grade_hi] if spec.graded else None,
                    "bits": float(np.mean(bits)),
