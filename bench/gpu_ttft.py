@@ -26,7 +26,8 @@ Beside the grid, on the same chunks as the loader receives them (fetched once, u
 * hidden share = (T_seq - T_pipe) / T_load of the load behind the question's prefill (paired reps);
 * GPU decode throughput, GB/s of bf16 KV produced: bitstream on the GPU (``decode_GBps``), and
   through the GPU sink from ordinary host bytes as the fetcher holds them
-  (``decode_from_host_bytes_GBps``: pin copy + prepare + decode).
+  (``decode_from_host_bytes_GBps``: pin copy + prepare + decode; ``<level>/received``: the body already
+  in the sink's pinned ``receive_buffer``, where the loader's fetcher writes it as it arrives).
 
     python -m bench.gpu_ttft [--contexts 4096,16384] [--rates-gbps 1,3,10] [--reps 3] [--json PATH]
     python -m bench.gpu_ttft --small --device cpu --contexts 512 --chunk 256   # smoke test on a CPU
@@ -513,17 +514,26 @@ def micro(args, res, url, adapter, codec, cid, sizes, contexts, question_of, lev
     del kbuf, vbuf, raws
     # from ordinary host bytes as the fetcher holds them, through the product's GPU sink (serial:
     # pin copy + prepare per chunk, then the layer-wise decode of all of them), every level
-    # (``/graphs``: GpuSink(graphs=True), each chunk captured and decoded as it is added)
+    # (``/graphs``: GpuSink(graphs=True), each chunk captured and decoded as it is added;
+    # ``/received``: each body already in the sink's ``receive_buffer``, where the loader's fetcher
+    # writes it as it arrives -- the write replaces the one into the fetcher's own buffer, so it is
+    # not timed -- and add_blob has no pin copy left)
     host, parts = {}, {}
-    for lv, (vname, skw) in [(lv, v) for lv in levels for v in {"": {}, "/graphs": {"graphs": True}}.items()]:
-        if vname and prepared[lv][0].plans is None:
+    variants = {"": {}, "/graphs": {"graphs": True}, "/received": {}}
+    for lv, (vname, skw) in [(lv, v) for lv in levels for v in variants.items()]:
+        if vname == "/graphs" and prepared[lv][0].plans is None:
             continue
         spent = {"add_s": [], "decode_s": []}
 
-        def via_sink(lv=lv, skw=skw):
-            t0 = time.perf_counter()
+        def via_sink(lv=lv, skw=skw, received=vname == "/received"):
             s = GpuSink(adapter, codec, decoder=dec, **skw)
-            for i, b in enumerate(blobs[lv]):
+            bodies = blobs[lv]
+            if received:
+                bodies = [s.receive_buffer(len(b)) for b in bodies]
+                for buf, b in zip(bodies, blobs[lv]):
+                    memoryview(buf)[:] = b
+            t0 = time.perf_counter()
+            for i, b in enumerate(bodies):
                 s.add_blob(b, i * C, C, verified=True)
             t1 = time.perf_counter()
             cache = s.finish()

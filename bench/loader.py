@@ -29,6 +29,7 @@ import sys
 import time
 import subprocess
 import urllib.request
+from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +48,8 @@ from ctxstream.traces.shaping import RateShaper, format_rate, parse_rate  # noqa
 TOKEN = "bench-loader-token"
 all_policies = ["slo", "mpc", "text", "fp16", "quant8", "fixed:q0", "fixed:q1", "fixed:q2", "fixed:q3", "fixed:q4"]
 CONT = 33  # continuation tokens: 1 prompt + 32 scored
+_CHUNK_FIELDS = ("final", "bytes", "fetch_s", "decode_s", "recompute_s", "throughput_bps", "predicted_bps",
+                 "remaining_s", "decide_s", "queued_s", "done_s")
 
 
 def fmt_rate(bps: float) -> str:
@@ -100,7 +103,10 @@ async def run_one(url, adapter, codec, ctx_id, cont, policy, rate, slo_s, cap_s,
     return {"ttft_s": rep.ttft_s, "load_s": rep.load_s, "first_token_s": rep.first_token_s, "slo_met": rep.slo_met,
             "choices": rep.counts(), "mb": rep.bytes / 1e6, "score": rep.quality, "retries": rep.retries,
             "setup_s": rep.setup_s, "prior_bps": rep.prior_bps, "final_bps": rep.final_bps,
-            "per_chunk": [r.final for r in rep.chunks]}, res
+            "per_chunk": [r.final for r in rep.chunks],
+            # what each chunk did: the forecast it was chosen with, its fetch / decode / policy seconds
+            "chunks": [{k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(r).items()
+                        if k in _CHUNK_FIELDS} for r in rep.chunks]}, res
 
 
 def predicted_s(policy: str, manifest_sizes: dict[str, int], rate: float, cal, tokens: int) -> float | None:

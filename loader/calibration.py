@@ -13,7 +13,7 @@ per chunk, and ``apply`` (turning ingested chunks into the model's KV at the end
 
 :class:`~ctxstream.loader.context.LoaderContext` measures once per machine, model and sink, keeps the
 result on disk (:func:`save_calibration`), and corrects it online (``recompute_factor`` and
-``decode_factor``: actual / predicted, from every load) -- never inside a load's SLO budget.
+``decode_factor``: actual / calibrated, from every load's chunks, :meth:`Calibration.observe`) -- never inside a load's SLO budget.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 
 from ctxstream.model import cache_kw
 from ctxstream.model import ModelAdapter
+from ctxstream.policies import TEXT
 
 
 @torch.no_grad()
@@ -265,14 +266,24 @@ class Calibration:
             t += (self.decode.apply_s_per_call + self.decode.apply_s_per_token * n) * self.decode_factor
         return t
 
-    def correct(self, what: str, predicted_s: float, actual_s: float) -> None:
-        """Move ``recompute_factor`` / ``decode_factor`` towards actual / predicted (geometric step,
-        clamped to [1/4, 4])."""
-        if predicted_s <= 0 or actual_s <= 0:
+    def observe(self, choice: str, tokens: int, prefix: int, actual_s: float) -> None:
+        """Correct the estimates by one chunk's measured seconds (``choice``: a level, decoded, or
+        ``"text"``, recomputed after ``prefix`` tokens): ``decode_factor`` / ``recompute_factor`` moves
+        halfway (geometrically) towards actual / the calibrated model's seconds, clamped to [1/4, 4].
+
+        Measured against the calibrated model, not against the estimate the chunk was chosen with: a
+        load decides many chunks before its first one is decoded, and correcting each by that stale
+        estimate applies one error many times (the factor then runs to a clamp, and back the next load)."""
+        if choice == TEXT:
+            attr, base = "recompute_factor", self.recompute.seconds(tokens, prefix)
+        elif self.decode is not None:
+            attr, base = "decode_factor", self.decode.seconds(choice, tokens)
+        else:
             return
-        ratio = min(4.0, max(0.25, actual_s / predicted_s))
-        attr = "recompute_factor" if what == "recompute" else "decode_factor"
-        setattr(self, attr, min(4.0, max(0.25, getattr(self, attr) * ratio ** 0.5)))
+        if base <= 0 or actual_s <= 0:
+            return
+        target = min(4.0, max(0.25, actual_s / base))
+        setattr(self, attr, min(4.0, max(0.25, (getattr(self, attr) * target) ** 0.5)))
 
     def summary(self) -> dict:
         d = {"model": self.model, "fingerprint": self.fingerprint, "profile": self.profile, "sink": self.sink,

@@ -320,10 +320,11 @@ class ContextLoader:
             report.failures.append({"chunk": i, "error": error, "recovered": recovered})
 
         async def fetch_all() -> None:
+            previous = (0, 0.0)  # the most recent fetch: (body bytes, seconds), finished or abandoned
             for i, entry in enumerate(manifest.chunks):
                 row = report.chunks[i]
                 d = planner.decide(i, elapsed_s=rel(), throughput_bps=est.estimate(), throughput_err=est.error(),
-                                   latency_s=backlog.latency_s, backlog_s=backlog.seconds())
+                                   latency_s=backlog.latency_s, backlog_s=backlog.seconds(), previous_fetch=previous)
                 row.choice, row.remaining_s, row.decide_s = d.choice, d.remaining_s, d.decide_s
                 row.predicted_bps, row.throughput_err = d.state.throughput_bps, d.state.throughput_err
                 if d.error:
@@ -335,8 +336,10 @@ class ContextLoader:
                     ready[i].set_result(_Ready(TEXT, est_s=d.work_s, queued_at=rel()))
                     continue
                 try:
-                    got = await self.fetcher.chunk(context_id, entry, d.choice, est, codec.limits, d.timeout_s)
+                    got = await self.fetcher.chunk(context_id, entry, d.choice, est, codec.limits, d.timeout_s,
+                                                   into=sink.receive_buffer)
                 except FetchFailed as exc:
+                    previous = (exc.nbytes, exc.seconds)
                     row.retries, row.bytes, row.fetch_s = exc.retries, exc.nbytes, exc.seconds
                     fail(i, row, str(exc))
                     work = planner.recompute_s(i)
@@ -344,6 +347,7 @@ class ContextLoader:
                     ready[i].set_result(_Ready(TEXT, est_s=work, queued_at=rel()))
                     emit("failure", chunk=i, error=str(exc), recovered="recomputed")
                     continue
+                previous = (got.bytes, got.seconds)
                 row.bytes, row.fetch_s, row.retries, row.throughput_bps = got.bytes, got.seconds, got.retries, got.bps
                 if got.error:
                     fail(i, row, got.error, got.recovered)
@@ -381,7 +385,7 @@ class ContextLoader:
                 backlog.finish()
                 row.final, row.done_s = final, rel()
                 if final == item.kind:
-                    cal.correct("recompute" if final == TEXT else "decode", item.est_s, actual)
+                    cal.observe(final, entry.tokens, entry.start, actual)
                 planner.observe(ChunkFeedback(
                     index=i, choice=row.choice, final=final, bytes=row.bytes, fetch_s=row.fetch_s,
                     decode_s=row.decode_s, recompute_s=row.recompute_s, throughput_bps=row.throughput_bps,

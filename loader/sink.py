@@ -11,7 +11,9 @@ the model's device (the GPU when the model is there).
 * :class:`CpuSink` (the reference, CI's path): each fetched chunk is decoded on the CPU when it
   arrives (beside the later fetches); the source concatenates the decoded layers.
 * :class:`GpuSink` (default when the model is on CUDA and the GPU decoder builds): each fetched chunk
-  is copied into pinned memory and its host work done once (``GpuDecoder.prepare``: header parse,
+  is received into pinned memory (:meth:`KvSink.receive_buffer`: the fetcher writes the body there as
+  it arrives, so no copy is left after its last byte; bytes from elsewhere are copied in) and its host
+  work done once (``GpuDecoder.prepare``: header parse,
   decode plans, packed tables); the source is a
   :class:`~ctxstream.loader.pipeline.GpuLayerSource`, whose copies and decode kernels run on side
   streams while the model computes earlier layers.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 
 from ctxstream.codec import Codec, CodecError
@@ -49,6 +52,12 @@ class KvSink:
         """The first chunk will start at token ``start`` (0 for a whole context)."""
         self.start_token = self.tokens = start
         self.pending_tokens = 0
+
+    def receive_buffer(self, nbytes: int):
+        """Where the fetcher receives a chunk body of ``nbytes`` (a writable buffer handed back to
+        :meth:`add_blob` as the blob), or None for the fetcher's own memory. Called on the event loop's
+        thread while the worker drives the sink, so it touches no sink state."""
+        return None
 
     # ------------------------------------------------------------------ chunks, in order
     def add_blob(self, blob: bytes, start: int, tokens: int, *, verified: bool) -> None:
@@ -172,12 +181,30 @@ class GpuSink(KvSink):
         self._captured: list = []  # per chunk a CapturedChunk, or None (not captured)
         self._replayed: list = []  # captured chunks handed to sources, released at close()
 
+    def receive_buffer(self, nbytes):
+        # pinned memory (torch's caching host allocator: reused across chunks and loads), as a numpy
+        # view whose base is the pinned tensor; the GPU copies from it directly. Allocated under the
+        # model's device (the event loop's thread has none set: no context on another GPU)
+        with torch.cuda.device(self.adapter.device):
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
+
+    @staticmethod
+    def _received_pinned(blob) -> torch.Tensor | None:
+        """The pinned tensor behind a body :meth:`receive_buffer` gave, else None."""
+        base = blob.base if isinstance(blob, np.ndarray) else None
+        if isinstance(base, torch.Tensor) and base.dtype == torch.uint8 and base.numel() == blob.nbytes \
+                and base.is_pinned():
+            return base
+        return None
+
     def _add(self, blob, start, tokens, verified):
-        pinned = torch.empty(len(blob), dtype=torch.uint8, pin_memory=True)
-        with warnings.catch_warnings():  # read-only bytes: only ever read here
-            warnings.simplefilter("ignore", UserWarning)
-            src = torch.frombuffer(blob, dtype=torch.uint8)
-        pinned.copy_(src)  # one copy (torch's, on all intra-op threads) into memory the GPU reads directly
+        pinned = self._received_pinned(blob)
+        if pinned is None:  # bytes from elsewhere (a calibration, a caller): one copy into pinned memory
+            pinned = torch.empty(len(blob), dtype=torch.uint8, pin_memory=True)
+            with warnings.catch_warnings():  # read-only bytes: only ever read here
+                warnings.simplefilter("ignore", UserWarning)
+                src = torch.frombuffer(blob, dtype=torch.uint8)
+            pinned.copy_(src)  # torch's copy, on all intra-op threads
         prep = self.decoder.prepare(pinned, self.groups, verify=not verified)
         if prep.header.start != start or prep.header.tokens != tokens:
             raise CodecError(f"chunk holds tokens {prep.header.start}+{prep.header.tokens}, expected {start}+{tokens}")

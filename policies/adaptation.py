@@ -110,6 +110,11 @@ class ChunkState:
     dppl: Mapping[str, float] = field(default_factory=dict)  # this chunk's estimates (see ChunkInfo.dppl)
     context_tokens: int = 0  # tokens of the whole context (0: the tokens of this chunk and the upcoming ones)
     spent_dppl: float = 0.0  # estimated perplexity increase of the chunks before this one, as chosen
+    # the most recent fetch before this decision (held over text chunks): body bytes received over all
+    # its attempts, and its seconds from the request to the verified body -- or to its abandonment (a
+    # hedge, a failure: then the bytes are what came); 0 seconds: no fetch yet
+    previous_fetch_bytes: int = 0
+    previous_fetch_s: float = 0.0
 
     @property
     def levels(self) -> tuple[str, ...]:
@@ -204,7 +209,8 @@ def finish_time_s(state: ChunkState, plan: Sequence[Choice], throughput_bps: flo
     return float(plan_finish_s(state, idx, options, [bps])[0, 0])
 
 
-def _pick(fit: np.ndarray, good: np.ndarray, t_fast: np.ndarray, q: np.ndarray, quality_first: bool) -> int:
+def _pick(fit: np.ndarray, good: np.ndarray, t_fast: np.ndarray, q: np.ndarray, quality_first: bool,
+          time_tolerance: float = 0.0) -> int:
     """The decision rule both SLO-aware policies share, over plans with finish times ``t_fast`` (at the
     expected rate), token-weighted quality ``q``, ``fit`` (finishes within the budget at the robust
     rate) and ``good`` (the plan's estimated perplexity increase is within the quality bound):
@@ -214,6 +220,11 @@ def _pick(fit: np.ndarray, good: np.ndarray, t_fast: np.ndarray, q: np.ndarray, 
     * nothing fits (the load is behind its SLO): the fastest plan within the quality bound -- falling
       further behind is not repaired by the lossiest level -- and only if none is within the bound,
       the fastest plan.
+
+    "Fastest" is up to ``time_tolerance``: plans finishing within that fraction of the fastest one's
+    time count as equally fast, and the best quality among them wins (the timing model is not finer
+    than that: a plan that saves a millisecond on paper by hiding a lossy chunk's slower decode
+    behind the network loses it to the first decode that runs slower than calibrated).
     """
     t_key, q_key = np.round(t_fast, 9), np.round(q, 6)
 
@@ -221,15 +232,21 @@ def _pick(fit: np.ndarray, good: np.ndarray, t_fast: np.ndarray, q: np.ndarray, 
         cand = np.flatnonzero(mask)
         return int(cand[np.lexsort((secondary[cand], primary[cand]))[0]])
 
+    def fastest(mask):
+        if time_tolerance <= 0:
+            return first(mask, t_key, -q_key)
+        near = mask & (t_fast <= t_fast[mask].min() * (1.0 + time_tolerance) + 1e-12)
+        return first(near, -q_key, t_key)
+
     if quality_first and fit.any():
         return first(fit, -q_key, t_key)
     if not quality_first and (fit & good).any():
-        return first(fit & good, t_key, -q_key)
+        return fastest(fit & good)
     if fit.any():
         return first(fit, -q_key, t_key)
     if good.any():
-        return first(good, t_key, -q_key)
-    return first(np.ones_like(fit), t_key, -q_key)
+        return fastest(good)
+    return fastest(np.ones_like(fit))
 
 
 # ------------------------------------------------------------------------------------ policies
@@ -287,16 +304,16 @@ class FixedPolicy(Policy):
 class AdaptivePolicy(Policy):
     """What the SLO-aware policies share (each subclass only adds its ``select`` rule):
 
-    * an expected rate ``min(forecast, rate of the previous fetch as this policy saw it)`` (the
-      previous fetch's rate is measured from ``elapsed_s`` between two ``select`` calls, so a fetch
-      that stalled lowers it at once, one abandoned by the hedge counts as ``1/hedge`` of its bytes,
-      and it holds over text chunks until the next fetch; the loader's estimator only learns from
-      whole bodies) and a robust rate: the expected one times ``margin``, divided by ``1 + recent
+    * an expected rate ``min(forecast, rate of the previous fetch)`` (``previous_fetch_bytes`` over
+      ``previous_fetch_s`` less the request latency: a fetch that stalled lowers it at once, one
+      abandoned by the hedge counts with the bytes that came, and it holds over text chunks until
+      the next fetch; the loader's estimator only learns from whole bodies) and a robust rate: the expected one times ``margin``, divided by ``1 + recent
       max forecast error`` (RobustMPC). The robust rate decides which plans fit the budget; the
       expected rate ranks them by speed (a discounted rate would bias the ranking towards recompute);
     * a budget of ``remaining_s * (1 - reserve)`` (the reserve covers the compute estimates);
     * the decision rule :func:`_pick` on :func:`plan_finish_s` (a load behind its SLO takes the
-      fastest plan within the quality bound ``max_loss``);
+      fastest plan within the quality bound ``max_loss``; finishes within ``time_tolerance`` of the
+      fastest count as equally fast, the better quality among them wins);
     * a hedge: a fetch running longer than ``max(hedge * expected, recompute_s, min_timeout_s)``,
       or past the last moment from which recomputing all the chunks left would still meet the
       budget, is abandoned and the chunk recomputed (outages happen mid-fetch: no forecast sees them).
@@ -306,8 +323,10 @@ class AdaptivePolicy(Policy):
 
     def __init__(self, *, margin: float = 0.85, max_err: float = 4.0, reserve: float = 0.1,
                  hedge: float = 3.0, min_timeout_s: float = 0.25, max_loss: float = 0.01,
-                 dppl_margin: float = DPPL_MARGIN):
+                 dppl_margin: float = DPPL_MARGIN, time_tolerance: float = 0.05):
         self.margin, self.max_err, self.reserve = float(margin), float(max_err), float(reserve)
+        # plans within this fraction of the fastest finish are equally fast (see _pick)
+        self.time_tolerance = float(time_tolerance)
         # quality bound: a plan is "good" if its estimated perplexity increase over the whole context,
         # times dppl_margin (the estimates read low on text harder than the prior's), is <= max_loss
         self.max_loss, self.dppl_margin = float(max_loss), float(dppl_margin)
@@ -316,24 +335,17 @@ class AdaptivePolicy(Policy):
         self._reset()
 
     def _reset(self) -> None:
-        self._pending: tuple[float, int, float | None] | None = None  # (elapsed_s at select, bytes, timeout)
-        self.last_fetch_bps = float("inf")  # rate of the last fetch as seen from here (kept across text chunks)
+        self.last_fetch_bps = float("inf")  # rate of the previous fetch (inf: none yet)
         self.bps = 0.0  # the robust rate of the last select (decides what fits the budget)
         self.expected_bps = 0.0  # min(forecast, previous fetch's rate): ranks plans by speed
 
     def robust_bps(self, state: ChunkState) -> float:
-        """The rate plans are made with (also records the previous fetch's observed rate)."""
+        """The rate plans are made with (also records the previous fetch's rate)."""
         if state.index == 0:
             self._reset()
-        if self._pending is not None:
-            t, nbytes, limit = self._pending
-            dt = state.elapsed_s - t - state.latency_s
-            if dt > 1e-3:
-                rate = nbytes * 8.0 / dt
-                if limit is not None and dt + state.latency_s >= 0.98 * limit:
-                    rate /= self.hedge  # abandoned by the hedge: only part of the bytes came (how much is unknown)
-                self.last_fetch_bps = rate
-            self._pending = None
+        dt = state.previous_fetch_s - state.latency_s
+        if state.previous_fetch_s > 0 and dt > 1e-3:  # (a body faster than that says nothing)
+            self.last_fetch_bps = state.previous_fetch_bytes * 8.0 / dt
         bps = min(float(state.throughput_bps), self.last_fetch_bps)
         err = min(max(0.0, state.throughput_err), self.max_err)
         self.expected_bps = max(1.0, bps)
@@ -358,8 +370,6 @@ class AdaptivePolicy(Policy):
 
     def commit(self, state: ChunkState, choice: Choice, plan: Sequence[Choice] = ()) -> Choice:
         self.last_plan = tuple(plan) or (choice,)
-        if choice != TEXT:
-            self._pending = (state.elapsed_s, int(state.sizes_bytes[choice]), self.fetch_timeout_s(state, choice))
         return choice
 
     def fetch_timeout_s(self, state: ChunkState, choice: Choice) -> float | None:
@@ -397,7 +407,8 @@ class SloPolicy(AdaptivePolicy):
         plans = [[i] * n for i in range(t)] + [[t] + [i] * (n - 1) for i in range(t)] + [[t] * n]
         arr = np.array(plans, dtype=np.int64)
         fit, good, t_fast, q = self.evaluate(state, arr, options)
-        plan = tuple(options[j] for j in arr[_pick(fit, good, t_fast, q, quality_first=True)])
+        plan = tuple(options[j] for j in arr[_pick(fit, good, t_fast, q, quality_first=True,
+                                                   time_tolerance=self.time_tolerance)])
         return self.commit(state, plan[0], plan)
 
 
@@ -415,7 +426,8 @@ class MpcPolicy(AdaptivePolicy):
     the budget and whose estimated perplexity increase over the whole context (the chunks' own
     estimates, which weigh each chunk by the attention it gets, summed; chunks already decided
     included; times ``dppl_margin``) is within ``max_loss`` (default 1%), the earliest finish
-    (ties: the better token-weighted quality); if no such plan fits, the best quality that fits
+    (finishes within ``time_tolerance``, 5%, of it are ties: the better token-weighted quality
+    wins); if no such plan fits, the best quality that fits
     (ties: the earlier finish); if nothing fits, the fastest plan within the bound (see :func:`_pick`).
     ``last_plan`` keeps the plan.
     """
@@ -448,7 +460,7 @@ class MpcPolicy(AdaptivePolicy):
         rest = np.where(pos < k_a[:, None], nl, np.where(pos < (k_a + r_a)[:, None], b_idx[:, None], a_idx[:, None]))
         plans = np.concatenate([o_a[:, None], rest], axis=1)
         fit, good, t_fast, q = self.evaluate(state, plans, options)
-        i = _pick(fit, good, t_fast, q, quality_first=False)
+        i = _pick(fit, good, t_fast, q, quality_first=False, time_tolerance=self.time_tolerance)
         plan = tuple(options[j] for j in plans[i])
         return self.commit(state, plan[0], plan)
 

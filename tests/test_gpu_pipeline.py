@@ -183,6 +183,37 @@ def test_gpu_sink_prepared_at_receive_matches_the_cpu_sink(gpu_adapter, tiny_cod
     assert (out["gpu"] - out["cpu"]).abs().max().item() <= 0.05 * out["cpu"].abs().max().item() + 1e-3
 
 
+def test_gpu_sink_decodes_a_received_body_in_place(gpu_adapter, tiny_codec, chunks):
+    """A body received into the GPU sink's own buffer is decoded from that pinned memory (no copy);
+    bytes from elsewhere are copied into pinned memory; both give the CPU sink's KV."""
+    from ctxstream.loader.sink import CpuSink, GpuSink
+
+    bounds = [(0, 100), (100, 200), (200, 260), (260, 300)]
+    ref = CpuSink(gpu_adapter, tiny_codec)
+    sink = GpuSink(gpu_adapter, tiny_codec)
+    bufs = []
+    for i, ((a, b), blob) in enumerate(zip(bounds, chunks)):
+        ref.add_blob(blob, a, b - a, verified=False)
+        if i % 2 == 0:
+            buf = sink.receive_buffer(len(blob))
+            memoryview(buf)[:] = blob
+            bufs.append(buf)
+            sink.add_blob(buf, a, b - a, verified=False)
+        else:
+            sink.add_blob(blob, a, b - a, verified=False)
+    pinned = list(sink._pinned)
+    assert all(p.is_pinned() for p in pinned)
+    assert [p.data_ptr() == bufs[i // 2].ctypes.data for i, p in enumerate(pinned) if i % 2 == 0] == [True, True]
+    kv = {}
+    for name, s in (("cpu", ref), ("gpu", sink)):
+        cache = s.finish()
+        gpu_adapter.extend(cache, QUESTION)
+        s.close()
+        kv[name] = ModelAdapter.cache_to_tensors(cache, 0, 300)
+    for got, want in zip(kv["gpu"], kv["cpu"]):
+        assert (got.float().cpu() - want.float().cpu()).abs().max().item() <= 0.02 * want.abs().max().item() + 1e-3
+
+
 def _run_chunks(codec, n=4, tokens=128, levels=None, seed=7):
     from bench.gpu import synthetic_kv
 

@@ -119,6 +119,49 @@ def local_greedy(adapter, ids, n):
 
 
 # --------------------------------------------------------------------------------- correctness
+class _RecordingContext(LoaderContext):
+    """A context whose sinks record every buffer they give the fetcher (None: the fetcher's own)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.given = []
+
+    def sink_factory(self, kind):
+        make = super().sink_factory(kind)
+
+        def wrapped(adapter, codec):
+            sink = make(adapter, codec)
+            own = sink.receive_buffer
+
+            def receive_buffer(nbytes):
+                buf = own(nbytes)
+                self.given.append((nbytes, buf))
+                return buf
+
+            sink.receive_buffer = receive_buffer
+            return sink
+
+        return wrapped
+
+
+async def test_fetched_bodies_land_where_the_sink_says(server, tiny, context):
+    """Every fetched body is received into the sink's buffer: pinned memory on the GPU sink (no copy
+    after the last byte), the fetcher's own on the CPU sink; the KV is the same either way."""
+    adapter, _ = tiny
+    ctx, ids = context
+    rec = _RecordingContext(persist=False, calibration_prefixes=(64, 256))
+    async with loader(server, tiny, policy="fp16", slo_s=None, context=rec) as cl:
+        res = await cl.load(ctx, prompt_ids=[10, 11])
+    assert [r.final for r in res.report.chunks] == ["fp16"] * 4
+    assert [n for n, _ in rec.given] == [r.bytes for r in res.report.chunks]
+    if adapter.device.type == "cuda":
+        assert all(buf is not None and buf.base.is_pinned() for _, buf in rec.given)
+    else:
+        assert all(buf is None for _, buf in rec.given)
+    k, v = adapter.cache_to_tensors(res.cache, 0, N_TOKENS)
+    assert kv_close((k, v), adapter.compute_kv(ids), atol=2e-3)
+
+
 async def test_fp16_stream_equals_local_prefill(server, tiny, context):
     adapter, _ = tiny
     ctx, ids = context
@@ -458,9 +501,16 @@ def test_calibration_is_measured_and_persisted(tiny, tmp_path):
     assert set(dec.s_per_token) == {"fp16", "q2"} and dec.seconds("q2", 256) > 0
     assert dec.bytes_per_token["fp16"] > dec.bytes_per_token["q2"] and dec.apply_s_per_token > 0
     cal = Calibration(adapter.info.name, adapter.info.fingerprint, rec, dec)
-    cal.correct("decode", 1.0, 2.0)
+    cal.observe("q2", 256, 0, 2.0 * dec.seconds("q2", 256))  # twice the calibrated time: halfway there
     assert cal.decode_factor == pytest.approx(2 ** 0.5) and cal.ingest_s("q2", 256) == pytest.approx(
         dec.seconds("q2", 256) * 2 ** 0.5)
+    # many chunks decided before any was measured report the same slowness: the factor settles at
+    # it (measured against the calibrated model, not each chunk's stale estimate) instead of a clamp
+    for _ in range(12):
+        cal.observe("q2", 256, 0, 2.0 * dec.seconds("q2", 256))
+    assert cal.decode_factor == pytest.approx(2.0, rel=1e-3)
+    cal.observe("text", 128, 512, 0.5 * rec.seconds(128, 512))
+    assert cal.recompute_factor == pytest.approx(0.5 ** 0.5)
     path = tmp_path / "cal.json"
     save_calibration(path, cal)
     got = load_calibration(path)

@@ -39,13 +39,15 @@ def chunks(n=8, tokens=256, fp16_bytes=6_000_000, decode_s=0.02, recompute_s=0.5
     return out
 
 
-def state_at(infos, i, *, remaining_s, bps, err=0.0, backlog_s=0.0, latency_s=0.0, elapsed_s=0.0, spent_dppl=0.0):
+def state_at(infos, i, *, remaining_s, bps, err=0.0, backlog_s=0.0, latency_s=0.0, elapsed_s=0.0, spent_dppl=0.0,
+             previous_fetch=(0, 0.0)):
     c = infos[i]
     return ChunkState(index=i, num_chunks=len(infos), tokens=c.tokens, sizes_bytes=c.sizes_bytes,
                       decode_s=c.decode_s, recompute_s=c.recompute_s, remaining_s=remaining_s,
                       throughput_bps=bps, throughput_err=err, latency_s=latency_s, compute_backlog_s=backlog_s,
                       elapsed_s=elapsed_s, upcoming=tuple(infos[i + 1:]), dppl=c.dppl,
-                      context_tokens=sum(x.tokens for x in infos), spent_dppl=spent_dppl)
+                      context_tokens=sum(x.tokens for x in infos), spent_dppl=spent_dppl,
+                      previous_fetch_bytes=previous_fetch[0], previous_fetch_s=previous_fetch[1])
 
 
 def plan_quality(infos, plan) -> float:
@@ -88,18 +90,28 @@ def transfer_end(t0, nbytes, rate, dt=0.002, cap_s=1000.0):
     return t
 
 
+def bytes_by(t0, t1, rate, dt=0.002):
+    """Bytes a link of rate ``rate(t)`` bits/s carries between ``t0`` and ``t1``."""
+    n, t = 0.0, t0
+    while t < t1:
+        n += rate(t) * min(dt, t1 - t) / 8.0
+        t += dt
+    return n
+
+
 def simulate_link(policy: Policy, infos, rate, *, slo_s, prior_bps, window=5):
     """A whole load over a time-varying link ``rate(t)``, as the loader runs it: the forecast is the
-    harmonic mean of the last ``window`` fetch rates (``prior_bps`` before any), ``elapsed_s`` is real,
-    and a fetch past the policy's ``fetch_timeout_s`` is abandoned and the chunk recomputed.
+    harmonic mean of the last ``window`` whole fetches' rates (``prior_bps`` before any), ``elapsed_s``
+    is real, the previous fetch (finished or abandoned: its bytes so far) is reported, and a fetch past
+    the policy's ``fetch_timeout_s`` is abandoned and the chunk recomputed.
     Returns (finish_s, chosen, final) per chunk."""
-    t, cpu_free, rates, chosen, final = 0.0, 0.0, [], [], []
+    t, cpu_free, rates, chosen, final, previous = 0.0, 0.0, [], [], [], (0, 0.0)
     for i, info in enumerate(infos):
         recent = rates[-window:]
         fc = len(recent) / sum(1.0 / r for r in recent) if recent else prior_bps
         spent = sum(c.dppl_of(x) for c, x in zip(infos, final))
         st = state_at(infos, i, remaining_s=slo_s - t, bps=fc, backlog_s=max(0.0, cpu_free - t), elapsed_s=t,
-                      spent_dppl=spent)
+                      spent_dppl=spent, previous_fetch=previous)
         c = policy.select(st)
         assert c == TEXT or c in info.sizes_bytes
         chosen.append(c)
@@ -110,11 +122,13 @@ def simulate_link(policy: Policy, infos, rate, *, slo_s, prior_bps, window=5):
         limit = policy.fetch_timeout_s(st, c)
         end = transfer_end(t, info.sizes_bytes[c], rate, cap_s=(limit or 1000.0) + 0.01)
         if limit is not None and end - t > limit:  # hedge: give up, recompute
+            previous = (int(bytes_by(t, t + limit, rate)), limit)
             t += limit
             cpu_free = max(cpu_free, t) + info.recompute_s
             final.append(TEXT)
             continue
         rates.append(info.sizes_bytes[c] * 8.0 / max(end - t, 1e-6))
+        previous = (info.sizes_bytes[c], end - t)
         t = end
         cpu_free = max(cpu_free, t) + info.decode_s[c]
         final.append(c)
@@ -314,6 +328,28 @@ def test_mpc_is_fastest_within_bound_and_falls_back_to_best_quality_that_fits():
     assert st.plan_dppl(p.last_plan) <= st.plan_dppl(["q2"] * 6) + 1e-12
 
 
+def test_mpc_takes_the_better_quality_when_the_lossy_plan_saves_less_than_its_tolerance():
+    # a fast link with a per-request latency: the network sets the pace, quant8's decode is short,
+    # q3's long one hides behind the later fetches and saves ~1% of the finish on paper
+    infos = chunks(16, fp16_bytes=6_000_000, recompute_s=5.0)
+    infos = [dataclasses.replace(c, decode_s={**c.decode_s, "quant8": 0.003, "q3": 0.023, "q4": 0.023,
+                                              "q2": 0.023, "q1": 0.023, "q0": 0.023}) for c in infos]
+    st = state_at(infos, 1, remaining_s=4.0, bps=2e10, latency_s=0.005, spent_dppl=infos[0].dppl_of("quant8"))
+    exact = MpcPolicy(time_tolerance=0.0)
+    lossy = exact.select(st)
+    assert lossy not in ("fp16", "quant8")  # the model's fastest plan puts a lossy level early
+    t_lossy = finish_time_s(st, exact.last_plan, exact.expected_bps)
+    t_q8 = finish_time_s(st, ["quant8"] * 15, exact.expected_bps)
+    assert t_lossy < t_q8 <= 1.05 * t_lossy
+    p = MpcPolicy()  # default: within 5% of the fastest is as fast, the better quality wins
+    assert p.select(st) in ("fp16", "quant8")
+    assert st.plan_dppl(p.last_plan) < st.plan_dppl(exact.last_plan)
+    # where the lossy levels save much more than the tolerance (a slow link), mpc still takes them
+    slow = state_at(infos, 1, remaining_s=4.0, bps=1e9, latency_s=0.005)
+    p.select(slow)
+    assert finish_time_s(slow, p.last_plan, p.expected_bps) < 0.9 * finish_time_s(slow, ["quant8"] * 15, p.expected_bps)
+
+
 def test_mpc_finishes_no_later_than_slo_over_a_rate_sweep():
     infos = chunks(10, fp16_bytes=3_000_000, decode_s=0.02, recompute_s=0.4, recompute_growth=0.1)
     faster = 0
@@ -346,7 +382,7 @@ def test_mpc_discounts_forecast_by_error():
 
 def test_adaptive_policies_downgrade_when_bandwidth_drops_mid_load():
     """The rate falls 10x after 0.1 s; the forecast (harmonic mean of past fetches) lags, but the
-    policy sees the slow fetch from elapsed_s at its next decision and downgrades."""
+    policy sees the slow fetch (the loader reports it) at its next decision and downgrades."""
     infos = chunks(8, fp16_bytes=2_000_000, decode_s=0.01, recompute_s=3.0)  # recompute expensive
     rate = lambda t: 1e8 if t < 0.1 else 1e7  # noqa: E731
     for make in (SloPolicy, MpcPolicy):
@@ -357,6 +393,26 @@ def test_adaptive_policies_downgrade_when_bandwidth_drops_mid_load():
         size = lambda c: infos[0].sizes_bytes[c]  # noqa: E731
         assert min(size(c) for c in chosen[1:]) < size(chosen[0]) / 2, (make.name, chosen)
         assert finish <= 1.0, (make.name, chosen, finish)
+
+
+def test_previous_fetch_rate_is_the_fetch_not_the_time_between_decisions():
+    infos = chunks(8, fp16_bytes=6_000_000, decode_s=0.003, recompute_s=5.0)
+    for make in (SloPolicy, MpcPolicy):
+        p = make()
+        p.select(state_at(infos, 0, remaining_s=4.0, bps=1e10))
+        assert p.expected_bps == 1e10  # no fetch yet: the forecast
+        # the next decision comes 50 ms later (a busy event loop, the policy's own time); the fetch
+        # took 3 ms with 1 ms of it the request's latency: 24 Mbit in 2 ms
+        p.select(state_at(infos, 1, remaining_s=3.95, bps=1e10, elapsed_s=0.05, latency_s=0.001,
+                          previous_fetch=(3_000_000, 0.003)))
+        assert p.expected_bps == 1e10  # min(forecast, 12 Gbit/s)
+        p.select(state_at(infos, 2, remaining_s=3.9, bps=1e10, elapsed_s=0.06, latency_s=0.001,
+                          previous_fetch=(3_000_000, 0.013)))
+        assert p.expected_bps == pytest.approx(2e9)  # a slow fetch lowers it at once (24 Mbit / 12 ms)
+        # abandoned by the hedge after 1 s with 100 kB: the rate is what came; it holds over text chunks
+        for i in (3, 4):
+            p.select(state_at(infos, i, remaining_s=2.0, bps=1e10, elapsed_s=2.0, previous_fetch=(100_000, 1.0)))
+            assert p.expected_bps == pytest.approx(8e5), make.name
 
 
 def test_margin_keeps_mpc_under_the_slo_on_a_trace_with_dips():

@@ -801,6 +801,7 @@ class PrefixLoader:
                 predicted_ingest += cal.ingest_s(choice, entry.tokens)
 
         consumer = asyncio.create_task(consume())
+        previous = (0, 0.0)  # the most recent fetch: (body bytes, seconds)
         try:
             for i, entry in enumerate(manifest.chunks):
                 if entry.start >= end_tokens or failed.is_set():
@@ -809,7 +810,7 @@ class PrefixLoader:
                     out.loaded_tokens = entry.start + entry.tokens
                     continue
                 d = planner.decide(i, elapsed_s=time.perf_counter() - t0, throughput_bps=est.estimate(),
-                                   throughput_err=est.error(), latency_s=0.0, backlog_s=0.0)
+                                   throughput_err=est.error(), latency_s=0.0, backlog_s=0.0, previous_fetch=previous)
                 choice, timeout_s = d.choice, d.timeout_s
                 if choice == TEXT:
                     # The policies plan "recompute these chunks while the network fetches the rest"; here vLLM
@@ -842,6 +843,7 @@ class PrefixLoader:
                     out.error = f"chunk {i}: {exc}"
                     break
                 out.fetch_s += time.perf_counter() - t_f
+                previous = (got.bytes, got.seconds)
                 if out.first_byte_s is None:
                     out.first_byte_s = time.perf_counter() - t0
                 await fetched.put((entry, choice, got.data))
