@@ -525,13 +525,16 @@ def micro(args, res, url, adapter, codec, cid, sizes, contexts, question_of, lev
             continue
         spent = {"add_s": [], "decode_s": []}
 
-        def via_sink(lv=lv, skw=skw, received=vname == "/received"):
+        bodies = blobs[lv]
+        if vname == "/received":  # filled once, outside the timed calls (the fetcher writes them as bytes arrive)
+            s0 = GpuSink(adapter, codec, decoder=dec)
+            bodies = [s0.receive_buffer(len(b)) for b in bodies]
+            for buf, b in zip(bodies, blobs[lv]):
+                memoryview(buf)[:] = b
+            s0.close()
+
+        def via_sink(skw=skw, bodies=bodies):
             s = GpuSink(adapter, codec, decoder=dec, **skw)
-            bodies = blobs[lv]
-            if received:
-                bodies = [s.receive_buffer(len(b)) for b in bodies]
-                for buf, b in zip(bodies, blobs[lv]):
-                    memoryview(buf)[:] = b
             t0 = time.perf_counter()
             for i, b in enumerate(bodies):
                 s.add_blob(b, i * C, C, verified=True)
