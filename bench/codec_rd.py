@@ -15,7 +15,10 @@ Candidates (``--candidates``, comma separated):
 * ``dev32-rd``: ``dev32`` plus a rate-distortion correction per (layer, K|V): the loss each group
   actually loses under equal coefficient noise, measured on DEV calibration text, rescales that
   group's coefficients so that one uniform step equalises the marginal loss per bit
-  (see ``profile.sensitivity_scales``).
+  (see ``profile.sensitivity_scales``);
+* ``pydoc8-rdoL`` (or ``dev32-rdoL``): that calibration with rate-distortion optimised rounding
+  (``build_profile(rdo_lambda=L)``: a coefficient moves one bin toward zero where the bits saved are
+  worth more than ``L`` squared steps each; tables recounted from those choices).
 
 Token-step schemes (``--variants``): ``fine`` (the binary list, ``--fine-frac`` of the tokens 4x
 finer) or ``gA:LO:HI`` (graded per-token steps, ``LevelSpec(grade=A, grade_lo=LO, grade_hi=HI)``),
@@ -88,7 +91,10 @@ def candidate_profile(adapter, name: str, folder: Path) -> Profile:
     t0 = time.perf_counter()
     src = "dev" if name.startswith("dev") else "pydoc"
     segs = int(name[len(src):].split("-")[0])
-    if "-rd" in name:
+    if "-rdo" in name:  # the same calibration, rate-distortion optimised rounding at this lambda
+        text = dict(text=dev_calibration_text(DEFAULT_DATA_DIR), text_name="dev") if src == "dev" else {}
+        prof = build_profile(adapter, segments=segs, rdo_lambda=float(name.split("-rdo")[1]), **text)
+    elif "-rd" in name:
         base = candidate_profile(adapter, f"{src}{segs}", folder)
         sens_path = folder / f"{adapter.info.fingerprint}-{src}{segs}.sens.npy"
         if not sens_path.is_file():

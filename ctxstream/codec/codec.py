@@ -61,6 +61,7 @@ from .profile import (
     check_profile,
     profile_for,
     quantize,
+    rdo_quantize,
 )
 
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -358,7 +359,7 @@ class Codec:
         escapes = []
         for kv, x in ((0, invert_rope(k, ctx.cos, ctx.sin, self.info.attention_scaling)), (1, v)):
             coef = (x - lt.mean[kv, layer]) @ lt.analysis[kv, layer]  # [H, T, D]
-            q = quantize(coef.mul_(ctx.inv_step), lt.deadzone)
+            q = lt.quantize(coef.mul_(ctx.inv_step), kv, layer, ctx.shift_index)
             if n_sink:
                 q[:, :n_sink] = 0
             qlo, qhi = lt.qrange(kv, layer, ctx.shift_index)
@@ -378,8 +379,9 @@ class Codec:
         """Stated per-element bound on ``|decode(encode(x)) - x|`` for ``keys``/``values`` at ``level``.
 
         fp16: half-precision rounding. quant8: half a per-token step. Transform levels: each
-        coefficient is reconstructed inside its quantisation bin (error <= step, escapes included),
-        so channel ``j`` errs by at most ``step * sum_i |synthesis[i, j]|``; RoPE rotates key pairs
+        coefficient is reconstructed inside its quantisation bin (error <= step, escapes included;
+        <= 2 steps with a rate-distortion optimised profile, which may code a coefficient one bin
+        toward zero), so channel ``j`` errs by at most ``step * sum_i |synthesis[i, j]|``; RoPE rotates key pairs
         (j, j + D/2), whose bounds combine as a Euclidean norm. Plus the output dtype's rounding.
         """
         spec = self.spec(level)
@@ -393,6 +395,7 @@ class Codec:
         else:
             D = self.info.head_dim
             coarsest = spec.step * 2.0 ** (-min(spec.shift_range[0], 0) / 2.0)  # graded: the largest token step
+            coarsest *= 2.0 if self.profile.rdo_lambda > 0 else 1.0
             chan = coarsest * np.abs(self.profile.synthesis).sum(-2)  # [2, L, H, D]
             kb = torch.from_numpy(np.sqrt(chan[0] ** 2 + np.roll(chan[0], D // 2, axis=-1) ** 2)).float()
             vb = torch.from_numpy(chan[1]).float()
@@ -524,7 +527,9 @@ class _LevelTables:
     """What one transform-coded level needs at run time, derived once from the profile."""
 
     def __init__(self, profile: Profile, spec: LevelSpec):
-        self.deadzone = profile.deadzone
+        self.deadzone, self.rdo_lambda = profile.deadzone, profile.rdo_lambda
+        self.bits = torch.from_numpy(profile.code_bits().reshape(-1))  # [tables * 256]
+        self.recon = torch.from_numpy(profile.recon.reshape(-1).astype(np.float32))  # in steps
         self.mean = torch.from_numpy(profile.mean)[:, :, :, None, :]  # [2, L, H, 1, D]
         self.analysis = torch.from_numpy(profile.analysis)  # [2, L, H, D, D]
         self.synthesis = torch.from_numpy(profile.synthesis)
@@ -570,6 +575,18 @@ class _LevelTables:
         lo = self.qlo_shift[:, kv, layer, :, 0]  # [S, H, D]
         hi = self.qhi_shift[:, kv, layer, :, 0]
         return lo[shift_index].transpose(0, 1), hi[shift_index].transpose(0, 1)
+
+    def quantize(self, y: torch.Tensor, kv: int, layer: int, shift_index: torch.Tensor | None) -> torch.Tensor:
+        """``y`` ``[H, T, D]`` coefficients in each token's steps -> integer symbols (float), rounded or,
+        with the profile's ``rdo_lambda``, rate-distortion optimised under each coefficient's table."""
+        if self.rdo_lambda <= 0:
+            return quantize(y, self.deadzone)
+        if shift_index is None:
+            table = torch.from_numpy(self.table_ids[kv, layer].astype(np.int64))[:, None, :]  # [H, 1, D]
+        else:
+            by_shift = torch.from_numpy(self.shift_ids[:, kv, layer].astype(np.int64))  # [S, H, D]
+            table = by_shift[shift_index].transpose(0, 1)  # [H, T, D]
+        return rdo_quantize(y, self.rdo_lambda, self.bits, self.recon, table, self.deadzone)
 
     def stream_tables(self, layer: int, blocks: int, shift_padded: np.ndarray | None = None) -> np.ndarray:
         """Table index of every stream (K heads then V heads, each head's blocks) and position.

@@ -58,6 +58,7 @@ PRIOR_WINDOWS = 8  # calibration windows the per-level quality prior is measured
 # recency weights); part of the cache key
 PRIOR_VERSION = 3
 DEFAULT_BUILD = {"context_tokens": 1024, "continuation_tokens": 256, "segments": 8, "ridge": 0.5, "deadzone": 0.0}
+RDO_TABLE_ITERATIONS = 2  # rounds of (RDO quantisation -> recount tables) when a profile is built with rdo_lambda
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,6 +91,17 @@ class Profile:
     @property
     def deadzone(self) -> float:
         return float(self.calibration.get("deadzone", 0.0))
+
+    @property
+    def rdo_lambda(self) -> float:
+        """Rate-distortion trade of the encoder's rounding, in squared steps per bit (0: plain rounding)."""
+        return float(self.calibration.get("rdo_lambda", 0.0))
+
+    def code_bits(self) -> np.ndarray:
+        """``[tables, 256]`` float32: each symbol's code length in bits under its table (1e9 where the
+        table cannot code it)."""
+        f = self.freqs.reshape(-1, 256).astype(np.float64)
+        return code_bits(f)
 
     def classes(self, kv: int, step: float) -> np.ndarray:
         """Table class of every coefficient ``[L, H, D]`` (uint16) for quantisation ``step``."""
@@ -145,6 +157,39 @@ class Profile:
                 raise
             raise MalformedError(f"bad profile: {exc}") from exc
         return prof
+
+
+def code_bits(freqs: np.ndarray) -> np.ndarray:
+    """Code length in bits of every symbol of ``freqs`` ``[tables, 256]`` (rANS, ``M = 2**PROB_BITS``);
+    1e9 for symbols a table cannot code."""
+    f = np.asarray(freqs, np.float64)
+    with np.errstate(divide="ignore"):
+        bits = np.where(f > 0, rans.PROB_BITS - np.log2(np.maximum(f, 1)), 1e9)
+    return bits.astype(np.float32)
+
+
+def rdo_quantize(y: torch.Tensor, lam: float, bits: torch.Tensor, recon: torch.Tensor, table: torch.Tensor | int,
+                 deadzone: float = 0.0) -> torch.Tensor:
+    """Rate-distortion optimised rounding of ``y`` (in steps): each ``q`` of :func:`quantize` moves one
+    step toward zero where that lowers ``(y - recon)**2 + lam * bits``, the squared error in steps plus
+    ``lam`` times the symbol's code length. The entropy coder and the decoder are unchanged: only the
+    encoder's choice of symbols (and the profile's tables, counted from those choices) differ.
+
+    ``bits``/``recon``: flat ``[tables * 256]`` float32 (code length, reconstruction in steps);
+    ``table``: each element's table index, broadcastable to ``y``. Symbols outside a table's codable
+    range (escapes) are left alone."""
+    q = quantize(y, deadzone)
+    if lam <= 0:
+        return q
+    base = torch.as_tensor(table, dtype=torch.int64) * 256
+    toward = q - torch.sign(q)
+    ia = base + (q.clamp(-MAX_Q, MAX_Q) + ZERO_SYMBOL).to(torch.int64)
+    ib = base + (toward.clamp(-MAX_Q, MAX_Q) + ZERO_SYMBOL).to(torch.int64)
+    ba, bb = bits.take(ia), bits.take(ib)
+    ja = (y - recon.take(ia)).square_().add_(ba, alpha=lam)
+    jb = (y - recon.take(ib)).square_().add_(bb, alpha=lam)
+    move = (q != 0) & (ba < 1e8) & (bb < 1e8) & (jb < ja)
+    return torch.where(move, toward, q)
 
 
 def quantize(y: np.ndarray | torch.Tensor, deadzone: float):
@@ -211,7 +256,8 @@ def prior_windows(ids: Sequence[int], length: int, count: int = PRIOR_WINDOWS) -
 def build_profile(adapter: ModelAdapter, *, context_tokens: int = DEFAULT_BUILD["context_tokens"],
                   continuation_tokens: int = DEFAULT_BUILD["continuation_tokens"],
                   segments: int = DEFAULT_BUILD["segments"], ridge: float = DEFAULT_BUILD["ridge"],
-                  deadzone: float = DEFAULT_BUILD["deadzone"], text: str | None = None,
+                  deadzone: float = DEFAULT_BUILD["deadzone"], rdo_lambda: float = 0.0,
+                  text: str | None = None,
                   token_ids: Sequence[int] | None = None, text_name: str = "custom") -> Profile:
     """Measure a model's KV statistics and loss sensitivity on calibration tokens (one pass per segment).
 
@@ -277,19 +323,23 @@ def build_profile(adapter: ModelAdapter, *, context_tokens: int = DEFAULT_BUILD[
     # Normalise so that a step of 1.0 is a sensible middle: unit = global RMS coefficient std.
     unit = float(coef_std.pow(2).mean().sqrt())
     analysis, synthesis, coef_std = analysis / unit, synthesis * unit, coef_std / unit
-    freqs, recon = _class_tables(torch.cat(samples, 3), mean, analysis, coef_std, deadzone)
+    freqs, recon = _class_tables(torch.cat(samples, 3), mean, analysis, coef_std, deadzone, rdo_lambda)
     return Profile(
         fingerprint=info.fingerprint,
         mean=mean.float().numpy(), analysis=analysis.float().numpy(), synthesis=synthesis.float().numpy(),
         coef_std=coef_std.float().numpy(), freqs=freqs, recon=recon,
         calibration={"text": text_name if text is not None or token_ids is not None else "pydoc_data.topics", "segments": segments,
                      "context_tokens": context_tokens, "continuation_tokens": continuation_tokens,
-                     "ridge": ridge, "deadzone": deadzone, "classes": NUM_CLASSES, "class_min_log2": CLASS_MIN_LOG2},
+                     "ridge": ridge, "deadzone": deadzone, **({"rdo_lambda": rdo_lambda} if rdo_lambda > 0 else {}),
+                     "classes": NUM_CLASSES, "class_min_log2": CLASS_MIN_LOG2},
     )
 
 
-def _class_tables(x: torch.Tensor, mean, analysis, coef_std, deadzone: float) -> tuple[np.ndarray, np.ndarray]:
-    """Entropy tables and centroids per class, from the pooled normalised coefficients of the model."""
+def _class_tables(x: torch.Tensor, mean, analysis, coef_std, deadzone: float,
+                  rdo_lambda: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Entropy tables and centroids per class, from the pooled normalised coefficients of the model.
+    With ``rdo_lambda`` the symbols are chosen as the encoder chooses them (:func:`rdo_quantize` under
+    the class's own tables) and the tables recounted, ``RDO_TABLE_ITERATIONS`` times."""
     coef = torch.einsum("klhtd,klhde->klhte", x.double() - mean[:, :, :, None], analysis)
     z = (coef / coef_std.clamp_min(1e-12)[:, :, :, None]).float()  # unit-variance coefficients
     freqs = np.zeros((2, NUM_CLASSES, 256), np.uint16)
@@ -300,22 +350,32 @@ def _class_tables(x: torch.Tensor, mean, analysis, coef_std, deadzone: float) ->
         zz = zz.double().numpy()
         for k in range(NUM_CLASSES):
             y = zz * class_ratio(k)
-            q = quantize(y, deadzone)
-            inside = np.abs(q) <= MAX_Q
-            sym = (q[inside] + ZERO_SYMBOL).astype(np.int64)
-            counts = np.bincount(sym, minlength=256).astype(np.float64)
-            sums = np.bincount(sym, weights=y[inside], minlength=256)
-            rec = np.where(counts > 0, sums / np.maximum(counts, 1), np.arange(256) - ZERO_SYMBOL)
-            # Smooth the tails: a symbol one step beyond the observed range stays codable, further
-            # ones escape. The escape symbol always keeps a little mass.
-            present = np.nonzero(counts)[0]
-            lo, hi = max(1, present.min() - 1), min(255, present.max() + 1)
-            counts[lo : hi + 1] += 0.5
-            counts[ESC] = max(1.0, (~inside).sum()) + 0.5
-            freqs[kv, k] = rans.normalize_counts(counts[None])[0]
-            recon[kv, k] = rec.astype(np.float32)
-            recon[kv, k, ESC] = 0.0
+            f, r = _symbol_table(y, quantize(y, deadzone))
+            for _ in range(RDO_TABLE_ITERATIONS if rdo_lambda > 0 else 0):
+                yt = torch.from_numpy(y).float()
+                q = rdo_quantize(yt, rdo_lambda, torch.from_numpy(code_bits(f[None])[0]),
+                                 torch.from_numpy(r), 0, deadzone)
+                f, r = _symbol_table(y, q.double().numpy())
+            freqs[kv, k], recon[kv, k] = f, r
     return freqs, recon
+
+
+def _symbol_table(y: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One class's rANS frequencies ``[256]`` and centroids ``[256]`` (in steps) of samples ``y`` coded as ``q``."""
+    inside = np.abs(q) <= MAX_Q
+    sym = (q[inside] + ZERO_SYMBOL).astype(np.int64)
+    counts = np.bincount(sym, minlength=256).astype(np.float64)
+    sums = np.bincount(sym, weights=y[inside], minlength=256)
+    rec = np.where(counts > 0, sums / np.maximum(counts, 1), np.arange(256) - ZERO_SYMBOL)
+    # Smooth the tails: a symbol one step beyond the observed range stays codable, further
+    # ones escape. The escape symbol always keeps a little mass.
+    present = np.nonzero(counts)[0]
+    lo, hi = max(1, present.min() - 1), min(255, present.max() + 1)
+    counts[lo : hi + 1] += 0.5
+    counts[ESC] = max(1.0, (~inside).sum()) + 0.5
+    rec = rec.astype(np.float32)
+    rec[ESC] = 0.0
+    return rans.normalize_counts(counts[None])[0], rec
 
 
 @torch.no_grad()
