@@ -255,7 +255,11 @@ async def test_slo_choices_move_with_rate(server, tiny, context):
     slo = 0.6
     quality, finals = {}, {}
     for rate in (0.3e6, 3e6, 30e6, 1e9):
-        async with loader(server, tiny, policy="slo", slo_s=slo, shaper=RateShaper(rate), plan=PlanOptions(prior_bps=rate)) as cl:
+        # a 4 KiB bucket: the default one (5 ms of the rate, 18.75 KB at 30 Mbit/s) refills while the
+        # first chunks are recomputed, and a body here is ~35 KB, so half of it would pass at loopback
+        # speed and the forecast would rightly read a link up to ~2-3x the nominal rate
+        shaper = RateShaper(rate, burst_bytes=4096)
+        async with loader(server, tiny, policy="slo", slo_s=slo, shaper=shaper, plan=PlanOptions(prior_bps=rate)) as cl:
             # the prior is the configured rate; each later chunk uses the measured throughput
             res = await cl.load(ctx, prompt_ids=[5, 6])
         rep = res.report
