@@ -528,8 +528,6 @@ class _LevelTables:
 
     def __init__(self, profile: Profile, spec: LevelSpec):
         self.deadzone, self.rdo_lambda = profile.deadzone, profile.rdo_lambda
-        self.bits = torch.from_numpy(profile.code_bits().reshape(-1))  # [tables * 256]
-        self.recon = torch.from_numpy(profile.recon.reshape(-1).astype(np.float32))  # in steps
         self.mean = torch.from_numpy(profile.mean)[:, :, :, None, :]  # [2, L, H, 1, D]
         self.analysis = torch.from_numpy(profile.analysis)  # [2, L, H, D, D]
         self.synthesis = torch.from_numpy(profile.synthesis)
@@ -558,6 +556,11 @@ class _LevelTables:
             raise MalformedError(f"profile tables {gaps} have holes in their codable range")
         self.rtab = (profile.recon.reshape(-1, 256) * np.float32(spec.step)).astype(np.float32)
         self.rtab[:, ESC] = 0.0
+        if self.rdo_lambda > 0:  # what the encoder's rate-distortion rounding reads (see quantize)
+            self.bits = torch.from_numpy(profile.code_bits().reshape(-1))  # [tables * 256]
+            self.recon = torch.from_numpy(profile.recon.reshape(-1).astype(np.float32))  # in steps
+            self.table_t = torch.from_numpy(self.table_ids.astype(np.int64))  # [2, L, H, D]
+            self.shift_t = torch.from_numpy(self.shift_ids.astype(np.int64))  # [S, 2, L, H, D]
 
     @property
     def fine_ids(self) -> np.ndarray:
@@ -582,10 +585,9 @@ class _LevelTables:
         if self.rdo_lambda <= 0:
             return quantize(y, self.deadzone)
         if shift_index is None:
-            table = torch.from_numpy(self.table_ids[kv, layer].astype(np.int64))[:, None, :]  # [H, 1, D]
+            table = self.table_t[kv, layer][:, None, :]  # [H, 1, D]
         else:
-            by_shift = torch.from_numpy(self.shift_ids[:, kv, layer].astype(np.int64))  # [S, H, D]
-            table = by_shift[shift_index].transpose(0, 1)  # [H, T, D]
+            table = self.shift_t[:, kv, layer][shift_index].transpose(0, 1)  # [S, H, D] -> [H, T, D]
         return rdo_quantize(y, self.rdo_lambda, self.bits, self.recon, table, self.deadzone)
 
     def stream_tables(self, layer: int, blocks: int, shift_padded: np.ndarray | None = None) -> np.ndarray:

@@ -59,6 +59,7 @@ PRIOR_WINDOWS = 8  # calibration windows the per-level quality prior is measured
 PRIOR_VERSION = 3
 DEFAULT_BUILD = {"context_tokens": 1024, "continuation_tokens": 256, "segments": 8, "ridge": 0.5, "deadzone": 0.0}
 RDO_TABLE_ITERATIONS = 2  # rounds of (RDO quantisation -> recount tables) when a profile is built with rdo_lambda
+UNCODABLE_BITS = 1e9  # code_bits of a symbol its table cannot code
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,10 +99,9 @@ class Profile:
         return float(self.calibration.get("rdo_lambda", 0.0))
 
     def code_bits(self) -> np.ndarray:
-        """``[tables, 256]`` float32: each symbol's code length in bits under its table (1e9 where the
-        table cannot code it)."""
-        f = self.freqs.reshape(-1, 256).astype(np.float64)
-        return code_bits(f)
+        """``[tables, 256]`` float32: each symbol's code length in bits under its table
+        (``UNCODABLE_BITS`` where the table cannot code it)."""
+        return code_bits(self.freqs.reshape(-1, 256))
 
     def classes(self, kv: int, step: float) -> np.ndarray:
         """Table class of every coefficient ``[L, H, D]`` (uint16) for quantisation ``step``."""
@@ -161,11 +161,9 @@ class Profile:
 
 def code_bits(freqs: np.ndarray) -> np.ndarray:
     """Code length in bits of every symbol of ``freqs`` ``[tables, 256]`` (rANS, ``M = 2**PROB_BITS``);
-    1e9 for symbols a table cannot code."""
+    ``UNCODABLE_BITS`` for symbols a table cannot code."""
     f = np.asarray(freqs, np.float64)
-    with np.errstate(divide="ignore"):
-        bits = np.where(f > 0, rans.PROB_BITS - np.log2(np.maximum(f, 1)), 1e9)
-    return bits.astype(np.float32)
+    return np.where(f > 0, rans.PROB_BITS - np.log2(np.maximum(f, 1)), UNCODABLE_BITS).astype(np.float32)
 
 
 def rdo_quantize(y: torch.Tensor, lam: float, bits: torch.Tensor, recon: torch.Tensor, table: torch.Tensor | int,
@@ -188,7 +186,8 @@ def rdo_quantize(y: torch.Tensor, lam: float, bits: torch.Tensor, recon: torch.T
     ba, bb = bits.take(ia), bits.take(ib)
     ja = (y - recon.take(ia)).square_().add_(ba, alpha=lam)
     jb = (y - recon.take(ib)).square_().add_(bb, alpha=lam)
-    move = (q != 0) & (ba < 1e8) & (bb < 1e8) & (jb < ja)
+    codable = (ba < UNCODABLE_BITS) & (bb < UNCODABLE_BITS)
+    move = (q != 0) & codable & (jb < ja)
     return torch.where(move, toward, q)
 
 
@@ -351,8 +350,8 @@ def _class_tables(x: torch.Tensor, mean, analysis, coef_std, deadzone: float,
         for k in range(NUM_CLASSES):
             y = zz * class_ratio(k)
             f, r = _symbol_table(y, quantize(y, deadzone))
+            yt = torch.from_numpy(y).float()
             for _ in range(RDO_TABLE_ITERATIONS if rdo_lambda > 0 else 0):
-                yt = torch.from_numpy(y).float()
                 q = rdo_quantize(yt, rdo_lambda, torch.from_numpy(code_bits(f[None])[0]),
                                  torch.from_numpy(r), 0, deadzone)
                 f, r = _symbol_table(y, q.double().numpy())
