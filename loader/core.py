@@ -321,10 +321,12 @@ class ContextLoader:
 
         async def fetch_all() -> None:
             previous = (0, 0.0)  # the most recent fetch: (body bytes, seconds), finished or abandoned
+            abandoned = False
             for i, entry in enumerate(manifest.chunks):
                 row = report.chunks[i]
                 d = planner.decide(i, elapsed_s=rel(), throughput_bps=est.estimate(), throughput_err=est.error(),
-                                   latency_s=backlog.latency_s, backlog_s=backlog.seconds(), previous_fetch=previous)
+                                   latency_s=backlog.latency_s, backlog_s=backlog.seconds(), previous_fetch=previous,
+                                   previous_abandoned=abandoned)
                 row.choice, row.remaining_s, row.decide_s = d.choice, d.remaining_s, d.decide_s
                 row.predicted_bps, row.throughput_err = d.state.throughput_bps, d.state.throughput_err
                 if d.error:
@@ -339,7 +341,7 @@ class ContextLoader:
                     got = await self.fetcher.chunk(context_id, entry, d.choice, est, codec.limits, d.timeout_s,
                                                    into=sink.receive_buffer)
                 except FetchFailed as exc:
-                    previous = (exc.nbytes, exc.seconds)
+                    previous, abandoned = (exc.nbytes, exc.seconds), True
                     row.retries, row.bytes, row.fetch_s = exc.retries, exc.nbytes, exc.seconds
                     fail(i, row, str(exc))
                     work = planner.recompute_s(i)
@@ -347,7 +349,7 @@ class ContextLoader:
                     ready[i].set_result(_Ready(TEXT, est_s=work, queued_at=rel()))
                     emit("failure", chunk=i, error=str(exc), recovered="recomputed")
                     continue
-                previous = (got.bytes, got.seconds)
+                previous, abandoned = (got.bytes, got.seconds), False
                 row.bytes, row.fetch_s, row.retries, row.throughput_bps = got.bytes, got.seconds, got.retries, got.bps
                 if got.error:
                     fail(i, row, got.error, got.recovered)

@@ -115,9 +115,10 @@ class Planner:
         return out
 
     def decide(self, i: int, *, elapsed_s: float, throughput_bps: float, throughput_err: float,
-               latency_s: float, backlog_s: float, previous_fetch: tuple[int, float] = (0, 0.0)) -> Decision:
+               latency_s: float, backlog_s: float, previous_fetch: tuple[int, float] = (0, 0.0),
+               previous_abandoned: bool = False) -> Decision:
         """Chunk ``i``'s choice; ``previous_fetch``: (body bytes, seconds) of the most recent fetch,
-        finished or abandoned (see :class:`~ctxstream.policies.ChunkState`)."""
+        finished or abandoned (``previous_abandoned``; see :class:`~ctxstream.policies.ChunkState`)."""
         infos = self.infos(i)
         cur = infos[0]
         remaining = (self.slo_s - elapsed_s - self.tail_s) if self.slo_s is not None else float("inf")
@@ -127,7 +128,8 @@ class Planner:
                            latency_s=latency_s, compute_backlog_s=backlog_s, elapsed_s=elapsed_s,
                            upcoming=tuple(infos[1:]), dppl=cur.dppl, context_tokens=self.manifest.tokens,
                            spent_dppl=self.estimated_dppl({j: x for j, x in self.used.items() if j < i}),
-                           previous_fetch_bytes=int(previous_fetch[0]), previous_fetch_s=float(previous_fetch[1]))
+                           previous_fetch_bytes=int(previous_fetch[0]), previous_fetch_s=float(previous_fetch[1]),
+                           previous_fetch_abandoned=bool(previous_abandoned))
         t = time.perf_counter()
         error = None
         try:

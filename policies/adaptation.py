@@ -31,7 +31,7 @@ Registry: :func:`make_policy` (``"slo"``, ``"mpc"``, ``"text"``, ``"fp16"``, ``"
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -115,6 +115,7 @@ class ChunkState:
     # hedge, a failure: then the bytes are what came); 0 seconds: no fetch yet
     previous_fetch_bytes: int = 0
     previous_fetch_s: float = 0.0
+    previous_fetch_abandoned: bool = False  # that fetch was given up (hedge, failure), not finished
 
     @property
     def levels(self) -> tuple[str, ...]:
@@ -302,7 +303,7 @@ class FixedPolicy(Policy):
 
 
 class AdaptivePolicy(Policy):
-    """What the SLO-aware policies share (each subclass only adds its ``select`` rule):
+    """What the SLO-aware policies share (each subclass only adds its ``plan`` rule):
 
     * an expected rate ``min(forecast, rate of the previous fetch)`` (``previous_fetch_bytes`` over
       ``previous_fetch_s`` less the request latency: a fetch that stalled lowers it at once, one
@@ -316,7 +317,15 @@ class AdaptivePolicy(Policy):
       fastest count as equally fast, the better quality among them wins);
     * a hedge: a fetch running longer than ``max(hedge * expected, recompute_s, min_timeout_s)``,
       or past the last moment from which recomputing all the chunks left would still meet the
-      budget, is abandoned and the chunk recomputed (outages happen mid-fetch: no forecast sees them).
+      budget, is abandoned and the chunk recomputed (outages happen mid-fetch: no forecast sees them);
+    * a probe: a fetch abandoned by the hedge (an outage) leaves only its own rate, the bytes that
+      came, and while that rate makes the policy recompute, nothing measures the link again (the
+      loader's estimator learns from whole bodies only). So when the previous fetch was abandoned,
+      this chunk's plan is text and the compute worker has at least ``min_timeout_s`` of work
+      queued, the policy plans again at the forecast alone, over the levels whose fetch at the
+      robust rate times ``hedge`` is within the queued work, and, if that plan fetches this chunk,
+      fetches it with the hedge cut to the queued work (``probe_s``): the worker reaches this chunk
+      no later than it would have for text, and the fetch, finished or abandoned, measures the link.
     """
 
     slo_aware = True
@@ -338,19 +347,46 @@ class AdaptivePolicy(Policy):
         self.last_fetch_bps = float("inf")  # rate of the previous fetch (inf: none yet)
         self.bps = 0.0  # the robust rate of the last select (decides what fits the budget)
         self.expected_bps = 0.0  # min(forecast, previous fetch's rate): ranks plans by speed
+        self.probe_s: float | None = None  # the last select's choice is a probe: its hedge (seconds)
 
-    def robust_bps(self, state: ChunkState) -> float:
-        """The rate plans are made with (also records the previous fetch's rate)."""
+    def robust_bps(self, state: ChunkState, *, use_previous_fetch: bool = True) -> float:
+        """The rate plans are made with (also records the previous fetch's rate); without
+        ``use_previous_fetch``, from the forecast alone (the probe's plan)."""
         if state.index == 0:
             self._reset()
         dt = state.previous_fetch_s - state.latency_s
         if state.previous_fetch_s > 0 and dt > 1e-3:  # (a body faster than that says nothing)
             self.last_fetch_bps = state.previous_fetch_bytes * 8.0 / dt
-        bps = min(float(state.throughput_bps), self.last_fetch_bps)
+        bps = float(state.throughput_bps)
+        if use_previous_fetch:
+            bps = min(bps, self.last_fetch_bps)
         err = min(max(0.0, state.throughput_err), self.max_err)
         self.expected_bps = max(1.0, bps)
         self.bps = max(1.0, bps * self.margin / (1.0 + err))
         return self.bps
+
+    def plan(self, state: ChunkState) -> tuple[Choice, ...]:
+        """The plan for ``state.chunks`` at the rates :meth:`robust_bps` set (subclasses)."""
+        raise NotImplementedError
+
+    def select(self, state: ChunkState) -> Choice:
+        self.robust_bps(state)
+        plan = self.plan(state)
+        self.probe_s = None
+        if (plan[0] == TEXT and state.previous_fetch_abandoned and self.last_fetch_bps < state.throughput_bps
+                and state.compute_backlog_s >= self.min_timeout_s):
+            rates = (self.bps, self.expected_bps)
+            self.robust_bps(state, use_previous_fetch=False)
+            window = float(state.compute_backlog_s)  # the probe's levels arrive well before the worker needs them
+            fits = {lv: n for lv, n in state.sizes_bytes.items()
+                    if self.hedge * (state.latency_s + n * 8.0 / self.bps) <= window}
+            probe = self.plan(replace(state, sizes_bytes=fits)) if fits else plan
+            if probe[0] != TEXT:
+                plan, self.probe_s = probe, window
+            else:
+                self.bps, self.expected_bps = rates
+        self.last_plan = tuple(plan)
+        return plan[0]
 
     def evaluate(self, state: ChunkState, plans: np.ndarray, options: Sequence[Choice]):
         """``(fits, good, t_expected, quality)`` of each plan (rows of ``plans``, see :func:`plan_finish_s`).
@@ -368,13 +404,11 @@ class AdaptivePolicy(Policy):
     def budget_s(self, state: ChunkState) -> float:
         return state.remaining_s * (1.0 - self.reserve) if state.remaining_s > 0 else state.remaining_s
 
-    def commit(self, state: ChunkState, choice: Choice, plan: Sequence[Choice] = ()) -> Choice:
-        self.last_plan = tuple(plan) or (choice,)
-        return choice
-
     def fetch_timeout_s(self, state: ChunkState, choice: Choice) -> float | None:
         if choice == TEXT or choice not in state.sizes_bytes:
             return None
+        if self.probe_s is not None:  # a probe: abandoned when the worker would start this chunk as text
+            return self.probe_s
         bps = self.bps or max(1.0, state.throughput_bps)
         expected = state.latency_s + state.sizes_bytes[choice] * 8.0 / bps
         limit = max(self.hedge * expected, state.recompute_s, self.min_timeout_s)
@@ -398,8 +432,7 @@ class SloPolicy(AdaptivePolicy):
 
     name = "slo"
 
-    def select(self, state: ChunkState) -> Choice:
-        self.robust_bps(state)
+    def plan(self, state: ChunkState) -> tuple[Choice, ...]:
         n = len(state.chunks)
         levels = list(state.levels)
         options = levels + [TEXT]
@@ -407,9 +440,8 @@ class SloPolicy(AdaptivePolicy):
         plans = [[i] * n for i in range(t)] + [[t] + [i] * (n - 1) for i in range(t)] + [[t] * n]
         arr = np.array(plans, dtype=np.int64)
         fit, good, t_fast, q = self.evaluate(state, arr, options)
-        plan = tuple(options[j] for j in arr[_pick(fit, good, t_fast, q, quality_first=True,
+        return tuple(options[j] for j in arr[_pick(fit, good, t_fast, q, quality_first=True,
                                                    time_tolerance=self.time_tolerance)])
-        return self.commit(state, plan[0], plan)
 
 
 class MpcPolicy(AdaptivePolicy):
@@ -436,11 +468,10 @@ class MpcPolicy(AdaptivePolicy):
     K_GRID = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
     R_STEPS = 16
 
-    def select(self, state: ChunkState) -> Choice:
-        self.robust_bps(state)
+    def plan(self, state: ChunkState) -> tuple[Choice, ...]:
         levels = list(state.levels)
         if not levels:
-            return self.commit(state, TEXT, (TEXT,) * len(state.chunks))
+            return (TEXT,) * len(state.chunks)
         nl = len(levels)
         options = levels + [TEXT]
         m = len(state.chunks) - 1
@@ -461,8 +492,7 @@ class MpcPolicy(AdaptivePolicy):
         plans = np.concatenate([o_a[:, None], rest], axis=1)
         fit, good, t_fast, q = self.evaluate(state, plans, options)
         i = _pick(fit, good, t_fast, q, quality_first=False, time_tolerance=self.time_tolerance)
-        plan = tuple(options[j] for j in plans[i])
-        return self.commit(state, plan[0], plan)
+        return tuple(options[j] for j in plans[i])
 
 
 # ------------------------------------------------------------------------------------ registry

@@ -40,14 +40,15 @@ def chunks(n=8, tokens=256, fp16_bytes=6_000_000, decode_s=0.02, recompute_s=0.5
 
 
 def state_at(infos, i, *, remaining_s, bps, err=0.0, backlog_s=0.0, latency_s=0.0, elapsed_s=0.0, spent_dppl=0.0,
-             previous_fetch=(0, 0.0)):
+             previous_fetch=(0, 0.0), abandoned=False):
     c = infos[i]
     return ChunkState(index=i, num_chunks=len(infos), tokens=c.tokens, sizes_bytes=c.sizes_bytes,
                       decode_s=c.decode_s, recompute_s=c.recompute_s, remaining_s=remaining_s,
                       throughput_bps=bps, throughput_err=err, latency_s=latency_s, compute_backlog_s=backlog_s,
                       elapsed_s=elapsed_s, upcoming=tuple(infos[i + 1:]), dppl=c.dppl,
                       context_tokens=sum(x.tokens for x in infos), spent_dppl=spent_dppl,
-                      previous_fetch_bytes=previous_fetch[0], previous_fetch_s=previous_fetch[1])
+                      previous_fetch_bytes=previous_fetch[0], previous_fetch_s=previous_fetch[1],
+                      previous_fetch_abandoned=abandoned)
 
 
 def plan_quality(infos, plan) -> float:
@@ -105,13 +106,13 @@ def simulate_link(policy: Policy, infos, rate, *, slo_s, prior_bps, window=5):
     is real, the previous fetch (finished or abandoned: its bytes so far) is reported, and a fetch past
     the policy's ``fetch_timeout_s`` is abandoned and the chunk recomputed.
     Returns (finish_s, chosen, final) per chunk."""
-    t, cpu_free, rates, chosen, final, previous = 0.0, 0.0, [], [], [], (0, 0.0)
+    t, cpu_free, rates, chosen, final, previous, abandoned = 0.0, 0.0, [], [], [], (0, 0.0), False
     for i, info in enumerate(infos):
         recent = rates[-window:]
         fc = len(recent) / sum(1.0 / r for r in recent) if recent else prior_bps
         spent = sum(c.dppl_of(x) for c, x in zip(infos, final))
         st = state_at(infos, i, remaining_s=slo_s - t, bps=fc, backlog_s=max(0.0, cpu_free - t), elapsed_s=t,
-                      spent_dppl=spent, previous_fetch=previous)
+                      spent_dppl=spent, previous_fetch=previous, abandoned=abandoned)
         c = policy.select(st)
         assert c == TEXT or c in info.sizes_bytes
         chosen.append(c)
@@ -122,13 +123,13 @@ def simulate_link(policy: Policy, infos, rate, *, slo_s, prior_bps, window=5):
         limit = policy.fetch_timeout_s(st, c)
         end = transfer_end(t, info.sizes_bytes[c], rate, cap_s=(limit or 1000.0) + 0.01)
         if limit is not None and end - t > limit:  # hedge: give up, recompute
-            previous = (int(bytes_by(t, t + limit, rate)), limit)
+            previous, abandoned = (int(bytes_by(t, t + limit, rate)), limit), True
             t += limit
             cpu_free = max(cpu_free, t) + info.recompute_s
             final.append(TEXT)
             continue
         rates.append(info.sizes_bytes[c] * 8.0 / max(end - t, 1e-6))
-        previous = (info.sizes_bytes[c], end - t)
+        previous, abandoned = (info.sizes_bytes[c], end - t), False
         t = end
         cpu_free = max(cpu_free, t) + info.decode_s[c]
         final.append(c)
@@ -445,6 +446,43 @@ def test_hedge_recovers_from_an_outage_mid_fetch():
         assert final.count(TEXT) > chosen.count(TEXT)  # at least one fetch was abandoned
         first = next(i for i, (c, f) in enumerate(zip(chosen, final)) if c != f)
         assert all(f == TEXT for f in final[first:])  # and every chunk after it is recomputed
+
+
+def test_probe_fetches_again_once_an_outage_ends():
+    """The link dies at t = 0.3 s and comes back at 2.5 s. The hedge abandons a fetch; its rate (what
+    came) would make the chunks left text, so mpc probes: it fetches the next chunk with the hedge
+    cut to the worker's queued recompute (free while the outage lasts), and once the link is back
+    the chunks left are fetched, sooner than recomputing them."""
+    infos = chunks(6, fp16_bytes=6_000_000, decode_s=0.03, recompute_s=1.0)
+    rate = lambda t: 0.0 if 0.3 <= t < 2.5 else 6e7  # noqa: E731
+    finish, chosen, final = simulate_link(MpcPolicy(), infos, rate, slo_s=6.0, prior_bps=6e7)
+    first = next(i for i, (c, f) in enumerate(zip(chosen, final)) if c != f)  # the hedged fetch
+    assert TEXT not in chosen and final[-1] != TEXT, (chosen, final)
+    text_after = 0.3 + sum(c.recompute_s for c in infos[first:])  # every chunk from the hedge on recomputed
+    assert finish < text_after - 0.5, (chosen, final, finish)
+
+
+def test_probe_hedge_is_the_queued_work():
+    """After an abandoned fetch (100 kB in 1 s) the plan is text; with 0.8 s of recompute queued,
+    the policy fetches this chunk at a level that arrives within a third of that at the forecast,
+    the hedge cut to 0.8 s; with nothing queued it does not probe (a fetch would only delay the
+    recompute), nor after a slow fetch that finished (its rate is a measurement, not a stall)."""
+    infos = chunks(4, fp16_bytes=6_000_000, decode_s=0.03, recompute_s=0.55)
+    for make in (SloPolicy, MpcPolicy):
+        p = make()
+        p.select(state_at(infos, 0, remaining_s=3.0, bps=6e7))
+        st = state_at(infos, 1, remaining_s=1.5, bps=6e7, elapsed_s=1.0, backlog_s=0.8,
+                      previous_fetch=(100_000, 1.0), abandoned=True)
+        c = p.select(st)
+        assert c != TEXT and p.probe_s == pytest.approx(0.8), (make.name, c)
+        assert 3 * infos[1].sizes_bytes[c] * 8 / 6e7 <= 0.8
+        assert p.fetch_timeout_s(st, c) == pytest.approx(0.8)
+        idle = state_at(infos, 1, remaining_s=1.5, bps=6e7, elapsed_s=1.0, backlog_s=0.0,
+                        previous_fetch=(100_000, 1.0), abandoned=True)
+        assert p.select(idle) == TEXT and p.probe_s is None, make.name
+        finished = state_at(infos, 1, remaining_s=1.5, bps=6e7, elapsed_s=1.0, backlog_s=0.8,
+                            previous_fetch=(100_000, 1.0))  # a slow fetch that finished: a real rate
+        assert p.select(finished) == TEXT and p.probe_s is None, make.name
 
 
 def test_fetch_timeout_is_a_hedge_only_for_adaptive_policies():
