@@ -350,11 +350,12 @@ def _class_tables(x: torch.Tensor, mean, analysis, coef_std, deadzone: float,
         for k in range(NUM_CLASSES):
             y = zz * class_ratio(k)
             f, r = _symbol_table(y, quantize(y, deadzone))
-            yt = torch.from_numpy(y).float()
-            for _ in range(RDO_TABLE_ITERATIONS if rdo_lambda > 0 else 0):
-                q = rdo_quantize(yt, rdo_lambda, torch.from_numpy(code_bits(f[None])[0]),
-                                 torch.from_numpy(r), 0, deadzone)
-                f, r = _symbol_table(y, q.double().numpy())
+            if rdo_lambda > 0:  # (plain rounding, the default, needs no float32 copy of the samples)
+                yt = torch.from_numpy(y).float()
+                for _ in range(RDO_TABLE_ITERATIONS):
+                    q = rdo_quantize(yt, rdo_lambda, torch.from_numpy(code_bits(f[None])[0]),
+                                     torch.from_numpy(r), 0, deadzone)
+                    f, r = _symbol_table(y, q.double().numpy())
             freqs[kv, k], recon[kv, k] = f, r
     return freqs, recon
 
