@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     # ids are keyed with this secret; None: a durable store keeps a generated one (meta.id-secret)
     id_secret: str | None = Field(None, min_length=16, repr=False)
     stream_piece_bytes: int = Field(256 << 10, ge=4096)  # response body piece size (256 KiB: fastest here)
+    # served objects up to this size are checked against their checksum before the response starts
+    # (a 404 when damaged); larger ones as their pieces are sent (see api/responses.py)
+    verify_upfront_bytes: int = Field(4 << 20, ge=0)
     log_level: str = "warning"
 
     @classmethod

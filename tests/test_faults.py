@@ -438,6 +438,38 @@ async def test_corrupted_and_truncated_in_redis_are_recomputed_by_the_loader(mak
     client.close()
 
 
+async def test_damaged_large_object_is_cut_off_before_its_last_byte(make_streamer, tiny_adapter, tiny_codec):
+    """Objects above ``verify_upfront_bytes`` are hashed as their pieces are sent (the first byte does not
+    wait for a hash of the whole object): wrong bytes never make a complete response -- the connection
+    drops before the last piece --, a Range request is checked before it starts (404), and the loader
+    recomputes the chunk while the intact ones stream whole."""
+    from ctxstream.streamer.storage import MemoryStore
+
+    store = MemoryStore(64 << 20)
+    srv = make_streamer(store_obj=store, chunk_tokens=CT, verify_upfront_bytes=0, stream_piece_bytes=4096)
+    ids = tokens(3 * CT, seed=11)
+    body = upload_ids(srv.url, ids).json()
+    st = srv.app.state.streamer
+    c0, c1 = body["manifest"]["chunks"][:2]
+    assert c1["sizes"]["fp16"] > 2 * 4096  # several pieces: some leave before the digest is known
+    key = chunk_key(c1["id"], "fp16", st.codec.level_id("fp16"), c1["checksums"]["fp16"])
+    bad = bytearray(await store.get(key))
+    bad[-20] ^= 0x10  # in the last piece: everything before it has been sent when the check fails
+    await store.put(key, bytes(bad))
+    url = f"{srv.url}/v1/contexts/{body['id']}/chunks"
+    r = httpx.get(f"{url}/0", params={"level": "fp16"}, headers=auth())
+    assert r.status_code == 200 and checksum_hex(r.content) == c0["checksums"]["fp16"]
+    with pytest.raises(httpx.RemoteProtocolError):  # "peer closed connection without sending complete body"
+        httpx.get(f"{url}/1", params={"level": "fp16"}, headers=auth())
+    r = httpx.get(f"{url}/1", params={"level": "fp16"}, headers={**auth(), "Range": "bytes=100-"})
+    assert r.status_code == 404 and "damaged" in r.json()["detail"]
+    async with make_loader(srv.url, tiny_adapter, tiny_codec) as cl:
+        res = await cl.load(body["id"])
+    rows = res.report.chunks
+    assert [row.final for row in rows] == ["fp16", TEXT, "fp16"] and rows[1].recovered == "recomputed"
+    assert_kv_exact(tiny_adapter, res, ids)  # the bad bytes never reached the cache
+
+
 async def test_wrong_bytes_with_valid_store_framing_are_never_served_and_a_reupload_repairs_them(
         make_streamer, tiny_adapter, tiny_codec):
     """An object whose store checksum verifies but whose bytes are not what the manifest promised (a bug,

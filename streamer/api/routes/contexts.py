@@ -18,7 +18,7 @@ from ...kvformat import CONTENT_TYPE as KV_CONTENT_TYPE
 from ...kvformat import KVFormatError, unpack_kv
 from ...records import chunk_key
 from ..deps import check_level, state, tenant_of, visible_record
-from ..responses import PiecewiseResponse, parse_range
+from ..responses import PiecewiseResponse, parse_range, verify_before_sending
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/contexts", tags=["contexts"])
@@ -191,15 +191,16 @@ async def get_chunk(ctx_id: str, index: int, request: Request,
     data, tier = await st.store.get_with_tier(chunk_key(entry.chunk_id, level, st.codec.level_id(level), checksum))
     # the manifest's checksum is compared here too: bytes that pass the store framing but are not the
     # bytes this context was committed with (a bug, a stale tier, tampering) are never served
-    if data is None or len(data) != size or checksum_hex(data) != checksum:
-        log.warning("chunk %s level %s of context %s is missing or damaged in the store", entry.chunk_id, level, ctx_id)
-        raise HTTPException(404, f"chunk {index} ({level}) of context {ctx_id} is missing or damaged in the store; "
-                                 "upload the context again")
     etag = f'"{checksum}"'
-    rng = parse_range(request.headers.get("range"), size)
+    rng = parse_range(request.headers.get("range"), size) if data is not None and len(data) == size else None
     if_range = request.headers.get("if-range")
     if rng is not None and if_range is not None and if_range.strip() != etag:
         rng = None  # the client's partial copy is of another object: send it whole
+    upfront = verify_before_sending(size, rng is not None, st.settings.verify_upfront_bytes)
+    if data is None or len(data) != size or (upfront and checksum_hex(data) != checksum):
+        log.warning("chunk %s level %s of context %s is missing or damaged in the store", entry.chunk_id, level, ctx_id)
+        raise HTTPException(404, f"chunk {index} ({level}) of context {ctx_id} is missing or damaged in the store; "
+                                 "upload the context again")
     start, end = rng if rng is not None else (0, size)
     headers = {
         "Accept-Ranges": "bytes", "ETag": etag, "X-Checksum-Xxh3": checksum, "X-Chunk-Id": entry.chunk_id,
@@ -216,7 +217,8 @@ async def get_chunk(ctx_id: str, index: int, request: Request,
         metrics.observe("chunk_response_bytes", n, level=level)
 
     return PiecewiseResponse(data, start=start, end=end, status_code=206 if rng is not None else 200,
-                             headers=headers, piece=st.settings.stream_piece_bytes, on_sent=sent)
+                             headers=headers, piece=st.settings.stream_piece_bytes, on_sent=sent,
+                             checksum=None if upfront else checksum)
 
 
 router.add_api_route("/{ctx_id}/chunks/{index}", get_chunk, methods=["HEAD"], include_in_schema=False)

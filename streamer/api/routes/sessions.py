@@ -44,7 +44,7 @@ from ...kvformat import CONTENT_TYPE as KV_CONTENT_TYPE
 from ...kvformat import KVFormatError, unpack_kv
 from ...sessions import InvalidSessionIdError, SessionConflictError, SessionError, SessionStore
 from ..deps import state, tenant_of
-from ..responses import PiecewiseResponse, parse_range
+from ..responses import PiecewiseResponse, parse_range, verify_before_sending
 from .contexts import _parse_json, _read_body
 
 log = logging.getLogger(__name__)
@@ -291,13 +291,14 @@ async def get_chunk(sid: str, index: int, request: Request, level: str | None = 
     okey, size, checksum = chunk["levels"][level]
     vals, tier = await svc.store.hier.get(key, [okey])
     data = vals[0] if vals else None
-    if data is None or len(data) != size or checksum_hex(data) != checksum:
-        raise HTTPException(404, f"chunk {index} ({level}) of session {sid} is gone (the session changed or was "
-                                 "evicted); fetch the manifest again")
-    rng = parse_range(request.headers.get("range"), size)
+    rng = parse_range(request.headers.get("range"), size) if data is not None and len(data) == size else None
     etag = f'"{checksum}"'
     if rng is not None and request.headers.get("if-range") not in (None, etag):
         rng = None
+    upfront = verify_before_sending(size, rng is not None, st.settings.verify_upfront_bytes)
+    if data is None or len(data) != size or (upfront and checksum_hex(data) != checksum):
+        raise HTTPException(404, f"chunk {index} ({level}) of session {sid} is gone (the session changed or was "
+                                 "evicted); fetch the manifest again")
     start, end = rng if rng is not None else (0, size)
     headers = {"Accept-Ranges": "bytes", "ETag": etag, "X-Checksum-Xxh3": checksum, "X-Chunk-Level": level,
                "X-Chunk-Start": str(chunk["start"]), "X-Chunk-Tokens": str(chunk["tokens"]),
@@ -310,7 +311,8 @@ async def get_chunk(sid: str, index: int, request: Request, level: str | None = 
         metrics.inc("bytes_served_total", n, tier=tier or "unknown")
 
     return PiecewiseResponse(data, start=start, end=end, status_code=206 if rng is not None else 200,
-                             headers=headers, piece=st.settings.stream_piece_bytes, on_sent=sent)
+                             headers=headers, piece=st.settings.stream_piece_bytes, on_sent=sent,
+                             checksum=None if upfront else checksum)
 
 
 @router.post("/v1/sessions/{sid}/truncate", summary="Drop the oldest turns (system kept), re-position the rest")
