@@ -189,8 +189,9 @@ async def get_chunk(ctx_id: str, index: int, request: Request,
     entry = rec.route[index]
     size, checksum = entry.levels[level]
     data, tier = await st.store.get_with_tier(chunk_key(entry.chunk_id, level, st.codec.level_id(level), checksum))
-    # the manifest's checksum is compared here too: bytes that pass the store framing but are not the
-    # bytes this context was committed with (a bug, a stale tier, tampering) are never served
+    # the manifest's checksum is compared too (here, or as a large object's pieces are sent): bytes that
+    # pass the store framing but are not the bytes this context was committed with (a bug, a stale
+    # tier, tampering) never make a complete response
     etag = f'"{checksum}"'
     rng = parse_range(request.headers.get("range"), size) if data is not None and len(data) == size else None
     if_range = request.headers.get("if-range")
