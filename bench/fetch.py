@@ -1,8 +1,10 @@
 """Chunk fetch throughput through the loader's own fetcher (``ctxstream.loader.fetcher.Fetcher``, what
 ``ContextLoader`` and ``ctxstream ask`` fetch with) against a bare aiohttp ``read()``, on loopback.
 
-The streamer runs in this process (a uvicorn thread, as ``bench/gpu_ttft.py`` runs it), memory
-store, with the KV of a Llama-3-8B-shaped attention (32 layers, 8 KV heads, head dim 128: 128 MiB
+The streamer runs in a process of its own (``--streamer process``, as users run it and as
+``bench/gpu_ttft.py`` runs it; see ``bench/streamer_process.py``) or in a uvicorn thread of this
+process (``--streamer thread``, sharing the fetcher's GIL), memory store, with the KV of a
+Llama-3-8B-shaped attention (32 layers, 8 KV heads, head dim 128: 128 MiB
 of fp16 KV per 1024 tokens; random bf16 KV, so only the fp16 and quant8 sizes are those of a real
 model). One connection; the chunks of the context one after another, as a load fetches them:
 
@@ -31,13 +33,13 @@ import torch
 
 from bench.gpu import synthetic_profile
 from bench.gpu_ttft import TOKEN, build_model, upload_kv
+from bench.streamer_process import MODES as STREAMER_MODES, serve as serve_streamer
 from ctxstream.codec import Codec
 from ctxstream.hostinfo import host_info
 from ctxstream.loader.fetcher import Fetcher
 from ctxstream.loader.throughput import ThroughputEstimator
 from ctxstream.manifest import Manifest
 from ctxstream.model import ByteTokenizer, ModelAdapter
-from ctxstream.streamer.server import serve_in_background
 from ctxstream.streamer.settings import Settings
 from ctxstream.traces.shaping import RateShaper
 
@@ -104,6 +106,7 @@ def main() -> None:
     ap.add_argument("--levels", default="fp16,quant8")
     ap.add_argument("--rates-gbps", default="10,3,1")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--streamer", choices=STREAMER_MODES, default="process")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     levels = [x for x in args.levels.split(",") if x]
@@ -121,8 +124,8 @@ def main() -> None:
     ids = torch.randint(0, SHAPE["vocab_size"], (args.tokens,), generator=g).tolist()
     res = {"bench": "fetch", "host_info": host_info(), "command": "python -m bench.fetch " + " ".join(sys.argv[1:]),
            "tokens": args.tokens, "chunk_tokens": args.chunk, "kv_shape": "32 layers x 8 KV heads x 128 (Llama-3-8B)",
-           "streamer": "in this process (uvicorn thread), memory store, loopback", "reps": args.reps}
-    srv = serve_in_background(settings, adapter=adapter, codec=codec)
+           "streamer": f"{args.streamer} (bench/streamer_process.py), memory store, loopback", "reps": args.reps}
+    srv = serve_streamer(settings, adapter=adapter, codec=codec, mode=args.streamer)
     try:
         t0 = time.perf_counter()
         cid = upload_kv(srv.url, ids, keys, values)["id"]
@@ -131,7 +134,8 @@ def main() -> None:
         res["rows"] = asyncio.run(measure(srv.url, cid, levels, rates, args.reps, codec.limits))
     finally:
         srv.stop()
-    print(f"\n{res['host_info'].get('cpu')}, {res['host_info'].get('cpus')} CPUs; {args.tokens} tokens")
+    print(f"\n{res['host_info'].get('cpu')}, {res['host_info'].get('cpus')} CPUs; {args.tokens} tokens; "
+          f"streamer: {args.streamer}")
     print(f"{'level':8s} {'client':8s} {'rate':>10s} {'MB/s':>8s} {'of rate':>8s}")
     for r in res["rows"]:
         rate = f"{r['rate_gbps']:g} Gbit/s" if r["rate_gbps"] else "unshaped"

@@ -1,9 +1,10 @@
 """TTFT of a Llama-3-8B-shaped model on one GPU, measured through :class:`ctxstream.loader.ContextLoader`
 against a real streamer on loopback: recompute, each codec level, ``slo`` and ``mpc`` (run on a GPU).
 
-What a user runs is what is timed: the streamer (``serve_in_background``, uvicorn on 127.0.0.1,
-memory store, the context's KV uploaded once through the KV upload route and encoded by the
-streamer at every level) and a ``ContextLoader`` with the model on CUDA, so its default KV sink is
+What a user runs is what is timed: the streamer (uvicorn on 127.0.0.1 in a process of its own, as
+``ctxstream serve`` runs, see ``bench/streamer_process.py``; ``--streamer thread``: in a thread of
+this process, sharing the loader's GIL; memory store; the context's KV uploaded once through the KV
+upload route and encoded by the streamer at every level) and a ``ContextLoader`` with the model on CUDA, so its default KV sink is
 the GPU one (each chunk pinned and prepared as it arrives, decoded on side streams while the
 prompt's forward pass runs, layer-wise through ``PipelinedCache``; recompute on the GPU). The link
 is shaped in-process by a :class:`~ctxstream.traces.shaping.RateShaper` on the bytes the loader
@@ -52,6 +53,7 @@ import urllib.request
 import numpy as np
 import torch
 
+from bench.streamer_process import MODES as STREAMER_MODES, serve as serve_streamer
 from ctxstream.codec import Codec
 from ctxstream.codec.profile import build_profile, calibration_text
 from ctxstream.hostinfo import host_info
@@ -61,7 +63,6 @@ from ctxstream.model import ByteTokenizer, ModelAdapter, cache_kw
 from ctxstream.codec.quality import QualityEstimator
 from ctxstream.policies import DPPL_MARGIN
 from ctxstream.streamer.kvformat import CONTENT_TYPE as KV_CONTENT_TYPE, pack_kv
-from ctxstream.streamer.server import serve_in_background
 from ctxstream.streamer.settings import Settings
 from ctxstream.traces.shaping import RateShaper
 
@@ -175,6 +176,9 @@ def main() -> None:  # noqa: C901 - one linear script
     ap.add_argument("--gpu-graphs", action="store_true",
                     help="grid: ContextLoader's GPU sink records each chunk's decode as CUDA graphs as it arrives "
                          "(LoaderContext(gpu_graphs=True), as `ctxstream ask --gpu-graphs`)")
+    ap.add_argument("--streamer", choices=STREAMER_MODES, default="process",
+                    help="the streamer in its own process (as users run it) or in a thread of this one "
+                         "(sharing the loader's GIL); see bench/streamer_process.py")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -277,7 +281,8 @@ def main() -> None:  # noqa: C901 - one linear script
             with open(p, "w") as fh:
                 json.dump(out, fh, indent=1)
 
-    srv = serve_in_background(settings, adapter=adapter, codec=codec)
+    srv = serve_streamer(settings, adapter=adapter, codec=codec, mode=args.streamer)
+    res["streamer"] = args.streamer
     try:
         t0 = time.perf_counter()
         cid, manifests = {}, {}

@@ -1,0 +1,158 @@
+"""The streamer in a process of its own, for the benches whose model exists only inside the bench.
+
+A user runs the streamer (``ctxstream serve``) and the loader (``ctxstream ask``, ``ContextLoader``)
+as different processes, usually on different hosts. A streamer in a thread of the loader's process
+shares its GIL: on loopback that alone held the loader's fetcher to about half the rate it reaches
+from a streamer process (2-core VM, 128 MiB chunks: 710 against 1430 MB/s), so a bench that serves
+from a thread measures the bench, not the loader.
+
+The benches' models are random and built in the bench, so ``ctxstream serve`` cannot load them.
+:class:`StreamerProcess` runs ``python -m bench.streamer_process`` instead: the child builds the
+streamer app (``serve_in_background``, thread mode, inside the child) with the bench's codec profile
+and an :class:`UploadOnlyAdapter`, which carries the model's shape and fingerprint but no weights.
+Such a streamer stores and serves KV uploads (what the benches send) and answers text ingest with a
+``ModelError``. Settings, model info and profile go to the child as JSON and the profile's own
+``.ctxp`` bytes in a temporary folder; the child prints its URL on stdout and stops when its stdin
+closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import select
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from ctxstream.model import ModelAdapter, ModelError, ModelInfo
+from ctxstream.streamer.settings import Settings
+
+_READY = "CTXSTREAM_BENCH_STREAMER"
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class UploadOnlyAdapter(ModelAdapter):
+    """A model's :class:`ModelInfo` without its weights or tokenizer: KV is uploaded, never computed."""
+
+    def __init__(self, info: ModelInfo):  # noqa: D107 - no model to wrap
+        self.model, self.tokenizer, self.name, self.info = None, None, info.name, info
+
+    def _no_weights(self, *args, **kwargs):
+        raise ModelError(f"this streamer holds only the shape of {self.info.name}: upload KV, not text")
+
+    tokenize = compute_kv = compute_kv_with_importance = extend = _no_weights
+
+
+def info_to_json(info: ModelInfo) -> str:
+    return json.dumps(dataclasses.asdict(info))
+
+
+def info_from_json(text: str) -> ModelInfo:
+    d = json.loads(text)
+    return ModelInfo(**{**d, "inv_freq": tuple(float(v) for v in d["inv_freq"])})
+
+
+class StreamerProcess:
+    """``python -m bench.streamer_process`` serving ``settings`` with ``codec`` for ``adapter``'s model;
+    ``.url`` once it listens, ``.stop()`` (or the ``with`` block's end) to end it."""
+
+    def __init__(self, settings: Settings, *, adapter: ModelAdapter, codec, startup_timeout: float = 300.0):
+        self._dir = tempfile.TemporaryDirectory(prefix="ctxstream-bench-streamer-")
+        folder = Path(self._dir.name)
+        (folder / "settings.json").write_text(settings.model_copy(update={"port": 0}).model_dump_json())
+        (folder / "info.json").write_text(info_to_json(adapter.info))
+        if codec.profile is not None:
+            (folder / "profile.ctxp").write_bytes(codec.profile.to_bytes())
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(_REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        self._proc = subprocess.Popen([sys.executable, "-m", "bench.streamer_process", str(folder)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
+        self.url = None
+        deadline = time.monotonic() + startup_timeout
+        while self.url is None:
+            left = deadline - time.monotonic()
+            if left <= 0 or self._proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"bench streamer process did not start (exit code {self._proc.poll()})")
+            ready, _, _ = select.select([self._proc.stdout], [], [], min(left, 0.5))
+            if ready:
+                line = self._proc.stdout.readline()
+                if line.startswith(_READY):
+                    self.url = line.split()[1]
+        threading.Thread(target=_drain, args=(self._proc.stdout,), daemon=True).start()
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self._proc.poll() is None:
+            try:
+                self._proc.stdin.close()  # the child stops its server and exits
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._dir.cleanup()
+
+    def __enter__(self) -> "StreamerProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+MODES = ("process", "thread")
+
+
+def serve(settings: Settings, *, adapter: ModelAdapter, codec, mode: str = "process"):
+    """The benches' streamer: a :class:`StreamerProcess` (``mode="process"``, as users run it) or
+    ``serve_in_background`` in a thread of this process (``"thread"``, sharing the loader's GIL).
+    Either has ``.url`` and ``.stop()``."""
+    if mode == "process":
+        return StreamerProcess(settings, adapter=adapter, codec=codec)
+    if mode == "thread":
+        from ctxstream.streamer.server import serve_in_background
+
+        return serve_in_background(settings, adapter=adapter, codec=codec)
+    raise ValueError(f"streamer mode must be one of {MODES}, not {mode!r}")
+
+
+def _drain(stream) -> None:
+    for _ in iter(stream.readline, ""):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ctxstream.codec import Codec
+    from ctxstream.codec.profile import Profile
+    from ctxstream.streamer.server import serve_in_background
+
+    ap = argparse.ArgumentParser(description="serve a bench's uploads (see bench/streamer_process.py)")
+    ap.add_argument("folder", type=Path, help="settings.json, info.json and profile.ctxp (optional)")
+    args = ap.parse_args(argv)
+    settings = Settings(**json.loads((args.folder / "settings.json").read_text()))
+    info = info_from_json((args.folder / "info.json").read_text())
+    prof = args.folder / "profile.ctxp"
+    codec = Codec(info, Profile.from_bytes(prof.read_bytes()) if prof.is_file() else None)
+    srv = serve_in_background(settings, adapter=UploadOnlyAdapter(info), codec=codec)
+    try:
+        print(f"{_READY} {srv.url}", flush=True)
+        while sys.stdin.read(1 << 16):  # until the parent closes stdin (or exits)
+            pass
+    finally:
+        srv.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
