@@ -70,7 +70,10 @@ class StreamerProcess:
         if codec.profile is not None:
             (folder / "profile.ctxp").write_bytes(codec.profile.to_bytes())
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(_REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        # ctxstream resolves as it does here (an installed copy first, where there is one); the
+        # checkout, last, gives ``bench``
+        env["PYTHONPATH"] = os.pathsep.join([p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+                                            + [str(_REPO_ROOT)])
         self._proc = subprocess.Popen([sys.executable, "-m", "bench.streamer_process", str(folder)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
         self.url = None
