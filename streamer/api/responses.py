@@ -11,6 +11,8 @@ from fastapi import HTTPException
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from ctxstream.manifest import checksum_hex
+
 _RANGE_RE = re.compile(r"^\s*bytes\s*=\s*([0-9]{0,18})\s*-\s*([0-9]{0,18})\s*\Z", re.IGNORECASE)  # ASCII digits, < 2**63
 
 
@@ -98,3 +100,30 @@ class PiecewiseResponse(Response):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         if self.on_sent is not None:
             self.on_sent(sent)
+
+
+def object_response(request, data, size: int, checksum: str, *, headers: dict[str, str], piece: int,
+                    upfront_bytes: int, on_sent: Callable[[int], None] | None,
+                    missing: Callable[[], HTTPException]) -> "PiecewiseResponse":
+    """The response of a stored object whose manifest gives ``size`` and ``checksum`` (xxh3 hex): whole
+    (200), or the request's ``Range`` (206; sent whole when ``If-Range`` names another ETag). The
+    checksum is compared before the first byte (ranges and objects up to ``upfront_bytes``, see
+    :func:`verify_before_sending`) or as the pieces are sent. Raises ``missing()`` (the route's 404
+    with its reason) when ``data`` is None, not ``size`` bytes, or fails the check made first.
+    ``headers``: the route's own, beside the ETag, checksum, size and range headers set here."""
+    etag = f'"{checksum}"'
+    whole = data is not None and len(data) == size
+    rng = parse_range(request.headers.get("range"), size) if whole else None
+    if_range = request.headers.get("if-range")
+    if rng is not None and if_range is not None and if_range.strip() != etag:
+        rng = None  # the client's partial copy is of another object: send it whole
+    upfront = verify_before_sending(size, rng is not None, upfront_bytes)
+    if not whole or (upfront and checksum_hex(data) != checksum):
+        raise missing()
+    start, end = rng if rng is not None else (0, size)
+    out = {"Accept-Ranges": "bytes", "ETag": etag, "X-Checksum-Xxh3": checksum, "X-Chunk-Bytes": str(size),
+           **headers}
+    if rng is not None:
+        out["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    return PiecewiseResponse(data, start=start, end=end, status_code=206 if rng is not None else 200,
+                             headers=out, piece=piece, on_sent=on_sent, checksum=None if upfront else checksum)

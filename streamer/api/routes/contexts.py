@@ -11,14 +11,13 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from ctxstream.codec import CodecError
-from ctxstream.manifest import checksum_hex
 
 from ...ingest import ConcurrentChangeError
 from ...kvformat import CONTENT_TYPE as KV_CONTENT_TYPE
 from ...kvformat import KVFormatError, unpack_kv
 from ...records import chunk_key
 from ..deps import check_level, state, tenant_of, visible_record
-from ..responses import PiecewiseResponse, parse_range, verify_before_sending
+from ..responses import object_response
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/contexts", tags=["contexts"])
@@ -189,27 +188,9 @@ async def get_chunk(ctx_id: str, index: int, request: Request,
     entry = rec.route[index]
     size, checksum = entry.levels[level]
     data, tier = await st.store.get_with_tier(chunk_key(entry.chunk_id, level, st.codec.level_id(level), checksum))
-    # the manifest's checksum is compared too (here, or as a large object's pieces are sent): bytes that
-    # pass the store framing but are not the bytes this context was committed with (a bug, a stale
-    # tier, tampering) never make a complete response
-    etag = f'"{checksum}"'
-    rng = parse_range(request.headers.get("range"), size) if data is not None and len(data) == size else None
-    if_range = request.headers.get("if-range")
-    if rng is not None and if_range is not None and if_range.strip() != etag:
-        rng = None  # the client's partial copy is of another object: send it whole
-    upfront = verify_before_sending(size, rng is not None, st.settings.verify_upfront_bytes)
-    if data is None or len(data) != size or (upfront and checksum_hex(data) != checksum):
-        log.warning("chunk %s level %s of context %s is missing or damaged in the store", entry.chunk_id, level, ctx_id)
-        raise HTTPException(404, f"chunk {index} ({level}) of context {ctx_id} is missing or damaged in the store; "
-                                 "upload the context again")
-    start, end = rng if rng is not None else (0, size)
-    headers = {
-        "Accept-Ranges": "bytes", "ETag": etag, "X-Checksum-Xxh3": checksum, "X-Chunk-Id": entry.chunk_id,
-        "X-Chunk-Level": level, "X-Chunk-Start": str(entry.start), "X-Chunk-Tokens": str(entry.tokens),
-        "X-Chunk-Bytes": str(size), "X-Store-Tier": tier or "",
-    }
-    if rng is not None:
-        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    # the manifest's checksum is compared too (before the first byte, or as a large object's pieces are
+    # sent): bytes that pass the store framing but are not the bytes this context was committed with
+    # (a bug, a stale tier, tampering) never make a complete response
     metrics = st.metrics
 
     def sent(n: int) -> None:
@@ -217,9 +198,15 @@ async def get_chunk(ctx_id: str, index: int, request: Request,
         metrics.inc("chunks_served_total", level=level)
         metrics.observe("chunk_response_bytes", n, level=level)
 
-    return PiecewiseResponse(data, start=start, end=end, status_code=206 if rng is not None else 200,
-                             headers=headers, piece=st.settings.stream_piece_bytes, on_sent=sent,
-                             checksum=None if upfront else checksum)
+    def missing() -> HTTPException:
+        log.warning("chunk %s level %s of context %s is missing or damaged in the store", entry.chunk_id, level, ctx_id)
+        return HTTPException(404, f"chunk {index} ({level}) of context {ctx_id} is missing or damaged in the store; "
+                                  "upload the context again")
+
+    headers = {"X-Chunk-Id": entry.chunk_id, "X-Chunk-Level": level, "X-Chunk-Start": str(entry.start),
+               "X-Chunk-Tokens": str(entry.tokens), "X-Store-Tier": tier or ""}
+    return object_response(request, data, size, checksum, headers=headers, piece=st.settings.stream_piece_bytes,
+                           upfront_bytes=st.settings.verify_upfront_bytes, on_sent=sent, missing=missing)
 
 
 router.add_api_route("/{ctx_id}/chunks/{index}", get_chunk, methods=["HEAD"], include_in_schema=False)

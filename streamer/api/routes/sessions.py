@@ -36,7 +36,7 @@ import xxhash
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from ctxstream.manifest import MANIFEST_VERSION, checksum_hex
+from ctxstream.manifest import MANIFEST_VERSION
 from ctxstream.model import ModelAdapter
 
 from ...hierarchy import HierarchicalStore, build_tiers
@@ -44,7 +44,7 @@ from ...kvformat import CONTENT_TYPE as KV_CONTENT_TYPE
 from ...kvformat import KVFormatError, unpack_kv
 from ...sessions import InvalidSessionIdError, SessionConflictError, SessionError, SessionStore
 from ..deps import state, tenant_of
-from ..responses import PiecewiseResponse, parse_range, verify_before_sending
+from ..responses import object_response
 from .contexts import _parse_json, _read_body
 
 log = logging.getLogger(__name__)
@@ -291,28 +291,19 @@ async def get_chunk(sid: str, index: int, request: Request, level: str | None = 
     okey, size, checksum = chunk["levels"][level]
     vals, tier = await svc.store.hier.get(key, [okey])
     data = vals[0] if vals else None
-    rng = parse_range(request.headers.get("range"), size) if data is not None and len(data) == size else None
-    etag = f'"{checksum}"'
-    if rng is not None and request.headers.get("if-range") not in (None, etag):
-        rng = None
-    upfront = verify_before_sending(size, rng is not None, st.settings.verify_upfront_bytes)
-    if data is None or len(data) != size or (upfront and checksum_hex(data) != checksum):
-        raise HTTPException(404, f"chunk {index} ({level}) of session {sid} is gone (the session changed or was "
-                                 "evicted); fetch the manifest again")
-    start, end = rng if rng is not None else (0, size)
-    headers = {"Accept-Ranges": "bytes", "ETag": etag, "X-Checksum-Xxh3": checksum, "X-Chunk-Level": level,
-               "X-Chunk-Start": str(chunk["start"]), "X-Chunk-Tokens": str(chunk["tokens"]),
-               "X-Chunk-Bytes": str(size), "X-Store-Tier": tier or "", "X-Session-Version": str(head[0])}
-    if rng is not None:
-        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
     metrics = st.metrics
 
     def sent(n: int) -> None:
         metrics.inc("bytes_served_total", n, tier=tier or "unknown")
 
-    return PiecewiseResponse(data, start=start, end=end, status_code=206 if rng is not None else 200,
-                             headers=headers, piece=st.settings.stream_piece_bytes, on_sent=sent,
-                             checksum=None if upfront else checksum)
+    def missing() -> HTTPException:
+        return HTTPException(404, f"chunk {index} ({level}) of session {sid} is gone (the session changed or was "
+                                  "evicted); fetch the manifest again")
+
+    headers = {"X-Chunk-Level": level, "X-Chunk-Start": str(chunk["start"]), "X-Chunk-Tokens": str(chunk["tokens"]),
+               "X-Store-Tier": tier or "", "X-Session-Version": str(head[0])}
+    return object_response(request, data, size, checksum, headers=headers, piece=st.settings.stream_piece_bytes,
+                           upfront_bytes=st.settings.verify_upfront_bytes, on_sent=sent, missing=missing)
 
 
 @router.post("/v1/sessions/{sid}/truncate", summary="Drop the oldest turns (system kept), re-position the rest")
