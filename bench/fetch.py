@@ -4,9 +4,8 @@
 The streamer runs in a process of its own (``--streamer process``, as users run it and as
 ``bench/gpu_ttft.py`` runs it; see ``bench/streamer_process.py``) or in a uvicorn thread of this
 process (``--streamer thread``, sharing the fetcher's GIL), memory store, with the KV of a
-Llama-3-8B-shaped attention (32 layers, 8 KV heads, head dim 128: 128 MiB
-of fp16 KV per 1024 tokens; random bf16 KV, so only the fp16 and quant8 sizes are those of a real
-model). One connection; the chunks of the context one after another, as a load fetches them:
+Llama-3-8B-shaped attention (32 layers, 8 KV heads, head dim 128: 128 MiB of fp16 KV per 1024
+tokens; random bf16 KV, so only the fp16 and quant8 sizes are those of a real model). One connection; the chunks of the context one after another, as a load fetches them:
 
 * ``raw``: ``session.get(url)`` + ``await resp.read()`` per chunk on a plain aiohttp session, nothing else;
 * ``fetcher``: ``Fetcher.chunk`` per chunk (manifest size and checksum checks, header check, Range

@@ -4,9 +4,10 @@ against a real streamer on loopback: recompute, each codec level, ``slo`` and ``
 What a user runs is what is timed: the streamer (uvicorn on 127.0.0.1 in a process of its own, as
 ``ctxstream serve`` runs, see ``bench/streamer_process.py``; ``--streamer thread``: in a thread of
 this process, sharing the loader's GIL; memory store; the context's KV uploaded once through the KV
-upload route and encoded by the streamer at every level) and a ``ContextLoader`` with the model on CUDA, so its default KV sink is
-the GPU one (each chunk pinned and prepared as it arrives, decoded on side streams while the
-prompt's forward pass runs, layer-wise through ``PipelinedCache``; recompute on the GPU). The link
+upload route and encoded by the streamer at every level) and a ``ContextLoader`` with the model on
+CUDA, so its default KV sink is the GPU one (each chunk pinned and prepared as it arrives, decoded
+on side streams while the prompt's forward pass runs, layer-wise through ``PipelinedCache``;
+recompute on the GPU). The link
 is shaped in-process by a :class:`~ctxstream.traces.shaping.RateShaper` on the bytes the loader
 receives (1, 3, 10 Gbit/s): no bytes/rate arithmetic in the TTFT grid. Each cell is the median of
 ``--reps`` loads (``LoadReport.ttft_s``: from ``load()`` to the first token, manifest fetch,

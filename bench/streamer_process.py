@@ -7,13 +7,13 @@ from a streamer process (2-core VM, 128 MiB chunks: 710 against 1430 MB/s), so a
 from a thread measures the bench, not the loader.
 
 The benches' models are random and built in the bench, so ``ctxstream serve`` cannot load them.
-:class:`StreamerProcess` runs ``python -m bench.streamer_process`` instead: the child builds the
-streamer app (``serve_in_background``, thread mode, inside the child) with the bench's codec profile
+:func:`start_process` runs ``python -m bench.streamer_process`` instead (through the streamer's own
+``spawn_server``): the child serves with ``run_server`` and the bench's codec profile
 and an :class:`UploadOnlyAdapter`, which carries the model's shape and fingerprint but no weights.
 Such a streamer stores and serves KV uploads (what the benches send) and answers text ingest with a
 ``ModelError``. Settings, model info and profile go to the child as JSON and the profile's own
-``.ctxp`` bytes in a temporary folder; the child prints its URL on stdout and stops when its stdin
-closes.
+``.ctxp`` bytes in a temporary folder the child reads at start; it announces its port as
+``ctxstream serve``'s process mode does and stops on SIGTERM.
 """
 
 from __future__ import annotations
@@ -22,18 +22,13 @@ import argparse
 import dataclasses
 import json
 import os
-import select
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 from ctxstream.model import ModelAdapter, ModelError, ModelInfo
 from ctxstream.streamer.settings import Settings
 
-_READY = "CTXSTREAM_BENCH_STREAMER"
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -58,71 +53,36 @@ def info_from_json(text: str) -> ModelInfo:
     return ModelInfo(**{**d, "inv_freq": tuple(float(v) for v in d["inv_freq"])})
 
 
-class StreamerProcess:
+def start_process(settings: Settings, *, adapter: ModelAdapter, codec, startup_timeout: float = 300.0):
     """``python -m bench.streamer_process`` serving ``settings`` with ``codec`` for ``adapter``'s model;
-    ``.url`` once it listens, ``.stop()`` (or the ``with`` block's end) to end it."""
+    a :class:`~ctxstream.streamer.server.ServerHandle` once it listens (``.stop()`` ends it)."""
+    from ctxstream.streamer.server import spawn_server
 
-    def __init__(self, settings: Settings, *, adapter: ModelAdapter, codec, startup_timeout: float = 300.0):
-        self._dir = tempfile.TemporaryDirectory(prefix="ctxstream-bench-streamer-")
-        folder = Path(self._dir.name)
-        (folder / "settings.json").write_text(settings.model_copy(update={"port": 0}).model_dump_json())
+    settings = settings.model_copy(update={"port": 0})
+    env = dict(os.environ)
+    # ctxstream resolves as it does here (an installed copy first, where there is one); the
+    # checkout, last, gives ``bench``
+    env["PYTHONPATH"] = os.pathsep.join([p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+                                        + [str(_REPO_ROOT)])
+    with tempfile.TemporaryDirectory(prefix="ctxstream-bench-streamer-") as tmp:  # read by the child at start
+        folder = Path(tmp)
+        (folder / "settings.json").write_text(settings.model_dump_json())
         (folder / "info.json").write_text(info_to_json(adapter.info))
         if codec.profile is not None:
             (folder / "profile.ctxp").write_bytes(codec.profile.to_bytes())
-        env = dict(os.environ)
-        # ctxstream resolves as it does here (an installed copy first, where there is one); the
-        # checkout, last, gives ``bench``
-        env["PYTHONPATH"] = os.pathsep.join([p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-                                            + [str(_REPO_ROOT)])
-        self._proc = subprocess.Popen([sys.executable, "-m", "bench.streamer_process", str(folder)],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
-        self.url = None
-        deadline = time.monotonic() + startup_timeout
-        while self.url is None:
-            left = deadline - time.monotonic()
-            if left <= 0 or self._proc.poll() is not None:
-                self.stop()
-                raise RuntimeError(f"bench streamer process did not start (exit code {self._proc.poll()})")
-            ready, _, _ = select.select([self._proc.stdout], [], [], min(left, 0.5))
-            if ready:
-                line = self._proc.stdout.readline()
-                if line.startswith(_READY):
-                    self.url = line.split()[1]
-        threading.Thread(target=_drain, args=(self._proc.stdout,), daemon=True).start()
-
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
-
-    def alive(self) -> bool:
-        return self._proc.poll() is None
-
-    def stop(self, timeout: float = 15.0) -> None:
-        if self._proc.poll() is None:
-            try:
-                self._proc.stdin.close()  # the child stops its server and exits
-                self._proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        self._dir.cleanup()
-
-    def __enter__(self) -> "StreamerProcess":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        return spawn_server([sys.executable, "-m", "bench.streamer_process", str(folder)], settings, env=env,
+                            timeout=startup_timeout)
 
 
 MODES = ("process", "thread")
 
 
 def serve(settings: Settings, *, adapter: ModelAdapter, codec, mode: str = "process"):
-    """The benches' streamer: a :class:`StreamerProcess` (``mode="process"``, as users run it) or
+    """The benches' streamer: :func:`start_process` (``mode="process"``, as users run it) or
     ``serve_in_background`` in a thread of this process (``"thread"``, sharing the loader's GIL).
     Either has ``.url`` and ``.stop()``."""
     if mode == "process":
-        return StreamerProcess(settings, adapter=adapter, codec=codec)
+        return start_process(settings, adapter=adapter, codec=codec)
     if mode == "thread":
         from ctxstream.streamer.server import serve_in_background
 
@@ -130,15 +90,10 @@ def serve(settings: Settings, *, adapter: ModelAdapter, codec, mode: str = "proc
     raise ValueError(f"streamer mode must be one of {MODES}, not {mode!r}")
 
 
-def _drain(stream) -> None:
-    for _ in iter(stream.readline, ""):
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     from ctxstream.codec import Codec
     from ctxstream.codec.profile import Profile
-    from ctxstream.streamer.server import serve_in_background
+    from ctxstream.streamer.server import run_server
 
     ap = argparse.ArgumentParser(description="serve a bench's uploads (see bench/streamer_process.py)")
     ap.add_argument("folder", type=Path, help="settings.json, info.json and profile.ctxp (optional)")
@@ -147,13 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     info = info_from_json((args.folder / "info.json").read_text())
     prof = args.folder / "profile.ctxp"
     codec = Codec(info, Profile.from_bytes(prof.read_bytes()) if prof.is_file() else None)
-    srv = serve_in_background(settings, adapter=UploadOnlyAdapter(info), codec=codec)
-    try:
-        print(f"{_READY} {srv.url}", flush=True)
-        while sys.stdin.read(1 << 16):  # until the parent closes stdin (or exits)
-            pass
-    finally:
-        srv.stop()
+    run_server(settings, announce=True, adapter=UploadOnlyAdapter(info), codec=codec)
     return 0
 
 

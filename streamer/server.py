@@ -156,6 +156,13 @@ def _serve_process(settings: Settings, timeout: float) -> ServerHandle:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(_REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     cmd = [sys.executable, "-m", "ctxstream.streamer.server", "--settings-json", settings.model_dump_json()]
+    return spawn_server(cmd, settings, env=env, timeout=timeout)
+
+
+def spawn_server(cmd: list[str], settings: Settings, *, env: dict[str, str] | None = None,
+                 timeout: float = 300.0) -> ServerHandle:
+    """Run ``cmd``, a process that serves through :func:`run_server` with ``announce=True`` (``settings``
+    are the ones it serves), and return its handle once it listens; ``stop()`` sends it SIGTERM."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, env=env, text=True, bufsize=1)
     deadline = time.monotonic() + timeout
     port = None
@@ -180,16 +187,18 @@ def _drain(stream) -> None:
         pass
 
 
-def run_server(settings: Settings, *, announce: bool = False) -> None:
+def run_server(settings: Settings, *, announce: bool = False, adapter=None, codec=None) -> None:
     """Serve in the foreground until SIGINT/SIGTERM. ``announce`` prints ``CTXSTREAM_LISTENING <port>``
-    on stdout once the app is ready (how ``mode="process"`` learns the port)."""
+    on stdout once the app is ready (how ``mode="process"`` and :func:`spawn_server` learn the port).
+    ``adapter`` / ``codec``: ready ones, as ``create_app`` takes them (default: built from the settings)."""
     from .app import create_app
 
     sock = _bind(settings.host, settings.port)
     port = sock.getsockname()[1]
-    print(f"ctxstream streamer: store {settings.store}, model {settings.model}, listening on "
+    model = adapter.info.name if adapter is not None else settings.model
+    print(f"ctxstream streamer: store {settings.store}, model {model}, listening on "
           f"{_url(settings.host, port)} (API docs at /docs)", file=sys.stderr, flush=True)
-    server = _server(settings, create_app(settings))
+    server = _server(settings, create_app(settings, adapter=adapter, codec=codec))
     if announce:
         def announce_when_ready() -> None:
             while not server.started and not server.should_exit:

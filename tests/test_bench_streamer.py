@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench.gpu_ttft import TOKEN, upload_kv
-from bench.streamer_process import StreamerProcess, UploadOnlyAdapter, info_from_json, info_to_json
+from bench.streamer_process import UploadOnlyAdapter, info_from_json, info_to_json, start_process
 from ctxstream.codec import Codec
 from ctxstream.loader import ContextLoader
 from ctxstream.model import ModelAdapter, ModelError
@@ -31,7 +31,7 @@ def test_a_loader_reads_the_upload_from_the_streamer_process(adapter):
     settings = Settings(store="memory", tokens={TOKEN: "bench"}, chunk_tokens=32, max_tokens=4096)
     ids = list(range(1, 97))
     keys, values = adapter.compute_kv(ids)
-    with StreamerProcess(settings, adapter=adapter, codec=codec) as srv:
+    with start_process(settings, adapter=adapter, codec=codec) as srv:
         assert srv.alive() and srv.pid != os.getpid()
         body = upload_kv(srv.url, ids, keys, values)
         assert body["manifest"]["fingerprint"] == adapter.info.fingerprint
