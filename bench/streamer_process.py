@@ -10,8 +10,8 @@ The benches' models are random and built in the bench, so ``ctxstream serve`` ca
 :func:`start_process` runs ``python -m bench.streamer_process`` instead (through the streamer's own
 ``spawn_server``): the child serves with ``run_server`` and the bench's codec profile
 and an :class:`UploadOnlyAdapter`, which carries the model's shape and fingerprint but no weights.
-Such a streamer stores and serves KV uploads (what the benches send) and answers text ingest with a
-``ModelError``. Settings, model info and profile go to the child as JSON and the profile's own
+Such a streamer stores and serves KV uploads (what the benches send); text ingest fails with a
+``ModelError`` (HTTP 500). Settings, model info and profile go to the child as JSON and the profile's own
 ``.ctxp`` bytes in a temporary folder the child reads at start; it announces its port as
 ``ctxstream serve``'s process mode does and stops on SIGTERM.
 """
