@@ -4,8 +4,9 @@ Per level, on the default model and contexts of the eval split (``--split dev`` 
 
 * bits per KV element, every header, table reference and checksum included; ratio to quant8/fp16;
 * perplexity increase of the next 256 tokens after a 1024-token context when the model is fed the
-  decoded KV instead of the exact KV: exp(CE_decoded) / exp(CE_exact) - 1, mean over contexts; chunks
-  are encoded as the streamer encodes them, with each token's importance (the most attended finer);
+  decoded KV instead of the exact KV: exp(CE_decoded) / exp(CE_exact) - 1, mean over contexts; the
+  context is encoded as the streamer encodes it: ``--chunk`` tokens a chunk (256), each with its slice
+  of the tokens' importance and attention share (the most attended tokens finer);
 * greedy-continuation agreement: share of 64 greedily generated tokens equal to the exact-KV ones;
 * encode / decode throughput on ONE core, MB/s of fp16 KV (the whole ``encode``/``decode`` call);
 * baselines: fp16, quant8, zstd over the quantised symbols (vs our rANS), transformers'
@@ -29,6 +30,7 @@ import torch
 
 from ctxstream.model import cache_kw
 from ctxstream.codec import Codec  # noqa: E402
+from ctxstream.codec.quality import attention_share  # noqa: E402
 from ctxstream.codec.profile import MAX_Q, ZERO_SYMBOL  # noqa: E402
 from ctxstream.corpora import DEFAULT_DATA_DIR, token_windows  # noqa: E402
 from ctxstream.hostinfo import host_info, machine  # noqa: E402
@@ -51,6 +53,19 @@ def greedy(adapter: ModelAdapter, ids: list[int], keys, values, n: int) -> list[
     return out[0, CTX:].tolist()
 
 
+def encode_context(codec: Codec, level: str, k, v, imp, chunk: int) -> list[bytes]:
+    """The context's chunks at ``level`` as the streamer ingests them: ``chunk`` tokens each, with its
+    slice of the context's importance and of its attention share."""
+    share = attention_share(imp)
+    return [codec.encode(k[:, :, s:s + chunk], v[:, :, s:s + chunk], level, start=s, importance=imp[s:s + chunk],
+                         attention_share=share[s:s + chunk]) for s in range(0, k.shape[2], chunk)]
+
+
+def decode_context(codec: Codec, blobs: list[bytes]):
+    kv = [codec.decode(b) for b in blobs]
+    return torch.cat([k for k, _ in kv], 2), torch.cat([v for _, v in kv], 2)
+
+
 def timed(fn, repeat: int) -> float:
     best = math.inf
     for _ in range(repeat):
@@ -60,17 +75,19 @@ def timed(fn, repeat: int) -> float:
     return best
 
 
-def symbol_bits(codec: Codec, level: str, keys, values) -> dict:
-    """Entropy of the level's symbols, and zstd on the same symbols (one byte each), in bits/element."""
+def symbol_bits(codec: Codec, level: str, keys, values, importance) -> dict:
+    """Entropy of the level's symbols (the context as one chunk, each token at its own step), and zstd
+    on the same symbols (one byte each), in bits/element."""
     import zstandard
 
-    spec, p = codec.spec(level), codec.profile
+    p = codec.profile
     L, H, T, D = keys.shape
     cos, sin = rope_cos_sin(codec.info, torch.arange(T))
+    step = torch.from_numpy(codec.token_steps(level, importance, 0, T, attention_share(importance)))[:, None]
     syms = []
     for kv, x in ((0, invert_rope(keys.float(), cos, sin)), (1, values.float())):
         coef = torch.einsum("lhtd,lhde->lhte", x - torch.from_numpy(p.mean[kv])[:, :, None], torch.from_numpy(p.analysis[kv]))
-        q = torch.round(coef / spec.step).clamp(-MAX_Q, MAX_Q).to(torch.int64) + ZERO_SYMBOL
+        q = torch.round(coef / step).clamp(-MAX_Q, MAX_Q).to(torch.int64) + ZERO_SYMBOL
         syms.append(q.to(torch.uint8).numpy())
     allsym = np.concatenate([s.ravel() for s in syms])
     # empirical entropy with one table per (K|V, layer, head, channel): a lower bound for static tables
@@ -118,6 +135,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="2 contexts, fewer repeats (< 2 minutes)")
     ap.add_argument("--json", type=Path, help="write the rows here")
     ap.add_argument("--split", default="eval", choices=["dev", "eval"])
+    ap.add_argument("--chunk", type=int, default=256, help="tokens per chunk, as the streamer's chunk_tokens")
     ap.add_argument("--contexts", type=int, default=8)
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     ap.add_argument("--model", default=None, help="HF id or path (default: SmolLM2-135M-Instruct)")
@@ -142,20 +160,20 @@ def main(argv=None) -> int:
     for level in codec.all_levels:
         bits, dppl, agree = [], [], []
         for ids, (k, v, base), ref, imp in zip(contexts, exact, ref_tokens, importance):
-            blob = codec.encode(k, v, level, start=0, importance=imp)
-            k2, v2 = codec.decode(blob)
-            bits.append(len(blob) * 8 / (2 * k.numel()))
+            blobs = encode_context(codec, level, k, v, imp, args.chunk)
+            k2, v2 = decode_context(codec, blobs)
+            bits.append(sum(map(len, blobs)) * 8 / (2 * k.numel()))
             dppl.append(math.exp(ce_next(adapter, ids, k2, v2) - base) - 1)
             got = greedy(adapter, ids, k2, v2, gen)
             agree.append(float(np.mean([a == b for a, b in zip(got, ref)])))
-        blob = codec.encode(k0, v0, level, start=0, importance=importance[0])
-        enc_s = timed(lambda: codec.encode(k0, v0, level, start=0, importance=importance[0]), 2 if args.quick else 3)
-        dec_s = timed(lambda: codec.decode(blob), 2 if args.quick else 5)
+        blobs = encode_context(codec, level, k0, v0, importance[0], args.chunk)
+        enc_s = timed(lambda: encode_context(codec, level, k0, v0, importance[0], args.chunk), 2 if args.quick else 3)
+        dec_s = timed(lambda: [codec.decode(b) for b in blobs], 2 if args.quick else 5)
         row = {"level": level, "bits_per_element": float(np.mean(bits)), "dppl_pct": 100 * float(np.mean(dppl)),
                "dppl_pct_max": 100 * float(np.max(dppl)), "greedy_agreement": float(np.mean(agree)),
                "encode_MBps": fp16_bytes / enc_s / 1e6, "decode_MBps": fp16_bytes / dec_s / 1e6}
         if codec.spec(level).kind == "tc":
-            row.update(symbol_bits(codec, level, k0, v0))
+            row.update(symbol_bits(codec, level, k0, v0, importance[0]))
         rows.append(row)
     q8 = next(r["bits_per_element"] for r in rows if r["level"] == "quant8")
     for r in rows:
@@ -166,6 +184,7 @@ def main(argv=None) -> int:
 
     meta = {"machine": machine(), "host": host_info(), "model": adapter.info.name, "fingerprint": adapter.info.fingerprint,
             "profile": codec.profile.id, "split": args.split, "contexts": n_ctx, "context_tokens": CTX,
+            "chunk_tokens": args.chunk,
             "ppl_tokens": CONT, "greedy_tokens": gen, "threads": 1, "quick": args.quick}
     print(f"# {meta['model']} on {meta['machine']}; {n_ctx} {args.split} contexts of {CTX} tokens")
     print(f"{'level':<28}{'bits/elt':>9}{'x quant8':>9}{'dppl %':>9}{'agree':>7}{'enc MB/s':>10}{'dec MB/s':>10}"

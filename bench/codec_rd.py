@@ -84,6 +84,19 @@ def ce_next(adapter: ModelAdapter, ids: list[int], keys, values) -> float:
     return torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(ids[CTX + 1 : CTX + CONT])).item()
 
 
+def encode_decode(codec: Codec, level: str, k, v, w, chunk: int):
+    """``(keys, values, bytes)``: the context coded as chunks of ``chunk`` tokens at ``level``, each
+    with its own slice of the per-token weights ``w``, then decoded back."""
+    ks, vs, nbytes = [], [], 0
+    for s in range(0, k.shape[2], chunk):
+        e = min(k.shape[2], s + chunk)
+        blob = codec.encode(k[:, :, s:e], v[:, :, s:e], level, start=s, importance=w[s:e])
+        k2, v2 = codec.decode(blob)
+        ks.append(k2), vs.append(v2)
+        nbytes += len(blob)
+    return torch.cat(ks, 2), torch.cat(vs, 2), nbytes
+
+
 def candidate_profile(adapter, name: str, folder: Path) -> Profile:
     path = folder / f"{adapter.info.fingerprint}-{name}.ctxp"
     if path.is_file():
@@ -127,6 +140,9 @@ def main(argv=None) -> int:
                          "times the shipped profile's recency weight (quality.recency_weights)")
     ap.add_argument("--recency-power", type=float, default=1.0,
                     help="share-recency: the recency weight is raised to this power")
+    ap.add_argument("--chunk", type=int, default=0,
+                    help="encode each context as chunks of this many tokens, as the streamer does (each "
+                         "chunk's per-token steps centred on its own tokens); 0: the whole context as one chunk")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/ctxstream-bench-cache"))
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -154,11 +170,11 @@ def main(argv=None) -> int:
                 w = attention_share(imp) if args.weight != "importance" else imp
                 if rec is not None:
                     w = w * recency_weights(0, w.shape[-1], w.shape[-1], *rec) ** args.recency_power
-                blob = codec.encode(k, v, spec.name, importance=w)
-                k2, v2 = codec.decode(blob)
-                bits.append(len(blob) * 8 / (2 * k.numel()))
+                k2, v2, nbytes = encode_decode(codec, spec.name, k, v, w, args.chunk or k.shape[2])
+                bits.append(nbytes * 8 / (2 * k.numel()))
                 d.append(math.exp(ce_next(adapter, ids, k2, v2) - base) - 1)
             row = {"candidate": cand, "variant": spec.name.rsplit("-s", 1)[0], "weight": args.weight,
+                   "chunk_tokens": args.chunk or CTX,
                    "recency": ({"weights": list(rec[1]), "bucket_tokens": rec[0], "power": args.recency_power}
                                if rec is not None else None),
                    "step": spec.step, "fine_frac": spec.fine_frac if not spec.graded else 0.0,

@@ -79,10 +79,11 @@ def main(argv=None) -> int:
     for w, win in enumerate(windows):
         ids, cont = win[:L], win[L:]
         keys, values, imp = adapter.compute_kv_with_importance(ids)
-        blobs = [{lv: codec.encode(keys[:, :, i * ct:(i + 1) * ct], values[:, :, i * ct:(i + 1) * ct], lv,
-                                   start=i * ct, importance=imp[i * ct:(i + 1) * ct]) for lv in levels}
-                 for i in range(n)]
         share = attention_share(imp)
+        blobs = [{lv: codec.encode(keys[:, :, i * ct:(i + 1) * ct], values[:, :, i * ct:(i + 1) * ct], lv,
+                                   start=i * ct, importance=imp[i * ct:(i + 1) * ct],
+                                   attention_share=share[i * ct:(i + 1) * ct]) for lv in levels}
+                 for i in range(n)]
         chunk_est = [est.estimate(keys[:, :, i * ct:(i + 1) * ct], values[:, :, i * ct:(i + 1) * ct], i * ct,
                                   importance=imp[i * ct:(i + 1) * ct], attention_share=share[i * ct:(i + 1) * ct],
                                   context_tokens=L) for i in range(n)]

@@ -83,11 +83,11 @@ def main(argv=None) -> int:
         t_kv = time.perf_counter() - t0
         sl = [slice(i * ct, min(Tc, (i + 1) * ct)) for i in range(n)]
         t0 = time.perf_counter()
-        blobs = [{lv: codec.encode(k[:, :, s], v[:, :, s], lv, start=s.start, importance=imp[s]) for lv in codec.all_levels}
-                 for s in sl]
+        share = attention_share(imp)  # as ingest computes it
+        blobs = [{lv: codec.encode(k[:, :, s], v[:, :, s], lv, start=s.start, importance=imp[s], attention_share=share[s])
+                  for lv in codec.all_levels} for s in sl]
         t_enc = time.perf_counter() - t0
         t0 = time.perf_counter()
-        share = attention_share(imp)  # as ingest computes it
         ests = [est.estimate(k[:, :, s], v[:, :, s], s.start, importance=imp[s], attention_share=share[s],
                              context_tokens=Tc) for s in sl]
         t_est = time.perf_counter() - t0

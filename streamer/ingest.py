@@ -171,7 +171,8 @@ class ContextService:
                       context_tokens: int) -> tuple[dict[str, bytes], dict[str, float], float]:
         """Every level's bytes and its estimated quality cost (see ``ctxstream.codec.quality``)."""
         t0 = time.perf_counter()
-        out = {lv: self.codec.encode(keys, values, lv, start=start, importance=importance) for lv in self.levels}
+        out = {lv: self.codec.encode(keys, values, lv, start=start, importance=importance, attention_share=share)
+               for lv in self.levels}
         quality = self.quality.estimate(keys, values, start, importance=importance, attention_share=share,
                                         context_tokens=context_tokens)
         return out, quality, time.perf_counter() - t0

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from ctxstream.codec import Codec, CodecError, LevelSpec, MalformedError, ModelMismatchError
 from ctxstream.codec import rans
-from ctxstream.codec.codec import MAX_SHIFT, FineTokens
+from ctxstream.codec.codec import MAX_SHIFT, FineTokens, shift_factors
 from ctxstream.codec.format import MAGIC, checksum
 from ctxstream.codec.profile import NUM_CLASSES
 from ctxstream.codec.quality import _prior_key
@@ -269,13 +269,17 @@ def test_token_shifts_reject_bad_importance(codec, chunk):
     codec.decode(one)
 
 
-def test_gpu_paths_refuse_graded_levels(codec):
-    """The GPU decoder reads only the binary fine list: for a graded level it must get a CodecError,
-    not silently uniform steps."""
+def test_token_steps_of_graded_levels_need_the_shifts(codec):
+    """A caller that passes only a fine-token list for a graded level gets a CodecError, not silently
+    uniform steps; with the shifts, each token's step and factors are the format's (``shift_factors``,
+    what the CPU and the GPU decoder multiply by)."""
     with pytest.raises(CodecError):
         FineTokens.make(GRADED, 40, [])
-    with pytest.raises(CodecError):
-        codec._tables(GRADED).fine_ids
-    assert codec._tables(FINE).fine_ids.shape[0] == 2
     ft = FineTokens.make(GRADED, 40, shifts=np.array([0, -2, 4] + [0] * 37, np.int8))
     assert ft.fine == [1, 2] and ft.step_padded[:3].tolist() == [1.0, 2.0, 0.25]
+    mul, unmul = shift_factors(ft.shift_padded)
+    assert mul[:3].tolist() == [1.0, 2.0, 0.25] and unmul[:3].tolist() == [1.0, 0.5, 4.0]
+    assert np.array_equal(mul, ft.mul_padded) and np.array_equal(unmul, ft.unmul_padded)
+    assert mul.dtype == unmul.dtype == np.float32
+    odd = shift_factors(np.array([1, -3], np.int8))[0]  # odd half-octaves: rounded once to float32
+    assert odd.tolist() == [np.float32(2 ** -0.5), np.float32(2 ** 1.5)]

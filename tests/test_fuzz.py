@@ -356,7 +356,7 @@ def test_header_ints_out_of_range_are_typed_errors(corpus):
     """Regression: inf/huge numbers in header fields or the fine-token list raised OverflowError or
     IndexError (found by this fuzzer)."""
     codec, blobs, _ = corpus
-    head, bodies = _split(blobs[4])  # a transform-coded level
+    head, bodies = _split(blobs[2])  # q0 at start 0: a transform-coded level with a fine-token list
     for field, value in (("start", float("inf")), ("shape", [2, 2, float("inf"), 16]),
                          ("level_version", float("-inf")), ("start", 1 << 63)):
         with pytest.raises(CodecError):

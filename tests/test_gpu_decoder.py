@@ -182,7 +182,10 @@ def codec(tiny, tmp_path_factory):
     base = Codec.for_model(tiny, cache_dir=tmp_path_factory.mktemp("cache"))
     extra = [LevelSpec("b16", 1, "tc", step=0.32, block=16, fine_frac=0.25),
              LevelSpec("fine-q0", 1, "tc", step=0.05, block=16, fine_frac=0.3, fine_shift=3),
-             LevelSpec("wide", 1, "tc", step=2.0, block=128, fine_frac=0.1)]
+             LevelSpec("wide", 1, "tc", step=2.0, block=128, fine_frac=0.1),
+             # graded per-token steps: finer only, and both ways (coarser tokens: factors > 1)
+             LevelSpec("g16", 1, "tc", step=0.32, block=16, grade=1.0, grade_lo=0, grade_hi=6),
+             LevelSpec("gboth", 1, "tc", step=0.5, block=64, grade=1.5, grade_lo=-3, grade_hi=5)]
     return Codec(base.info, base.profile, levels=list(DEFAULT_LEVELS) + extra)
 
 
@@ -251,21 +254,23 @@ def test_symbols_match_cpu_rans(codec, kvi):
 
     keys, values, importance = kvi
     dec = gpu.GpuDecoder(codec)
-    for level in ("q1", "b16", "fine-q0"):
+    for level in ("q1", "b16", "fine-q0", "g16", "gboth"):
         blob = codec.encode(keys, values, level, start=3, importance=importance)
         hi = parse_header(blob, codec.limits)
         h, spec = hi.header, codec.spec(level)
         _, H, T, D = h.shape
         blocks = -(-T // spec.block)
         n = 2 * H * blocks
-        ctx = _ChunkContext.make(codec.info, spec, h.start, T, h.params.get("fine", []))
+        ctx = _ChunkContext.make(codec.info, spec, h.start, T, h.params.get("fine", []), h.params.get("shifts"))
+        if spec.graded:
+            assert len(set(ctx.shift_padded[:T].tolist())) > 2, "the test needs several step sets"
         sym = dec.decode_symbols(blob).cpu().numpy()
         for layer, off in enumerate(hi.section_offsets()):
             n_words, ek, ev = struct.unpack_from("<III", blob, off)
             st = np.frombuffer(blob, "<u4", n, off + 12)
             sz = np.frombuffer(blob, "<u4", n, off + 12 + 4 * n)
             w = np.frombuffer(blob, "<u2", n_words, off + 12 + 8 * n + 4 * (ek + ev))
-            ti = codec._tables(spec).stream_tables(layer, blocks, ctx.fine_padded)
+            ti = codec._tables(spec).stream_tables(layer, blocks, ctx.shift_padded)
             ref = rans.reference_decode(w, sz, st, ti, codec.profile.tables, spec.block * D)
             assert np.array_equal(sym[layer], ref), (level, layer)
 

@@ -235,15 +235,22 @@ def _source_kv(src, layers):
     return torch.cat([k for k, _ in out]), torch.cat([v for _, v in out])
 
 
+@pytest.mark.parametrize("level", ["q2", "graded"])
 @pytest.mark.parametrize("groups", ["geometric", 1])
-def test_runs_of_chunks_decode_bit_for_bit_like_each_chunk_alone(groups):
+def test_runs_of_chunks_decode_bit_for_bit_like_each_chunk_alone(groups, level):
     """Consecutive chunks of one level decoded as one run (GpuDecoder.merge: one set of launches
-    per layer group) == each chunk decoded on its own, bit for bit -- fine tokens, escapes (which
-    the run must put back in each member's stored order) and the first chunk's attention sink."""
+    per layer group) == each chunk decoded on its own, bit for bit -- fine tokens or graded
+    per-token steps, escapes (which the run must put back in each member's stored order) and the
+    first chunk's attention sink."""
+    from ctxstream.codec import Codec, LevelSpec
+    from ctxstream.codec.codec import DEFAULT_LEVELS
+
     from bench.gpu import synthetic_codec
 
-    codec = synthetic_codec(layers=4, kv_heads=2, head_dim=64)
-    blobs = _run_chunks(codec)
+    base = synthetic_codec(layers=4, kv_heads=2, head_dim=64)
+    graded = LevelSpec("graded", 1, "tc", step=0.35, grade=1.0, grade_lo=-1, grade_hi=6)
+    codec = Codec(base.info, base.profile, levels=list(DEFAULT_LEVELS) + [graded])
+    blobs = _run_chunks(codec, levels=[level] * 4)
     dec = gpu.GpuDecoder(codec, "cuda")
     preps = [dec.prepare(b, verify=True) for b in blobs]
     assert sum(int(p.plans[0].esc_counts.sum()) for p in preps[1:]) > 0, "the test needs escapes past chunk 0"

@@ -191,3 +191,26 @@ def test_recency_weights_are_measured_and_applied(codec, chunk):
     assert got == pytest.approx((1.6, 0.4))
     # a noisy bucket measured costlier than the one nearer the end is capped at it
     assert fit_recency({"q2": [[0.02, 0.03]]}, {"q2": [[0.01, 0.01]]}) == pytest.approx((1.0, 1.0))
+
+
+def test_graded_levels_are_estimated_at_the_steps_the_codec_chose(codec, chunk):
+    """A graded level's tokens are coded at steps from the attention share; the estimator's per-token
+    errors must be those of the same steps (finer tokens err less), not of the raw importance's."""
+    from ctxstream.codec.quality import attention_share
+
+    keys, values, imp = chunk
+    T = keys.shape[2]
+    share = attention_share(imp)
+    assert codec.spec("q2").graded
+    steps = torch.from_numpy(codec.token_steps("q2", imp, 0, T, share))
+    assert torch.equal(steps, torch.from_numpy(codec.token_steps("q2", None, 0, T, share)))  # the share decides
+    assert not torch.equal(steps, torch.from_numpy(codec.token_steps("q2", imp, 0, T)))  # not the importance
+    est = QualityEstimator(codec)
+    e = est.errors(keys, values, 0, imp, ["q2"], share)["q2"]
+    fine, coarse = steps[1:] < steps[1:].max(), steps[1:] == steps[1:].max()  # (token 0: the exact sink)
+    assert fine.any() and coarse.any()
+    assert e[1:][fine].mean() < e[1:][coarse].mean()
+    assert not torch.equal(e, est.errors(keys, values, 0, imp, ["q2"])["q2"])
+    # what ingest publishes for the chunk is the estimate at those steps
+    a = est.estimate(keys, values, 0, importance=imp, attention_share=share, context_tokens=T)["q2"]
+    assert a > 0 and math.isfinite(a)

@@ -13,6 +13,7 @@ import torch
 
 from conftest import TOKENS, auth, metric
 from ctxstream.codec import Codec, Profile
+from ctxstream.codec.quality import attention_share
 from ctxstream.manifest import Manifest, checksum_hex
 from ctxstream.streamer.kvformat import CONTENT_TYPE, pack_kv
 from ctxstream.streamer.records import chunk_key
@@ -51,14 +52,21 @@ def test_upload_manifest_fetch_every_chunk_every_level(streamer, tiny_adapter, t
     assert m.levels == tiny_codec.all_levels and m.profile == tiny_codec.profile.id
     assert m.fingerprint == tiny_adapter.info.fingerprint
     keys, values, importance = tiny_adapter.compute_kv_with_importance(tokens)
+    share = attention_share(importance)  # of the whole context: graded levels' steps come from it
+    graded_with_shifts = differs = 0
     for c in m.chunks:
         k, v = keys[:, :, c.start : c.start + c.tokens], values[:, :, c.start : c.start + c.tokens]
         imp = importance[c.start : c.start + c.tokens]
         for lv in m.levels:
             resp = fetch(streamer, m.id, c.index, lv)
             assert resp.status_code == 200
-            direct = tiny_codec.encode(k, v, lv, start=c.start, importance=imp)
+            direct = tiny_codec.encode(k, v, lv, start=c.start, importance=imp,
+                                       attention_share=share[c.start : c.start + c.tokens])
             assert resp.content == direct, (c.index, lv)
+            if tiny_codec.spec(lv).graded:
+                graded_with_shifts += "shifts" in tiny_codec.header(resp.content).params
+                # the chunk's slice of the raw importance gives other steps: the share is what was used
+                differs += tiny_codec.encode(k, v, lv, start=c.start, importance=imp) != direct
             assert resp.headers["x-checksum-xxh3"] == c.checksums[lv] == checksum_hex(resp.content)
             assert int(resp.headers["content-length"]) == c.sizes[lv] == len(direct)
             assert resp.headers["x-chunk-start"] == str(c.start)
@@ -67,6 +75,8 @@ def test_upload_manifest_fetch_every_chunk_every_level(streamer, tiny_adapter, t
             assert torch.equal(dk, ek) and torch.equal(dv, ev)
             if lv == "fp16":
                 assert torch.allclose(dk, k, atol=2e-3, rtol=2e-3)
+    assert graded_with_shifts >= 4 * len(m.chunks) - 4, "the default levels grade their tokens' steps"
+    assert differs > 0
 
 
 def test_kv_upload_dedups_against_text_and_decodes(streamer, tiny_adapter, tiny_codec):
@@ -454,11 +464,13 @@ def test_real_default_model_end_to_end(make_streamer):
     tokens = adapter.tokenize(text)
     assert m.token_ids == tokens and len(m.chunks) == -(-len(tokens) // 256) >= 2
     keys, values, importance = adapter.compute_kv_with_importance(tokens)
+    share = attention_share(importance)
     for c in m.chunks:
         k, v = keys[:, :, c.start : c.start + c.tokens], values[:, :, c.start : c.start + c.tokens]
         for lv in ("fp16", "q2", "quant8"):
             blob = fetch(srv, m.id, c.index, lv).content
-            assert blob == codec.encode(k, v, lv, start=c.start, importance=importance[c.start : c.start + c.tokens])
+            assert blob == codec.encode(k, v, lv, start=c.start, importance=importance[c.start : c.start + c.tokens],
+                                        attention_share=share[c.start : c.start + c.tokens])
             dk, _ = codec.decode(blob)
             assert dk.shape == k.shape
 

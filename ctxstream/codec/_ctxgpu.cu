@@ -7,6 +7,7 @@
 #define PMASK 4095u
 #define RANS_L 65536u
 #define G 16
+#define MAX_SETS 17 /* per-token step shifts -8 .. 8 half-octaves */
 
 struct DecArgs {
     const uint16_t *words;     // all streams' words, stream 0 first
@@ -18,8 +19,8 @@ struct DecArgs {
     const uint32_t *fc;        // [n_tables * 256] freq | cum << 16
     const float *rtab;         // [n_tables * 256] dequantisation (modes 1, 2)
     const uint16_t *tidx;      // [rows * period] table of each row and phase
-    const uint16_t *tidx_fine; // [rows * period] tables of fine tokens (FINE)
-    const uint8_t *fine_pad;   // [blocks * block_tokens] 1 where a token is fine (FINE)
+    const uint16_t *tidx_sh;   // [sets][rows * period] tables of the tokens of each step set (SHIFTED)
+    const uint8_t *tok_set;    // [blocks * block_tokens] each token's step set (SHIFTED)
     const int32_t *cta_base;   // [n_ctas] first table of each CTA's shared-memory window (SMEM)
     const int64_t *cta_first;  // [n_ctas] first stream of each CTA
     const int32_t *cta_count;  // [n_ctas] streams of each CTA (<= blockDim.x)
@@ -33,12 +34,13 @@ struct DecArgs {
     int64_t esc_cap;
     int32_t period;
     int32_t rows_div;          // stream g uses row g / rows_div
-    int32_t blocks;            // FINE: stream g covers tokens (g % blocks) * block_tokens ...
-    int32_t block_tokens;      // FINE: tokens per stream (period == positions per token)
+    int32_t blocks;            // SHIFTED: stream g covers tokens (g % blocks) * block_tokens ...
+    int32_t block_tokens;      // SHIFTED: tokens per stream (period == positions per token)
     int32_t n_tables;
     int32_t ntw;               // SMEM: tables per window
-    float fine_mul;            // FINE: factor of fine tokens' values (escapes excluded)
     int32_t fast;              // period % 16 == 0, 16-byte aligned rows and table rows: 16 positions a group
+    int64_t set_stride;        // SHIFTED: elements from one set's table rows to the next's
+    float set_mul[MAX_SETS];   // SHIFTED: factor of each set's values, f32(2^(-shift/2)) (escapes excluded)
 };
 
 #define RING_STRIDE 144 /* bytes of one lane's word ring (64 words + 16 B of padding) */
@@ -62,7 +64,7 @@ template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile(
  * (the scoreboard is per warp). Table ids of the next group are loaded one group ahead likewise.
  * Shared memory: the CTA's window of tables, each [lut u8 4096 | freq|cum<<16 u32 256 | rtab f32
  * 256], then the lanes' rings. */
-template <int MODE, bool FINE, bool SMEM>
+template <int MODE, bool SHIFTED, bool SMEM>
 __global__ void __launch_bounds__(512) rans_decode_kernel(const DecArgs a)
 {
     extern __shared__ __align__(16) unsigned char smem[];
@@ -91,8 +93,10 @@ __global__ void __launch_bounds__(512) rans_decode_kernel(const DecArgs a)
     const int period = a.period;
     const int64_t row = g / a.rows_div;
     const uint16_t *trow = a.tidx + row * period;
-    const uint16_t *frow = FINE ? a.tidx_fine + row * period : trow;
-    const uint8_t *fpad = FINE ? a.fine_pad + (g % a.blocks) * (int64_t)a.block_tokens : nullptr;
+    /* SHIFTED: a token of step set k reads the tables of set k (set of shift 0: the base tables) */
+    const uint16_t *srow = SHIFTED ? a.tidx_sh + row * period : trow;
+    const uint8_t *spad = SHIFTED ? a.tok_set + (g % a.blocks) * (int64_t)a.block_tokens : nullptr;
+    auto rows_of = [&](uint32_t k) -> const uint16_t * { return SHIFTED ? srow + (int64_t)k * a.set_stride : trow; };
     const uint32_t size = a.sizes[g];
     uint32_t x = a.states[g];
     const int64_t w0 = a.woff[g];
@@ -112,9 +116,9 @@ __global__ void __launch_bounds__(512) rans_decode_kernel(const DecArgs a)
     cp_async_wait<0>();
     uint32_t w = *reinterpret_cast<const uint16_t *>(ringb + ub);
     int tok = 0;
-    bool fine = false;
-    if (FINE && len > 0)
-        fine = fpad[0] != 0;
+    uint32_t ks = 0; /* the current token's step set */
+    if (SHIFTED && len > 0)
+        ks = spad[0];
     const int64_t obase = g * len;
 
     /* one symbol; tl: the table (SMEM: its index in the window, else global); mul: value factor */
@@ -137,8 +141,8 @@ __global__ void __launch_bounds__(512) rans_decode_kernel(const DecArgs a)
             if (MODE != 0)
                 r = __ldg(a.rtab + ((size_t)tl << 8) + s);
         }
-        if (MODE != 0 && FINE)
-            r = __fmul_rn(r, mul); /* mul is 1 or f32(1 / fine_factor): exact as the CPU's */
+        if (MODE != 0 && SHIFTED)
+            r = __fmul_rn(r, mul); /* mul is the token's f32(2^(-shift/2)): exact as the CPU's */
         const bool need = x < RANS_L;
         x = need ? __byte_perm(w, x, 0x5410) : x; /* x << 16 | w (x < 2^16 here) */
         ub += need ? 2u : 0u;
@@ -165,20 +169,20 @@ __global__ void __launch_bounds__(512) rans_decode_kernel(const DecArgs a)
         /* period % G == 0, 16-byte aligned rows: a group of G positions never crosses a period
          * (token) boundary; its G table ids are two vector loads issued one group ahead */
         int ph0 = 0;
-        bool fine_next = FINE && a.block_tokens > 1 && len > period ? fpad[1] != 0 : false;
-        const uint4 *ids = reinterpret_cast<const uint4 *>((FINE && fine) ? frow : trow);
+        uint32_t ks_next = SHIFTED && a.block_tokens > 1 && len > period ? spad[1] : 0u;
+        const uint4 *ids = reinterpret_cast<const uint4 *>(rows_of(ks));
         uint4 n0 = __ldg(ids), n1 = __ldg(ids + 1);
         for (int64_t p = 0; p < len; p += G) {
             const uint4 i0 = n0, i1 = n1;
-            const float mul = (FINE && fine) ? a.fine_mul : 1.0f;
+            const float mul = SHIFTED ? a.set_mul[ks] : 1.0f;
             int ph1 = ph0 + G;
-            bool f1 = fine;
+            uint32_t k1 = ks;
             if (ph1 == period) {
                 ph1 = 0;
-                f1 = fine_next;
+                k1 = ks_next;
             }
             if (p + G < len) {
-                const uint4 *nid = reinterpret_cast<const uint4 *>(((FINE && f1) ? frow : trow) + ph1);
+                const uint4 *nid = reinterpret_cast<const uint4 *>(rows_of(k1) + ph1);
                 n0 = __ldg(nid);
                 n1 = __ldg(nid + 1);
             }
@@ -232,10 +236,10 @@ __global__ void __launch_bounds__(512) rans_decode_kernel(const DecArgs a)
             if (MODE != 0 && (__vcmpeq4(sp[0], 0u) | __vcmpeq4(sp[1], 0u) | __vcmpeq4(sp[2], 0u) | __vcmpeq4(sp[3], 0u)))
                 escapes(sp, p);
             ph0 = ph1;
-            if (FINE && ph0 == 0) {
+            if (SHIFTED && ph0 == 0) {
                 ++tok;
-                fine = fine_next;
-                fine_next = tok + 1 < a.block_tokens ? fpad[tok + 1] != 0 : false;
+                ks = ks_next;
+                ks_next = tok + 1 < a.block_tokens ? spad[tok + 1] : 0u;
             }
         }
     } else {
@@ -246,9 +250,9 @@ __global__ void __launch_bounds__(512) rans_decode_kernel(const DecArgs a)
                 refill();
                 cp_async_wait<1>();
             }
-            const uint32_t t = (FINE && fine) ? (uint32_t)__ldg(frow + ph) : (uint32_t)__ldg(trow + ph);
+            const uint32_t t = (uint32_t)__ldg(rows_of(ks) + ph);
             float v;
-            const uint32_t s = core(t - (tb2 & 0xFFFFu), (FINE && fine) ? a.fine_mul : 1.0f, v);
+            const uint32_t s = core(t - (tb2 & 0xFFFFu), SHIFTED ? a.set_mul[ks] : 1.0f, v);
             if (MODE == 0) {
                 static_cast<uint8_t *>(a.out)[obase + p] = (uint8_t)s;
             } else {
@@ -263,9 +267,9 @@ __global__ void __launch_bounds__(512) rans_decode_kernel(const DecArgs a)
             }
             if (++ph == period) {
                 ph = 0;
-                if (FINE) {
+                if (SHIFTED) {
                     ++tok;
-                    fine = tok < a.block_tokens ? fpad[tok] != 0 : false;
+                    ks = tok < a.block_tokens ? spad[tok] : 0u;
                 }
             }
         }
@@ -285,11 +289,11 @@ __global__ void __launch_bounds__(512) rans_decode_kernel(const DecArgs a)
 }
 
 /* escapes: out[idx[i]] = q[i] * step(token), as the CPU computes it (float64 product, then
- * float32; fine tokens: * f32(1/ff) then * f32(ff)). idx holds sorted flat indices, INT64_MAX
- * for unused slots. */
+ * float32; with shifted tokens: * mul(token) then * unmul(token), both float32, 1 for unshifted
+ * tokens). idx holds sorted flat indices, INT64_MAX for unused slots. */
 template <int MODE>
 __global__ void esc_fix_kernel(const int64_t *idx, const int32_t *q, int64_t n, void *out,
-                               const float *step_tok, const uint8_t *fine_pad, float inv_ff, float ff,
+                               const float *step_tok, const float *mul_tok, const float *unmul_tok,
                                int64_t D, int64_t Tp, int64_t total, const int64_t *cum, int n_seg,
                                int64_t seg_elems, unsigned long long *bad)
 {
@@ -313,8 +317,8 @@ __global__ void esc_fix_kernel(const int64_t *idx, const int32_t *q, int64_t n, 
     }
     const int64_t tok = (k / D) % Tp;
     float v = __double2float_rn((double)q[i] * (double)step_tok[tok]);
-    if (fine_pad != nullptr && fine_pad[tok])
-        v = __fmul_rn(__fmul_rn(v, inv_ff), ff);
+    if (mul_tok != nullptr)
+        v = __fmul_rn(__fmul_rn(v, mul_tok[tok]), unmul_tok[tok]);
     if (MODE == 1)
         static_cast<float *>(out)[k] = v;
     else
@@ -472,9 +476,9 @@ __global__ void realign_kernel(const uint8_t *src, const int64_t *src_off, const
 typedef void (*dec_fn)(const DecArgs);
 
 #define DECODE_KERNEL rans_decode_kernel
-static dec_fn pick_decode(int mode, int fine, int sm)
+static dec_fn pick_decode(int mode, int shifted, int sm)
 {
-#define PICK(M, F, S) if (mode == M && fine == F && sm == S) return DECODE_KERNEL<M, (bool)F, (bool)S>;
+#define PICK(M, F, S) if (mode == M && shifted == F && sm == S) return DECODE_KERNEL<M, (bool)F, (bool)S>;
     PICK(0, 0, 0) PICK(0, 0, 1) PICK(0, 1, 0) PICK(0, 1, 1)
     PICK(1, 0, 0) PICK(1, 0, 1) PICK(1, 1, 0) PICK(1, 1, 1)
     PICK(2, 0, 0) PICK(2, 0, 1) PICK(2, 1, 0) PICK(2, 1, 1)
@@ -488,13 +492,13 @@ const char *ctx_error_string(int code) { return cudaGetErrorString((cudaError_t)
 
 int ctx_args_size(void) { return (int)sizeof(DecArgs); }
 
-int ctx_decode(const DecArgs *a, int mode, int fine, int sm, int tpb, long long n_ctas, int smem_bytes,
+int ctx_decode(const DecArgs *a, int mode, int shifted, int sm, int tpb, long long n_ctas, int smem_bytes,
                int device, void *stream)
 {
     cudaError_t err = cudaSetDevice(device);
     if (err != cudaSuccess)
         return (int)err;
-    dec_fn k = pick_decode(mode, fine, sm);
+    dec_fn k = pick_decode(mode, shifted, sm);
     if (k == nullptr)
         return (int)cudaErrorInvalidValue;
     if (smem_bytes > 48 * 1024) {
@@ -508,7 +512,7 @@ int ctx_decode(const DecArgs *a, int mode, int fine, int sm, int tpb, long long 
 }
 
 int ctx_esc_fix(const int64_t *idx, const int32_t *q, long long n, void *out, int mode, const float *step_tok,
-                const uint8_t *fine_pad, float inv_ff, float ff, long long D, long long Tp, long long total,
+                const float *mul_tok, const float *unmul_tok, long long D, long long Tp, long long total,
                 const int64_t *cum, int n_seg, long long seg_elems, unsigned long long *bad, int device, void *stream)
 {
     cudaError_t err = cudaSetDevice(device);
@@ -518,10 +522,10 @@ int ctx_esc_fix(const int64_t *idx, const int32_t *q, long long n, void *out, in
         return 0;
     const unsigned blocks = (unsigned)((n + 255) / 256);
     if (mode == 1)
-        esc_fix_kernel<1><<<blocks, 256, 0, (cudaStream_t)stream>>>(idx, q, n, out, step_tok, fine_pad, inv_ff, ff, D, Tp,
+        esc_fix_kernel<1><<<blocks, 256, 0, (cudaStream_t)stream>>>(idx, q, n, out, step_tok, mul_tok, unmul_tok, D, Tp,
                                                                    total, cum, n_seg, seg_elems, bad);
     else
-        esc_fix_kernel<2><<<blocks, 256, 0, (cudaStream_t)stream>>>(idx, q, n, out, step_tok, fine_pad, inv_ff, ff, D, Tp,
+        esc_fix_kernel<2><<<blocks, 256, 0, (cudaStream_t)stream>>>(idx, q, n, out, step_tok, mul_tok, unmul_tok, D, Tp,
                                                                    total, cum, n_seg, seg_elems, bad);
     return (int)cudaGetLastError();
 }

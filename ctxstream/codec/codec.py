@@ -108,15 +108,18 @@ REFERENCE_FORMATS: tuple[LevelSpec, ...] = (
     LevelSpec("fp16", 1, "fp16", description="raw float16"),
     LevelSpec("quant8", 1, "quant8", description="8-bit symmetric per-token, 256 bins, no entropy coding"),
 )
-# Steps chosen on the dev split (tinyshakespeare + first half of WikiText-2), chunks coded with the
-# context's token importance as the streamer codes them (bench/codec_rd.py, see README). Version 2:
-# the step changed (q1 0.15 -> 0.2, q2 0.32 -> 0.35, q4 1.0 -> 1.1).
+# Chosen on the dev split (tinyshakespeare + first half of WikiText-2), contexts coded as the streamer
+# codes them: 256-token chunks, each token's importance and attention share (bench/codec_rd.py
+# --chunk 256, see README). q1-q4 take graded per-token steps from the attention share (grade 1,
+# shifts 0..6 half-octaves: step ~ share^-1/2), at steps that keep the sizes of the binary-list
+# levels they replace (version 2: 5% of tokens 4x finer); q0 keeps the binary list.
+_GRADED = dict(grade=1.0, grade_lo=0, grade_hi=6)
 DEFAULT_LEVELS: tuple[LevelSpec, ...] = (
     LevelSpec("q0", 1, "tc", step=0.05, fine_frac=0.05, description="near-lossless"),
-    LevelSpec("q1", 2, "tc", step=0.2, fine_frac=0.05, description="high quality: ~3x smaller than quant8"),
-    LevelSpec("q2", 2, "tc", step=0.35, fine_frac=0.05, description="balanced: >= 4x smaller than quant8"),
-    LevelSpec("q3", 1, "tc", step=0.6, fine_frac=0.05, description="compact: ~6x smaller than quant8"),
-    LevelSpec("q4", 2, "tc", step=1.1, fine_frac=0.05, description="aggressive: ~10x smaller than quant8"),
+    LevelSpec("q1", 3, "tc", step=0.2, **_GRADED, description="high quality: ~3x smaller than quant8"),
+    LevelSpec("q2", 3, "tc", step=0.38, **_GRADED, description="balanced: >= 4x smaller than quant8"),
+    LevelSpec("q3", 2, "tc", step=0.65, **_GRADED, description="compact: ~6x smaller than quant8"),
+    LevelSpec("q4", 3, "tc", step=1.2, **_GRADED, description="aggressive: ~10x smaller than quant8"),
 )
 
 
@@ -230,11 +233,14 @@ class Codec:
 
     # ------------------------------------------------------------------------------- encode
     def encode(self, keys: torch.Tensor, values: torch.Tensor, level: str, start: int = 0, *,
-               importance: torch.Tensor | None = None) -> bytes:
+               importance: torch.Tensor | None = None, attention_share: torch.Tensor | None = None) -> bytes:
         """Encode one chunk: ``keys``/``values`` ``[layers, kv_heads, tokens, head_dim]`` -> bytes.
 
         ``importance`` ``[tokens]`` (optional; see ``ModelAdapter.compute_kv_with_importance``): the
         levels with ``fine_frac > 0`` quantise that share of the chunk's most important tokens finer.
+        ``attention_share`` ``[tokens]`` (optional): the chunk's slice of ``quality.attention_share``
+        of the whole context; graded levels take each token's step from it (from ``importance`` when
+        it is not given): the raw importance undercounts the late tokens, which few queries see.
         """
         spec = self.spec(level)
         self._check_input(keys, values, start)
@@ -247,7 +253,7 @@ class Codec:
         ctx = None
         if spec.kind == "tc":
             params = {"step": spec.step, "block": spec.block}
-            steps = self._token_choice(spec, importance, start, T)
+            steps = self._token_choice(spec, importance, start, T, attention_share)
             if "fine" in steps:
                 params["fine"] = steps["fine"]
             elif steps["shifts"] is not None:
@@ -279,17 +285,19 @@ class Codec:
         if not (torch.isfinite(keys.sum(dtype=torch.float32)) and torch.isfinite(values.sum(dtype=torch.float32))):
             raise CodecError("keys/values contain NaN or infinity")
 
-    def token_steps(self, level: str, importance, start: int, T: int) -> np.ndarray:
+    def token_steps(self, level: str, importance, start: int, T: int, attention_share=None) -> np.ndarray:
         """float32 ``[T]``: the step each token of a chunk is quantised with at transform level
-        ``level`` (as :meth:`encode` chooses it from ``importance``)."""
+        ``level`` (as :meth:`encode` chooses it from ``importance`` and ``attention_share``)."""
         spec = self.spec(level)
-        return FineTokens.make(spec, T, **self._token_choice(spec, importance, start, T)).step_padded[:T]
+        return FineTokens.make(spec, T, **self._token_choice(spec, importance, start, T, attention_share)).step_padded[:T]
 
-    def _token_choice(self, spec: LevelSpec, importance, start: int, T: int) -> dict:
+    def _token_choice(self, spec: LevelSpec, importance, start: int, T: int, attention_share=None) -> dict:
         """A chunk's per-token steps as :meth:`FineTokens.make` takes them: ``{"shifts": ...}`` on graded
-        levels, else ``{"fine": [...]}`` (the binary list)."""
+        levels (from the attention share, else the importance), else ``{"fine": [...]}`` (the binary
+        list, from the importance)."""
         if spec.graded:
-            return {"shifts": self._token_shifts(spec, importance, start, T)}
+            weight = attention_share if attention_share is not None else importance
+            return {"shifts": self._token_shifts(spec, weight, start, T)}
         return {"fine": self._fine_tokens(spec, importance, start, T)}
 
     @staticmethod
@@ -544,8 +552,7 @@ class _LevelTables:
         self.shift_ids = np.stack([np.clip(base + s, 0, NUM_CLASSES - 1)
                                    + np.arange(2)[:, None, None, None] * NUM_CLASSES
                                    for s in range(-MAX_SHIFT, MAX_SHIFT + 1)]).astype(np.uint16)
-        self._graded, self._name, self.fine_shift = spec.graded, spec.name, spec.fine_shift
-        self._fine_ids = self.shift_ids[spec.fine_shift + MAX_SHIFT]
+        self.fine_shift = spec.fine_shift
         def per_coef(bound, ids):  # [..., 2, L, H, 1, D]
             return torch.from_numpy(bound[ids].astype(np.float32)).unsqueeze(-2)
 
@@ -561,14 +568,6 @@ class _LevelTables:
             self.recon = torch.from_numpy(profile.recon.reshape(-1).astype(np.float32))  # in steps
             self.table_t = torch.from_numpy(self.table_ids.astype(np.int64))  # [2, L, H, D]
             self.shift_t = torch.from_numpy(self.shift_ids.astype(np.int64))  # [S, 2, L, H, D]
-
-    @property
-    def fine_ids(self) -> np.ndarray:
-        """``[2, L, H, D]``: the tables of the binary fine list's tokens (what the GPU decoder reads).
-        Graded levels have no single fine table set: CodecError, not a silently wrong decode."""
-        if self._graded:
-            raise CodecError(f"level {self._name} has graded per-token steps, not a binary fine list")
-        return self._fine_ids
 
     def qrange(self, kv: int, layer: int, shift_index: torch.Tensor | None):
         """Codable q range ``[H, T or 1, D]`` of each coefficient (shifted tokens use other tables);
@@ -637,6 +636,19 @@ def _check_fine(fine, tokens: int) -> None:
 _NO_SHIFTS = object()  # FineTokens.make: the caller passed no per-token shifts at all
 
 
+def _finer_by(shifts: np.ndarray) -> np.ndarray:
+    """float64 ``2**(shift / 2)`` of each per-token shift (half-octaves; positive: finer)."""
+    return (2.0 ** (np.arange(-MAX_SHIFT, MAX_SHIFT + 1) / 2.0))[np.asarray(shifts).astype(np.int64) + MAX_SHIFT]
+
+
+def shift_factors(shifts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 ``(mul, unmul)`` of each per-token shift: ``f32(1 / 2**(shift/2))``, the factor on a
+    table's ``recon * step``, and ``f32(2**(shift/2))``, taking it back off an escape. The CPU and the
+    GPU decoder both multiply by exactly these (the format's reference order, ``_tc_decode_layer``)."""
+    up = _finer_by(shifts)
+    return (1.0 / up).astype(np.float32), up.astype(np.float32)
+
+
 @dataclass
 class FineTokens:
     """Each (padded) token's step of a chunk: the binary fine list (``fine_frac`` levels) or graded
@@ -675,9 +687,9 @@ class FineTokens:
         if not sp.any():
             ones = np.ones(padded_len, np.float32)
             return cls([], None, np.full(padded_len, spec.step, np.float32), ones, ones)
-        up = (2.0 ** (np.arange(-MAX_SHIFT, MAX_SHIFT + 1) / 2.0))[sp.astype(np.int64) + MAX_SHIFT]  # finer by
-        return cls([int(t) for t in np.flatnonzero(sp[:T])], sp, (spec.step / up).astype(np.float32),
-                   (1.0 / up).astype(np.float32), up.astype(np.float32))
+        mul, unmul = shift_factors(sp)
+        return cls([int(t) for t in np.flatnonzero(sp[:T])], sp, (spec.step / _finer_by(sp)).astype(np.float32),
+                   mul, unmul)
 
 
 @dataclass

@@ -9,7 +9,7 @@ Three layers, each usable alone:
   writing float32 or bfloat16 coefficients directly (the symbols never reach memory).
 * :class:`GpuDecoder` — a whole transform-coded chunk (or a set of its
   layers): every layer's streams in **one** kernel launch (one layer has too few streams to fill a
-  GPU), escapes and finely quantised tokens as in ``Codec._tc_decode_layer``, then
+  GPU), escapes and per-token steps (binary fine list or graded) as in ``Codec._tc_decode_layer``, then
   ``coef @ synthesis + mean``, RoPE and the output dtype: one fused Triton kernel for bf16
   (``compute="bf16"``, default) or cuBLAS bmm + a CUDA epilogue (``compute="fp32"``, or when
   Triton is missing). Same symbols as the CPU decoder exactly; float32 coefficients equal the CPU's
@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 from . import rans
-from .codec import FineTokens
+from .codec import MAX_SHIFT, FineTokens, shift_factors
 from .errors import ChecksumError, MalformedError, TruncatedError
 from .format import CHECK_BYTES, checksum, parse_header
 from ..model import rope_cos_sin
@@ -77,6 +77,7 @@ __all__ = [
     "CapturedChunk",
 ]
 
+_MAX_SETS = 2 * MAX_SHIFT + 1  # step sets the kernel takes (MAX_SETS in _ctxgpu.cu)
 _CUDA_SRC_PATH = Path(__file__).with_name("_ctxgpu.cu")  # the kernels, compiled by nvcc on first use
 
 
@@ -89,14 +90,14 @@ class _DecArgs(ctypes.Structure):
         ("words", ctypes.c_void_p), ("woff", ctypes.c_void_p), ("sizes", ctypes.c_void_p),
         ("states", ctypes.c_void_p), ("dec", ctypes.c_void_p), ("lut", ctypes.c_void_p),
         ("fc", ctypes.c_void_p), ("rtab", ctypes.c_void_p), ("tidx", ctypes.c_void_p),
-        ("tidx_fine", ctypes.c_void_p), ("fine_pad", ctypes.c_void_p), ("cta_base", ctypes.c_void_p),
+        ("tidx_sh", ctypes.c_void_p), ("tok_set", ctypes.c_void_p), ("cta_base", ctypes.c_void_p),
         ("cta_first", ctypes.c_void_p), ("cta_count", ctypes.c_void_p),
         ("out", ctypes.c_void_p), ("esc_idx", ctypes.c_void_p), ("esc_n", ctypes.c_void_p),
         ("err", ctypes.c_void_p), ("flags", ctypes.c_void_p),
         ("n_streams", ctypes.c_int64), ("len", ctypes.c_int64), ("esc_cap", ctypes.c_int64),
         ("period", ctypes.c_int32), ("rows_div", ctypes.c_int32), ("blocks", ctypes.c_int32),
         ("block_tokens", ctypes.c_int32), ("n_tables", ctypes.c_int32), ("ntw", ctypes.c_int32),
-        ("fine_mul", ctypes.c_float), ("fast", ctypes.c_int32),
+        ("fast", ctypes.c_int32), ("set_stride", ctypes.c_int64), ("set_mul", ctypes.c_float * _MAX_SETS),
     ]
 
 
@@ -261,7 +262,7 @@ def _library(device: torch.device) -> ctypes.CDLL:
         P, I, LL, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_float
         lib.ctx_error_string.argtypes, lib.ctx_error_string.restype = [I], ctypes.c_char_p
         lib.ctx_decode.argtypes = [ctypes.POINTER(_DecArgs), I, I, I, I, LL, I, I, P]
-        lib.ctx_esc_fix.argtypes = [P, P, LL, P, I, P, P, F, F, LL, LL, LL, P, I, LL, P, I, P]
+        lib.ctx_esc_fix.argtypes = [P, P, LL, P, I, P, P, P, LL, LL, LL, P, I, LL, P, I, P]
         lib.ctx_finish.argtypes = [P, I, P, P, P, P, P, I, I, I, I, I, I, I, P]
         lib.ctx_realign.argtypes = [P, P, P, P, P, I, LL, I, P]
         for fn in (lib.ctx_decode, lib.ctx_esc_fix, lib.ctx_finish, lib.ctx_realign, lib.ctx_args_size):
@@ -382,8 +383,11 @@ def _geometry(n_streams: int, rows_div: int, row_min: np.ndarray, row_max: np.nd
 
 def _launch_decode(*, words, woff, sizes, states, gt: GpuTables, rtab, tidx, rows_div: int, n_streams: int,
                    stream_len: int, mode: int, out, err, geom: _Geometry, esc_idx=None, esc_n=None,
-                   esc_cap: int = 0, fine=None, flags=None):
-    """``fine``: (tidx_fine, fine_pad, blocks, block_tokens, fine_mul) or None."""
+                   esc_cap: int = 0, shifted=None, flags=None):
+    """``shifted``: ``(tidx_sh, tok_set, blocks, block_tokens, set_mul)`` where tokens have their own
+    steps, else None: ``tidx_sh`` ``[sets, rows, period]`` (a view of the level's sets; its set stride
+    is read from it), ``tok_set`` ``[blocks * block_tokens]`` uint8 each token's set, ``set_mul`` each
+    set's value factor."""
     dev = out.device
     lib = _library(dev)
     elem = out.element_size()
@@ -397,15 +401,20 @@ def _launch_decode(*, words, woff, sizes, states, gt: GpuTables, rtab, tidx, row
     a.n_streams, a.len, a.period, a.rows_div = n_streams, stream_len, tidx.shape[-1], rows_div
     a.n_tables, a.ntw = gt.n_tables, geom.ntw
     a.fast = int((stream_len * elem) % 16 == 0 and out.data_ptr() % 16 == 0 and tidx.shape[-1] % 16 == 0
-                 and tidx.data_ptr() % 16 == 0 and (fine is None or fine[0].data_ptr() % 16 == 0))
+                 and tidx.data_ptr() % 16 == 0 and (shifted is None or shifted[0].data_ptr() % 16 == 0))
     if words.data_ptr() % 16 or words.numel() < 16:
         raise AssertionError("internal: the words buffer must be 16-byte aligned and padded by 16 words")
-    if fine is not None:
-        tf, fpad, blocks, block_tokens, mul = fine
-        a.tidx_fine, a.fine_pad, a.blocks, a.block_tokens, a.fine_mul = _ptr(tf), _ptr(fpad), blocks, block_tokens, mul
+    if shifted is not None:
+        ts, tok_set, blocks, block_tokens, set_mul = shifted
+        if len(set_mul) > _MAX_SETS or ts.stride(1) != ts.shape[2] or ts.stride(2) != 1:
+            raise AssertionError("internal: bad step sets")
+        a.tidx_sh, a.tok_set, a.blocks, a.block_tokens = _ptr(ts), _ptr(tok_set), blocks, block_tokens
+        a.set_stride = ts.stride(0)
+        for k, m in enumerate(set_mul):
+            a.set_mul[k] = m
     else:
-        a.blocks, a.block_tokens, a.fine_mul = 1, 1, 1.0
-    code = lib.ctx_decode(ctypes.byref(a), mode, int(fine is not None), int(geom.smem), geom.tpb, geom.n_ctas,
+        a.blocks, a.block_tokens = 1, 1
+    code = lib.ctx_decode(ctypes.byref(a), mode, int(shifted is not None), int(geom.smem), geom.tpb, geom.n_ctas,
                           geom.smem_bytes, dev.index, _stream(dev))
     _check(lib, code, "rANS decode kernel")
 
@@ -655,7 +664,10 @@ class GpuDecoder:
         info = self.codec.info
         L, H, D = info.num_layers, info.num_kv_heads, info.head_dim
         base = np.ascontiguousarray(lt.table_ids.transpose(1, 0, 2, 3).reshape(L * 2 * H, D)).astype(np.uint16)
-        fine = np.ascontiguousarray(lt.fine_ids.transpose(1, 0, 2, 3).reshape(L * 2 * H, D)).astype(np.uint16)
+        # step sets: the tables of tokens shifted by lo .. hi half-octaves (the level's range), [sets, rows, D]
+        lo, hi = spec.shift_range
+        sets = np.ascontiguousarray(lt.shift_ids[lo + MAX_SHIFT : hi + MAX_SHIFT + 1].transpose(0, 2, 1, 3, 4)
+                                    .reshape(hi - lo + 1, L * 2 * H, D)).astype(np.uint16)
         synth = torch.from_numpy(np.ascontiguousarray(prof.synthesis.transpose(1, 0, 2, 3, 4)))  # [L, 2, H, D, D]
         mean = torch.from_numpy(np.ascontiguousarray(prof.mean.transpose(1, 0, 2, 3)))  # [L, 2, H, D]
         got = {
@@ -663,9 +675,11 @@ class GpuDecoder:
             "gt": GpuTables.of(prof.tables, dev),
             "rtab": torch.from_numpy(np.ascontiguousarray(lt.rtab, np.float32)).to(dev),
             "tidx": torch.from_numpy(base.view(np.int16)).to(dev),
-            "tidx_fine": torch.from_numpy(fine.view(np.int16)).to(dev),
+            "tidx_sh": torch.from_numpy(sets.view(np.int16)).to(dev),
+            "shift_lo": lo,
+            "set_mul": [float(m) for m in shift_factors(np.arange(lo, hi + 1))[0]],
             "row_min": base.astype(np.int32), "row_max": base.astype(np.int32),
-            "row_min_f": np.minimum(base, fine).astype(np.int32), "row_max_f": np.maximum(base, fine).astype(np.int32),
+            "row_min_s": sets.min(0).astype(np.int32), "row_max_s": sets.max(0).astype(np.int32),
             "synth": synth.to(dev, self.coef_dtype).reshape(L * 2 * H, D, D).contiguous(),
             "mean": mean.to(dev, torch.float32).reshape(L * 2 * H, D).contiguous(),
         }
@@ -715,7 +729,7 @@ class GpuDecoder:
             return _Plan(hdr, spec, None, layers, H, T, D, 0, 0, 0, *([None] * 9))
         if self.verify_checksums if verify is None else verify:
             self._verify(mv, hi, layers)
-        ctx = FineTokens.make(spec, T, hdr.params.get("fine", []))
+        ctx = FineTokens.make(spec, T, hdr.params.get("fine", []), hdr.params.get("shifts"))
         block = spec.block
         blocks = -(-T // block)
         n = 2 * H * blocks
@@ -793,8 +807,8 @@ class GpuDecoder:
         return self._launch(plan, self._upload(blob, device_blob), dtype, what="kv", start=start)
 
     def decode_coefficients(self, blob, *, layers=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Dequantised coefficients ``[layers, 2, kv_heads, padded tokens, head_dim]`` (escapes and fine
-        tokens applied, before ``@ synthesis``): float32 ones equal the CPU decoder's bit for bit."""
+        """Dequantised coefficients ``[layers, 2, kv_heads, padded tokens, head_dim]`` (escapes and
+        per-token steps applied, before ``@ synthesis``): float32 ones equal the CPU decoder's bit for bit."""
         plan = self._plan(blob, layers)
         if plan.spec.kind != "tc":
             raise ValueError("only transform-coded chunks have coefficients")
@@ -957,28 +971,34 @@ class GpuDecoder:
     def _tables(plan: _Plan) -> dict[str, np.ndarray]:
         """The small per-chunk arrays of ``plan`` that the kernels read (uploaded in one copy)."""
         ctx = plan.ctx
-        fine = ctx.fine_padded is not None
+        sp = ctx.shift_padded
+        if sp is not None:
+            mul, unmul = shift_factors(sp)
+            tset = (sp.astype(np.int16) - plan.spec.shift_range[0]).astype(np.uint8)
+        else:
+            mul = unmul = np.zeros(1, np.float32)
+            tset = np.zeros(1, np.uint8)
         return {
             "states": plan.states.view(np.int32), "sizes": plan.sizes.view(np.int32), "woff": plan.woff,
             "seg": np.stack([plan.seg_src, plan.seg_dst, plan.seg_n]).reshape(-1),
             "esc_q": plan.esc_q,
             "esc_cum": np.concatenate(([0], np.cumsum(plan.esc_counts.reshape(-1)))).astype(np.int64),
             "step": ctx.step_padded.astype(np.float32),
-            "fpad": (ctx.fine_padded if fine else np.zeros(1, bool)).astype(np.uint8),
+            "tset": tset, "mul": mul, "unmul": unmul,
             "sink": (np.ascontiguousarray(plan.sink) if plan.n_sink else np.zeros(1, np.float16)),
         }
 
     def _geometry_of(self, plan: _Plan, lv: dict, mode: int) -> _Geometry:
         """The decode kernel's CTAs for ``plan`` (cached: it depends on the level's table rows and the
         plan's layers and blocks, not on the chunk's contents)."""
-        fine = plan.ctx.fine_padded is not None
-        gkey = (plan.spec.name, tuple(plan.layers), fine, mode, plan.blocks)
+        shifted = plan.ctx.shift_padded is not None
+        gkey = (plan.spec.name, tuple(plan.layers), shifted, mode, plan.blocks)
         geom = self._geoms.get(gkey)
         if geom is None:
             L2H = 2 * plan.H
             rsel = (np.asarray(plan.layers)[:, None] * L2H + np.arange(L2H)[None]).reshape(-1)
-            row_min = (lv["row_min_f"] if fine else lv["row_min"])[rsel].min(1)
-            row_max = (lv["row_max_f"] if fine else lv["row_max"])[rsel].max(1)
+            row_min = (lv["row_min_s"] if shifted else lv["row_min"])[rsel].min(1)
+            row_max = (lv["row_max_s"] if shifted else lv["row_max"])[rsel].max(1)
             geom = _geometry(len(plan.layers) * L2H * plan.blocks, plan.blocks, row_min, row_max, lv["gt"].n_tables,
                              mode, self.variant, self.device, seg_len=plan.H * plan.blocks)
             if len(self._geoms) > 512:
@@ -1078,7 +1098,7 @@ class GpuDecoder:
 
         mark("start")
         ctx = plan.ctx
-        fine = ctx.fine_padded is not None
+        shifted = ctx.shift_padded is not None
         mode = 0 if what == "symbols" else _MODES[coef_dtype or self.coef_dtype]
         n_esc = int(plan.esc_counts.sum())
         self.last_escapes = n_esc
@@ -1088,12 +1108,12 @@ class GpuDecoder:
         if plan.layers == list(range(plan.layers[0], plan.layers[0] + nl)):
             r0 = plan.layers[0] * L2H
             rows = slice(r0, r0 + nl * L2H)
-            tidx, tidx_f = lv["tidx"][rows], lv["tidx_fine"][rows]
+            tidx, tidx_s = lv["tidx"][rows], lv["tidx_sh"][:, rows]
             synth, mean = lv["synth"][rows], lv["mean"][rows]
         else:
             rsel = (np.asarray(plan.layers)[:, None] * L2H + np.arange(L2H)[None]).reshape(-1)
             idx = torch.from_numpy(rsel).to(dev)
-            tidx, tidx_f = lv["tidx"][idx], lv["tidx_fine"][idx]
+            tidx, tidx_s = lv["tidx"][idx], lv["tidx_sh"][:, idx]
             synth, mean = lv["synth"][idx], lv["mean"][idx]
         # words: realigned into one u16 array (the blob's sections are not 2-byte aligned)
         n_words = int(plan.seg_n.sum())
@@ -1110,23 +1130,20 @@ class GpuDecoder:
         esc_idx = torch.full((max(n_esc, 1),), torch.iinfo(torch.int64).max, dtype=torch.int64, device=dev)
         flags = torch.zeros(4, dtype=torch.int64, device=dev)  # [error bits, escapes seen, misplaced escapes]
         geom = self._geometry_of(plan, lv, mode)
-        fine_args = None
-        if fine:
-            fine_args = (tidx_f, packed["fpad"], blocks, block, float(np.float32(1.0 / plan.spec.fine_factor)))
+        shift_args = (tidx_s, packed["tset"], blocks, block, lv["set_mul"]) if shifted else None
         mark("alloc")
         _launch_decode(words=words, woff=woff, sizes=sizes, states=states, gt=lv["gt"], rtab=lv["rtab"], tidx=tidx,
                        rows_div=blocks, n_streams=S, stream_len=length, mode=mode, out=out, err=err, geom=geom,
-                       esc_idx=esc_idx, esc_n=flags[1:2], esc_cap=n_esc, fine=fine_args, flags=flags)
+                       esc_idx=esc_idx, esc_n=flags[1:2], esc_cap=n_esc, shifted=shift_args, flags=flags)
         self.last_geometry = geom
         mark("decode")
         if mode != 0 and n_esc:
             sidx = (torch.sort(esc_idx).values if plan.members == 1 else
                     _member_major_sort(esc_idx, H=H, Tp=Tp, D=D, members=plan.members))
-            ff = np.float32(plan.spec.fine_factor)
             # values in stream order; each (layer, K|V) must hold exactly the escapes its section stores
             _check(lib, lib.ctx_esc_fix(sidx.data_ptr(), packed["esc_q"].data_ptr(), n_esc, out.data_ptr(), mode,
-                                        packed["step"].data_ptr(), _ptr(packed["fpad"]) if fine else None,
-                                        float(np.float32(1.0 / plan.spec.fine_factor)), float(ff), D, Tp, out.numel(),
+                                        packed["step"].data_ptr(), _ptr(packed["mul"]) if shifted else None,
+                                        _ptr(packed["unmul"]) if shifted else None, D, Tp, out.numel(),
                                         packed["esc_cum"].data_ptr(), 2 * nl, H * Tp * D, flags[2:3].data_ptr(),
                                         dev.index, stream), "escape kernel")
             mark("escapes")

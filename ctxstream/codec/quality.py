@@ -121,8 +121,10 @@ class QualityEstimator:
         return {lv: p.dppl for lv, p in self.priors.items()}
 
     def errors(self, keys: torch.Tensor, values: torch.Tensor, start: int, importance: torch.Tensor | None,
-               levels: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-        """``{level: e [tokens]}``: each token's squared error in the loss-weighted metric."""
+               levels: Iterable[str] | None = None, attention_share: torch.Tensor | None = None
+               ) -> dict[str, torch.Tensor]:
+        """``{level: e [tokens]}``: each token's squared error in the loss-weighted metric, each token
+        at the step the codec gives it (``Codec.token_steps`` of ``importance`` / ``attention_share``)."""
         codec = self.codec
         levels = list(levels or self.priors)
         k = keys.detach().to("cpu", torch.float32)
@@ -136,7 +138,7 @@ class QualityEstimator:
         for lv in levels:
             spec = codec.spec(lv)
             if spec.kind == "tc":
-                step = torch.from_numpy(codec.token_steps(lv, importance, start, T).astype(np.float32))
+                step = torch.from_numpy(codec.token_steps(lv, importance, start, T, attention_share).astype(np.float32))
                 y = coef / step[:, None]
                 e = ((y - torch.round(y)) * step[:, None]).pow(2)
             else:
@@ -167,11 +169,12 @@ class QualityEstimator:
             return {}
         T = keys.shape[2]
         ctx = context_tokens or (start + T)
+        # the errors at the steps the codec chose (from the share as given, else the importance)
+        errs = self.errors(keys, values, start, importance, self.priors, attention_share)
         if attention_share is None:
             attention_share = torch.full((T,), 1.0 / max(T, ctx))
         a = torch.as_tensor(attention_share, dtype=torch.float32).flatten()
         a = a * recency_weights(start, T, ctx, *self.recency)
-        errs = self.errors(keys, values, start, importance, self.priors)
         return {lv: float(self.priors[lv].scale * float((a * e).sum())) for lv, e in errs.items()}
 
 
@@ -204,9 +207,9 @@ def measure_prior(adapter, codec, windows: list[list[int]], context_tokens: int,
         k, v, imp = adapter.compute_kv_with_importance(ids[:context_tokens])
         base = ce(ids, k, v)
         share = attention_share(imp)
-        errs = est.errors(k, v, 0, imp, levels)
+        errs = est.errors(k, v, 0, imp, levels, share)
         for lv in levels:
-            k2, v2 = codec.decode(codec.encode(k, v, lv, importance=imp))
+            k2, v2 = codec.decode(codec.encode(k, v, lv, importance=imp, attention_share=share))
             d[lv].append(math.exp(ce(ids, k2, v2) - base) - 1)
             xb, yb = [], []
             for b in range(nb):
