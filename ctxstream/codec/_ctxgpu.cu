@@ -1,5 +1,13 @@
+#ifdef __CUDACC_RTC__ /* NVRTC (scripts/cuda_check.py): the device code only, no host runtime */
+typedef unsigned char uint8_t;
+typedef unsigned short uint16_t;
+typedef unsigned int uint32_t;
+typedef int int32_t;
+typedef long long int64_t;
+#else
 #include <stdint.h>
 #include <cuda_runtime.h>
+#endif
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -473,6 +481,7 @@ __global__ void realign_kernel(const uint8_t *src, const int64_t *src_off, const
     }
 }
 
+#ifndef __CUDACC_RTC__ /* host side: launches through the runtime, called by gpu.py via ctypes */
 typedef void (*dec_fn)(const DecArgs);
 
 #define DECODE_KERNEL rans_decode_kernel
@@ -583,3 +592,4 @@ int ctx_realign(const uint8_t *src, const int64_t *src_off, const int64_t *dst_o
 }
 
 } // extern "C"
+#endif /* __CUDACC_RTC__ */
