@@ -53,12 +53,14 @@ def greedy(adapter: ModelAdapter, ids: list[int], keys, values, n: int) -> list[
     return out[0, CTX:].tolist()
 
 
-def encode_context(codec: Codec, level: str, k, v, imp, chunk: int) -> list[bytes]:
-    """The context's chunks at ``level`` as the streamer ingests them: ``chunk`` tokens each, with its
-    slice of the context's importance and of its attention share."""
-    share = attention_share(imp)
-    return [codec.encode(k[:, :, s:s + chunk], v[:, :, s:s + chunk], level, start=s, importance=imp[s:s + chunk],
-                         attention_share=share[s:s + chunk]) for s in range(0, k.shape[2], chunk)]
+def encode_context(codec: Codec, level: str, k, v, chunk: int, importance, attention_share=None) -> list[bytes]:
+    """The context's chunks at ``level``: ``chunk`` tokens each, with its slice of the per-token
+    ``importance`` and ``attention_share`` (as the streamer ingests: both of the whole context)."""
+    def part(x, s):
+        return None if x is None else x[s:s + chunk]
+
+    return [codec.encode(k[:, :, s:s + chunk], v[:, :, s:s + chunk], level, start=s, importance=part(importance, s),
+                         attention_share=part(attention_share, s)) for s in range(0, k.shape[2], chunk)]
 
 
 def decode_context(codec: Codec, blobs: list[bytes]):
@@ -160,14 +162,15 @@ def main(argv=None) -> int:
     for level in codec.all_levels:
         bits, dppl, agree = [], [], []
         for ids, (k, v, base), ref, imp in zip(contexts, exact, ref_tokens, importance):
-            blobs = encode_context(codec, level, k, v, imp, args.chunk)
+            blobs = encode_context(codec, level, k, v, args.chunk, imp, attention_share(imp))
             k2, v2 = decode_context(codec, blobs)
             bits.append(sum(map(len, blobs)) * 8 / (2 * k.numel()))
             dppl.append(math.exp(ce_next(adapter, ids, k2, v2) - base) - 1)
             got = greedy(adapter, ids, k2, v2, gen)
             agree.append(float(np.mean([a == b for a, b in zip(got, ref)])))
-        blobs = encode_context(codec, level, k0, v0, importance[0], args.chunk)
-        enc_s = timed(lambda: encode_context(codec, level, k0, v0, importance[0], args.chunk), 2 if args.quick else 3)
+        share0 = attention_share(importance[0])
+        blobs = encode_context(codec, level, k0, v0, args.chunk, importance[0], share0)
+        enc_s = timed(lambda: encode_context(codec, level, k0, v0, args.chunk, importance[0], share0), 2 if args.quick else 3)
         dec_s = timed(lambda: [codec.decode(b) for b in blobs], 2 if args.quick else 5)
         row = {"level": level, "bits_per_element": float(np.mean(bits)), "dppl_pct": 100 * float(np.mean(dppl)),
                "dppl_pct_max": 100 * float(np.max(dppl)), "greedy_agreement": float(np.mean(agree)),

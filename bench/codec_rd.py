@@ -52,6 +52,9 @@ from ctxstream.hostinfo import host_info
 from ctxstream.model import ModelAdapter, cache_kw
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script too: bench/codec.py's helpers
+from bench.codec import decode_context, encode_context  # noqa: E402
+
 CTX, CONT = 1024, 256
 
 
@@ -82,19 +85,6 @@ def ce_next(adapter: ModelAdapter, ids: list[int], keys, values) -> float:
     cache = adapter.make_cache(keys.to(adapter.dtype), values.to(adapter.dtype))
     logits = adapter.model(input_ids=torch.tensor([ids[CTX : CTX + CONT]]), **cache_kw(adapter.model, cache)).logits[0]
     return torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(ids[CTX + 1 : CTX + CONT])).item()
-
-
-def encode_decode(codec: Codec, level: str, k, v, w, chunk: int):
-    """``(keys, values, bytes)``: the context coded as chunks of ``chunk`` tokens at ``level``, each
-    with its own slice of the per-token weights ``w``, then decoded back."""
-    ks, vs, nbytes = [], [], 0
-    for s in range(0, k.shape[2], chunk):
-        e = min(k.shape[2], s + chunk)
-        blob = codec.encode(k[:, :, s:e], v[:, :, s:e], level, start=s, importance=w[s:e])
-        k2, v2 = codec.decode(blob)
-        ks.append(k2), vs.append(v2)
-        nbytes += len(blob)
-    return torch.cat(ks, 2), torch.cat(vs, 2), nbytes
 
 
 def candidate_profile(adapter, name: str, folder: Path) -> Profile:
@@ -170,8 +160,9 @@ def main(argv=None) -> int:
                 w = attention_share(imp) if args.weight != "importance" else imp
                 if rec is not None:
                     w = w * recency_weights(0, w.shape[-1], w.shape[-1], *rec) ** args.recency_power
-                k2, v2, nbytes = encode_decode(codec, spec.name, k, v, w, args.chunk or k.shape[2])
-                bits.append(nbytes * 8 / (2 * k.numel()))
+                blobs = encode_context(codec, spec.name, k, v, args.chunk or k.shape[2], w)
+                k2, v2 = decode_context(codec, blobs)
+                bits.append(sum(map(len, blobs)) * 8 / (2 * k.numel()))
                 d.append(math.exp(ce_next(adapter, ids, k2, v2) - base) - 1)
             row = {"candidate": cand, "variant": spec.name.rsplit("-s", 1)[0], "weight": args.weight,
                    "chunk_tokens": args.chunk or CTX,

@@ -676,7 +676,6 @@ class GpuDecoder:
             "rtab": torch.from_numpy(np.ascontiguousarray(lt.rtab, np.float32)).to(dev),
             "tidx": torch.from_numpy(base.view(np.int16)).to(dev),
             "tidx_sh": torch.from_numpy(sets.view(np.int16)).to(dev),
-            "shift_lo": lo,
             "set_mul": [float(m) for m in shift_factors(np.arange(lo, hi + 1))[0]],
             "row_min": base.astype(np.int32), "row_max": base.astype(np.int32),
             "row_min_s": sets.min(0).astype(np.int32), "row_max_s": sets.max(0).astype(np.int32),
@@ -941,7 +940,8 @@ class GpuDecoder:
                 [i * q0.T + t for i, q in enumerate(ps) for t in q.ctx.fine],
                 np.concatenate([q.ctx.shift_padded if q.ctx.shift_padded is not None else np.zeros(q.Tp, np.int8)
                                 for q in ps]) if shifted else None,
-                np.concatenate([q.ctx.step_padded for q in ps]))
+                np.concatenate([q.ctx.step_padded for q in ps]),
+                np.concatenate([q.ctx.mul_padded for q in ps]), np.concatenate([q.ctx.unmul_padded for q in ps]))
             plans.append(_Plan(
                 q0.header, q0.spec, ctx, q0.layers, q0.H, C * q0.T, q0.D, C * bc, q0.block, q0.n_sink,
                 rows([q.states for q in ps]), rows([q.sizes for q in ps]),
@@ -972,8 +972,8 @@ class GpuDecoder:
         """The small per-chunk arrays of ``plan`` that the kernels read (uploaded in one copy)."""
         ctx = plan.ctx
         sp = ctx.shift_padded
-        if sp is not None:
-            mul, unmul = shift_factors(sp)
+        if sp is not None:  # each token's step set, and its factors as FineTokens.make derived them
+            mul, unmul = ctx.mul_padded, ctx.unmul_padded
             tset = (sp.astype(np.int16) - plan.spec.shift_range[0]).astype(np.uint8)
         else:
             mul = unmul = np.zeros(1, np.float32)
